@@ -1,0 +1,175 @@
+"""Fused channel masking + per-channel activation statistics.
+
+One op, ``masked_activation(z, mask)``, computes for a pre-activation tensor ``z`` of shape
+``[N, H, W, C]`` (or ``[N, C]``) and a per-channel ``mask`` of shape ``[C]``:
+
+* ``y = act(z) * mask`` (``act`` is ReLU or identity), shape of ``z``;
+* per-channel statistics of the *unmasked* activation ``a = act(z)`` over every non-channel
+  axis: ``sum(a)``, ``sum(a**2)`` (float32, shape ``[C]``) and ``count(a > 0)`` (int64, ``[C]``).
+
+The statistics are what the pruning defense ranks channels by (mean activation on clean data,
+Fine-Pruning §3.1); computing them in the same pass as the masking means a statistics pass costs
+the same as an inference pass.  The gradient is ``dz = dy * mask * act'(z)`` (``act'(0) = 0``, as
+``tf.nn.relu``), so a pruned channel receives exactly zero gradient.
+
+Backends: the compiled library ``_fineprune_ops.so`` built by ``pip install`` (C++ CPU kernel,
+plus CUDA kernels when built with nvcc); otherwise an exact pure-TensorFlow fallback.
+``FINEPRUNE_FORCE_TF_OPS=1`` forces the fallback.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import NamedTuple
+
+import tensorflow as tf
+from absl import logging
+
+__all__ = ["MaskedActivationResult", "masked_activation", "backend", "ACTIVATIONS"]
+
+ACTIVATIONS = ("relu", "linear")
+_LIBRARY_NAME = "_fineprune_ops.so"
+
+
+class MaskedActivationResult(NamedTuple):
+    """Outputs of :func:`masked_activation`.
+
+    Attributes:
+      y: ``act(z) * mask``, same shape and dtype as ``z``.
+      channel_sum: float32 ``[C]``, sum of ``act(z)`` over all non-channel axes.
+      channel_sum_sq: float32 ``[C]``, sum of ``act(z)**2``.
+      positive_count: int64 ``[C]``, number of entries with ``act(z) > 0``.
+    """
+
+    y: tf.Tensor
+    channel_sum: tf.Tensor
+    channel_sum_sq: tf.Tensor
+    positive_count: tf.Tensor
+
+
+def _library_path() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent / _LIBRARY_NAME
+
+
+def _load_library():
+    """Returns ``(module, backend_name)``; logs once why the compiled op is not used."""
+    if os.environ.get("FINEPRUNE_FORCE_TF_OPS", "") not in ("", "0"):
+        logging.info("fineprune_tf: FINEPRUNE_FORCE_TF_OPS is set; using the TensorFlow ops.")
+        return None, "tensorflow"
+    path = _library_path()
+    if not path.exists():
+        logging.warning(
+            "fineprune_tf: compiled op library %s not found (the install could not build it); "
+            "using the pure TensorFlow fallback.", path)
+        return None, "tensorflow"
+    try:
+        module = tf.load_op_library(str(path))
+    except (tf.errors.NotFoundError, OSError) as error:
+        logging.warning(
+            "fineprune_tf: could not load %s (%s); using the pure TensorFlow fallback.",
+            path, error)
+        return None, "tensorflow"
+    has_gpu_kernel = bool(getattr(module, "fineprune_built_with_cuda", None)) and bool(
+        tf.config.list_physical_devices("GPU"))
+    if has_gpu_kernel and bool(module.fineprune_built_with_cuda().numpy()):
+        return module, "compiled-cuda"
+    return module, "compiled-cpu"
+
+
+_MODULE, _BACKEND = _load_library()
+
+
+def backend() -> str:
+    """The backend in use: ``"compiled-cpu"``, ``"compiled-cuda"`` or ``"tensorflow"``."""
+    return _BACKEND
+
+
+def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not z.dtype.is_floating:
+        raise TypeError(f"z must be a floating tensor, got dtype {z.dtype.name}")
+    rank = z.shape.rank
+    if rank is not None and rank not in (2, 4):
+        raise ValueError(f"z must have rank 2 [N, C] or 4 [N, H, W, C]; got shape {z.shape}")
+    channels = z.shape[-1] if rank else None
+    if mask.shape.rank not in (None, 1):
+        raise ValueError(f"mask must have shape [C]; got shape {mask.shape}")
+    if channels is not None and mask.shape.rank == 1 and mask.shape[0] not in (None, channels):
+        raise ValueError(
+            f"mask length {mask.shape[0]} does not match the {channels} channels of z "
+            f"(z shape {z.shape})")
+
+
+def masked_activation(z, mask, activation: str = "relu",
+                      compute_stats: bool = True) -> MaskedActivationResult:
+    """Applies ``act(z) * mask`` and returns per-channel statistics of ``act(z)``.
+
+    Args:
+      z: float32 or float16 tensor ``[N, H, W, C]`` or ``[N, C]`` (pre-activation).
+      mask: tensor ``[C]``, 1 keeps a channel, 0 prunes it; cast to ``z.dtype``.
+      activation: ``"relu"`` or ``"linear"``.
+      compute_stats: when False the statistics outputs are zeros (saves the reduction).
+
+    Returns:
+      A :class:`MaskedActivationResult`.
+    """
+    z = tf.convert_to_tensor(z)
+    mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
+    _check_inputs(z, mask, activation)
+    if _MODULE is not None and z.dtype in (tf.float32, tf.float16):
+        return MaskedActivationResult(*_MODULE.fineprune_masked_activation(
+            z=z, mask=mask, activation=activation, compute_stats=compute_stats))
+    return reference_masked_activation(z, mask, activation, compute_stats)
+
+
+def _activation_grad(z: tf.Tensor, activation: str) -> tf.Tensor:
+    if activation == "relu":
+        return tf.cast(z > 0, z.dtype)
+    return tf.ones_like(z)
+
+
+def reference_masked_activation(z, mask, activation: str = "relu",
+                                compute_stats: bool = True) -> MaskedActivationResult:
+    """The pure-TensorFlow implementation: same outputs and gradients as the compiled op."""
+    z = tf.convert_to_tensor(z)
+    mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
+    _check_inputs(z, mask, activation)
+    tf.debugging.assert_equal(
+        tf.shape(mask)[0], tf.shape(z)[-1],
+        message="mask length does not match the channel count of z")
+
+    @tf.custom_gradient
+    def forward(z, mask):
+        activated = tf.nn.relu(z) if activation == "relu" else z
+        y = activated * mask
+
+        def grad(dy):
+            return dy * mask * _activation_grad(z, activation), None
+
+        return y, grad
+
+    y = forward(z, mask)
+    channels = tf.shape(z)[-1]
+    if compute_stats:
+        activated = tf.stop_gradient(tf.nn.relu(z) if activation == "relu" else z)
+        flat = tf.reshape(tf.cast(activated, tf.float32), [-1, channels])
+        channel_sum = tf.reduce_sum(flat, axis=0)
+        channel_sum_sq = tf.reduce_sum(tf.square(flat), axis=0)
+        positive_count = tf.reduce_sum(tf.cast(flat > 0, tf.int64), axis=0)
+    else:
+        channel_sum = tf.zeros([channels], tf.float32)
+        channel_sum_sq = tf.zeros([channels], tf.float32)
+        positive_count = tf.zeros([channels], tf.int64)
+    return MaskedActivationResult(y, channel_sum, channel_sum_sq, positive_count)
+
+
+if _MODULE is not None:
+
+    @tf.RegisterGradient("FinepruneMaskedActivation")
+    def _masked_activation_grad(op, dy, *unused_stat_grads):
+        """Statistics outputs carry no gradient; the mask is not differentiated."""
+        dz = _MODULE.fineprune_masked_activation_grad(
+            dy=dy, z=op.inputs[0], mask=op.inputs[1], activation=op.get_attr("activation"))
+        return [dz, None]
