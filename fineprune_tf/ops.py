@@ -26,7 +26,8 @@ from typing import NamedTuple
 import tensorflow as tf
 from absl import logging
 
-__all__ = ["MaskedActivationResult", "masked_activation", "backend", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "MaskedActivationResult", "backend", "built_with_cuda",
+           "masked_activation", "reference_masked_activation"]
 
 ACTIVATIONS = ("relu", "linear")
 _LIBRARY_NAME = "_fineprune_ops.so"
@@ -70,11 +71,14 @@ def _load_library():
             "fineprune_tf: could not load %s (%s); using the pure TensorFlow fallback.",
             path, error)
         return None, "tensorflow"
-    has_gpu_kernel = bool(getattr(module, "fineprune_built_with_cuda", None)) and bool(
-        tf.config.list_physical_devices("GPU"))
-    if has_gpu_kernel and bool(module.fineprune_built_with_cuda().numpy()):
+    if _library_has_cuda(module) and tf.config.list_physical_devices("GPU"):
         return module, "compiled-cuda"
     return module, "compiled-cpu"
+
+
+def _library_has_cuda(module) -> bool:
+    with tf.device("/CPU:0"):
+        return bool(module.fineprune_built_with_cuda().numpy())
 
 
 _MODULE, _BACKEND = _load_library()
@@ -83,6 +87,11 @@ _MODULE, _BACKEND = _load_library()
 def backend() -> str:
     """The backend in use: ``"compiled-cpu"``, ``"compiled-cuda"`` or ``"tensorflow"``."""
     return _BACKEND
+
+
+def built_with_cuda() -> bool:
+    """Whether the loaded op library contains the CUDA kernels (False for the fallback)."""
+    return _MODULE is not None and _library_has_cuda(_MODULE)
 
 
 def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:

@@ -1,0 +1,108 @@
+"""Per-channel activation statistics of masked layers over a data set, in one pass.
+
+The compiled op reduces each batch to three ``[C]`` vectors inside the layer; only those are
+accumulated, so no activation tensor is ever kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from fineprune_tf.layers import MaskedLayerMixin, StatsRecorder, masked_layers
+
+__all__ = ["ChannelStats", "collect", "as_dataset"]
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    """Statistics of one layer's activations ``a = act(z)`` (before the mask), per channel.
+
+    Attributes:
+      mean: float64 ``[C]``, mean of ``a`` over all images and spatial positions.
+      std: float64 ``[C]``, population standard deviation of ``a``.
+      dormant_fraction: float64 ``[C]``, fraction of entries with ``a <= 0`` (dormant, §2.1).
+      count: number of entries per channel (images x H x W).
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+    dormant_fraction: np.ndarray
+    count: int
+
+
+def as_dataset(data, batch_size: int = 128) -> tf.data.Dataset:
+    """Wraps a ``tf.data.Dataset``, an array ``x`` or a tuple ``(x, y)`` as batches of inputs.
+
+    Datasets that yield ``(x, y)`` or ``(x, y, w)`` tuples are reduced to ``x``.
+    """
+    if isinstance(data, tf.data.Dataset):
+        spec = data.element_spec
+        return data.map(lambda *e: e[0]) if isinstance(spec, tuple) else data
+    if isinstance(data, (tuple, list)):
+        data = data[0]
+    x = np.asarray(data)
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch of inputs, got an array of shape {x.shape}")
+    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+
+
+def _select(model: keras.Model, layer_names: Sequence[str] | None) -> list[MaskedLayerMixin]:
+    layers = masked_layers(model)
+    if not layers:
+        raise ValueError(f"model {model.name!r} has no MaskedConv2D or MaskedDense layer")
+    if layer_names is None:
+        return layers
+    by_name = {layer.name: layer for layer in layers}
+    missing = [name for name in layer_names if name not in by_name]
+    if missing:
+        raise ValueError(
+            f"no masked layer named {missing} in model {model.name!r}; masked layers: "
+            f"{sorted(by_name)}")
+    return [by_name[name] for name in layer_names]
+
+
+def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
+            batch_size: int = 128) -> dict[str, ChannelStats]:
+    """Runs ``model`` once over ``data`` and returns each masked layer's channel statistics.
+
+    Args:
+      model: a Keras model containing MaskedConv2D / MaskedDense layers.
+      data: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), an array or ``(x, y)``.
+      layer_names: layers to measure (default: every masked layer).
+      batch_size: batch size when ``data`` is an array.
+
+    Returns:
+      ``{layer name: ChannelStats}``.
+    """
+    layers = _select(model, layer_names)
+    recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
+    for layer in layers:
+        layer._stats_recorder = recorders[layer.name]
+
+    @tf.function(reduce_retracing=True)
+    def step(x):
+        model(x, training=False)
+
+    try:
+        for x in as_dataset(data, batch_size):
+            step(x)
+    finally:
+        for layer in layers:
+            layer._stats_recorder = None
+
+    result = {}
+    for name, recorder in recorders.items():
+        count = float(recorder.elements.numpy())
+        if count == 0:
+            raise ValueError("the data set is empty: no statistics were collected")
+        mean = recorder.sum.numpy() / count
+        variance = np.maximum(recorder.sum_sq.numpy() / count - mean**2, 0.0)
+        result[name] = ChannelStats(
+            mean=mean, std=np.sqrt(variance),
+            dormant_fraction=1.0 - recorder.positive.numpy() / count, count=int(count))
+    return result

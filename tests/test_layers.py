@@ -1,0 +1,154 @@
+"""MaskedConv2D / MaskedDense: pruning semantics, gradients, statistics and serialization."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fineprune_tf as fp
+
+
+def small_model(conv_activation="relu"):
+    inputs = keras.Input((8, 8, 3))
+    x = fp.MaskedConv2D(6, 3, activation=conv_activation, name="conv")(inputs)
+    x = keras.layers.Flatten()(x)
+    x = fp.MaskedDense(5, activation="relu", name="dense")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(x)
+    return keras.Model(inputs, outputs)
+
+
+def data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 8, 8, 3)).astype("float32"), rng.integers(0, 3, n)
+
+
+def test_conv_matches_keras_conv2d_when_unmasked():
+    x, _ = data()
+    masked = fp.MaskedConv2D(4, 3, strides=2, padding="same", activation="relu",
+                             dilation_rate=1, kernel_initializer="he_normal")
+    plain = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")
+    masked.build(x.shape)
+    plain.build(x.shape)
+    plain.set_weights([masked.kernel.numpy(), masked.bias.numpy()])
+    np.testing.assert_allclose(masked(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "linear", "tanh", None])
+def test_pruned_channels_output_exactly_zero_even_with_bias(activation):
+    x, _ = data()
+    layer = fp.MaskedConv2D(4, 3, activation=activation, bias_initializer="ones")
+    layer.build(x.shape)
+    layer.prune([0, 2])
+    y = layer(x).numpy()
+    assert np.all(y[..., [0, 2]] == 0.0)
+    assert np.any(y[..., [1, 3]] != 0.0)
+    np.testing.assert_array_equal(layer.mask, [0, 1, 0, 1])
+    np.testing.assert_array_equal(layer.active_channels, [1, 3])
+    np.testing.assert_array_equal(layer.pruned_channels, [0, 2])
+    layer.restore([2])
+    np.testing.assert_array_equal(layer.active_channels, [1, 2, 3])
+    layer.restore()
+    assert layer.mask.sum() == 4
+
+
+def test_pruned_channels_get_zero_gradient_and_stay_unchanged_after_training():
+    model = small_model()
+    x, y = data()
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    conv, dense = model.get_layer("conv"), model.get_layer("dense")
+    conv.prune([1, 4])
+    dense.prune(3)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+    grads = dict(zip([v.path for v in model.trainable_variables],
+                     tape.gradient(loss, model.trainable_variables), strict=True))
+    assert np.all(grads[conv.kernel.path].numpy()[..., [1, 4]] == 0)
+    assert np.all(grads[conv.bias.path].numpy()[[1, 4]] == 0)
+    assert np.any(grads[conv.kernel.path].numpy()[..., [0, 2, 3, 5]] != 0)
+    assert np.all(grads[dense.bias.path].numpy()[3] == 0)
+
+    kernel_before = conv.kernel.numpy().copy()
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0)
+    np.testing.assert_array_equal(conv.kernel.numpy()[..., [1, 4]], kernel_before[..., [1, 4]])
+    assert not np.allclose(conv.kernel.numpy()[..., 0], kernel_before[..., 0])
+    np.testing.assert_array_equal(conv.mask, [1, 0, 1, 1, 0, 1])
+    activations = keras.Model(model.input, conv.output)(x).numpy()
+    assert np.all(activations[..., [1, 4]] == 0)
+
+
+def test_bad_channel_indices_and_masks_are_refused():
+    layer = fp.MaskedConv2D(4, 3)
+    layer.build((None, 8, 8, 3))
+    with pytest.raises(ValueError, match=r"outside \[0, 4\)"):
+        layer.prune([4])
+    with pytest.raises(ValueError, match="mask has 3 entries"):
+        layer.set_mask([1, 1, 0])
+    with pytest.raises(ValueError, match="channels_last"):
+        fp.MaskedConv2D(4, 3, data_format="channels_first")
+    with pytest.raises(ValueError, match="rank-2"):
+        fp.MaskedDense(3).build((None, 4, 4))
+
+
+def test_save_and_load_round_trip_keeps_weights_and_masks(tmp_path):
+    model = small_model()
+    x, _ = data()
+    model.get_layer("conv").prune([0, 5])
+    model.get_layer("dense").prune([2])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.get_layer("conv").mask, [0, 1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(loaded.get_layer("dense").mask, [1, 1, 0, 1, 1])
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-7)
+    assert isinstance(loaded.get_layer("conv"), fp.MaskedConv2D)
+    config = loaded.get_layer("conv").get_config()
+    assert config["filters"] == 6 and config["activation"] == "relu"
+
+
+def reference_stats(model, x, layer_name):
+    layer = model.get_layer(layer_name)
+    saved = layer.mask
+    layer.restore()
+    activations = keras.Model(model.input, layer.output)(x).numpy()
+    layer.set_mask(saved)
+    flat = activations.reshape(-1, activations.shape[-1]).astype(np.float64)
+    return flat.mean(0), flat.std(0), (flat <= 0).mean(0)
+
+
+def test_stats_collect_equals_numpy_over_several_batches():
+    model = small_model()
+    x, y = data(n=100)
+    model.get_layer("conv").prune([3])  # Statistics are of the unmasked activation.
+    stats = fp.stats.collect(model, (x, y), batch_size=32)  # 4 batches, the last partial.
+    assert set(stats) == {"conv", "dense"}
+    for name in ("conv", "dense"):
+        mean, std, dormant = reference_stats(model, x, name)
+        np.testing.assert_allclose(stats[name].mean, mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(stats[name].std, std, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stats[name].dormant_fraction, dormant, atol=1e-12)
+    assert stats["conv"].count == 100 * 6 * 6
+    assert stats["dense"].count == 100
+    np.testing.assert_array_equal(model.get_layer("conv").mask, [1, 1, 1, 0, 1, 1])
+
+
+def test_stats_collect_accepts_datasets_and_selects_layers():
+    model = small_model()
+    x, y = data(n=40)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    stats = fp.stats.collect(model, dataset, layer_names=["conv"])
+    assert list(stats) == ["conv"]
+    mean, _, _ = reference_stats(model, x, "conv")
+    np.testing.assert_allclose(stats["conv"].mean, mean, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="no masked layer named"):
+        fp.stats.collect(model, x, layer_names=["out"])
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="has no MaskedConv2D"):
+        fp.stats.collect(plain, np.zeros((2, 4), "float32"))
+
+
+def test_stats_recording_does_not_stay_on_after_collect():
+    model = small_model()
+    x, _ = data()
+    fp.stats.collect(model, x)
+    assert all(layer._stats_recorder is None for layer in fp.layers.masked_layers(model))
