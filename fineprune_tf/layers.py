@@ -38,6 +38,10 @@ class StatsRecorder:
         self.sum, self.sum_sq, self.positive = zeros(), zeros(), zeros()
         self.elements = tf.Variable(tf.zeros([], tf.float64), trainable=False)
 
+    def reset(self) -> None:
+        for variable in (self.sum, self.sum_sq, self.positive, self.elements):
+            variable.assign(tf.zeros_like(variable))
+
     def add(self, result: fp_ops.MaskedActivationResult, z: tf.Tensor) -> None:
         self.sum.assign_add(tf.cast(result.channel_sum, tf.float64))
         self.sum_sq.assign_add(tf.cast(result.channel_sum_sq, tf.float64))

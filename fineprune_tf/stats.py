@@ -6,6 +6,7 @@ accumulated, so no activation tensor is ever kept.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,35 @@ def _select(model: keras.Model, layer_names: Sequence[str] | None) -> list[Maske
     return [by_name[name] for name in layer_names]
 
 
+# One traced step per (model, layers): re-tracing per call would cost more than small passes.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _recording_step(model: keras.Model, layers: list[MaskedLayerMixin]):
+    """A ``tf.function`` running ``model`` with recorders attached to ``layers``.
+
+    The recorders are attached only while the function traces, so the graph it builds (and no
+    other, e.g. ``model.predict``'s) updates them.
+    """
+    key = tuple(layer.name for layer in layers)
+    cached = _STEPS.setdefault(model, {})
+    if key not in cached:
+        recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
+
+        @tf.function(reduce_retracing=True)
+        def step(x):
+            for layer in layers:
+                layer._stats_recorder = recorders[layer.name]
+            try:
+                model(x, training=False)
+            finally:
+                for layer in layers:
+                    layer._stats_recorder = None
+
+        cached[key] = (step, recorders)
+    return cached[key]
+
+
 def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
             batch_size: int = 128) -> dict[str, ChannelStats]:
     """Runs ``model`` once over ``data`` and returns each masked layer's channel statistics.
@@ -80,20 +110,11 @@ def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
       ``{layer name: ChannelStats}``.
     """
     layers = _select(model, layer_names)
-    recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
-    for layer in layers:
-        layer._stats_recorder = recorders[layer.name]
-
-    @tf.function(reduce_retracing=True)
-    def step(x):
-        model(x, training=False)
-
-    try:
-        for x in as_dataset(data, batch_size):
-            step(x)
-    finally:
-        for layer in layers:
-            layer._stats_recorder = None
+    step, recorders = _recording_step(model, layers)
+    for recorder in recorders.values():
+        recorder.reset()
+    for x in as_dataset(data, batch_size):
+        step(x)
 
     result = {}
     for name, recorder in recorders.items():
