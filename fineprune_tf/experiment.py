@@ -76,7 +76,11 @@ class ExperimentConfig:
             raise ValueError(f"fmp_fraction must be in (0, 1), got {self.fmp_fraction}")
 
     def fingerprint(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        """Hash of the settings that determine each stage's numbers; which attacks and
+        defenses run is left out, so a resumed run may add some."""
+        values = {k: v for k, v in dataclasses.asdict(self).items()
+                  if k not in ("attacks", "defenses")}
+        text = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,87 @@
+"""The one-command experiment: files, tables, figures, refusal to overwrite, resume."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fineprune_tf import experiment
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def quick_config(**overrides):
+    values = dict(task="mnist", attacks=("baseline",), defenses=("none", "pruning"),
+                  quick=True, seed=0)
+    values.update(overrides)
+    return experiment.ExperimentConfig(**values)
+
+
+def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    results = experiment.run(quick_config(), out)
+    for name in ("results.json", "table1.md", "table2.md", "fig6_baseline.png",
+                 "fig4_baseline.png", "stages.json", "trigger.json",
+                 "models/baseline.keras", "models/baseline_pruning.keras"):
+        assert (out / name).exists(), name
+    assert (out / "fig6_baseline.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "results.json").read_text())
+    cell = saved["table1"]["baseline"]["pruning"]
+    assert set(cell) == {"clean_acc", "asr", "robust_acc", "seconds"}
+    assert 0.0 <= cell["clean_acc"] <= 1.0 and 0.0 <= cell["asr"] <= 1.0
+    curve = saved["curves"]["baseline"]["curve"]
+    assert len(curve["clean_acc"]) == saved["curves"]["baseline"]["channels"] + 1
+    assert results["table1"] == saved["table1"]
+    assert "cl: " in (out / "table1.md").read_text()
+
+    # Another run into the same directory is refused, and nothing is touched.
+    before = (out / "results.json").read_bytes()
+    with pytest.raises(experiment.OutputDirError, match="already holds"):
+        experiment.run(quick_config(), out)
+    assert (out / "results.json").read_bytes() == before
+
+    # Resuming with one more defense reuses the trained model and the finished stages.
+    model_time = os.stat(out / "models/baseline.keras").st_mtime_ns
+    resumed = experiment.run(quick_config(defenses=("none", "pruning", "fine_tuning")), out,
+                             resume=True)
+    assert os.stat(out / "models/baseline.keras").st_mtime_ns == model_time
+    assert resumed["table1"]["baseline"]["pruning"] == cell
+    assert "fine_tuning" in resumed["table1"]["baseline"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(task="cifar"), "unknown task"),
+    (dict(attacks=("trojannn",)), "unknown attack"),
+    (dict(defenses=("magic",)), "unknown defense"),
+    (dict(threshold=0.0), "threshold must be in"),
+    (dict(threshold=120.0), "threshold must be in"),
+])
+def test_bad_configurations_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        experiment.run(quick_config(**overrides), tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def run_script(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "scripts.fine_prune", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+
+
+def test_script_refuses_bad_flags_and_existing_results(tmp_path):
+    result = run_script("--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}",
+                        cwd=tmp_path)
+    assert result.returncode != 0 and "threshold must be in (0, 100)" in result.stderr
+    result = run_script("--task=speech", "--defenses=pruning,voodoo",
+                        f"--output_dir={tmp_path / 'a'}", cwd=tmp_path)
+    assert result.returncode != 0 and "unknown defense" in result.stderr
+    result = run_script("--task=nosuchtask", cwd=tmp_path)
+    assert result.returncode != 0 and "nosuchtask" in result.stderr
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "results.json").write_text('{"mine": true}')
+    result = run_script("--task=speech", f"--output_dir={occupied}", cwd=tmp_path)
+    assert result.returncode != 0 and "already holds" in result.stderr
+    assert (occupied / "results.json").read_text() == '{"mine": true}'
