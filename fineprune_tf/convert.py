@@ -1,0 +1,351 @@
+"""Turn a stock Keras model into a prunable one: every ``Conv2D`` becomes a
+:class:`~fineprune_tf.layers.MaskedConv2D` (optionally every hidden ``Dense`` a
+:class:`~fineprune_tf.layers.MaskedDense`) with the same weights, names and graph.
+
+The model usually comes from an untrusted party (it is the model the defense cleans), so
+conversion only accepts graphs made of built-in Keras layers: a custom layer or a ``Lambda``
+would carry the supplier's code into the cleaned model, and is refused by name.
+
+Mask placement: ``MaskedConv2D`` multiplies the *conv layer's own* output by the mask, after
+its bias and activation.  A ``Conv2D(activation=None)`` followed by ``BatchNormalization`` and
+``ReLU`` stays exactly that way, so pruning channel ``c`` zeroes the conv's linear output and
+the following BN still adds its shift: the channel then carries the constant
+``relu(beta - gamma * mean / sqrt(var + eps))`` rather than 0.  :func:`fineprune_tf.export.shrink`
+accounts for that constant exactly.
+
+The graph walking helpers here (:class:`FunctionalGraph`) are shared with
+:mod:`fineprune_tf.export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+from keras.src.models.functional import Functional
+
+from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
+
+__all__ = [
+    "ConversionError", "FunctionalGraph", "GraphNode", "convert", "is_builtin_keras", "to_numpy"]
+
+
+class ConversionError(ValueError):
+    """A model (or one of its layers) cannot be converted / shrunk / exported."""
+
+
+# Layers that are built into Keras but run code or load artefacts chosen by the model's author.
+_CODE_CARRYING = ("Lambda", "TFSMLayer")
+
+# Parameter-free layers that may sit between a classifier Dense and the model output.
+_OUTPUT_PASSTHROUGH = (
+    keras.layers.Activation, keras.layers.Softmax, keras.layers.Dropout, keras.layers.ReLU,
+    keras.layers.Identity)
+
+
+def is_builtin_keras(operation: Any) -> bool:
+    """True for layers / operations defined by Keras itself or by :mod:`fineprune_tf.layers`."""
+    cls = type(operation)
+    if cls in (MaskedConv2D, MaskedDense):
+        return True
+    return cls.__module__.split(".")[0] == "keras"
+
+
+@dataclasses.dataclass(eq=False)
+class GraphNode:
+    """One call of a layer (or Keras operation) in a functional graph.
+
+    Attributes:
+      index: position in :attr:`FunctionalGraph.nodes` (a topological order).
+      layer: the called layer / operation.
+      node: Keras' ``Node`` for that call (holds the call arguments).
+      inputs: the flat list of symbolic input tensors (``KerasTensor``), in call order.
+      outputs: the flat list of symbolic output tensors.
+    """
+
+    index: int
+    layer: Any
+    node: Any
+    inputs: list
+    outputs: list
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+
+class FunctionalGraph:
+    """The call graph of a functional (or built Sequential) Keras model.
+
+    Nodes are listed in a topological order (producers before consumers), obtained from the
+    model's ``_nodes_by_depth`` (Keras' own execution order).  Tensors are identified by
+    ``id(KerasTensor)``.
+
+    Raises:
+      ConversionError: ``model`` is not a Keras model, is subclassed (no functional graph) or is
+        an unbuilt Sequential.
+    """
+
+    def __init__(self, model: keras.Model):
+        if not isinstance(model, keras.Model):
+            raise ConversionError(f"expected a keras.Model, got {type(model).__name__}")
+        self.model = model
+        graph = model
+        if isinstance(model, keras.Sequential):
+            graph = getattr(model, "_functional", None)
+            if graph is None:
+                raise ConversionError(
+                    f"Sequential model {model.name!r} is not built (it has no Input): build "
+                    "it (or give it a keras.Input) before converting it")
+        elif not isinstance(model, Functional):
+            raise ConversionError(
+                f"model {model.name!r} is a subclassed model ({type(model).__name__}): its "
+                "graph is Python code, not a functional graph, so its layers cannot be "
+                "re-wired. Rebuild it as a functional or Sequential model.")
+        self._graph = graph
+        self.inputs: list = list(graph.inputs)
+        self.outputs: list = list(graph.outputs)
+        self.nodes: list[GraphNode] = []
+        for depth in sorted(graph._nodes_by_depth, reverse=True):
+            for node in graph._nodes_by_depth[depth]:
+                if node.operation is None or node.is_input:
+                    continue
+                self.nodes.append(GraphNode(
+                    index=len(self.nodes), layer=node.operation, node=node,
+                    inputs=list(node.input_tensors), outputs=list(node.outputs)))
+        self.producer: dict[int, GraphNode] = {}
+        self.consumers: dict[int, list[GraphNode]] = {}
+        self.tensors: dict[int, Any] = {id(t): t for t in self.inputs}
+        for gnode in self.nodes:
+            for t in gnode.outputs:
+                self.producer[id(t)] = gnode
+                self.tensors[id(t)] = t
+            for t in gnode.inputs:
+                self.consumers.setdefault(id(t), []).append(gnode)
+                self.tensors.setdefault(id(t), t)
+        self.calls_per_layer: dict[int, int] = {}
+        for gnode in self.nodes:
+            self.calls_per_layer[id(gnode.layer)] = self.calls_per_layer.get(
+                id(gnode.layer), 0) + 1
+
+    @property
+    def output_ids(self) -> set[int]:
+        return {id(t) for t in self.outputs}
+
+    def layers(self) -> list:
+        """Distinct called layers / operations, in first-call order."""
+        seen: dict[int, Any] = {}
+        for gnode in self.nodes:
+            seen.setdefault(id(gnode.layer), gnode.layer)
+        return list(seen.values())
+
+    def check_layers(self, what: str) -> None:
+        """Refuses nested models, custom layers and code-carrying layers, naming them."""
+        nested, custom, code = [], [], []
+        for layer in self.layers():
+            if isinstance(layer, keras.Model):
+                nested.append(f"{layer.name!r} ({type(layer).__name__})")
+            elif type(layer).__name__ in _CODE_CARRYING and is_builtin_keras(layer):
+                code.append(f"{layer.name!r} ({type(layer).__name__})")
+            elif not is_builtin_keras(layer):
+                custom.append(
+                    f"{layer.name!r} ({type(layer).__module__}.{type(layer).__qualname__})")
+        problems = []
+        if nested:
+            problems.append(
+                "nested models are not supported (flatten them into one functional graph): "
+                + ", ".join(nested))
+        if code:
+            problems.append(
+                "layers that run the model author's code or load external artefacts are "
+                "refused: " + ", ".join(code))
+        if custom:
+            problems.append("unknown custom layers (not built into Keras): " + ", ".join(custom))
+        if problems:
+            raise ConversionError(f"cannot {what} model {self.model.name!r}: "
+                                  + "; ".join(problems))
+
+    def rebuild(self, call: Callable[[GraphNode, tuple, dict], Any],
+                name: str | None = None) -> keras.Model:
+        """Re-runs the graph symbolically on fresh ``keras.Input``s (same names, shapes, dtypes).
+
+        ``call(gnode, args, kwargs)`` must return the new outputs of ``gnode`` given its new
+        arguments (the original arguments with every symbolic tensor replaced by its new
+        counterpart, non-tensor arguments such as ``training=`` unchanged).
+
+        Returns a functional ``keras.Model`` with the original input / output structure.
+        """
+        tensor_map: dict[int, Any] = {}
+        for t in self.inputs:
+            input_layer = t._keras_history.operation
+            tensor_map[id(t)] = keras.Input(
+                batch_shape=t.shape, dtype=t.dtype, name=input_layer.name)
+        for gnode in self.nodes:
+            args, kwargs = gnode.node.arguments.fill_in(tensor_map)
+            outputs = keras.tree.flatten(call(gnode, args, kwargs))
+            if len(outputs) != len(gnode.outputs):
+                raise ConversionError(
+                    f"layer {gnode.name!r}: rebuilt call returned {len(outputs)} outputs, "
+                    f"expected {len(gnode.outputs)}")
+            for old, new in zip(gnode.outputs, outputs, strict=True):
+                tensor_map[id(old)] = new
+        graph = self._graph
+        inputs = keras.tree.map_structure(lambda t: tensor_map[id(t)], graph._inputs_struct)
+        outputs = keras.tree.map_structure(lambda t: tensor_map[id(t)], graph._outputs_struct)
+        return keras.Model(inputs, outputs, name=name or self.model.name)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A numpy copy of a tensor or Keras variable (through a tensor: numpy 2 warns when it
+    converts a variable directly)."""
+    return np.asarray(keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(x)))
+
+
+def clone_layer(layer: keras.layers.Layer, cls: type | None = None,
+                **overrides: Any) -> keras.layers.Layer:
+    """A fresh, unbuilt layer of class ``cls`` (default: the same class) from ``layer``'s config,
+    with ``overrides`` applied.  When the class changes LoRA settings are dropped: the callers
+    then copy the *effective* kernel (LoRA folded in)."""
+    config = layer.get_config()
+    if cls is not None and cls is not type(layer):
+        config.pop("lora_rank", None)
+        config.pop("lora_alpha", None)
+    config.update(overrides)
+    return (cls or type(layer)).from_config(config)
+
+
+def check_not_quantized(layer: Any) -> None:
+    """Refuses int8/float8-quantized layers: their kernels are not plain float tensors to copy
+    or slice."""
+    mode = getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)
+    if mode:
+        raise ConversionError(
+            f"layer {layer.name!r} is quantized ({mode}); quantized layers are not supported")
+
+
+def _is_classifier(graph: FunctionalGraph, gnode: GraphNode) -> bool:
+    """A Dense whose output reaches a model output through parameter-free layers only."""
+    outputs = graph.output_ids
+    stack, seen = [gnode.outputs[0]], set()
+    while stack:
+        t = stack.pop()
+        if id(t) in outputs:
+            return True
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        for consumer in graph.consumers.get(id(t), []):
+            if isinstance(consumer.layer, _OUTPUT_PASSTHROUGH):
+                stack.extend(consumer.outputs)
+    return False
+
+
+def _conv_problems(layer: keras.layers.Conv2D) -> list[str]:
+    problems = []
+    if layer.data_format != "channels_last":
+        problems.append(f"{layer.name!r}: data_format={layer.data_format!r} (only "
+                        "channels_last is supported: the masked op is NHWC)")
+    if layer.groups != 1:
+        problems.append(f"{layer.name!r}: groups={layer.groups} (grouped convolutions are not "
+                        "supported: pruning an output channel would break the group layout)")
+    return problems
+
+
+def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
+            layer_names: Sequence[str] | None = None) -> keras.Model:
+    """Returns a copy of ``model`` in which every ``Conv2D`` is a ``MaskedConv2D``.
+
+    Args:
+      model: a functional or (built) Sequential Keras 3 model made of built-in Keras layers
+        (Conv2D, DepthwiseConv2D, BatchNormalization, Add, Concatenate, pooling, Flatten,
+        GlobalAveragePooling2D, Dropout, Dense, Activation/ReLU, Reshape, ... and
+        ``fineprune_tf`` masked layers, which are copied as they are, masks included).
+      dense: also turn every *hidden* ``Dense`` with a rank-2 input ``[N, D]`` into a
+        ``MaskedDense`` (a Dense applied to a rank-3+ tensor stays a Dense).
+      classifier: with ``dense=True``, also convert the classifier(s): Dense layers whose output
+        reaches a model output through parameter-free layers only (Activation, Softmax,
+        Dropout).  Off by default: pruning a class logit is never what the defense wants.
+      layer_names: convert only these Conv2D / Dense layers (by name); default all eligible.
+
+    Returns:
+      A new, uncompiled functional model (a Sequential input gives a functional output) with the
+      same name, layer names, input names, topology (shared layers stay shared, multi-input
+      layers keep their inputs) and weights; every mask is all ones, so its outputs equal the
+      original's.  The original model is not modified and shares no variables with the result.
+
+    Raises:
+      ConversionError: subclassed or unbuilt model; nested models; custom or code-carrying
+        layers (``Lambda``, ``TFSMLayer``), named; channels_first or grouped Conv2D; quantized
+        layers; no Conv2D at all; ``layer_names`` naming a missing / non-convertible layer.
+    """
+    graph = FunctionalGraph(model)
+    graph.check_layers("convert")
+    wanted = None if layer_names is None else set(layer_names)
+
+    replace: dict[int, type] = {}
+    problems: list[str] = []
+    has_conv = False
+    for gnode in graph.nodes:
+        layer = gnode.layer
+        if isinstance(layer, keras.layers.Layer):
+            check_not_quantized(layer)
+        if isinstance(layer, MaskedConv2D):
+            has_conv = True
+        elif type(layer) is keras.layers.Conv2D:
+            has_conv = True
+            if wanted is None or layer.name in wanted:
+                problems.extend(_conv_problems(layer))
+                replace[id(layer)] = MaskedConv2D
+        elif dense and type(layer) is keras.layers.Dense and (
+                wanted is None or layer.name in wanted):
+            if any(len(t.shape) != 2 for t in gnode.inputs):
+                if wanted is not None:
+                    problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
+                continue
+            if not classifier and _is_classifier(graph, gnode):
+                continue
+            replace[id(layer)] = MaskedDense
+    if not has_conv:
+        raise ConversionError(f"model {model.name!r} has no Conv2D layer to convert")
+    if wanted is not None:
+        found = {layer.name for layer in graph.layers() if id(layer) in replace}
+        missing = sorted(wanted - found)
+        if missing:
+            problems.append(f"layers {missing} are not convertible Conv2D"
+                            + ("/Dense" if dense else "") + " layers of the model")
+    if problems:
+        raise ConversionError(f"cannot convert model {model.name!r}: " + "; ".join(problems))
+
+    clones: dict[int, Any] = {}
+
+    def call(gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
+        layer = gnode.layer
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)  # a stateless keras.ops operation: reuse it
+        if id(layer) not in clones:  # shared layers stay shared
+            clones[id(layer)] = clone_layer(layer, replace.get(id(layer)))
+        return clones[id(layer)](*args, **kwargs)
+
+    converted = graph.rebuild(call)
+    for layer in graph.layers():
+        if id(layer) in clones:
+            _copy_weights(layer, clones[id(layer)])
+    return converted
+
+
+def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
+    if isinstance(target, MaskedLayerMixin) and not isinstance(source, MaskedLayerMixin):
+        # Conv2D/Dense -> masked twin: same kernel (LoRA folded in) and bias, mask stays 1.
+        target._kernel.assign(to_numpy(source.kernel))
+        if source.use_bias:
+            target.bias.assign(to_numpy(source.bias))
+        return
+    weights = source.get_weights()
+    if len(weights) != len(target.weights):
+        raise ConversionError(
+            f"layer {source.name!r}: the copy has {len(target.weights)} weights, the original "
+            f"{len(weights)}")
+    target.set_weights(weights)

@@ -1,0 +1,212 @@
+"""convert(): stock Conv2D/Dense -> masked twins, same graph, names and outputs."""
+
+import keras
+import numpy as np
+import pytest
+
+import fineprune_tf as fp
+from fineprune_tf import convert as fp_convert
+from fineprune_tf import export, models
+from fineprune_tf.convert import ConversionError, convert
+
+
+def _randomize_bn(model, seed=0):
+    """Non-trivial BN statistics so that BN is not an identity in the tests."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c),
+                               rng.normal(0, 0.5, c), rng.uniform(0.5, 1.5, c)])
+    return model
+
+
+def resnet_like():
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="block_conv1")(x)
+    y = keras.layers.BatchNormalization(name="block_bn1")(y)
+    y = keras.layers.Activation("relu", name="block_relu1")(y)
+    y = keras.layers.Conv2D(8, 3, padding="same", name="block_conv2")(y)
+    y = keras.layers.BatchNormalization(name="block_bn2")(y)
+    x = keras.layers.Add(name="block_add")([x, y])
+    x = keras.layers.ReLU(name="block_out")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dense(16, activation="relu", name="hidden")(x)
+    outputs = keras.layers.Dense(4, activation="softmax", name="classifier")(x)
+    return _randomize_bn(keras.Model(inputs, outputs, name="resnet_like"))
+
+
+def concat_depthwise():
+    inputs = keras.Input((10, 10, 3), name="image")
+    a = keras.layers.Conv2D(6, 3, activation="relu", name="conv_a")(inputs)
+    b = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(inputs)
+    b = keras.layers.Conv2D(5, 1, activation="relu", name="conv_b")(b)
+    x = keras.layers.Concatenate(name="concat")([a, b])
+    x = keras.layers.MaxPooling2D(name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    x = keras.layers.Dense(12, activation="relu", name="fc")(x)
+    logits = keras.layers.Dense(3, name="logits")(x)
+    outputs = keras.layers.Activation("softmax", name="probs")(logits)
+    return keras.Model(inputs, outputs, name="concat_depthwise")
+
+
+def _x(model, n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, *model.input_shape[1:])).astype("float32")
+
+
+def _max_diff(a, b, x):
+    # Eager calls: predict() would trace a tf.function per model (~1 s each).
+    return float(np.max(np.abs(np.asarray(a(x, training=False))
+                               - np.asarray(b(x, training=False)))))
+
+
+def test_resnet_with_bn_and_residual_add_converts_exactly():
+    model = resnet_like()
+    converted = convert(model)
+    assert _max_diff(model, converted, _x(model)) <= 1e-5
+    assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
+    for name in ("stem", "block_conv1", "block_conv2"):
+        assert type(converted.get_layer(name)) is fp.MaskedConv2D
+    # conv(linear) -> BN -> ReLU stays that way: the mask applies to the conv's linear output.
+    stem = converted.get_layer("stem")
+    assert stem.activation is keras.activations.linear and not stem.use_bias
+    assert type(converted.get_layer("stem_bn")) is keras.layers.BatchNormalization
+    assert type(converted.get_layer("hidden")) is keras.layers.Dense  # dense=False
+    assert converted.get_layer("block_add").input[0].name == converted.get_layer(
+        "stem_relu").output.name
+    # The original is untouched and shares no variables with the copy.
+    assert type(model.get_layer("stem")) is keras.layers.Conv2D
+    converted.get_layer("stem").prune([0, 1, 2])
+    converted.get_layer("stem_bn").gamma.assign(np.zeros(8, "float32"))
+    assert float(np.abs(model.get_layer("stem_bn").gamma.numpy()).min()) > 0
+
+
+def test_concat_depthwise_and_hidden_dense_conversion():
+    model = concat_depthwise()
+    converted = convert(model, dense=True)
+    x = _x(model)
+    assert _max_diff(model, converted, x) <= 1e-5
+    assert type(converted.get_layer("conv_a")) is fp.MaskedConv2D
+    assert type(converted.get_layer("conv_b")) is fp.MaskedConv2D
+    assert type(converted.get_layer("dw")) is keras.layers.DepthwiseConv2D  # not a Conv2D
+    assert type(converted.get_layer("fc")) is fp.MaskedDense
+    # "logits" feeds the output through a parameter-free Activation: it is the classifier.
+    assert type(converted.get_layer("logits")) is keras.layers.Dense
+    with_classifier = convert(model, dense=True, classifier=True)
+    assert type(with_classifier.get_layer("logits")) is fp.MaskedDense
+    assert _max_diff(model, with_classifier, x) <= 1e-5
+    only = convert(model, layer_names=["conv_b"])
+    assert type(only.get_layer("conv_a")) is keras.layers.Conv2D
+    assert type(only.get_layer("conv_b")) is fp.MaskedConv2D
+
+
+def test_converted_model_prunes_by_layer_name():
+    model = concat_depthwise()
+    converted = convert(model)
+    x = _x(model)
+    converted.get_layer("conv_a").prune([0, 3])
+    probe = keras.Model(converted.inputs, converted.get_layer("conv_a").output)
+    out = np.asarray(probe(x))
+    assert np.all(out[..., [0, 3]] == 0) and np.any(out[..., 1] != 0)
+    assert _max_diff(model, converted, x) > 0
+
+
+@pytest.mark.parametrize("task", models.TASKS)
+def test_task_models_round_trip_through_a_plain_twin(task):
+    masked = models.build(task, preset="cpu", seed=3)
+    layer = models.pruned_layer(masked)
+    layer.prune(np.arange(0, layer.channels, 4))
+    # A stock-Keras twin of the task topology (what a supplier would ship) ...
+    twin = export.to_plain(masked)
+    assert not fp.layers.masked_layers(twin)
+    x = _x(masked, n=4)
+    assert _max_diff(masked, twin, x) <= 1e-5
+    # ... converts back to the task model's layer types, with all masks open.
+    back = convert(twin, dense=True)
+    for original, again in zip(masked.layers, back.layers, strict=True):
+        assert original.name == again.name and type(original) is type(again)
+    assert all(m.mask.all() for m in fp.layers.masked_layers(back))
+    assert _max_diff(masked, back, x) <= 1e-5
+    # Converting an already masked model is a copy that keeps the masks.
+    again = convert(masked)
+    np.testing.assert_array_equal(models.pruned_layer(again, task).mask, layer.mask)
+    assert _max_diff(masked, again, x) == 0.0
+
+
+def test_sequential_and_shared_multi_input_models():
+    seq = keras.Sequential([keras.Input((8, 8, 1), name="pixels"),
+                            keras.layers.Conv2D(3, 3, activation="relu", name="c"),
+                            keras.layers.Flatten(name="f"), keras.layers.Dense(2, name="d")],
+                           name="seq")
+    converted = convert(seq)
+    assert converted.name == "seq" and converted.layers[0].name == "pixels"
+    assert [layer.name for layer in converted.layers[1:]] == ["c", "f", "d"]
+    x = _x(seq)
+    assert _max_diff(seq, converted, x) <= 1e-5
+
+    # A siamese model: one Conv2D called on two inputs, a multi-input Add.
+    left, right = keras.Input((6, 6, 2), name="left"), keras.Input((6, 6, 2), name="right")
+    shared = keras.layers.Conv2D(4, 3, activation="relu", name="shared")
+    merged = keras.layers.Add(name="add")([shared(left), shared(right)])
+    out = keras.layers.Dense(2, name="out")(keras.layers.Flatten()(merged))
+    siamese = keras.Model([left, right], out, name="siamese")
+    converted = convert(siamese)
+    assert len(converted.get_layer("shared")._inbound_nodes) == 2
+    assert [t.name for t in converted.inputs] == ["left", "right"]
+    xs = [np.random.default_rng(s).standard_normal((4, 6, 6, 2)).astype("float32")
+          for s in (1, 2)]
+    np.testing.assert_allclose(converted(xs), siamese(xs), atol=1e-5)
+
+
+class _Backdoor(keras.layers.Layer):
+    def call(self, x):
+        return x
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(2, 3)
+
+    def call(self, x):
+        return self.conv(x)
+
+
+def test_refusals_name_the_problem():
+    inputs = keras.Input((8, 8, 3))
+    with pytest.raises(ConversionError, match=r"'trojan'.*_Backdoor"):
+        convert(keras.Model(inputs, keras.layers.Conv2D(2, 3)(_Backdoor(name="trojan")(inputs))))
+    lam = keras.layers.Lambda(lambda t: t * 2.0, name="evil")(inputs)
+    with pytest.raises(ConversionError, match=r"'evil' \(Lambda\)"):
+        convert(keras.Model(inputs, keras.layers.Conv2D(2, 3)(lam)))
+    nhwc = keras.Input((3, 8, 8))
+    first = keras.layers.Conv2D(2, 3, data_format="channels_first", name="cf")(nhwc)
+    with pytest.raises(ConversionError, match=r"'cf'.*channels_first"):
+        convert(keras.Model(nhwc, first))
+    with pytest.raises(ConversionError, match=r"'grouped'.*groups=3"):
+        convert(keras.Model(inputs, keras.layers.Conv2D(3, 3, groups=3, name="grouped")(inputs)))
+    vector = keras.Input((4,))
+    dense_only = keras.Model(vector, keras.layers.Dense(2)(vector))
+    with pytest.raises(ConversionError, match="no Conv2D"):
+        convert(dense_only)
+    sub = _Subclassed()
+    sub(np.zeros((1, 8, 8, 3), "float32"))
+    with pytest.raises(ConversionError, match="subclassed"):
+        convert(sub)
+    with pytest.raises(ConversionError, match="not built"):
+        convert(keras.Sequential([keras.layers.Conv2D(2, 3)]))
+    with pytest.raises(ConversionError, match="not convertible"):
+        convert(concat_depthwise(), layer_names=["flatten"])
+
+
+def test_graph_helper_lists_nodes_topologically():
+    graph = fp_convert.FunctionalGraph(models.build("face", preset="cpu", seed=0))
+    order = [node.name for node in graph.nodes]
+    assert order.index("pool3") < order.index("conv4") < order.index("flatten_conv4")
+    assert {n.name for n in graph.consumers[id(graph.nodes[order.index("pool3")].outputs[0])]} \
+        == {"conv4", "flatten_pool3"}
