@@ -117,11 +117,55 @@ def rank_channels(model: keras.Model, layer_name: str, x: np.ndarray,
     and the float64 ``[C]`` mean activation of every channel.
     """
     layer = model.get_layer(layer_name)
-    means = stats.collect(model, x, layer_names=[layer_name], batch_size=batch_size)[
-        layer_name].mean
+    if layer.activation is keras.activations.relu:
+        means = stats.collect(model, x, layer_names=[layer_name], batch_size=batch_size)[
+            layer_name].mean
+    else:
+        means = _chain_means(model, layer, x, batch_size)
     order = np.argsort(means, kind="stable")
     active = set(layer.active_channels.tolist())
     return np.asarray([c for c in order if c in active], dtype=np.int64), means
+
+
+_PER_CHANNEL = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation)
+
+
+def _activation_tensor(layer: MaskedLayerMixin):
+    """The tensor a channel's "activation" is read from (§2.1: the neuron's ReLU output).
+
+    A conv with a fused ReLU is its own answer. A linear conv followed by a chain of
+    per-channel layers (BatchNormalization, ReLU, Activation — as in converted ResNet-style
+    models) is read at the end of that chain, so the ranking sees what the next layer sees.
+    """
+    tensor, current = layer.output, layer
+    while True:
+        consumers = [node.operation for node in current._outbound_nodes]
+        if len(consumers) != 1 or not isinstance(consumers[0], _PER_CHANNEL):
+            return tensor
+        current = consumers[0]
+        if isinstance(current, keras.layers.Activation) and current.activation not in (
+                keras.activations.relu, keras.activations.linear):
+            return tensor
+        tensor = current.output
+
+
+def _chain_means(model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray,
+                 batch_size: int) -> np.ndarray:
+    """Mean of :func:`_activation_tensor` per channel over ``x`` (unmasked), float64 ``[C]``."""
+    saved = layer.mask
+    layer.restore()
+    try:
+        probe = keras.Model(model.inputs, _activation_tensor(layer))
+        total, count = np.zeros(layer.channels), 0
+        for start in range(0, len(x), batch_size):
+            values = keras.ops.convert_to_numpy(probe(x[start:start + batch_size],
+                                                      training=False))
+            flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
+            total += flat.sum(axis=0)
+            count += flat.shape[0]
+    finally:
+        layer.set_mask(saved)
+    return total / max(count, 1)
 
 
 def stopping_point(clean_acc: np.ndarray, threshold: float) -> int:

@@ -1,0 +1,241 @@
+"""Clean a user's own model: the pruning and fine-pruning defenses on their clean data.
+
+``clean_model`` loads the (untrusted) model safely, converts its convolutions to masked
+layers, ranks the chosen layer's channels by mean activation on the user's clean data, runs the
+pruning defense (full per-channel curve) and fine-pruning, and writes the cleaned models, a
+SavedModel for serving and a report.  The user's model and data files are only read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+from absl import logging
+
+from fineprune_tf import convert as convert_lib
+from fineprune_tf import defenses, export, io, metrics, models, reporting
+from fineprune_tf.data.user import UserData, load_user_data
+from fineprune_tf.layers import MaskedConv2D
+
+__all__ = ["CleaningError", "clean_model", "OUTPUT_FILES"]
+
+OUTPUT_FILES = ("report.json", "report.md", "pruned.keras", "fine_pruned.keras",
+                "pruning_curve.png", "activations.png", "saved_model")
+
+
+class CleaningError(ValueError):
+    """The model, the data or the options cannot be used (the message says why)."""
+
+
+def _check_model(model) -> tuple[tuple[int, ...], int]:
+    if isinstance(model, io.SavedModelPredictor):
+        raise CleaningError(
+            "this SavedModel has no Keras model inside (no model.keras): it can be evaluated "
+            "but its channels cannot be pruned or fine-tuned; export it from Keras as .keras")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise CleaningError(f"the model has {len(model.inputs)} inputs and {len(model.outputs)} "
+                            "outputs; one image input and one class output are supported")
+    input_shape = tuple(model.inputs[0].shape[1:])
+    if len(input_shape) != 3 or None in input_shape:
+        raise CleaningError(f"the model's input shape {input_shape} is not a fixed [H, W, C]")
+    classes = model.outputs[0].shape[-1]
+    if classes is None or len(model.outputs[0].shape) != 2 or classes < 2:
+        raise CleaningError(f"the model's output shape {tuple(model.outputs[0].shape)} is not "
+                            "[N, classes] with at least 2 classes")
+    return input_shape, int(classes)
+
+
+def _choose_layer(model: keras.Model, layer: str | None) -> str:
+    convs = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Conv2D)]
+    if not convs:
+        raise CleaningError("the model has no Conv2D layer: there are no channels to prune")
+    if layer is None:
+        return models.last_conv_layer(model)
+    names = [lay.name for lay in model.layers]
+    if layer not in names:
+        raise CleaningError(f"--layer {layer!r} does not exist; conv layers: {convs}")
+    if layer not in convs:
+        kind = type(model.get_layer(layer)).__name__
+        raise CleaningError(f"--layer {layer!r} is a {kind}, not a conv layer; conv layers: "
+                            f"{convs}")
+    return layer
+
+
+def _targets(output_dir: pathlib.Path, protected: list[pathlib.Path]) -> None:
+    for name in OUTPUT_FILES:
+        target = (output_dir / name).resolve()
+        for path in protected:
+            resolved = path.resolve()
+            if target == resolved or resolved.is_relative_to(target):
+                raise CleaningError(f"writing {target} would overwrite your input {path}; "
+                                    "choose another --output_dir")
+
+
+def _split(data: UserData, fraction: float, seed: int) -> tuple[tuple, tuple]:
+    order = np.random.default_rng(seed).permutation(len(data.y))
+    count = int(round(len(order) * fraction))
+    if fraction > 0 and (count < 1 or len(order) - count < 2):
+        raise CleaningError(f"clean data has {len(order)} examples: too few to hold out "
+                            f"{fraction:.0%} for evaluation")
+    held, kept = order[:count], order[count:]
+    return (data.x[kept], data.y[kept]), (data.x[held], data.y[held])
+
+
+def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, output_dir:
+                str | os.PathLike, *, layer: str | None = None,
+                backdoor_data: str | os.PathLike | None = None, threshold: float = 4.0,
+                settings: defenses.FineTuneSettings | None = None,
+                eval_fraction: float = 0.2, allow_unsafe: bool = False,
+                export_serving: bool = True, overwrite: bool = False, seed: int = 0,
+                progress: Callable[[str], None] = logging.info) -> dict:
+    """Prunes and fine-prunes the user's model; writes ``OUTPUT_FILES`` to ``output_dir``.
+
+    Args:
+      model_path: a ``.keras`` / ``.h5`` file or a SavedModel holding ``model.keras``.
+      clean_data: ``.npz`` (``x``, ``y``) or an image folder per class (see
+        ``fineprune_tf.data.user``); ``eval_fraction`` of it is held out to report on.
+      output_dir: where the results go; refused if it holds another report (unless
+        ``overwrite``) or if writing would touch an input.
+      layer: the conv layer to prune (default: the last conv layer on every path).
+      backdoor_data: optional triggered inputs (``.npz`` with ``x``, true ``y`` and, for a
+        targeted backdoor, ``y_attacker``) to measure the attack success rate.
+      threshold: allowed clean-accuracy drop of the pruning defense, percentage points.
+
+    Returns:
+      The report (also written as ``report.json``).
+    """
+    start = time.perf_counter()
+    if not 0.0 < threshold < 100.0:
+        raise CleaningError(f"threshold must be in (0, 100) percentage points, got {threshold}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise CleaningError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    output_dir = pathlib.Path(output_dir)
+    inputs = [pathlib.Path(model_path), pathlib.Path(clean_data)] + (
+        [pathlib.Path(backdoor_data)] if backdoor_data else [])
+    _targets(output_dir, inputs)
+    if (output_dir / "report.json").exists() and not overwrite:
+        raise CleaningError(f"{output_dir} already holds a report; pass --overwrite or choose "
+                            "another --output_dir")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise CleaningError(f"--output_dir {output_dir} exists and is not a directory")
+
+    progress(f"loading {model_path} (safe mode)")
+    loaded = io.load_model(model_path, allow_unsafe=allow_unsafe)
+    input_shape, classes = _check_model(loaded)
+    layer_name = _choose_layer(loaded, layer)
+    model = convert_lib.convert(loaded)
+    clean = load_user_data(clean_data, input_shape, classes, "clean data")
+    backdoor = None
+    if backdoor_data is not None:
+        backdoor = load_user_data(backdoor_data, input_shape, classes, "backdoor data",
+                                  min_classes=1)
+    defense_data, evaluation_data = _split(clean, eval_fraction, seed)
+    if eval_fraction == 0:
+        evaluation_data = defense_data
+    evaluation = (evaluation_data, backdoor)
+    if np.unique(defense_data[1]).size < 2:
+        raise CleaningError("the clean data left for the defense holds a single class")
+
+    before = metrics.evaluate(model, evaluation_data, backdoor)
+    progress(f"original model: clean accuracy {before['clean_acc']:.3f}"
+             + ("" if backdoor is None else f", attack success {before['asr']:.3f}"))
+    settings = settings or defenses.FineTuneSettings(seed=seed)
+    pruned = defenses.prune(model, defense_data, layer_name=layer_name, threshold=threshold,
+                            backdoor_validation=backdoor, evaluation=evaluation)
+    progress(f"pruning: {pruned.details['pruned_count']}/{pruned.details['channels']} channels "
+             f"of {layer_name}, clean accuracy {pruned.clean_acc:.3f}")
+    fine_pruned = defenses.fine_prune(model, defense_data, layer_name=layer_name,
+                                      threshold=threshold, settings=settings,
+                                      backdoor_validation=backdoor, evaluation=evaluation)
+    progress(f"fine-pruning: clean accuracy {fine_pruned.clean_acc:.3f}"
+             + ("" if backdoor is None else f", attack success {fine_pruned.asr:.3f}"))
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    from fineprune_tf.experiment import save_model
+
+    save_model(pruned.model, output_dir / "pruned.keras")
+    save_model(fine_pruned.model, output_dir / "fine_pruned.keras")
+    serving = None
+    if export_serving:
+        plain = export.export_saved_model(fine_pruned.model, output_dir / "saved_model",
+                                          overwrite=True)
+        params_before, flops_before = export.count_params_and_flops(model)
+        params_after, flops_after = export.count_params_and_flops(plain)
+        serving = {"path": str(output_dir / "saved_model"), "params": [params_before,
+                   params_after], "flops": [flops_before, flops_after]}
+
+    curve = pruned.details["curve"]
+    activations = _activation_report(model, layer_name, defense_data[0], backdoor)
+    reporting.plot_pruning_curve(curve, pruned.details["channels"],
+                                 output_dir / "pruning_curve.png", title=layer_name,
+                                 stop=pruned.details["pruned_count"])
+    reporting.plot_activations(activations["clean_mean"],
+                               activations.get("backdoor_mean", activations["clean_mean"]),
+                               output_dir / "activations.png", title=layer_name)
+    report = {
+        "model": str(model_path), "clean_data": str(clean_data),
+        "backdoor_data": None if backdoor_data is None else str(backdoor_data),
+        "layer": layer_name, "threshold": threshold,
+        "examples": {"defense": len(defense_data[1]), "evaluation": len(evaluation_data[1]),
+                     "backdoor": 0 if backdoor is None else len(backdoor.y)},
+        "original": before,
+        "pruning": {**pruned.summary(), "pruned": pruned.details["pruned"],
+                    "pruned_fraction": pruned.details["pruned_fraction"]},
+        "fine_pruning": {**fine_pruned.summary(),
+                         "fine_tuning": fine_pruned.details["fine_tuning"]},
+        "curve": curve, "activations": activations, "serving": serving,
+        "fine_tune_settings": dataclasses.asdict(settings),
+        "seconds": time.perf_counter() - start,
+    }
+    reporting.atomic_write_json(output_dir / "report.json", report)
+    reporting.atomic_write_text(output_dir / "report.md", _markdown(report))
+    progress(f"done in {report['seconds']:.1f}s; results in {output_dir}")
+    return report
+
+
+def _activation_report(model, layer_name, clean_x, backdoor) -> dict:
+    order, means = defenses.rank_channels(model, layer_name, clean_x)
+    layer = model.get_layer(layer_name)
+    report = {"clean_mean": means.tolist(),
+              "dormant_channels": int(np.sum(means <= 1e-6)), "channels": layer.channels}
+    if isinstance(layer, MaskedConv2D) and layer.activation is keras.activations.relu:
+        from fineprune_tf import stats
+
+        clean_stats = stats.collect(model, clean_x, layer_names=[layer_name])[layer_name]
+        report["clean_dormant_fraction"] = clean_stats.dormant_fraction.tolist()
+        if backdoor is not None:
+            triggered = stats.collect(model, backdoor.x, layer_names=[layer_name])[layer_name]
+            report["backdoor_mean"] = triggered.mean.tolist()
+    elif backdoor is not None:
+        _, backdoor_means = defenses.rank_channels(model, layer_name, backdoor.x)
+        report["backdoor_mean"] = backdoor_means.tolist()
+    return report
+
+
+def _markdown(report: dict) -> str:
+    def fmt(value):
+        return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) \
+            else f"{value:.3f}"
+
+    rows = [("original", report["original"]), ("pruning", report["pruning"]),
+            ("fine-pruning", report["fine_pruning"])]
+    lines = [f"# Cleaning report: {report['model']}", "",
+             f"Layer `{report['layer']}`: {report['activations']['channels']} channels, "
+             f"{report['activations']['dormant_channels']} dormant on clean data; pruning "
+             f"removed {len(report['pruning']['pruned'])} "
+             f"(threshold {report['threshold']} points).", "",
+             "| model | clean accuracy | attack success | robust accuracy |", "|---|---|---|---|"]
+    lines += [f"| {name} | {fmt(r['clean_acc'])} | {fmt(r['asr'])} | {fmt(r['robust_acc'])} |"
+              for name, r in rows]
+    if report["serving"]:
+        params, flops = report["serving"]["params"], report["serving"]["flops"]
+        lines += ["", f"Serving model: `{report['serving']['path']}` (stock TensorFlow), "
+                  f"{params[0]:,} -> {params[1]:,} parameters, {flops[0]:,} -> {flops[1]:,} "
+                  "multiply-adds."]
+    return "\n".join(lines) + "\n"

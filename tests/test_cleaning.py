@@ -1,0 +1,157 @@
+"""Cleaning a user's own model from files: the library call and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from fineprune_tf import cleaning
+from fineprune_tf.data.user import load_user_data
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRIGGER_VALUE = 4.0
+
+
+def plain_backdoored_model() -> keras.Model:
+    """Stock Keras layers only; channel 2 of "conv" is a backdoor neuron dormant on clean data
+    (see tests/test_defenses.py for the construction)."""
+    inputs = keras.Input((4, 4, 1), name="image")
+    conv = keras.layers.Conv2D(4, 1, activation="relu", name="conv")
+    head = keras.layers.Dense(2, activation="softmax", name="out")
+    outputs = head(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
+    conv.set_weights([np.array([1.0, -1.0, 1.0, 0.5], np.float32).reshape(1, 1, 1, 4),
+                      np.array([0.0, 1.0, -2.0, 0.0], np.float32)])
+    head.set_weights([np.array([[0, 10], [10, 0], [100, 0], [0, 0]], np.float32),
+                      np.array([0.0, 0.01], np.float32)])
+    return keras.Model(inputs, outputs)
+
+
+def clean_arrays(n, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, size=(2 * n, 4, 4, 1)).astype(np.float32)
+    x = x[np.abs(x.reshape(len(x), -1).mean(1) - 0.5) > 0.01][:n]
+    return x, (x.reshape(n, -1).mean(1) > 0.5).astype(np.int64)
+
+
+@pytest.fixture()
+def user_files(tmp_path):
+    model_path = tmp_path / "suspect.keras"
+    plain_backdoored_model().save(model_path)
+    x, y = clean_arrays(300, seed=0)
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    bx, by = clean_arrays(200, seed=1)
+    keep = by == 1
+    triggered = bx[keep].copy()
+    triggered[:, 0, 0, 0] = TRIGGER_VALUE
+    np.savez(tmp_path / "backdoor.npz", x=triggered, y=by[keep],
+             y_attacker=np.zeros(keep.sum(), np.int64))
+    return tmp_path, model_path
+
+
+def digest(path):
+    return path.read_bytes()
+
+
+def test_clean_model_removes_the_planted_backdoor_and_exports(user_files):
+    folder, model_path = user_files
+    before = digest(model_path)
+    report = cleaning.clean_model(model_path, folder / "clean.npz", folder / "out",
+                                  backdoor_data=folder / "backdoor.npz")
+    assert digest(model_path) == before
+    assert report["layer"] == "conv"
+    assert report["original"]["asr"] == 1.0
+    assert report["pruning"]["pruned"][0] == 2  # The dormant backdoor neuron goes first.
+    assert report["pruning"]["asr"] == 0.0 and report["pruning"]["clean_acc"] >= 0.95
+    assert report["fine_pruning"]["asr"] == 0.0
+    assert report["activations"]["dormant_channels"] == 1
+    for name in cleaning.OUTPUT_FILES:
+        assert (folder / "out" / name).exists(), name
+    saved = json.loads((folder / "out" / "report.json").read_text())
+    assert saved["pruning"]["pruned"] == report["pruning"]["pruned"]
+    assert "| pruning |" in (folder / "out" / "report.md").read_text()
+    assert report["serving"]["params"][1] < report["serving"]["params"][0]
+    with pytest.raises(cleaning.CleaningError, match="already holds a report"):
+        cleaning.clean_model(model_path, folder / "clean.npz", folder / "out")
+
+
+def test_image_folder_layout_is_read_resized_and_labelled(tmp_path):
+    for label, value in (("cats", 30), ("dogs", 220)):
+        (tmp_path / label).mkdir()
+        for index in range(3):
+            Image.new("L", (8, 6), color=value + index).save(tmp_path / label / f"{index}.png")
+    data = load_user_data(tmp_path, (4, 4, 1), num_classes=2)
+    assert data.x.shape == (6, 4, 4, 1) and data.class_names == ["cats", "dogs"]
+    np.testing.assert_array_equal(data.y, [0, 0, 0, 1, 1, 1])
+    assert data.x.max() <= 1.0 and abs(data.x[0].mean() - 30 / 255) < 1e-6
+
+
+def bad_npz(tmp_path, name, **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("arrays, message", [
+    (dict(x=np.zeros((10, 5, 5, 1), np.float32), y=np.arange(10) % 2),
+     r"shape \(5, 5, 1\) but the model takes \(4, 4, 1\)"),
+    (dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.arange(10) % 3),
+     "label 2 in y is outside the model's 2 classes"),
+    (dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.zeros(10, np.int64)),
+     "only 1 class"),
+    (dict(x=np.full((10, 4, 4, 1), np.nan, np.float32), y=np.arange(10) % 2),
+     "NaN or Inf"),
+    (dict(x=np.zeros((0, 4, 4, 1), np.float32), y=np.zeros(0, np.int64)), "no examples"),
+    (dict(images=np.zeros((3, 4, 4, 1))), r"no \['x', 'y'\] array"),
+])
+def test_bad_clean_data_is_refused_and_nothing_written(user_files, arrays, message):
+    folder, model_path = user_files
+    path = bad_npz(folder, "bad.npz", **arrays)
+    with pytest.raises(ValueError, match=message):
+        cleaning.clean_model(model_path, path, folder / "never")
+    assert not (folder / "never").exists()
+
+
+def test_bad_models_and_layers_are_refused(user_files):
+    folder, model_path = user_files
+    with pytest.raises(cleaning.CleaningError, match="'out' is a Dense, not a conv layer"):
+        cleaning.clean_model(model_path, folder / "clean.npz", folder / "never", layer="out")
+    with pytest.raises(cleaning.CleaningError, match="'conv7' does not exist"):
+        cleaning.clean_model(model_path, folder / "clean.npz", folder / "never", layer="conv7")
+    dense_only = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
+                                   keras.layers.Dense(2, activation="softmax")])
+    dense_only.save(folder / "dense.keras")
+    with pytest.raises(cleaning.CleaningError, match="no Conv2D layer"):
+        cleaning.clean_model(folder / "dense.keras", folder / "clean.npz", folder / "never")
+    assert not (folder / "never").exists()
+    # An output directory where a result name is the user's own model is refused.
+    (folder / "inplace").mkdir()
+    victim = folder / "inplace" / "fine_pruned.keras"
+    victim.write_bytes(digest(model_path))
+    with pytest.raises(cleaning.CleaningError, match="would overwrite your input"):
+        cleaning.clean_model(victim, folder / "clean.npz", folder / "inplace")
+    assert digest(victim) == digest(model_path)
+
+
+def test_command_line_cleans_a_model(user_files):
+    folder, model_path = user_files
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
+         f"--clean_data={folder / 'clean.npz'}", f"--backdoor_data={folder / 'backdoor.npz'}",
+         f"--output_dir={folder / 'cli'}", "--fine_tune_epochs=2"],
+        cwd=folder, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Cleaning report" in result.stdout
+    assert (folder / "cli" / "saved_model" / "saved_model.pb").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
+         f"--clean_data={folder / 'missing.npz'}", f"--output_dir={folder / 'cli2'}"],
+        cwd=folder, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 2 and "missing.npz does not exist" in result.stderr
+    assert not (folder / "cli2").exists()
