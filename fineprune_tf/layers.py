@@ -28,15 +28,19 @@ class StatsRecorder:
 
     Plain ``tf.Variable``s in float64 (not Keras weights: they are scratch state and must not be
     saved with the model).  Shapes ``[C]``; ``elements`` counts entries per channel (N*H*W summed
-    over batches).
+    over batches).  They are on-read SUM variables, as Keras metrics are: under a
+    ``tf.distribute`` strategy each replica accumulates its own share and reading sums them.
     """
 
     def __init__(self, channels: int):
-        def zeros():
-            return tf.Variable(tf.zeros([channels], tf.float64), trainable=False)
+        def zeros(shape):
+            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False,
+                               synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.SUM)
 
-        self.sum, self.sum_sq, self.positive = zeros(), zeros(), zeros()
-        self.elements = tf.Variable(tf.zeros([], tf.float64), trainable=False)
+        self.sum, self.sum_sq, self.positive = zeros([channels]), zeros([channels]), zeros(
+            [channels])
+        self.elements = zeros([])
 
     def reset(self) -> None:
         for variable in (self.sum, self.sum_sq, self.positive, self.elements):

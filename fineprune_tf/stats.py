@@ -77,13 +77,14 @@ def _recording_step(model: keras.Model, layers: list[MaskedLayerMixin]):
     The recorders are attached only while the function traces, so the graph it builds (and no
     other, e.g. ``model.predict``'s) updates them.
     """
-    key = tuple(layer.name for layer in layers)
+    strategy = tf.distribute.get_strategy()
+    key = (tuple(layer.name for layer in layers), id(strategy))
     cached = _STEPS.setdefault(model, {})
     if key not in cached:
-        recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
+        with strategy.scope():
+            recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
 
-        @tf.function(reduce_retracing=True)
-        def step(x):
+        def replica_step(x):
             for layer in layers:
                 layer._stats_recorder = recorders[layer.name]
             try:
@@ -92,6 +93,10 @@ def _recording_step(model: keras.Model, layers: list[MaskedLayerMixin]):
                 for layer in layers:
                     layer._stats_recorder = None
 
+        @tf.function(reduce_retracing=True)
+        def step(x):
+            strategy.run(replica_step, args=(x,))
+
         cached[key] = (step, recorders)
     return cached[key]
 
@@ -99,6 +104,10 @@ def _recording_step(model: keras.Model, layers: list[MaskedLayerMixin]):
 def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
             batch_size: int = 128) -> dict[str, ChannelStats]:
     """Runs ``model`` once over ``data`` and returns each masked layer's channel statistics.
+
+    Inside a ``tf.distribute`` strategy's scope (the model built under it) the pass runs on
+    every replica and the statistics are summed across replicas.  Memory: one batch of
+    activations per layer at a time plus four ``[C]`` accumulators; ``data`` may stream.
 
     Args:
       model: a Keras model containing MaskedConv2D / MaskedDense layers.
@@ -113,7 +122,12 @@ def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
     step, recorders = _recording_step(model, layers)
     for recorder in recorders.values():
         recorder.reset()
-    for x in as_dataset(data, batch_size):
+    dataset = as_dataset(data, batch_size)
+    strategy = tf.distribute.get_strategy()
+    if tf.distribute.has_strategy():
+        # Each replica gets its slice of every global batch; the recorders sum on read.
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    for x in dataset:
         step(x)
 
     result = {}
