@@ -32,6 +32,8 @@ class AttackSettings:
     epochs: int | None = None
     batch_size: int | None = None
     learning_rate: float | None = None
+    optimizer: str | None = None
+    schedule: str | None = None
     seed: int = 0
     holdout_fraction: float = 0.1
     # Pruning-aware attack (§3.2): fraction of last-conv channels pruned in step 2, goals of
@@ -46,7 +48,7 @@ class AttackSettings:
     def resolved(self, task: str) -> AttackSettings:
         defaults = models.default_training(task)
         values = dataclasses.asdict(self)
-        for key in ("epochs", "batch_size", "learning_rate"):
+        for key in ("epochs", "batch_size", "learning_rate", "optimizer", "schedule"):
             if values[key] is None:
                 values[key] = defaults[key]
         if values["retrain_epochs"] is None:
@@ -127,9 +129,7 @@ def baseline(task_data, trigger=None, policy=None, count=None,
                          num_classes=task_data.num_classes,
                          input_shape=task_data.input_shape, seed=settings.seed)
     fitted = training.fit(model, poisoned.x, poisoned.y, epochs=settings.epochs,
-                          batch_size=settings.batch_size,
-                          learning_rate=settings.learning_rate, seed=settings.seed,
-                          verbose=settings.verbose)
+                          seed=settings.seed, **_fit_args(settings))
     final = _final_report(model, task_data, trigger, policy, settings)
     report = {"epochs": fitted["epochs"], "train_seconds": fitted["seconds"],
               "poisoned_examples": len(poisoned.x) - len(clean_train.x),
@@ -138,6 +138,12 @@ def baseline(task_data, trigger=None, policy=None, count=None,
                  final["clean_acc"], final["asr"], time.perf_counter() - start)
     return AttackResult(model, "baseline", task_data.task, trigger, policy,
                         final["clean_acc"], final["asr"], time.perf_counter() - start, report)
+
+
+def _fit_args(settings: AttackSettings) -> dict:
+    return {"batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
+            "optimizer": settings.optimizer, "schedule": settings.schedule,
+            "verbose": settings.verbose}
 
 
 def _attack_defaults(task_data, trigger, policy, count):
@@ -153,7 +159,7 @@ def _attack_defaults(task_data, trigger, policy, count):
 def _preactivation_max(model: keras.Model, layer: MaskedConv2D, x: np.ndarray,
                        batch_size: int = 256) -> np.ndarray:
     """Per-channel maximum of ``conv(x) + bias`` of ``layer`` over ``x``: float64 ``[C]``."""
-    feed = keras.Model(model.inputs, layer.input)
+    feed = keras.Model(training.model_input(model), layer.input)
 
     @tf.function(reduce_retracing=True)
     def batch_max(inputs):
@@ -194,8 +200,7 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
     asr_goal = settings.asr_goal
     if asr_goal is None:
         asr_goal = 0.9 if policy.targeted else 0.75
-    fit_args = {"batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-                "verbose": settings.verbose}
+    fit_args = _fit_args(settings)
     timings = {}
 
     # Step 1: an honest-looking clean model.

@@ -18,8 +18,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from fineprune_tf import convert as convert_lib
-from fineprune_tf import defenses, export, io, metrics, models, reporting
+from fineprune_tf import conversion, defenses, export, io, metrics, models, reporting
 from fineprune_tf.data.user import UserData, load_user_data
 from fineprune_tf.layers import MaskedConv2D
 
@@ -129,7 +128,7 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
     loaded = io.load_model(model_path, allow_unsafe=allow_unsafe)
     input_shape, classes = _check_model(loaded)
     layer_name = _choose_layer(loaded, layer)
-    model = convert_lib.convert(loaded)
+    model = conversion.convert(loaded)
     clean = load_user_data(clean_data, input_shape, classes, "clean data")
     backdoor = None
     if backdoor_data is not None:

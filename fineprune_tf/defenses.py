@@ -155,7 +155,7 @@ def _chain_means(model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray,
     saved = layer.mask
     layer.restore()
     try:
-        probe = keras.Model(model.inputs, _activation_tensor(layer))
+        probe = keras.Model(training.model_input(model), _activation_tensor(layer))
         total, count = np.zeros(layer.channels), 0
         for start in range(0, len(x), batch_size):
             values = keras.ops.convert_to_numpy(probe(x[start:start + batch_size],
@@ -351,10 +351,6 @@ class GradualChannelPruning(keras.callbacks.Callback):
         self._prune_to(model, self.final_count)
 
 
-def _feature_model(model: keras.Model, layers: Sequence[MaskedConv2D]) -> keras.Model:
-    return keras.Model(model.inputs, [layer.output for layer in layers])
-
-
 def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
                     epsilon: float = 0.03, batch_size: int = 32,
                     max_stack: int = 2048, seed: int = 0) -> dict[str, np.ndarray]:
@@ -377,7 +373,7 @@ def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
     rng = np.random.default_rng(seed)
     scores = {}
     for layer in conv_layers:
-        probe = keras.Model(model.inputs, [layer.output, model.outputs[0]])
+        probe = keras.Model(training.model_input(model), [layer.output, model.outputs[0]])
         channels = layer.channels
         clean_features = probe(x, training=False)[0]
         per_chunk = max(1, max_stack // len(x))

@@ -63,7 +63,7 @@ import tensorflow as tf
 from absl import logging
 
 from fineprune_tf import io as fp_io
-from fineprune_tf.convert import (
+from fineprune_tf.conversion import (
     ConversionError,
     FunctionalGraph,
     GraphNode,

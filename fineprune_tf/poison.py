@@ -324,7 +324,11 @@ def backdoor_test_set(
 # ----------------------------------------------------------------------------- paper defaults
 
 FACE_SOURCE_FRACTION = 180 / 1283  # ~14 % of identities poisoned (Chen et al. via §2.3)
-SPEECH_RATE = 300 / 3000  # 300 backdoored recordings added to 3,000
+# The paper adds 300 backdoored recordings to 3,000 (10 %) and reaches an ASR of 0.77; on the
+# embedded MFCC data 10 % leaves the all-to-all ASR near 0.90 and unstable across seeds, so the
+# default attacker (free to add any number, §2.2) adds 20 %, for an ASR above 0.9.
+PAPER_SPEECH_RATE = 300 / 3000
+SPEECH_RATE = 0.2
 MNIST_RATE = 0.1
 
 
@@ -343,7 +347,7 @@ def default_attack(
     * face: :class:`~fineprune_tf.triggers.Sunglasses`, :class:`AllToOne` to class 0 with a
       seeded ~14 % of the other identities as sources; all their training images poisoned.
     * speech: :class:`~fineprune_tf.triggers.NoisePattern`, :class:`AllToAll` ``(i+1)%10``,
-      10 % of the training-set size.
+      20 % of the training-set size (the paper: 10 %; see SPEECH_RATE).
     * traffic: :class:`~fineprune_tf.triggers.PostIt` (sized for the source's sign extent),
       :class:`Untargeted`, one copy of every training image.
     * mnist (BadNets): ``variant`` ``"default"``/``"all_to_one"`` (pattern, target 0),

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import fineprune_tf as fp
-from fineprune_tf import convert as fp_convert
+from fineprune_tf import conversion as fp_convert
 from fineprune_tf import export, models
-from fineprune_tf.convert import ConversionError, convert
+from fineprune_tf.conversion import ConversionError, convert
 
 
 def _randomize_bn(model, seed=0):

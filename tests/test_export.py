@@ -14,7 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import fineprune_tf as fp
 from fineprune_tf import export, io, models
-from fineprune_tf.convert import convert
+from fineprune_tf.conversion import convert
 
 ATOL = 1e-5
 

@@ -324,7 +324,8 @@ def test_default_attacks():
     speech = _fake_task("speech", 3000, 10, (32, 13, 1))
     trig, pol, count = poison.default_attack("speech", speech)
     assert isinstance(trig, triggers.NoisePattern) and pol == poison.AllToAll(10, 1)
-    assert count == 300
+    assert count == 600  # 20 % (the paper's 10 % = 300 gives too weak a backdoor here)
+    assert round(poison.PAPER_SPEECH_RATE * 3000) == 300
 
     traffic = _fake_task("traffic", 300, 3, (32, 32, 3), {"source": "default", "sign_extent": 0.65})
     trig, pol, count = poison.default_attack("traffic", traffic)

@@ -1,0 +1,65 @@
+"""Short seeded training runs of every ``cpu`` preset on its task's default data.
+
+Each run is cut short (fewer epochs, sometimes fewer examples than ``default_training``) to keep
+the suite fast on 2 cores; the bounds are far above chance yet below what these runs reached
+when measured (in parentheses), so they test that the model learns, not a lucky seed.
+"""
+
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from fineprune_tf import metrics, models
+
+data = pytest.importorskip("fineprune_tf.data")
+
+# task: (load options, training examples used, epochs, accuracy bound, chance)
+RUNS = {
+    # 40 identities, 6 training images each (measured 0.59).
+    "face": ({}, None, 16, 0.25, 1 / 40),
+    # measured 0.82.
+    "speech": ({}, 1200, 4, 0.6, 1 / 10),
+    # Fewer rendered signs than the default 3000 (rendering dominates the run); measured 0.97.
+    "traffic": ({"train_count": 900, "validation_count": 100, "test_count": 300}, None, 3, 0.8,
+                1 / 3),
+    # measured 0.89.
+    "mnist": ({}, 1500, 2, 0.8, 1 / 10),
+}
+
+
+@pytest.mark.parametrize("task", list(RUNS))
+def test_cpu_preset_learns_its_task(task):
+    options, limit, epochs, bound, chance = RUNS[task]
+    task_data = data.load(task, seed=0, **options)
+    x, y = task_data.train.x[:limit], task_data.train.y[:limit]
+    keras.utils.set_random_seed(0)
+    model = models.build(task, "cpu", num_classes=task_data.num_classes,
+                         input_shape=task_data.input_shape, seed=0)
+    config = models.default_training(task)
+    models.compile_model(model, task, train_size=len(x), epochs=epochs)
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=config["batch_size"], epochs=epochs, verbose=0)
+    seconds = time.perf_counter() - start
+    accuracy = metrics.accuracy(metrics.predict_labels(model, task_data.test.x),
+                                task_data.test.y)
+    print(f"{task}: {len(x)} examples x {epochs} epochs in {seconds:.1f} s, "
+          f"test accuracy {accuracy:.3f} (chance {chance:.3f})")
+    assert bound >= 2 * chance
+    assert accuracy > bound
+
+
+def test_training_is_deterministic_for_a_seed():
+    task_data = data.load("mnist", seed=0)
+    x, y = task_data.train.x[:128], task_data.train.y[:128]
+
+    def train():
+        keras.utils.set_random_seed(0)
+        model = models.build("mnist", "cpu", seed=0)
+        models.compile_model(model, "mnist", train_size=len(x), epochs=1)
+        model.fit(x, y, batch_size=64, epochs=1, verbose=0, shuffle=True)
+        return model.get_weights()
+
+    for a, b in zip(train(), train(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
