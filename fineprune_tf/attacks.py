@@ -42,7 +42,7 @@ class AttackSettings:
     retrain_epochs: int | None = None
     clean_drop_goal: float = 0.02
     asr_goal: float | None = None
-    max_reinstated: int = 6
+    max_reinstated: int = 3
     verbose: int = 0
 
     def resolved(self, task: str) -> AttackSettings:
@@ -52,7 +52,9 @@ class AttackSettings:
             if values[key] is None:
                 values[key] = defaults[key]
         if values["retrain_epochs"] is None:
-            values["retrain_epochs"] = values["epochs"]
+            # Step 3 starts from a trained network: half the epochs reach the goals, and the
+            # re-instatement loop may repeat it several times.
+            values["retrain_epochs"] = max(1, values["epochs"] // 2)
         return AttackSettings(**values)
 
 

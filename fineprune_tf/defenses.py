@@ -60,10 +60,10 @@ class FineTuneSettings:
     """Fine-tuning on the defender's clean data: small learning rate, early stopping on a
     held-out clean slice (``holdout_fraction`` of the validation data)."""
 
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     max_epochs: int = 30
     batch_size: int = 64
-    patience: int = 3
+    patience: int = 5
     holdout_fraction: float = 0.2
     optimizer: str = "adam"
     noise_stddev: float = 0.0

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import keras
+import tensorflow as tf
 from absl import logging
 
 from fineprune_tf import attacks, curves, data, defenses, models, poison, reporting, stats, triggers
@@ -48,9 +49,9 @@ class ExperimentConfig:
     learning_rate: float | None = None
     batch_size: int | None = None
     prune_fraction: float = 0.75
-    fine_tune_learning_rate: float = 1e-4
+    fine_tune_learning_rate: float = 1e-3
     fine_tune_epochs: int = 30
-    patience: int = 3
+    patience: int = 5
     noise_stddev: float = 0.0
     fmp_fraction: float = 0.1
     fmp_epsilon: float = 0.03
@@ -91,14 +92,19 @@ QUICK_OVERRIDES = {"epochs": 2, "fine_tune_epochs": 2, "patience": 1}
 def save_model(model: keras.Model, path: pathlib.Path) -> None:
     """Saves a ``.keras`` file atomically (a temporary file renamed over ``path``)."""
     temporary = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    try:
+        model.save(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class _Stages:
     """The stage manifest: which stages are done, with their (JSON) results."""
 
-    def __init__(self, directory: pathlib.Path, config: ExperimentConfig, resume: bool):
+    def __init__(self, directory: pathlib.Path, config: ExperimentConfig, resume: bool,
+                 progress: Callable[[str], None]):
         self.path = directory / "stages.json"
         self.fingerprint = config.fingerprint()
         self.done: dict[str, dict] = {}
@@ -106,7 +112,7 @@ class _Stages:
             try:
                 manifest = json.loads(self.path.read_text())
             except (OSError, json.JSONDecodeError) as error:
-                logging.warning("stages.json is unreadable (%s): starting over", error)
+                progress(f"warning: stages.json is unreadable ({error}): starting over")
                 manifest = {}
             if manifest.get("fingerprint") not in (None, self.fingerprint):
                 raise OutputDirError(
@@ -158,11 +164,11 @@ def _fine_tune_settings(config: ExperimentConfig) -> defenses.FineTuneSettings:
         patience=config.patience, noise_stddev=config.noise_stddev, seed=config.seed)
 
 
-def _load_stage_model(path: pathlib.Path) -> keras.Model | None:
+def _load_stage_model(path: pathlib.Path, progress: Callable[[str], None]) -> keras.Model | None:
     try:
         return keras.models.load_model(path)
     except Exception as error:  # noqa: BLE001 - any corruption means "redo the stage"
-        logging.warning("checkpoint %s is unreadable (%s): redoing that stage", path, error)
+        progress(f"warning: checkpoint {path} is unreadable ({error}): redoing that stage")
         return None
 
 
@@ -176,7 +182,10 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
                        or getattr(config, k) is None})
     config.validate()
     directory = prepare_output_dir(output_dir, overwrite, resume)
-    stages = _Stages(directory, config, resume)
+    # Same flags and seed, same numbers: deterministic kernels and seeded everything.
+    tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(config.seed)
+    stages = _Stages(directory, config, resume, progress)
     models_dir = directory / "models"
     models_dir.mkdir(exist_ok=True)
     run_start = time.perf_counter()
@@ -204,7 +213,7 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
         model_path = models_dir / f"{attack_name}.keras"
         model = None
         if stages.get(stage) and model_path.exists():
-            model = _load_stage_model(model_path)
+            model = _load_stage_model(model_path, progress)
         if model is None:
             progress(f"{stage}: training ({config.task}, preset {config.preset})")
             start = time.perf_counter()

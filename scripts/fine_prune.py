@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import pathlib
+import signal
 import sys
 import time
 
@@ -37,7 +38,7 @@ flags.DEFINE_integer("epochs", None, "Attack training epochs (default: per task)
 flags.DEFINE_float("learning_rate", None, "Attack learning rate (default: per task).")
 flags.DEFINE_integer("batch_size", None, "Attack batch size (default: per task).")
 flags.DEFINE_float("prune_fraction", 0.75, "Pruning-aware attack: channels pruned in step 2.")
-flags.DEFINE_float("fine_tune_learning_rate", 1e-4, "Fine-tuning learning rate.")
+flags.DEFINE_float("fine_tune_learning_rate", 1e-3, "Fine-tuning learning rate (Adam).")
 flags.DEFINE_integer("fine_tune_epochs", 30, "Fine-tuning epoch cap (early stopping).")
 flags.DEFINE_float("noise_stddev", 0.0,
                    "Relative Gaussian weight noise before fine-tuning (paper §4).")
@@ -79,8 +80,16 @@ def clean_own_model() -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds like an exception, so half-written temporary files are removed;
+    # finished stages are already on disk and --resume continues from them.
+    del frame
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     del argv
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if FLAGS.model:
         return clean_own_model()
     from fineprune_tf import experiment
