@@ -71,9 +71,7 @@ def _load_library():
             "fineprune_tf: could not load %s (%s); using the pure TensorFlow fallback.",
             path, error)
         return None, "tensorflow"
-    if _library_has_cuda(module) and tf.config.list_physical_devices("GPU"):
-        return module, "compiled-cuda"
-    return module, "compiled-cpu"
+    return module, "compiled"
 
 
 def _library_has_cuda(module) -> bool:
@@ -85,7 +83,15 @@ _MODULE, _BACKEND = _load_library()
 
 
 def backend() -> str:
-    """The backend in use: ``"compiled-cpu"``, ``"compiled-cuda"`` or ``"tensorflow"``."""
+    """The backend in use: ``"compiled-cpu"``, ``"compiled-cuda"`` or ``"tensorflow"``.
+
+    Decided on first call rather than at import: asking the library runs an op, which would
+    fix TensorFlow's device set before a user could split the CPU into logical devices.
+    """
+    global _BACKEND
+    if _BACKEND == "compiled":
+        gpu = built_with_cuda() and bool(tf.config.list_physical_devices("GPU"))
+        _BACKEND = "compiled-cuda" if gpu else "compiled-cpu"
     return _BACKEND
 
 
