@@ -132,12 +132,34 @@ def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
 
     result = {}
     for name, recorder in recorders.items():
-        count = float(recorder.elements.numpy())
+        total, total_sq, positive, elements = _replica_sum(
+            strategy, [recorder.sum, recorder.sum_sq, recorder.positive, recorder.elements])
+        count = float(elements)
         if count == 0:
             raise ValueError("the data set is empty: no statistics were collected")
-        mean = recorder.sum.numpy() / count
-        variance = np.maximum(recorder.sum_sq.numpy() / count - mean**2, 0.0)
+        mean = total / count
+        variance = np.maximum(total_sq / count - mean**2, 0.0)
         result[name] = ChannelStats(
             mean=mean, std=np.sqrt(variance),
-            dormant_fraction=1.0 - recorder.positive.numpy() / count, count=int(count))
+            dormant_fraction=1.0 - positive / count, count=int(count))
     return result
+
+
+def _replica_sum(strategy: tf.distribute.Strategy, variables: list) -> list[np.ndarray]:
+    """Sums on-read variables over every replica of every worker.
+
+    A cross-replica read sums the local replicas only; with several workers the partial sums
+    are all-reduced inside a replica context, which every worker joins.
+    """
+    if strategy.extended._in_multi_worker_mode():  # noqa: SLF001 - no public equivalent
+        context = tf.distribute.get_replica_context
+
+        @tf.function
+        def all_reduce():
+            return strategy.run(lambda: [context().all_reduce(
+                tf.distribute.ReduceOp.SUM, variable.read_value()) for variable in variables])
+
+        values = [strategy.experimental_local_results(v)[0] for v in all_reduce()]
+    else:
+        values = [v.read_value() for v in variables]
+    return [np.asarray(v.numpy()) for v in values]
