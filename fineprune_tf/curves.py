@@ -40,6 +40,7 @@ of per-channel contributions, error of order 1e-7 relative per step), so a top-2
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,6 +56,8 @@ from fineprune_tf.layers import MaskedLayerMixin
 __all__ = ["CurvePlanInfo", "PruningCurve", "describe", "naive_pruning_curve", "pruning_curve"]
 
 _MB = 1024 * 1024
+_MAX_GROUP = 16  # steps per loop iteration (unrolled in the trace)
+_GROUP_ROWS = 4096  # rows per iteration beyond which larger batches gain nothing
 
 
 # ---------------------------------------------------------------------------------- results
@@ -82,7 +85,8 @@ class PruningCurve:
       predictions_clean: int64 ``[K+1, N]`` arg-max labels on the clean data.
       predictions_backdoor: int64 ``[K+1, M]`` on the backdoored data, or None.
       targeted: whether the backdoor is targeted (None without backdoor data).
-      info: engine details (mode, chunk and block sizes, evaluated rows, seconds).
+      info: engine details: mode, frontier layers, chunk size, evaluated and total
+        (step, sample) rows, wall seconds in all and per phase.
     """
 
     layer_name: str
@@ -766,10 +770,10 @@ class _Engine:
             tf.TensorSpec([1, *a_shape], dtype)])
         self.prefix = tf.function(self._prefix, autograph=False, input_signature=[
             x_spec, tf.TensorSpec([p.channels], dtype), t0_specs])
-        self.run = tf.function(self._run, autograph=False, input_signature=[
-            u_specs, t1_specs, t0_specs, const_specs, vector,
-            tf.TensorSpec([None], dtype), tf.TensorSpec([None, p.channels], dtype),
-            vector, vector, vector])
+        self._run_specs = [
+            u_specs, t1_specs, t0_specs, const_specs, vector, tf.TensorSpec([None], dtype),
+            tf.TensorSpec([None, p.channels], dtype), vector, vector, vector]
+        self._run_fns: dict[int, Any] = {}
 
     # -- helpers (traced)
 
@@ -886,10 +890,10 @@ class _Engine:
             out.append(u)
         return out
 
-    def _rest(self, rows: tf.Tensor, us: list, t1s: list, t0s: list, active: tf.Tensor,
+    def _rest(self, rows: tf.Tensor, zs: list, t1s: list, t0s: list, active: tf.Tensor,
               consts: list) -> tf.Tensor:
         """int32 arg-max predictions ``[R]`` of the samples ``rows`` under the masks
-        ``active`` ``[R, C]``, from the frontier pre-activations ``us``."""
+        ``active`` ``[R, C]``, given their frontier pre-activations ``zs`` (``[R, ...]``)."""
         p = self.plan
         values: dict[int, Any] = {}
         const_index = {id(t): i for i, t in enumerate(p.rest_consts)}
@@ -915,7 +919,7 @@ class _Engine:
                 inputs = {id(t): value(t) for t in node.input_tensors}
                 outputs = _call(node, inputs)
             else:
-                z = tf.gather(us[frontier_index[id(node)]], rows)
+                z = zs[frontier_index[id(node)]]
                 for piece in frontier.pieces:
                     if piece.kind == "dyn":
                         z = z + self._dense_pre(frontier.layer, value(piece.tensor), piece.start,
@@ -925,30 +929,47 @@ class _Engine:
                 values[id(t)] = v
         return tf.argmax(value(p.output), axis=-1, output_type=tf.int32)
 
-    def _run(self, us, t1s, t0s, consts, channels, live, active, splits, rows, row_steps):
-        """All steps of one chunk in one graph.
+    def run(self, group: int, *args) -> tf.Tensor:
+        """:meth:`_run` with ``group`` steps per loop iteration (one trace per group size)."""
+        fn = self._run_fns.get(group)
+        if fn is None:
+            fn = tf.function(functools.partial(self._run, group), autograph=False,
+                             input_signature=self._run_specs)
+            self._run_fns[group] = fn
+        return fn(*args)
 
-        Iteration ``g`` predicts the (step, sample) pairs ``(row_steps[j], rows[j])`` for ``j``
-        in ``[splits[g], splits[g + 1])``: the pairs each step can change.  With frontier
-        layers an iteration is one step (``g = b``): it first removes ``channels[b]`` from the
-        running pre-activations, so only those (``[n, ...]`` per frontier) stay alive and
-        memory does not grow with the number of steps.  Without frontier layers (the
-        batched-masks fallback) an iteration stacks several steps' masked copies along the
-        batch axis, for larger, more efficient batches.
+    def _run(self, group: int, us, t1s, t0s, consts, channels, live, active, splits, rows,
+             row_steps):
+        """All steps of one chunk in one graph, ``group`` steps per loop iteration.
 
-        Returns the int32 predictions of every listed pair, in order.
+        Step ``b`` predicts the samples ``rows[splits[b]:splits[b + 1]]`` (those it can
+        change; ``row_steps`` gives each row's step) under mask ``active[b]`` ``[C]``; with
+        frontier layers it first removes ``channels[b]`` (unless ``live[b] == 0``) from the
+        running pre-activations.  Only those (``[n, ...]`` per frontier) stay alive from one
+        step to the next, so memory does not grow with the number of steps.  The rows of a
+        group's steps go through the layers after the frontier as one batch, which makes the
+        matrix products larger and the loop shorter.  The number of steps must be a multiple of
+        ``group`` (pad with no-op steps: ``live = 0`` and no rows).
+
+        Returns the int32 predictions of every listed row, in order.
         """
-        groups = tf.shape(splits)[0] - 1
+        groups = tf.shape(channels)[0] // group
         labels = tf.TensorArray(tf.int32, size=groups, infer_shape=False, element_shape=[None])
-        incremental = bool(self.plan.frontier_list)
 
         def body(g, us, labels):
-            if incremental:
-                us = self._update(us, t1s, t0s, channels[g], live[g])
-            lo, hi = splits[g], splits[g + 1]
-            selected = rows[lo:hi]
+            first = g * group
+            parts: list[list[tf.Tensor]] = [[] for _ in us]
+            for j in range(group):
+                step = first + j
+                if us:
+                    us = self._update(us, t1s, t0s, channels[step], live[step])
+                    selected = rows[splits[step]:splits[step + 1]]
+                    for part, u in zip(parts, us, strict=True):
+                        part.append(tf.gather(u, selected))
+            lo, hi = splits[first], splits[first + group]
+            zs = [tf.concat(part, 0) for part in parts]
             masks = tf.gather(active, row_steps[lo:hi])  # [R, C]
-            labels = labels.write(g, self._rest(selected, us, t1s, t0s, masks, consts))
+            labels = labels.write(g, self._rest(rows[lo:hi], zs, t1s, t0s, masks, consts))
             return g + 1, us, labels
 
         _, _, labels = tf.while_loop(lambda g, us, labels: g < groups, body,
@@ -1011,7 +1032,8 @@ def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], cle
       layer_name: a MaskedConv2D / MaskedDense layer called once in the model.
       order: channel indices ``[K]`` in pruning order (all channels or a prefix); distinct.  A
         channel already pruned in the starting mask gives a step that changes nothing.
-      clean: ``(x [N, ...], y [N])`` arrays, or a ``tf.data.Dataset`` of ``(x, y)`` batches.
+      clean: ``(x [N, ...], y [N])`` arrays, or a ``tf.data.Dataset`` of ``(x, y)`` batches
+        (streamed once, never held whole).
       backdoor: None, or an object (or mapping) with ``x [M, ...]``, ``y_true [M]``,
         ``y_attacker [M]`` (may be None when untargeted) and ``targeted``.
       batch_size: inputs per prefix batch.
@@ -1065,11 +1087,14 @@ def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], cle
     state_bytes, step_bytes = plan.bytes_per_sample()
     chunk = int(max(1, budget // (state_bytes + step_bytes)))
     prefix_batch = max(1, min(batch_size, chunk))
-    # Without frontier layers, steps per loop iteration: as many masked copies of a chunk as
-    # the rest of the budget holds, up to ~4096 rows (beyond that batches gain nothing).
+    # Steps per loop iteration.  With a frontier one: the per-step layers are small, and
+    # grouping steps measured no faster (the extra gathers and concatenations cost what larger
+    # matrix products save).  Without (the whole suffix per step): as many masked copies as
+    # the rest of the budget holds, up to ~4096 rows.
     largest = chunk + prefix_batch - 1
-    stack = int(max(1, min(steps, 4096 // largest,
-                           (budget - largest * state_bytes) // (largest * step_bytes))))
+    group = 1 if plan.frontier_list else int(max(1, min(
+        steps, _MAX_GROUP, _GROUP_ROWS // largest,
+        (budget - largest * state_bytes) // (largest * step_bytes))))
 
     chunk_predictions: list[np.ndarray] = []
     evaluated = 0
@@ -1113,14 +1138,16 @@ def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], cle
             affected_run = affected[run_steps]
             row_steps, rows = (v.astype(np.int32) for v in np.nonzero(affected_run))
             step_splits = np.concatenate([[0], np.cumsum(affected_run.sum(axis=1))])
-            splits = step_splits[::1 if plan.frontier_list else stack]
-            if splits[-1] != step_splits[-1]:
-                splits = np.append(splits, step_splits[-1])
+            # Pad to whole groups with no-op steps (not live, no rows).
+            padded = np.concatenate([run_steps, np.full(-len(run_steps) % group, 0)])
+            live_run = live[padded].astype(dtype)
+            live_run[len(run_steps):] = 0
+            splits = np.concatenate([step_splits,
+                                     np.full(len(padded) - len(run_steps), step_splits[-1])])
             tic = time.perf_counter()
             flat = engine.run(
-                us, t1s, t0s, consts, tf.constant(removed[run_steps]),
-                tf.constant(live[run_steps].astype(dtype)),
-                tf.constant(active[run_steps].astype(dtype)),
+                group, us, t1s, t0s, consts, tf.constant(removed[padded]),
+                tf.constant(live_run), tf.constant(active[padded].astype(dtype)),
                 tf.constant(splits.astype(np.int32)), tf.constant(rows),
                 tf.constant(row_steps)).numpy()
             phases["steps"] += time.perf_counter() - tic
@@ -1147,7 +1174,7 @@ def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], cle
     info = {
         "engine": "fast", "mode": plan.mode, "seconds": time.perf_counter() - start,
         "chunk_samples": chunk, "chunks": len(chunk_predictions),
-        "steps_per_iteration": 1 if plan.frontier_list else stack,
+        "steps_per_iteration": group,
         "evaluated_rows": int(evaluated), "all_rows": int(steps * total),
         "frontier": [f.layer.name for f in plan.frontier_list],
         "phase_seconds": phases,
