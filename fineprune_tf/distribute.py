@@ -73,28 +73,50 @@ def parse_tf_config(text: str | None = None) -> dict:
     return config
 
 
-def wait_for_workers(config: dict, timeout: float = 60.0) -> None:
+def _address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def wait_for_workers(config: dict, timeout: float = 60.0, hold_own_port: bool = False) -> None:
     """Waits until every other worker's port accepts connections, or raises TimeoutError.
 
-    TensorFlow itself would wait for a missing worker without a bound.
+    TensorFlow itself would wait for a missing worker without a bound (and ignore SIGTERM
+    while doing so).  With ``hold_own_port`` this worker listens on its own address while it
+    waits, so workers that all wait *before* starting TensorFlow's server still see each
+    other; the port is released on return for the server to take.
     """
     me = config["cluster"][config["task"]["type"]][config["task"]["index"]]
     pending = [a for a in config["cluster"]["worker"] if a != me]
-    deadline = time.monotonic() + timeout
-    while pending:
-        address = pending[0]
-        host, _, port = address.rpartition(":")
+    holder = None
+    if hold_own_port:
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                pending.pop(0)
-                continue
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"worker {address} did not come up within {timeout:.0f}s "
-                               f"(still waiting for {pending}); is it running with the same "
-                               "TF_CONFIG cluster?")
-        time.sleep(0.2)
+            holder.bind(_address(me))
+            holder.listen(16)
+        except OSError as error:
+            holder.close()
+            raise ValueError(f"this worker cannot listen on its TF_CONFIG address {me}: "
+                             f"{error}") from error
+    deadline = time.monotonic() + timeout
+    try:
+        while pending:
+            address = pending[0]
+            try:
+                with socket.create_connection(_address(address), timeout=1.0):
+                    pending.pop(0)
+                    continue
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {address} did not come up within {timeout:.0f}s "
+                                   f"(still waiting for {pending}); is it running with the "
+                                   "same TF_CONFIG cluster?")
+            time.sleep(0.2)
+    finally:
+        if holder is not None:
+            holder.close()
 
 
 def make_strategy(name: str = "default", cpu_replicas: int = 0,
@@ -117,8 +139,9 @@ def make_strategy(name: str = "default", cpu_replicas: int = 0,
     config = parse_tf_config()
     if cpu_replicas > 1:
         split_cpu(cpu_replicas)
-    # The strategy's constructor starts this worker's server; the others must be listening
-    # too before the first collective, which would otherwise block forever.
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    wait_for_workers(config, worker_timeout)
-    return strategy
+    # The strategy's constructor blocks, without a bound and deaf to SIGTERM, until every
+    # worker has joined, so wait for them first.  Each worker holds its own port meanwhile
+    # (the others' probes see it); one that has already moved on is then probed again until
+    # its TensorFlow server listens on the same port.
+    wait_for_workers(config, worker_timeout, hold_own_port=True)
+    return tf.distribute.MultiWorkerMirroredStrategy()

@@ -52,6 +52,13 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
     keras.utils.set_random_seed(seed)
     decay_steps = epochs * math.ceil(len(x) / batch_size) if schedule == "cosine" else None
     compile_for_training(model, learning_rate, optimizer, decay_steps)
+    strategy = tf.distribute.get_strategy()
+    if _in_multi_worker_mode(strategy):
+        # Keras 3's model.fit cannot run under MultiWorkerMirroredStrategy
+        # (keras-team/keras#20585), so multi-worker runs use TensorFlow's own loop.
+        return _fit_multi_worker(model, strategy, x, y, epochs=epochs, batch_size=batch_size,
+                                 seed=seed, validation=validation, callbacks=callbacks,
+                                 verbose=verbose)
     validation_data = None
     if validation is not None:
         validation_data = _dataset(*validation, batch_size=256, shuffle=False, seed=seed)
@@ -61,6 +68,127 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
                         verbose=verbose)
     return {"history": history.history, "seconds": time.perf_counter() - start,
             "epochs": len(history.history.get("loss", []))}
+
+
+def _in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` spans several workers (a MultiWorkerMirroredStrategy with a
+    cluster; one without TF_CONFIG is a local strategy that model.fit handles)."""
+    in_multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return bool(in_multi_worker()) if callable(in_multi_worker) else False
+
+
+def _distributed(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
+    """``dataset`` (batched with the global batch size) split over every replica of
+    ``strategy``.
+
+    In-memory data has no files to shard, so every worker reads it all and keeps its part of
+    each global batch (DATA sharding; AUTO would try FILE first and warn).
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return strategy.experimental_distribute_dataset(dataset.with_options(options))
+
+
+def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: np.ndarray,
+                      y: np.ndarray, *, epochs: int, batch_size: int, seed: int,
+                      validation: tuple[np.ndarray, np.ndarray] | None,
+                      callbacks: Sequence[keras.callbacks.Callback], verbose: int) -> dict:
+    """:func:`fit` under a multi-worker strategy: a custom loop on ``strategy.run``.
+
+    Same data order, loss, optimizer and learning-rate schedule as ``model.fit``: the model's
+    compiled optimizer (created under the strategy's scope, so its slots are mirrored and it
+    all-reduces the gradients itself), mean sparse cross-entropy over each global batch, and
+    the callbacks driven through a ``keras.callbacks.CallbackList`` with the epoch logs
+    ``loss``, ``accuracy`` (and ``val_loss``, ``val_accuracy``), so EarlyStopping and
+    GradualChannelPruning behave as under ``model.fit``.  Every worker runs the same callbacks
+    on the same all-reduced logs, so their decisions (stop, prune) agree.
+    """
+    steps = math.ceil(len(x) / batch_size)
+    train = _distributed(strategy, _dataset(x, y, batch_size, True, seed))
+    validation_set = None
+    if validation is not None:
+        validation_set = _distributed(strategy, _dataset(*validation, batch_size=256,
+                                                         shuffle=False, seed=seed))
+    optimizer = model.optimizer
+    with strategy.scope():
+        # Build the slots now, under the scope: building them lazily inside the replica
+        # function would create variables in a tf.function's replica context.
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+
+    def per_example(features, labels, training: bool):
+        probabilities = model(features, training=training)
+        losses = tf.cast(loss_fn(labels, probabilities), tf.float32)
+        correct = tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int64),
+                                   tf.cast(labels, tf.int64)), tf.float32)
+        return losses, correct
+
+    def replica_train(features, labels, global_size):
+        with tf.GradientTape() as tape:
+            losses, correct = per_example(features, labels, training=True)
+            # Sum over the replica, divided by the GLOBAL batch size: the optimizer sums the
+            # replicas' gradients, which makes the mean over the whole batch, as model.fit.
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return tf.reduce_sum(losses), tf.reduce_sum(correct)
+
+    def replica_evaluate(features, labels):
+        losses, correct = per_example(features, labels, training=False)
+        return (tf.reduce_sum(losses), tf.reduce_sum(correct),
+                tf.cast(tf.shape(losses)[0], tf.float32))
+
+    def reduce_sum(values):
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
+
+    @tf.function
+    def train_step(batch, global_size):
+        return reduce_sum(strategy.run(replica_train, args=(*batch, global_size)))
+
+    @tf.function
+    def evaluate_step(batch):
+        return reduce_sum(strategy.run(replica_evaluate, args=batch))
+
+    callback_list = keras.callbacks.CallbackList(
+        list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
+        verbose=verbose, epochs=epochs, steps=steps)
+    model.stop_training = False
+    logs: dict[str, float] = {}
+    start = time.perf_counter()
+    callback_list.on_train_begin()
+    for epoch in range(epochs):
+        callback_list.on_epoch_begin(epoch)
+        loss_sum = correct_sum = 0.0
+        # A fixed step count (the same on every worker, as they all hold the whole data set)
+        # rather than waiting for the iterator to run out keeps the workers' collectives in
+        # step; the last global batch may be short, and its mean divides by its true size.
+        iterator = iter(train)
+        for step in range(steps):
+            callback_list.on_train_batch_begin(step)
+            global_size = min(batch_size, len(x) - step * batch_size)
+            batch_loss, batch_correct = train_step(next(iterator),
+                                                   tf.constant(global_size, tf.int64))
+            loss_sum += float(batch_loss)
+            correct_sum += float(batch_correct)
+            callback_list.on_train_batch_end(
+                step, {"loss": float(batch_loss) / global_size,
+                       "accuracy": float(batch_correct) / global_size})
+        logs = {"loss": loss_sum / len(x), "accuracy": correct_sum / len(x)}
+        if validation_set is not None:
+            totals = np.zeros(3)
+            for batch in validation_set:
+                totals += [float(value) for value in evaluate_step(batch)]
+            logs.update(val_loss=totals[0] / totals[2], val_accuracy=totals[1] / totals[2])
+        callback_list.on_epoch_end(epoch, logs)
+        if model.stop_training:
+            break
+    callback_list.on_train_end(logs)
+    history = model.history.history
+    return {"history": history, "seconds": time.perf_counter() - start,
+            "epochs": len(history.get("loss", []))}
 
 
 

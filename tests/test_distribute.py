@@ -1,0 +1,128 @@
+"""Distribution: MirroredStrategy over 2 logical CPUs and MultiWorkerMirroredStrategy with 2
+local worker processes give the single-device statistics, pruning curve and (within a band)
+training accuracy; malformed TF_CONFIG and a missing worker fail clearly instead of hanging.
+
+Each run is a subprocess (``tests/distributed_worker.py``): logical CPUs and TF_CONFIG must be
+set before TensorFlow initialises.  Every subprocess has a timeout, killed with SIGKILL because
+TensorFlow ignores SIGTERM while it waits for a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fineprune_tf import distribute
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = ROOT / "tests" / "distributed_worker.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+def _run(strategy: str, output: Path) -> dict:
+    done = subprocess.run([sys.executable, str(WORKER), strategy, str(output)], env=_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> dict:
+    return _run("default", tmp_path_factory.mktemp("single") / "out.json")
+
+
+def _assert_matches(single: dict, other: dict) -> None:
+    assert other["replicas"] == 2
+    assert other["counts"] == single["counts"]
+    for name, mean in single["means"].items():
+        np.testing.assert_allclose(other["means"][name], mean, rtol=1e-5, atol=1e-6,
+                                   err_msg=name)
+    assert other["curve"] == single["curve"]
+    # The pruning callback acted at the same step on the same channels.
+    assert other["pruned"] == single["pruned"] > 0
+    assert other["mask"] == single["mask"]
+    assert set(other["history"]) >= {"loss", "val_loss"}
+    assert single["accuracy"] > 0.8 and other["accuracy"] > 0.8
+    assert abs(other["accuracy"] - single["accuracy"]) < 0.1
+
+
+def test_mirrored_matches_single_device(single, tmp_path):
+    _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"))
+
+
+def test_multi_worker_matches_single_device(single, tmp_path):
+    ports = [_free_port(), _free_port()]
+    workers = [subprocess.Popen([sys.executable, str(WORKER), "multi_worker",
+                                 str(tmp_path / f"worker{i}.json")],
+                                env=_env(TF_CONFIG=_tf_config(ports, i)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for i in range(2)]
+    try:
+        errors = [worker.communicate(timeout=240)[1] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    for worker, error in zip(workers, errors, strict=True):
+        assert worker.returncode == 0, error[-3000:]
+    results = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
+    for result in results:
+        _assert_matches(single, result)
+    # Both workers hold the same model: same all-reduced history, same accuracy.
+    assert results[0]["history"] == results[1]["history"]
+    assert results[0]["accuracy"] == results[1]["accuracy"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "needs the TF_CONFIG"),
+    ("{not json", "not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "no cluster.worker list"),
+    ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}',
+     "no cluster.worker list"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+     "is not 'host:port'"),
+    ('{"cluster": {"worker": ["h:99999"]}, "task": {"type": "worker", "index": 0}}',
+     "is not 'host:port'"),
+    ('{"cluster": {"worker": ["h:1"]}, "task": {"type": "chief", "index": 0}}',
+     "does not name a job"),
+    ('{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 2}}',
+     "index 2 is outside the 2 worker"),
+])
+def test_malformed_tf_config(text, message, monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(ValueError, match=message):
+        distribute.parse_tf_config(text)
+
+
+def test_missing_worker_times_out():
+    ports = [_free_port(), _free_port()]
+    code = ("from fineprune_tf import distribute\n"
+            "distribute.make_strategy('multi_worker', worker_timeout=3)\n")
+    # A hang would be killed at 60 s and fail the test (returncode -9, no message).
+    done = subprocess.run([sys.executable, "-c", code], env=_env(TF_CONFIG=_tf_config(ports, 0)),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"TimeoutError: worker 127.0.0.1:{ports[1]} did not come up within 3s" in done.stderr
