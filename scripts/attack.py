@@ -21,6 +21,9 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing model in --output_dir
 flags.DEFINE_enum("preset", "cpu", ["cpu", "paper"], "Network size preset.")
 flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
 flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
 flags.DEFINE_integer("seed", 0, "Seed for the split, the poisoning and training.")
 flags.DEFINE_integer("epochs", None, "Training epochs (default: per task).")
 flags.DEFINE_float("learning_rate", None, "Learning rate (default: per task).")
@@ -38,6 +41,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {model_path} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     logging.set_verbosity(logging.INFO)
+    from fineprune_tf import distribute
+
+    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
     task_data = data.load(FLAGS.task, source=FLAGS.source, data_dir=FLAGS.data_dir,
                           seed=FLAGS.seed)
     trigger, policy, count = poison.default_attack(FLAGS.task, task_data)
@@ -45,7 +51,8 @@ def main(argv: list[str]) -> int:
                                       learning_rate=FLAGS.learning_rate, seed=FLAGS.seed,
                                       prune_fraction=FLAGS.prune_fraction, verbose=2)
     attack_fn = attacks.baseline if FLAGS.attack == "baseline" else attacks.pruning_aware
-    result = attack_fn(task_data, trigger, policy, count, settings=settings)
+    with strategy.scope():
+        result = attack_fn(task_data, trigger, policy, count, settings=settings)
     output_dir.mkdir(parents=True, exist_ok=True)
     experiment.save_model(result.model, model_path)
     triggers.save(trigger, output_dir / "trigger.json")

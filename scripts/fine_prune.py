@@ -47,6 +47,9 @@ flags.DEFINE_float("fmp_epsilon", 0.03, "FMP: FGSM step size (input units).")
 flags.DEFINE_enum("preset", "cpu", ["cpu", "paper"], "Network size preset.")
 flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
 flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
 flags.DEFINE_integer("seed", 0, "Seed for data splits, poisoning and training.")
 flags.DEFINE_enum("engine", "fast", ["fast", "naive"], "Pruning-curve engine.")
 flags.DEFINE_string("model", None, "Your model to clean (.keras or SavedModel directory).")
@@ -114,9 +117,13 @@ def main(argv: list[str]) -> int:
     handler.setFormatter(std_logging.Formatter("%(asctime)s %(message)s"))
     std_logging.getLogger("absl").addHandler(handler)
     logging.set_verbosity(logging.INFO)
+    from fineprune_tf import distribute
+
+    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
     start = time.perf_counter()
-    results = experiment.run(config, output_dir, overwrite=False,
-                             resume=FLAGS.resume, progress=print)
+    with strategy.scope():
+        results = experiment.run(config, output_dir, overwrite=False,
+                                 resume=FLAGS.resume, progress=print)
     print((output_dir / "table1.md").read_text())
     print((output_dir / "table2.md").read_text())
     print(f"Total time: {time.perf_counter() - start:.1f} s "

@@ -126,3 +126,17 @@ def test_missing_worker_times_out():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"TimeoutError: worker 127.0.0.1:{ports[1]} did not come up within 3s" in done.stderr
+
+
+def test_fine_prune_script_runs_under_a_mirrored_strategy(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.fine_prune", "--task=mnist", "--quick",
+         "--attacks=baseline", "--defenses=none,pruning", "--strategy=mirrored",
+         "--cpu_replicas=2", f"--output_dir={out}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["table1"]["baseline"]["none"]["clean_acc"] > 0.5
+    assert set(results["table1"]["baseline"]) == {"none", "pruning"}
