@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import keras
@@ -194,18 +194,6 @@ def _check_order(order: Any, channels: int, layer_name: str) -> np.ndarray:
     return values
 
 
-def _field(obj: Any, name: str, default: Any = ...) -> Any:
-    if isinstance(obj, Mapping):
-        if name in obj:
-            return obj[name]
-    elif hasattr(obj, name):
-        return getattr(obj, name)
-    if default is ...:
-        raise TypeError(f"backdoor data {type(obj).__name__} has no field {name!r} (expected "
-                        ".x, .y_true, .y_attacker, .targeted)")
-    return default
-
-
 @dataclasses.dataclass
 class _Backdoor:
     x: np.ndarray
@@ -217,10 +205,10 @@ class _Backdoor:
 def _backdoor(backdoor: Any) -> _Backdoor | None:
     if backdoor is None:
         return None
-    x = np.asarray(_field(backdoor, "x"))
-    y_true = np.asarray(_field(backdoor, "y_true")).reshape(-1)
-    y_attacker = _field(backdoor, "y_attacker", None)
-    targeted = bool(_field(backdoor, "targeted"))
+    x = np.asarray(metrics.backdoor_field(backdoor, "x"))
+    y_true = np.asarray(metrics.backdoor_field(backdoor, "y_true")).reshape(-1)
+    y_attacker = metrics.backdoor_field(backdoor, "y_attacker", None)
+    targeted = bool(metrics.backdoor_field(backdoor, "targeted"))
     if len(x) == 0:
         raise ValueError("the backdoor data is empty")
     if len(y_true) != len(x):

@@ -132,14 +132,17 @@ def predict_labels(model: keras.Model, x: Any, batch_size: int = 256) -> np.ndar
     return np.argmax(np.asarray(probabilities), axis=-1).astype(np.int64)
 
 
-def _field(obj: Any, name: str, default: Any = ...) -> Any:
+def backdoor_field(obj: Any, name: str, default: Any = ...) -> Any:
+    """Field ``name`` of a backdoor set given as an object or a mapping (``x``, ``y_true``,
+    ``y_attacker``, ``targeted``); ``default`` when absent, else TypeError."""
     if isinstance(obj, Mapping):
         if name in obj:
             return obj[name]
     elif hasattr(obj, name):
         return getattr(obj, name)
     if default is ...:
-        raise TypeError(f"backdoor set {type(obj).__name__} has no field {name!r}")
+        raise TypeError(f"backdoor set {type(obj).__name__} has no field {name!r} (expected "
+                        ".x, .y_true, .y_attacker, .targeted)")
     return default
 
 
@@ -161,10 +164,10 @@ def evaluate(model: keras.Model, clean: tuple[Any, Any], backdoor: Any = None,
     clean_acc = accuracy(predict_labels(model, x_clean, batch_size), y_clean)
     if backdoor is None:
         return dict(clean_acc=clean_acc, asr=float("nan"), robust_acc=float("nan"))
-    targeted = bool(_field(backdoor, "targeted"))
-    y_true = _field(backdoor, "y_true")
-    y_attacker = _field(backdoor, "y_attacker", None)
-    pred = predict_labels(model, _field(backdoor, "x"), batch_size)
+    targeted = bool(backdoor_field(backdoor, "targeted"))
+    y_true = backdoor_field(backdoor, "y_true")
+    y_attacker = backdoor_field(backdoor, "y_attacker", None)
+    pred = predict_labels(model, backdoor_field(backdoor, "x"), batch_size)
     asr = attack_success_rate(pred, y_attacker, targeted=targeted, y_true=y_true,
                               clean_acc=clean_acc)
     return dict(clean_acc=clean_acc, asr=asr, robust_acc=robust_accuracy(pred, y_true))
