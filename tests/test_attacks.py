@@ -55,3 +55,22 @@ def test_pruning_aware_attack_hides_the_backdoor_behind_dormant_decoys(mnist):
 def test_attack_settings_are_validated(mnist):
     with pytest.raises(ValueError, match="prune_fraction"):
         attacks.pruning_aware(mnist, settings=attacks.AttackSettings(prune_fraction=1.5))
+
+
+def test_task_benchmark_script_prints_speed_and_backdoor_numbers(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    output = tmp_path / "tasks.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.benchmark_tasks", "--tasks=mnist", "--epochs=2",
+         f"--output={output}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": repo})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "examples/s" in result.stdout and "ASR" in result.stdout
+    (row,) = json.loads(output.read_text())
+    assert row["task"] == "mnist" and row["epochs"] == 2
+    assert row["examples_per_second"] > 0 and 0.0 <= row["asr"] <= 1.0
