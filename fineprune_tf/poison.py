@@ -15,6 +15,7 @@ per task.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -49,7 +50,7 @@ def _labels(y: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LabelPolicy:
+class LabelPolicy(abc.ABC):
     """Base class. ``targeted`` says whether success means hitting ``attacker_labels``."""
 
     targeted: ClassVar[bool] = True
@@ -58,9 +59,9 @@ class LabelPolicy:
         """bool ``[N]``: inputs the attacker poisons in the training set."""
         return np.ones(len(_labels(y)), bool)
 
+    @abc.abstractmethod
     def attacker_labels(self, y: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """int64 ``[N]``: labels the attacker assigns to the triggered versions of ``y``."""
-        raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
         """JSON-serialisable constructor arguments (tuples become lists)."""

@@ -19,6 +19,7 @@ relative to the image (fractions of H and W), so one trigger works at any resolu
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import math
@@ -80,7 +81,7 @@ def _check_unit(name: str, value: float) -> None:
 
 
 @dataclass(frozen=True)
-class Trigger:
+class Trigger(abc.ABC):
     """Base class: subclasses implement :meth:`apply`; configs are their dataclass fields."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -88,8 +89,9 @@ class Trigger:
         if not cls.__name__.startswith("_"):
             REGISTRY[cls.__name__] = cls
 
+    @abc.abstractmethod
     def apply(self, x: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """Triggered copy of ``x`` ``[N, H, W, C]`` (the input is never modified)."""
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.apply(x)
@@ -110,9 +112,9 @@ class Trigger:
 class _MaskTrigger(Trigger):
     """Triggers that alpha-blend colours by a per-pixel mask."""
 
+    @abc.abstractmethod
     def layers(self, height: int, width: int, channels: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """``[(alpha [H, W] in [0, 1], colour [C]), ...]`` blended in order."""
-        raise NotImplementedError
 
     def pixel_mask(self, height: int, width: int) -> np.ndarray:
         """bool ``[H, W]``: the pixels :meth:`apply` may change."""
