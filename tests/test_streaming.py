@@ -1,4 +1,11 @@
-"""Validation data larger than the memory budget streams through statistics and curves."""
+"""Validation data larger than the memory budget streams through statistics and curves.
+
+The claim is about the *shape* of memory use: peak resident memory does not grow with the amount
+of data streamed (beyond the curve's per-sample predictions, kept by design). So the worker runs
+twice, on 15,000 and on 60,000 generated MNIST-sized images, and the test compares the two
+growths. An absolute margin would depend on the allocator and the machine (it did: the same run
+grew by 26 MiB on one machine and by 66-75 MiB on another).
+"""
 
 import json
 import os
@@ -6,18 +13,29 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 32
 
 
-def test_a_data_set_much_larger_than_the_budget_streams_in_bounded_memory():
-    # 60,000 generated MNIST-sized images = 179 MiB, through a 16 MiB curve budget; measured
-    # in a fresh process by its peak resident set (VmHWM) before and after.
+def _stream(samples: int, budget_mb: int = 16) -> dict:
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "streaming_worker.py"), "60000", "16"],
+        [sys.executable, os.path.join(REPO, "tests", "streaming_worker.py"), str(samples),
+         str(budget_mb)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    assert measured["count"] == 60000 * 8 * 8  # Every sample reached the statistics.
-    assert measured["curve_samples"] == 60000 and measured["steps"] == 32
-    growth = measured["after_mb"] - measured["before_mb"]
-    # The curve keeps int64 predictions [33, 60000] (15 MiB) by design; the data never stays.
-    assert growth < measured["data_mb"] / 3, measured
+    assert measured["count"] == samples * 8 * 8  # Every sample reached the statistics.
+    assert measured["curve_samples"] == samples and measured["steps"] == STEPS
+    return measured
+
+
+def test_peak_memory_does_not_grow_with_the_data_streamed():
+    small, large = _stream(15_000), _stream(60_000)
+    extra_data_mb = large["data_mb"] - small["data_mb"]  # 134.6 MiB more data.
+    # The curve keeps int64 predictions [steps + 1, samples] by design: 264 bytes a sample.
+    extra_predictions_mb = (STEPS + 1) * 8 * (60_000 - 15_000) / 2**20  # 11.3 MiB.
+    growth_small = small["after_mb"] - small["before_mb"]
+    growth_large = large["after_mb"] - large["before_mb"]
+    extra_growth_mb = growth_large - growth_small - extra_predictions_mb
+    # Holding the data would make extra_growth >= extra_data (slope 1); streaming keeps it near
+    # 0 (measured 5 MiB). A quarter of the data leaves room for allocator noise, not for the data.
+    assert extra_growth_mb < extra_data_mb / 4, (small, large, extra_growth_mb)
