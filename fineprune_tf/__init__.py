@@ -10,9 +10,9 @@ MaskedDense), :mod:`stats`.  Tasks: :mod:`data`, :mod:`triggers`, :mod:`poison`,
 import importlib
 
 from fineprune_tf import layers, ops, stats
+from fineprune_tf._version import __version__
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
-__version__ = "0.1.0"
 
 _LAZY_MODULES = ("attacks", "cleaning", "conversion", "curves", "data", "defenses",
                  "experiment", "export", "io", "metrics", "models", "poison", "reporting",
