@@ -13,37 +13,31 @@ the following BN still adds its shift: the channel then carries the constant
 ``relu(beta - gamma * mean / sqrt(var + eps))`` rather than 0.  :func:`fineprune_tf.export.shrink`
 accounts for that constant exactly.
 
-The graph walking helpers here (:class:`FunctionalGraph`) are shared with
-:mod:`fineprune_tf.export`.
+The model's graph is read through :class:`fineprune_tf.graph.Graph` (``FunctionalGraph`` here is
+the same class under its former name).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
+from fineprune_tf.graph import ConversionError, Graph, GraphNode, Role, node_role
+from fineprune_tf.graph import _keras_compat as compat
 from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
 
 __all__ = [
-    "ConversionError", "FunctionalGraph", "GraphNode", "convert", "is_builtin_keras", "to_numpy"]
+    "ConversionError", "FunctionalGraph", "GraphNode", "check_layers", "convert",
+    "is_builtin_keras", "to_numpy"]
 
-
-class ConversionError(ValueError):
-    """A model (or one of its layers) cannot be converted / shrunk / exported."""
-
+#: The graph walker, under its former name (it moved to :class:`fineprune_tf.graph.Graph`).
+FunctionalGraph = Graph
 
 # Layers that are built into Keras but run code or load artefacts chosen by the model's author.
 _CODE_CARRYING = ("Lambda", "TFSMLayer")
-
-# Parameter-free layers that may sit between a classifier Dense and the model output.
-_OUTPUT_PASSTHROUGH = (
-    keras.layers.Activation, keras.layers.Softmax, keras.layers.Dropout, keras.layers.ReLU,
-    keras.layers.Identity)
 
 
 def is_builtin_keras(operation: Any) -> bool:
@@ -54,148 +48,31 @@ def is_builtin_keras(operation: Any) -> bool:
     return cls.__module__.split(".")[0] == "keras"
 
 
-@dataclasses.dataclass(eq=False)
-class GraphNode:
-    """One call of a layer (or Keras operation) in a functional graph.
-
-    Attributes:
-      index: position in :attr:`FunctionalGraph.nodes` (a topological order).
-      layer: the called layer / operation.
-      node: Keras' ``Node`` for that call (holds the call arguments).
-      inputs: the flat list of symbolic input tensors (``KerasTensor``), in call order.
-      outputs: the flat list of symbolic output tensors.
-    """
-
-    index: int
-    layer: Any
-    node: Any
-    inputs: list
-    outputs: list
-
-    @property
-    def name(self) -> str:
-        return self.layer.name
-
-
-class FunctionalGraph:
-    """The call graph of a functional (or built Sequential) Keras model.
-
-    Nodes are listed in a topological order (producers before consumers), obtained from the
-    model's ``_nodes_by_depth`` (Keras' own execution order).  Tensors are identified by
-    ``id(KerasTensor)``.
-
-    Raises:
-      ConversionError: ``model`` is not a Keras model, is subclassed (no functional graph) or is
-        an unbuilt Sequential.
-    """
-
-    def __init__(self, model: keras.Model):
-        if not isinstance(model, keras.Model):
-            raise ConversionError(f"expected a keras.Model, got {type(model).__name__}")
-        self.model = model
-        graph = model
-        if isinstance(model, keras.Sequential):
-            graph = getattr(model, "_functional", None)
-            if graph is None:
-                raise ConversionError(
-                    f"Sequential model {model.name!r} is not built (it has no Input): build "
-                    "it (or give it a keras.Input) before converting it")
-        elif not isinstance(model, Functional):
-            raise ConversionError(
-                f"model {model.name!r} is a subclassed model ({type(model).__name__}): its "
-                "graph is Python code, not a functional graph, so its layers cannot be "
-                "re-wired. Rebuild it as a functional or Sequential model.")
-        self._graph = graph
-        self.inputs: list = list(graph.inputs)
-        self.outputs: list = list(graph.outputs)
-        self.nodes: list[GraphNode] = []
-        for depth in sorted(graph._nodes_by_depth, reverse=True):
-            for node in graph._nodes_by_depth[depth]:
-                if node.operation is None or node.is_input:
-                    continue
-                self.nodes.append(GraphNode(
-                    index=len(self.nodes), layer=node.operation, node=node,
-                    inputs=list(node.input_tensors), outputs=list(node.outputs)))
-        self.producer: dict[int, GraphNode] = {}
-        self.consumers: dict[int, list[GraphNode]] = {}
-        self.tensors: dict[int, Any] = {id(t): t for t in self.inputs}
-        for gnode in self.nodes:
-            for t in gnode.outputs:
-                self.producer[id(t)] = gnode
-                self.tensors[id(t)] = t
-            for t in gnode.inputs:
-                self.consumers.setdefault(id(t), []).append(gnode)
-                self.tensors.setdefault(id(t), t)
-        self.calls_per_layer: dict[int, int] = {}
-        for gnode in self.nodes:
-            self.calls_per_layer[id(gnode.layer)] = self.calls_per_layer.get(
-                id(gnode.layer), 0) + 1
-
-    @property
-    def output_ids(self) -> set[int]:
-        return {id(t) for t in self.outputs}
-
-    def layers(self) -> list:
-        """Distinct called layers / operations, in first-call order."""
-        seen: dict[int, Any] = {}
-        for gnode in self.nodes:
-            seen.setdefault(id(gnode.layer), gnode.layer)
-        return list(seen.values())
-
-    def check_layers(self, what: str) -> None:
-        """Refuses nested models, custom layers and code-carrying layers, naming them."""
-        nested, custom, code = [], [], []
-        for layer in self.layers():
-            if isinstance(layer, keras.Model):
-                nested.append(f"{layer.name!r} ({type(layer).__name__})")
-            elif type(layer).__name__ in _CODE_CARRYING and is_builtin_keras(layer):
-                code.append(f"{layer.name!r} ({type(layer).__name__})")
-            elif not is_builtin_keras(layer):
-                custom.append(
-                    f"{layer.name!r} ({type(layer).__module__}.{type(layer).__qualname__})")
-        problems = []
-        if nested:
-            problems.append(
-                "nested models are not supported (flatten them into one functional graph): "
-                + ", ".join(nested))
-        if code:
-            problems.append(
-                "layers that run the model author's code or load external artefacts are "
-                "refused: " + ", ".join(code))
-        if custom:
-            problems.append("unknown custom layers (not built into Keras): " + ", ".join(custom))
-        if problems:
-            raise ConversionError(f"cannot {what} model {self.model.name!r}: "
-                                  + "; ".join(problems))
-
-    def rebuild(self, call: Callable[[GraphNode, tuple, dict], Any],
-                name: str | None = None) -> keras.Model:
-        """Re-runs the graph symbolically on fresh ``keras.Input``s (same names, shapes, dtypes).
-
-        ``call(gnode, args, kwargs)`` must return the new outputs of ``gnode`` given its new
-        arguments (the original arguments with every symbolic tensor replaced by its new
-        counterpart, non-tensor arguments such as ``training=`` unchanged).
-
-        Returns a functional ``keras.Model`` with the original input / output structure.
-        """
-        tensor_map: dict[int, Any] = {}
-        for t in self.inputs:
-            input_layer = t._keras_history.operation
-            tensor_map[id(t)] = keras.Input(
-                batch_shape=t.shape, dtype=t.dtype, name=input_layer.name)
-        for gnode in self.nodes:
-            args, kwargs = gnode.node.arguments.fill_in(tensor_map)
-            outputs = keras.tree.flatten(call(gnode, args, kwargs))
-            if len(outputs) != len(gnode.outputs):
-                raise ConversionError(
-                    f"layer {gnode.name!r}: rebuilt call returned {len(outputs)} outputs, "
-                    f"expected {len(gnode.outputs)}")
-            for old, new in zip(gnode.outputs, outputs, strict=True):
-                tensor_map[id(old)] = new
-        graph = self._graph
-        inputs = keras.tree.map_structure(lambda t: tensor_map[id(t)], graph._inputs_struct)
-        outputs = keras.tree.map_structure(lambda t: tensor_map[id(t)], graph._outputs_struct)
-        return keras.Model(inputs, outputs, name=name or self.model.name)
+def check_layers(graph: Graph, what: str) -> None:
+    """Refuses nested models, custom layers and code-carrying layers, naming them."""
+    nested, custom, code = [], [], []
+    for layer in graph.layers():
+        if isinstance(layer, keras.Model):
+            nested.append(f"{layer.name!r} ({type(layer).__name__})")
+        elif type(layer).__name__ in _CODE_CARRYING and is_builtin_keras(layer):
+            code.append(f"{layer.name!r} ({type(layer).__name__})")
+        elif not is_builtin_keras(layer):
+            custom.append(
+                f"{layer.name!r} ({type(layer).__module__}.{type(layer).__qualname__})")
+    problems = []
+    if nested:
+        problems.append(
+            "nested models are not supported (flatten them into one functional graph): "
+            + ", ".join(nested))
+    if code:
+        problems.append(
+            "layers that run the model author's code or load external artefacts are "
+            "refused: " + ", ".join(code))
+    if custom:
+        problems.append("unknown custom layers (not built into Keras): " + ", ".join(custom))
+    if problems:
+        raise ConversionError(f"cannot {what} model {graph.model.name!r}: "
+                              + "; ".join(problems))
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -226,7 +103,14 @@ def check_not_quantized(layer: Any) -> None:
             f"layer {layer.name!r} is quantized ({mode}); quantized layers are not supported")
 
 
-def _is_classifier(graph: FunctionalGraph, gnode: GraphNode) -> bool:
+def _passes_to_output(gnode: GraphNode) -> bool:
+    """A parameter-free, single-input layer that keeps channels where they are (an
+    activation, Softmax, Dropout, ...): it may sit between a classifier and the output."""
+    return (node_role(gnode) in (Role.ELEMENTWISE, Role.CROSS_CHANNEL)
+            and len(gnode.inputs) == 1 and not gnode.layer.weights)
+
+
+def _is_classifier(graph: Graph, gnode: GraphNode) -> bool:
     """A Dense whose output reaches a model output through parameter-free layers only."""
     outputs = graph.output_ids
     stack, seen = [gnode.outputs[0]], set()
@@ -238,7 +122,7 @@ def _is_classifier(graph: FunctionalGraph, gnode: GraphNode) -> bool:
             continue
         seen.add(id(t))
         for consumer in graph.consumers.get(id(t), []):
-            if isinstance(consumer.layer, _OUTPUT_PASSTHROUGH):
+            if _passes_to_output(consumer):
                 stack.extend(consumer.outputs)
     return False
 
@@ -281,8 +165,8 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
         layers (``Lambda``, ``TFSMLayer``), named; channels_first or grouped Conv2D; quantized
         layers; no Conv2D at all; ``layer_names`` naming a missing / non-convertible layer.
     """
-    graph = FunctionalGraph(model)
-    graph.check_layers("convert")
+    graph = Graph(model)
+    check_layers(graph, "convert")
     wanted = None if layer_names is None else set(layer_names)
 
     replace: dict[int, type] = {}
@@ -339,7 +223,7 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
 def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
     if isinstance(target, MaskedLayerMixin) and not isinstance(source, MaskedLayerMixin):
         # Conv2D/Dense -> masked twin: same kernel (LoRA folded in) and bias, mask stays 1.
-        target._kernel.assign(to_numpy(source.kernel))
+        compat.assign_kernel(target, to_numpy(source.kernel))
         if source.use_bias:
             target.bias.assign(to_numpy(source.bias))
         return

@@ -43,6 +43,7 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
+from fineprune_tf.graph import Graph
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 __all__ = [
@@ -324,16 +325,6 @@ def build(task: str, preset: str = "cpu", num_classes: int | None = None,
     return keras.Model(inputs, outputs, name=f"{task}_{preset}")
 
 
-def _producers(model: keras.Model) -> dict[str, list[str]]:
-    """Layer name -> names of the layers producing its inputs (first call of each layer)."""
-    producers: dict[str, list[str]] = {}
-    for layer in model.layers:
-        nodes = [n for n in layer._inbound_nodes if n.operation is layer]
-        tensors = keras.tree.flatten(nodes[0].input_tensors) if nodes else []
-        producers[layer.name] = [t._keras_history.operation.name for t in tensors]
-    return producers
-
-
 def last_conv_layer(model: keras.Model) -> str:
     """Name of the paper's "final convolutional layer" of a functional ``model``: the last
     ``Conv2D`` (in topological order) that every input-to-output path goes through.
@@ -343,9 +334,10 @@ def last_conv_layer(model: keras.Model) -> str:
     :func:`build` it equals ``PRUNED_LAYER[task]``.  Returns a name, for ``model.get_layer`` and
     ``fineprune_tf.stats.collect(layer_names=...)``.
     """
-    producers = _producers(model)
-    sources = {t._keras_history.operation.name for t in keras.tree.flatten(model.inputs)}
-    sinks = [t._keras_history.operation.name for t in keras.tree.flatten(model.outputs)]
+    graph = Graph(model)
+    producers = graph.producer_names()
+    sources = set(graph.input_names)
+    sinks = graph.output_names
 
     def bypassed(blocked: str) -> bool:
         # Is some input reachable backwards from an output without passing through `blocked`?

@@ -1,0 +1,158 @@
+"""Building the plain (shrunk) model from a :class:`~fineprune_tf.export.shrink.plan._Plan`:
+masked layers become stock Conv2D / Dense, removed channels are sliced out and their constants
+folded into the consumers' biases."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from fineprune_tf.conversion import ConversionError, check_not_quantized, clone_layer, to_numpy
+from fineprune_tf.export.shrink.plan import _Plan
+from fineprune_tf.graph import GraphNode
+from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
+
+
+def _mask_of(layer) -> np.ndarray | None:
+    return layer.mask if isinstance(layer, MaskedLayerMixin) else None
+
+
+def _act_zero_is_zero(activation) -> bool:
+    value = to_numpy(activation(np.zeros(1, np.float32)))
+    return bool(np.asarray(value).reshape(-1)[0] == 0.0)
+
+
+def _select(mask: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n, bool) if mask is None else mask
+
+
+class _Builder:
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.clones: dict[int, Any] = {}
+        self.weights: list[tuple[Any, list[np.ndarray]]] = []
+        self.names = {layer.name for layer in plan.graph.layers()
+                      if isinstance(layer, keras.layers.Layer)}
+        self.summary: dict[str, tuple[int, int]] = {}
+
+    def _unique(self, name: str) -> str:
+        candidate, i = name, 1
+        while candidate in self.names:
+            candidate, i = f"{name}_{i}", i + 1
+        self.names.add(candidate)
+        return candidate
+
+    def call(self, gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
+        layer = gnode.layer
+        if not isinstance(layer, keras.layers.Layer):
+            return layer(*args, **kwargs)
+        kind = self.plan.kinds[gnode.index]
+        if kind in ("conv", "dense") or (
+                kind == "barrier" and isinstance(layer, (MaskedConv2D, MaskedDense))):
+            return self._weighted(gnode, kind, args, kwargs)
+        if kind == "depthwise":
+            return self._depthwise(gnode, args, kwargs)
+        if id(layer) not in self.clones:
+            overrides = {}
+            if kind == "reshape_channel" or (kind == "flatten" and isinstance(
+                    layer, keras.layers.Reshape)):
+                overrides = self._reshape_target(gnode)
+            clone = clone_layer(layer, **overrides)
+            self.clones[id(layer)] = clone
+            weights = layer.get_weights()
+            if kind == "channelwise" and weights:
+                a_in = self.plan.keep[id(gnode.inputs[0])]
+                if a_in is not None:
+                    weights = [w[..., a_in] if w.ndim and w.shape[-1] == a_in.size else w
+                               for w in weights]
+            self.weights.append((clone, weights))
+        return self.clones[id(layer)](*args, **kwargs)
+
+    def _reshape_target(self, gnode: GraphNode) -> dict:
+        target = list(gnode.layer.target_shape)
+        a_in = self.plan.keep[id(gnode.inputs[0])]
+        if a_in is None:
+            return {}
+        if self.plan.kinds[gnode.index] == "flatten":
+            return {"target_shape": (-1,)}
+        if target[-1] != -1:
+            target[-1] = int(a_in.sum())
+        return {"target_shape": tuple(target)}
+
+    def _weighted(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
+        """Conv2D / Dense (masked or not): slice input rows and output columns, fold removed
+        constant inputs into the bias, zero pruned-but-kept outputs."""
+        layer = gnode.layer
+        if id(layer) in self.clones:  # a shared layer (barrier): same weights, all channels
+            return self._apply(layer, args, kwargs)
+        check_not_quantized(layer)
+        is_conv = isinstance(layer, keras.layers.Conv2D)
+        if is_conv and layer.groups != 1 and isinstance(layer, MaskedLayerMixin):
+            raise ConversionError(f"layer {layer.name!r}: grouped MaskedConv2D is not supported")
+        kernel = np.asarray(to_numpy(layer.kernel), np.float64)
+        bias = (np.asarray(to_numpy(layer.bias), np.float64)
+                if layer.use_bias else np.zeros(kernel.shape[-1]))
+        in_t, out_t = gnode.inputs[0], gnode.outputs[0]
+        a_in = _select(self.plan.keep[id(in_t)], kernel.shape[-2]) if kind != "barrier" else \
+            np.ones(kernel.shape[-2], bool)
+        a_out = _select(self.plan.keep[id(out_t)], kernel.shape[-1]) if kind != "barrier" else \
+            np.ones(kernel.shape[-1], bool)
+        removed = ~a_in
+        if removed.any():
+            values = self.plan.const[id(in_t)][removed]
+            # A constant input channel adds the same amount at every (unpadded) position.
+            taps = kernel[..., removed, :].reshape(-1, int(removed.sum()), kernel.shape[-1])
+            bias = bias + np.einsum("sco,c->o", taps, values)
+        kernel = kernel[..., a_in, :][..., a_out]
+        bias = bias[a_out]
+        mask = _mask_of(layer)
+        needs_rescale = False
+        if mask is not None:
+            pruned = mask[a_out] == 0
+            kernel[..., pruned] = 0.0
+            bias[pruned] = 0.0
+            needs_rescale = bool(pruned.any()) and not _act_zero_is_zero(layer.activation)
+        size = int(a_out.sum())
+        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        if is_conv:
+            clone = clone_layer(layer, keras.layers.Conv2D, filters=size, use_bias=use_bias)
+        else:
+            clone = clone_layer(layer, keras.layers.Dense, units=size, use_bias=use_bias)
+        weights = [kernel.astype(np.float32)] + ([bias.astype(np.float32)] if use_bias else [])
+        self.clones[id(layer)] = clone
+        self.weights.append((clone, weights))
+        if mask is not None:
+            self.summary[layer.name] = (mask.size, size)
+        if needs_rescale:
+            self.clones[("rescale", id(layer))] = keras.layers.Rescaling(
+                scale=mask[a_out].astype(np.float32), name=self._unique(f"{layer.name}_mask"))
+        return self._apply(layer, args, kwargs)
+
+    def _apply(self, layer, args, kwargs):
+        out = self.clones[id(layer)](*args, **kwargs)
+        rescale = self.clones.get(("rescale", id(layer)))
+        return out if rescale is None else rescale(out)
+
+    def _depthwise(self, gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
+        layer = gnode.layer
+        check_not_quantized(layer)
+        a_in = self.plan.keep[id(gnode.inputs[0])]
+        clone = clone_layer(layer)
+        weights = layer.get_weights()
+        if a_in is not None:
+            m = layer.depth_multiplier
+            weights = [weights[0][:, :, a_in, :]] + (
+                [weights[1].reshape(-1, m)[a_in].reshape(-1)] if len(weights) > 1 else [])
+        self.clones[id(layer)] = clone
+        self.weights.append((clone, weights))
+        return clone(*args, **kwargs)
+
+    def finish(self) -> None:
+        for clone, weights in self.weights:
+            if len(weights) != len(clone.weights):
+                raise ConversionError(
+                    f"layer {clone.name!r}: {len(clone.weights)} weights after rebuilding, "
+                    f"{len(weights)} computed")
+            clone.set_weights(weights)

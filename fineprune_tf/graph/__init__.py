@@ -1,0 +1,32 @@
+"""The one place that knows Keras graphs.
+
+* :class:`Graph` / :class:`GraphNode` (:mod:`.walker`): a functional model's calls in order,
+  each tensor's producer and consumers, the model's inputs and outputs, symbolic rebuilding.
+* :func:`role_of` / :func:`node_role` / :class:`Role` (:mod:`.registry`): how each layer class
+  treats channels (passes them through, per-channel over space, mixes them, cross-channel,
+  reshape, concat, opaque), an exact-class allowlist.
+* :mod:`.cost`: parameters and multiply-adds, the one cost counter (unit stated there).
+* :func:`activation_tensor` (:mod:`.readout`): where a channel's activation is read.
+* :mod:`._keras_compat`: every private Keras access of the library, with the Keras versions
+  it was checked against.
+"""
+
+from fineprune_tf.graph import cost
+from fineprune_tf.graph.errors import ConversionError
+from fineprune_tf.graph.readout import activation_tensor
+from fineprune_tf.graph.registry import (
+    CROSS_CHANNEL_ACTIVATIONS,
+    Role,
+    activation_name,
+    cross_channel_activation,
+    register,
+    registered,
+    role_of,
+)
+from fineprune_tf.graph.walker import Graph, GraphNode, node_role, static_shape
+
+__all__ = [
+    "CROSS_CHANNEL_ACTIVATIONS", "ConversionError", "Graph", "GraphNode", "Role",
+    "activation_name", "activation_tensor", "cost", "cross_channel_activation", "node_role",
+    "register", "registered", "role_of", "static_shape",
+]

@@ -1,0 +1,50 @@
+"""Where a channel's activation is read: the end of its per-channel chain."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from fineprune_tf.graph.errors import ConversionError
+from fineprune_tf.graph.registry import Role
+from fineprune_tf.graph.walker import Graph, GraphNode, node_role
+
+__all__ = ["activation_tensor"]
+
+# Element-wise layers that are not a ReLU-like read-out: the chain stops before them.
+_NOT_RELU_LIKE = (keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
+
+
+def _reads_through(gnode: GraphNode) -> bool:
+    layer = gnode.layer
+    if node_role(gnode) is not Role.ELEMENTWISE or isinstance(layer, _NOT_RELU_LIKE):
+        return False
+    if isinstance(layer, keras.layers.Activation):
+        return layer.activation in (keras.activations.relu, keras.activations.linear)
+    return True
+
+
+def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> Any:
+    """The symbolic tensor a channel's "activation" is read from (Fine-Pruning §2.1: the
+    neuron's ReLU output).
+
+    A layer with a fused ReLU is its own answer.  A linear layer followed by a chain of
+    per-channel layers (BatchNormalization, ReLU, ``Activation("relu"|"linear")``, and layers
+    that are the identity at inference, such as Dropout) is read at the end of that chain, so
+    the ranking sees what the next layer sees.  The chain follows single consumers only; it
+    stops before any other activation (sigmoid, LeakyReLU, ...) and before a branch.
+
+    Args:
+      model: the model (or its :class:`Graph`) in which ``layer`` is called once.
+      layer: the layer whose channels are ranked.
+
+    Raises:
+      ConversionError: ``layer`` is not called in ``model``.
+    """
+    graph = model if isinstance(model, Graph) else Graph(model)
+    calls = graph.nodes_of(layer)
+    if not calls:
+        raise ConversionError(f"layer {layer.name!r} is not called in model "
+                              f"{graph.model.name!r}")
+    return graph.chain_end(calls[0].outputs[0], _reads_through)
