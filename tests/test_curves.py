@@ -52,6 +52,31 @@ def _data(model: keras.Model, count: int, seed: int) -> tuple[np.ndarray, np.nda
     return x, y
 
 
+def _calibrate_classifier(model: keras.Model, x: np.ndarray, name: str | None = None) -> None:
+    """Sets the bias of the classifier (layer ``name``, default the last) so every class has
+    the same mean logit over ``x``.  Random networks on random inputs otherwise can give one
+    class a large constant lead (traffic's cpu model predicted class 2 for every input at every
+    step), and an equality test on predictions that never change cannot fail."""
+    classifier = model.get_layer(name) if name else model.layers[-1]
+    features = np.asarray(keras.Model(model.inputs, classifier.input)(x, training=False))
+    logits = features @ keras.ops.convert_to_numpy(classifier.kernel)
+    classifier.bias.assign((-logits.mean(axis=0)).astype("float32"))
+
+
+def _changes(curve: curves.PruningCurve) -> int:
+    """(step, sample) pairs whose prediction differs from the previous step's."""
+    sets = [curve.predictions_clean, curve.predictions_backdoor]
+    return sum(int(np.sum(p[1:] != p[:-1])) for p in sets if p is not None)
+
+
+def _assert_predictions_change(reference: curves.PruningCurve, what: str) -> None:
+    """An engine that ignored the mask would match a reference whose predictions never change:
+    every comparison must be one that could fail."""
+    assert _changes(reference) > 0, (
+        f"the {what} predicts the same labels at every step: this case cannot tell an engine "
+        "that ignores the mask from a correct one")
+
+
 def _logit_margin(model: keras.Model, layer, mask: np.ndarray, x: np.ndarray) -> float:
     """Top-2 logit margin of ``model`` on one input under ``mask`` (log-probabilities differ
     by the logits' difference)."""
@@ -127,12 +152,14 @@ def _check(model: keras.Model, layer_name: str, order, x, y, backdoor=None,
         robust_acc=fast.robust_acc[:k], predictions_clean=fast.predictions_clean[:k],
         predictions_backdoor=(None if fast.predictions_backdoor is None
                               else fast.predictions_backdoor[:k]))
+    _assert_predictions_change(naive, "naive loop")
     _assert_same(model, layer_name, head, naive, xs)
     if k < len(order) + 1:
         direct = _direct_predictions(model, layer_name, order, xs)
         reference = dataclasses.replace(
             fast, predictions_clean=direct[0],
             predictions_backdoor=direct[1] if backdoor is not None else None)
+        _assert_predictions_change(reference, "direct loop over the whole order")
         _assert_same(model, layer_name, fast, reference, xs)
     return fast
 
@@ -144,6 +171,7 @@ def test_matches_naive_on_task_models(task):
     _perturb(model, name, seed=4)
     x, y = _data(model, 40, seed=5)
     xb, yb = _data(model, 24, seed=6)
+    _calibrate_classifier(model, x, models.CLASSIFIER_LAYER[task])
     targeted = task != "traffic"
     backdoor = Backdoor(xb + 0.5, yb, (yb + 1) % model.output_shape[-1] if targeted else None,
                         targeted)
@@ -254,6 +282,7 @@ def test_masked_dense_layer_and_global_pooling_frontier():
     model = keras.Model(inputs, outputs)
     _perturb(model, "conv", seed=1)
     x, y = _data(model, 40, seed=2)
+    _calibrate_classifier(model, x)
     _check(model, "conv", [2, 0, 5], x, y)
     # The pruned layer may be a MaskedDense too.
     model.get_layer("hidden").bias.assign(np.linspace(-0.2, 0.2, 12).astype("float32"))
@@ -268,6 +297,7 @@ def test_tiny_memory_budget_and_dataset_input_give_the_same_curve():
     backdoor = Backdoor(xb, yb, (yb + 1) % 10, True)
     order = np.random.default_rng(6).permutation(64)[:40]
     reference = curves.pruning_curve(model, "conv5", order, (x, y), backdoor)
+    _assert_predictions_change(reference, "reference engine run")
     # A few KiB: chunks of a few samples, each with its own run over all steps.
     tiny = curves.pruning_curve(model, "conv5", order, (x, y), backdoor, batch_size=7,
                                 memory_budget_mb=0.05)
