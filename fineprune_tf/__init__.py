@@ -4,19 +4,19 @@ Core: :mod:`ops` (the fused masking + statistics op), :mod:`layers` (MaskedConv2
 MaskedDense), :mod:`stats`.  Tasks: :mod:`data`, :mod:`triggers`, :mod:`poison`, :mod:`models`,
 :mod:`metrics`.  Attacks and defenses: :mod:`attacks`, :mod:`defenses`, :mod:`curves`,
 :mod:`experiment`, :mod:`reporting`.  Your own model: :func:`convert`, :mod:`export`, :mod:`io`,
-:mod:`cleaning`.  The other modules are imported on first use.
+:mod:`cleaning`.  Model graphs (walker, channel roles, costs): :mod:`graph`.  The other
+modules are imported on first use.
 """
 
 import importlib
 
 from fineprune_tf import layers, ops, stats
-from fineprune_tf._version import __version__
+from fineprune_tf._version import __version__  # noqa: F401 - the package's version
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
-
 _LAZY_MODULES = ("attacks", "cleaning", "conversion", "curves", "data", "defenses",
-                 "experiment", "export", "io", "metrics", "models", "poison", "reporting",
-                 "training", "triggers")
+                 "experiment", "export", "graph", "io", "metrics", "models", "poison",
+                 "reporting", "training", "triggers")
 
 __all__ = ["MaskedConv2D", "MaskedDense", "convert", "layers", "ops", "stats",
            *_LAZY_MODULES]

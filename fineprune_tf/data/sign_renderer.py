@@ -71,102 +71,117 @@ def _draw_sign(label: int, canvas: int, rng: np.random.Generator):
     c = canvas / 2.0
     r = 0.46 * canvas
     lw = max(1, int(round(r * 0.09)))
-    if label == STOP:
-
-        def octagon(rad):
-            return [
-                (
-                    c + rad * math.cos(math.radians(22.5 + 45 * k)),
-                    c + rad * math.sin(math.radians(22.5 + 45 * k)),
-                )
-                for k in range(8)
-            ]
-
-        d.polygon(octagon(r), fill=_jitter_color(rng, (0.95, 0.95, 0.95), 0.03))
-        d.polygon(octagon(r * 0.87), fill=_jitter_color(rng, (0.78, 0.06, 0.1), 0.06))
-        _draw_text(d, "STOP", c, c, 1.25 * r, 0.45 * r, lw, (245, 245, 245, 255))
-    elif label == SPEED_LIMIT:
-        hw, hh = 0.66 * r, 0.9 * r
-        d.rounded_rectangle(
-            [c - hw, c - hh, c + hw, c + hh],
-            radius=0.1 * r,
-            fill=_jitter_color(rng, (0.08, 0.08, 0.08), 0.03),
-        )
-        b = 0.08 * r
-        d.rounded_rectangle(
-            [c - hw + b, c - hh + b, c + hw - b, c + hh - b],
-            radius=0.06 * r,
-            fill=_jitter_color(rng, (0.95, 0.95, 0.93), 0.03),
-        )
-        ink = _jitter_color(rng, (0.05, 0.05, 0.05), 0.02)
-        # "SPEED" / "LIMIT" are unreadable at 32 px; dashes of the right layout suffice.
-        for row, words in ((-0.62, (0.5, 0.42)), (-0.36, (0.45, 0.45))):
-            y = c + row * r
-            x = c - 0.45 * r
-            for k, frac in enumerate(words):
-                x2 = x + frac * 0.9 * r
-                d.line(
-                    [(x, y), (x2 - (0.05 * r if k == 0 else 0), y)], fill=ink, width=max(1, lw // 2)
-                )
-                x = x2 + 0.08 * r
-        value = int(rng.choice([15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75]))
-        _draw_text(d, str(value), c, c + 0.3 * r, 0.95 * r, 0.85 * r, lw, ink)
-    elif label == WARNING:
-
-        def diamond(rad):
-            return [(c, c - rad), (c + rad, c), (c, c + rad), (c - rad, c)]
-
-        d.polygon(diamond(r), fill=_jitter_color(rng, (0.97, 0.8, 0.08), 0.05))
-        ink = _jitter_color(rng, (0.05, 0.05, 0.05), 0.02)
-        d.polygon(diamond(r), outline=ink, width=max(1, lw // 2 + 1))
-        d.polygon(diamond(r * 0.86), outline=ink, width=max(1, lw // 2))
-        s = 0.38 * r
-        kind = _WARNING_SYMBOLS[int(rng.integers(len(_WARNING_SYMBOLS)))]
-        if kind == "exclamation":
-            d.line([(c, c - s), (c, c + 0.35 * s)], fill=ink, width=lw + 1)
-            d.ellipse([c - 0.14 * s, c + 0.6 * s, c + 0.14 * s, c + 0.88 * s], fill=ink)
-        elif kind == "curve":
-            pts = [
-                (c - 0.3 * s + 0.6 * s * math.sin(t * math.pi), c + s - 2 * s * t)
-                for t in np.linspace(0, 1, 9)
-            ]
-            d.line(pts, fill=ink, width=lw, joint="curve")
-            tip = pts[-1]
-            d.polygon(
-                [
-                    (tip[0] - 0.3 * s, tip[1] + 0.25 * s),
-                    (tip[0] + 0.3 * s, tip[1] + 0.25 * s),
-                    (tip[0], tip[1] - 0.2 * s),
-                ],
-                fill=ink,
-            )
-        elif kind == "cross":
-            d.line([(c, c - s), (c, c + s)], fill=ink, width=lw)
-            d.line([(c - s, c), (c + s, c)], fill=ink, width=lw)
-        elif kind == "merge":
-            d.line([(c + 0.2 * s, c - s), (c + 0.2 * s, c + s)], fill=ink, width=lw)
-            d.line([(c - 0.7 * s, c + s), (c + 0.2 * s, c - 0.1 * s)], fill=ink, width=lw)
-        elif kind == "signal":
-            d.rounded_rectangle([c - 0.4 * s, c - s, c + 0.4 * s, c + s], radius=0.15 * s, fill=ink)
-            for k, col in enumerate(((0.9, 0.1, 0.1), (0.95, 0.8, 0.1), (0.1, 0.8, 0.3))):
-                yy = c - 0.62 * s + k * 0.62 * s
-                d.ellipse(
-                    [c - 0.24 * s, yy - 0.24 * s, c + 0.24 * s, yy + 0.24 * s],
-                    fill=_jitter_color(rng, col, 0.02),
-                )
-        else:  # pedestrian
-            d.ellipse([c - 0.18 * s, c - s, c + 0.18 * s, c - 0.64 * s], fill=ink)
-            d.line([(c, c - 0.6 * s), (c - 0.05 * s, c + 0.15 * s)], fill=ink, width=lw)
-            d.line([(c - 0.05 * s, c + 0.15 * s), (c - 0.45 * s, c + s)], fill=ink, width=lw)
-            d.line([(c - 0.05 * s, c + 0.15 * s), (c + 0.4 * s, c + s)], fill=ink, width=lw)
-            d.line(
-                [(c - 0.5 * s, c - 0.1 * s), (c + 0.45 * s, c - 0.35 * s)],
-                fill=ink,
-                width=max(1, lw - 1),
-            )
-    else:
+    draw = {STOP: _draw_stop, SPEED_LIMIT: _draw_speed_limit, WARNING: _draw_warning}.get(label)
+    if draw is None:
         raise ValueError(f"traffic label must be 0, 1 or 2, got {label}")
+    draw(d, c, r, lw, rng)
     return img
+
+
+def _draw_stop(d, c: float, r: float, lw: int, rng: np.random.Generator) -> None:
+    """Red octagon with a white border and "STOP" strokes."""
+
+    def octagon(rad):
+        return [
+            (
+                c + rad * math.cos(math.radians(22.5 + 45 * k)),
+                c + rad * math.sin(math.radians(22.5 + 45 * k)),
+            )
+            for k in range(8)
+        ]
+
+    d.polygon(octagon(r), fill=_jitter_color(rng, (0.95, 0.95, 0.95), 0.03))
+    d.polygon(octagon(r * 0.87), fill=_jitter_color(rng, (0.78, 0.06, 0.1), 0.06))
+    _draw_text(d, "STOP", c, c, 1.25 * r, 0.45 * r, lw, (245, 245, 245, 255))
+
+
+def _draw_speed_limit(d, c: float, r: float, lw: int, rng: np.random.Generator) -> None:
+    """White portrait rectangle, black border, "SPEED LIMIT" dashes and a two-digit value."""
+    hw, hh = 0.66 * r, 0.9 * r
+    d.rounded_rectangle(
+        [c - hw, c - hh, c + hw, c + hh],
+        radius=0.1 * r,
+        fill=_jitter_color(rng, (0.08, 0.08, 0.08), 0.03),
+    )
+    b = 0.08 * r
+    d.rounded_rectangle(
+        [c - hw + b, c - hh + b, c + hw - b, c + hh - b],
+        radius=0.06 * r,
+        fill=_jitter_color(rng, (0.95, 0.95, 0.93), 0.03),
+    )
+    ink = _jitter_color(rng, (0.05, 0.05, 0.05), 0.02)
+    # "SPEED" / "LIMIT" are unreadable at 32 px; dashes of the right layout suffice.
+    for row, words in ((-0.62, (0.5, 0.42)), (-0.36, (0.45, 0.45))):
+        y = c + row * r
+        x = c - 0.45 * r
+        for k, frac in enumerate(words):
+            x2 = x + frac * 0.9 * r
+            d.line(
+                [(x, y), (x2 - (0.05 * r if k == 0 else 0), y)], fill=ink, width=max(1, lw // 2)
+            )
+            x = x2 + 0.08 * r
+    value = int(rng.choice([15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75]))
+    _draw_text(d, str(value), c, c + 0.3 * r, 0.95 * r, 0.85 * r, lw, ink)
+
+
+def _draw_warning(d, c: float, r: float, lw: int, rng: np.random.Generator) -> None:
+    """Yellow diamond with a black border and one of :data:`_WARNING_SYMBOLS`."""
+
+    def diamond(rad):
+        return [(c, c - rad), (c + rad, c), (c, c + rad), (c - rad, c)]
+
+    d.polygon(diamond(r), fill=_jitter_color(rng, (0.97, 0.8, 0.08), 0.05))
+    ink = _jitter_color(rng, (0.05, 0.05, 0.05), 0.02)
+    d.polygon(diamond(r), outline=ink, width=max(1, lw // 2 + 1))
+    d.polygon(diamond(r * 0.86), outline=ink, width=max(1, lw // 2))
+    s = 0.38 * r
+    kind = _WARNING_SYMBOLS[int(rng.integers(len(_WARNING_SYMBOLS)))]
+    _draw_symbol(d, kind, c, s, lw, ink, rng)
+
+
+def _draw_symbol(d, kind: str, c: float, s: float, lw: int, ink, rng: np.random.Generator):
+    if kind == "exclamation":
+        d.line([(c, c - s), (c, c + 0.35 * s)], fill=ink, width=lw + 1)
+        d.ellipse([c - 0.14 * s, c + 0.6 * s, c + 0.14 * s, c + 0.88 * s], fill=ink)
+    elif kind == "curve":
+        pts = [
+            (c - 0.3 * s + 0.6 * s * math.sin(t * math.pi), c + s - 2 * s * t)
+            for t in np.linspace(0, 1, 9)
+        ]
+        d.line(pts, fill=ink, width=lw, joint="curve")
+        tip = pts[-1]
+        d.polygon(
+            [
+                (tip[0] - 0.3 * s, tip[1] + 0.25 * s),
+                (tip[0] + 0.3 * s, tip[1] + 0.25 * s),
+                (tip[0], tip[1] - 0.2 * s),
+            ],
+            fill=ink,
+        )
+    elif kind == "cross":
+        d.line([(c, c - s), (c, c + s)], fill=ink, width=lw)
+        d.line([(c - s, c), (c + s, c)], fill=ink, width=lw)
+    elif kind == "merge":
+        d.line([(c + 0.2 * s, c - s), (c + 0.2 * s, c + s)], fill=ink, width=lw)
+        d.line([(c - 0.7 * s, c + s), (c + 0.2 * s, c - 0.1 * s)], fill=ink, width=lw)
+    elif kind == "signal":
+        d.rounded_rectangle([c - 0.4 * s, c - s, c + 0.4 * s, c + s], radius=0.15 * s, fill=ink)
+        for k, col in enumerate(((0.9, 0.1, 0.1), (0.95, 0.8, 0.1), (0.1, 0.8, 0.3))):
+            yy = c - 0.62 * s + k * 0.62 * s
+            d.ellipse(
+                [c - 0.24 * s, yy - 0.24 * s, c + 0.24 * s, yy + 0.24 * s],
+                fill=_jitter_color(rng, col, 0.02),
+            )
+    else:  # pedestrian
+        d.ellipse([c - 0.18 * s, c - s, c + 0.18 * s, c - 0.64 * s], fill=ink)
+        d.line([(c, c - 0.6 * s), (c - 0.05 * s, c + 0.15 * s)], fill=ink, width=lw)
+        d.line([(c - 0.05 * s, c + 0.15 * s), (c - 0.45 * s, c + s)], fill=ink, width=lw)
+        d.line([(c - 0.05 * s, c + 0.15 * s), (c + 0.4 * s, c + s)], fill=ink, width=lw)
+        d.line(
+            [(c - 0.5 * s, c - 0.1 * s), (c + 0.45 * s, c - 0.35 * s)],
+            fill=ink,
+            width=max(1, lw - 1),
+        )
 
 
 @functools.lru_cache(maxsize=8)

@@ -211,6 +211,28 @@ def _load_crops(entries, size: int, csv_for: Callable[[int], str]):
     return np.stack(xs).astype(np.float32) if xs else np.zeros((0, size, size, 3), np.float32)
 
 
+def _gtsrb_entries(root: pathlib.Path, image_root: pathlib.Path, official_test: bool):
+    """``(csvs, entries, test_entries, use_test)``: every annotated image of the training
+    folders (and of ``Final_Test`` when present and wanted), each entry ending with the index
+    of its CSV in ``csvs``."""
+    csvs: list[str] = []
+    entries = []
+    for class_dir in sorted(p for p in image_root.iterdir() if re.fullmatch(r"\d{5}", p.name)):
+        csv_path = class_dir / f"GT-{class_dir.name}.csv"
+        if not csv_path.is_file():
+            raise DataFormatError(f"GTSRB class folder {str(class_dir)!r} lacks {csv_path.name}")
+        csvs.append(str(csv_path))
+        for e in _gtsrb_rows(csv_path, class_dir, int(class_dir.name)):
+            entries.append((*e, len(csvs) - 1))
+    test_entries = []
+    test_csv = root / "Final_Test" / "Images" / "GT-final_test.csv"
+    use_test = official_test and test_csv.is_file()
+    if use_test:
+        csvs.append(str(test_csv))
+        test_entries = [(*e, len(csvs) - 1) for e in _gtsrb_rows(test_csv, test_csv.parent, None)]
+    return csvs, entries, test_entries, use_test
+
+
 def load_gtsrb(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     opts = resolve_options(
         "gtsrb",
@@ -225,21 +247,8 @@ def load_gtsrb(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     )
     root = require_dir(data_dir, "gtsrb")
     image_root = _gtsrb_image_root(root)
-    csvs: list[str] = []
-    entries = []
-    for class_dir in sorted(p for p in image_root.iterdir() if re.fullmatch(r"\d{5}", p.name)):
-        csv_path = class_dir / f"GT-{class_dir.name}.csv"
-        if not csv_path.is_file():
-            raise DataFormatError(f"GTSRB class folder {str(class_dir)!r} lacks {csv_path.name}")
-        csvs.append(str(csv_path))
-        for e in _gtsrb_rows(csv_path, class_dir, int(class_dir.name)):
-            entries.append((*e, len(csvs) - 1))
-    test_entries = []
-    test_csv = root / "Final_Test" / "Images" / "GT-final_test.csv"
-    use_test = bool(opts["official_test"]) and test_csv.is_file()
-    if use_test:
-        csvs.append(str(test_csv))
-        test_entries = [(*e, len(csvs) - 1) for e in _gtsrb_rows(test_csv, test_csv.parent, None)]
+    csvs, entries, test_entries, use_test = _gtsrb_entries(root, image_root,
+                                                           bool(opts["official_test"]))
 
     super_classes = bool(opts["super_classes"])
     if super_classes:
@@ -353,6 +362,37 @@ def lisa_tag_class(tag: str) -> int | None:
     return None
 
 
+def _lisa_entries(root, csv_path, header, rows, classify, classes: int, margin: float):
+    """``(entries, dropped)``: one entry ``(path, box, label, group, lineno, 0)`` per mapped
+    annotation (box enlarged by ``margin`` per side), and the count of unmapped tags."""
+    col = {h: i for i, h in enumerate(header)}
+    has_track = "Origin track" in col and "Origin file" in col
+    entries, dropped = [], 0
+    for lineno, row in enumerate(rows, 2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < len(_LISA_COLUMNS):
+            raise DataFormatError(f"{str(csv_path)}:{lineno}: too few fields ({len(row)})")
+        cls = classify(row[col["Annotation tag"]])
+        if cls is None:
+            dropped += 1
+            continue
+        if not 0 <= cls < classes:
+            raise DataFormatError(
+                f"tag_map sends tag {row[col['Annotation tag']]!r} to label {cls} outside the "
+                f"class range [0, {classes - 1}]"
+            )
+        x1, y1, x2, y2 = (_int_field(row[col[k]], csv_path, lineno, k) for k in _LISA_COLUMNS[2:])
+        if not (x2 > x1 and y2 > y1):
+            raise DataFormatError(f"{str(csv_path)}:{lineno}: bad box {(x1, y1, x2, y2)}")
+        mx, my = margin * (x2 - x1), margin * (y2 - y1)
+        box = (x1 - mx, y1 - my, x2 + mx, y2 + my)
+        name = row[col["Filename"]].strip()
+        group = f"{row[col['Origin file']]}#{row[col['Origin track']]}" if has_track else name
+        entries.append((root / name, box, cls, group, lineno, 0))
+    return entries, dropped
+
+
 def load_lisa(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     opts = resolve_options(
         "lisa",
@@ -372,7 +412,6 @@ def load_lisa(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     if not csv_path.is_file():
         raise FileNotFoundError(f"LISA annotation file {str(csv_path)!r} not found")
     header, rows = _read_csv(csv_path, _LISA_COLUMNS)
-    col = {h: i for i, h in enumerate(header)}
     tag_map = opts["tag_map"]
     if tag_map is not None:
         lowered = {k.lower(): int(v) for k, v in tag_map.items()}
@@ -383,31 +422,8 @@ def load_lisa(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     else:
         names = list(opts["class_names"] or CLASS_NAMES)
         classify = lisa_tag_class
-    has_track = "Origin track" in col and "Origin file" in col
     margin = float(opts["crop_margin"])
-    entries, dropped = [], 0
-    for lineno, row in enumerate(rows, 2):
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) < len(_LISA_COLUMNS):
-            raise DataFormatError(f"{str(csv_path)}:{lineno}: too few fields ({len(row)})")
-        cls = classify(row[col["Annotation tag"]])
-        if cls is None:
-            dropped += 1
-            continue
-        if not 0 <= cls < len(names):
-            raise DataFormatError(
-                f"tag_map sends tag {row[col['Annotation tag']]!r} to label {cls} outside the "
-                f"class range [0, {len(names) - 1}]"
-            )
-        x1, y1, x2, y2 = (_int_field(row[col[k]], csv_path, lineno, k) for k in _LISA_COLUMNS[2:])
-        if not (x2 > x1 and y2 > y1):
-            raise DataFormatError(f"{str(csv_path)}:{lineno}: bad box {(x1, y1, x2, y2)}")
-        mx, my = margin * (x2 - x1), margin * (y2 - y1)
-        box = (x1 - mx, y1 - my, x2 + mx, y2 + my)
-        name = row[col["Filename"]].strip()
-        group = f"{row[col['Origin file']]}#{row[col['Origin track']]}" if has_track else name
-        entries.append((root / name, box, cls, group, lineno, 0))
+    entries, dropped = _lisa_entries(root, csv_path, header, rows, classify, len(names), margin)
     y = np.array([e[2] for e in entries], np.int64)
     check_labels(y, len(names), f"LISA annotations {str(csv_path)!r}", names)
     rng = np.random.default_rng(seed)
