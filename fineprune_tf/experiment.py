@@ -5,26 +5,36 @@ Stages (each one's outputs are written atomically, then the stage is marked done
 ``stages.json``): ``attack/<attack>`` (the backdoored model), ``analysis/<attack>`` (activation
 statistics and the full pruning curve), ``defense/<attack>/<defense>`` (the defended model and
 its numbers), and ``report`` (``results.json``, ``table1.md``, ``table2.md``, figures).
+
+Each finished stage is recorded with its inputs (the configuration's fingerprint and the SHA-256
+of the model file it read) and the hash of the model file it wrote.  A resumed run reuses a stage
+only when those still match the files on disk, so a redone attack (say, after its checkpoint was
+found corrupt) invalidates its analysis and every defense run on it: the tables always describe
+the models in ``models/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from fineprune_tf import attacks, curves, data, defenses, models, poison, reporting, stats, triggers
 
-__all__ = ["ExperimentConfig", "OutputDirError", "run", "save_model", "QUICK_OVERRIDES"]
+__all__ = ["ExperimentConfig", "OutputDirError", "StageStore", "deterministic", "file_hash",
+           "run", "save_model", "QUICK_OVERRIDES"]
 
 RESULT_FILES = ("results.json", "stages.json")
 
@@ -100,13 +110,26 @@ def save_model(model: keras.Model, path: pathlib.Path) -> None:
         raise
 
 
-class _Stages:
-    """The stage manifest: which stages are done, with their (JSON) results."""
+def file_hash(path: pathlib.Path) -> str:
+    """SHA-256 (hex) of a file's bytes: what a stage read or wrote."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+class StageStore:
+    """The stage manifest ``stages.json``: each finished stage's JSON result, the inputs it was
+    computed from and the hashes of the files it wrote.
+
+    A record is ``{"inputs": {...}, "outputs": {file: sha256}, "result": {...}}``.  A stage is
+    reused only while its recorded inputs equal the current ones (:meth:`current`), so
+    redoing a stage changes the hash its dependents record as input and they are redone too.
+    """
 
     def __init__(self, directory: pathlib.Path, config: ExperimentConfig, resume: bool,
                  progress: Callable[[str], None]):
         self.path = directory / "stages.json"
         self.fingerprint = config.fingerprint()
+        self.progress = progress
         self.done: dict[str, dict] = {}
         if resume and self.path.exists():
             try:
@@ -120,11 +143,27 @@ class _Stages:
                     "--output_dir or --overwrite")
             self.done = manifest.get("done", {})
 
-    def get(self, name: str) -> dict | None:
-        return self.done.get(name)
+    def current(self, name: str, inputs: dict) -> dict | None:
+        """The stage's result if it finished from exactly ``inputs``; None if it never ran or
+        ran from other inputs (then it must be redone)."""
+        record = self.done.get(name)
+        if not isinstance(record, dict) or "result" not in record:
+            return None
+        if record.get("inputs") != inputs:
+            self.progress(f"{name}: its inputs changed since it ran (a stage it depends on "
+                          "was redone): redoing it")
+            return None
+        return record["result"]
 
-    def mark(self, name: str, result: dict) -> None:
-        self.done[name] = result
+    def outputs(self, name: str) -> dict:
+        """The hashes of the files the stage wrote, as recorded."""
+        return (self.done.get(name) or {}).get("outputs", {})
+
+    def result(self, name: str) -> dict:
+        return self.done[name]["result"]
+
+    def mark(self, name: str, result: dict, inputs: dict, outputs: dict | None = None) -> None:
+        self.done[name] = {"inputs": inputs, "outputs": outputs or {}, "result": result}
         reporting.atomic_write_json(self.path, {"fingerprint": self.fingerprint,
                                                 "done": self.done})
 
@@ -164,7 +203,16 @@ def _fine_tune_settings(config: ExperimentConfig) -> defenses.FineTuneSettings:
         patience=config.patience, noise_stddev=config.noise_stddev, seed=config.seed)
 
 
-def _load_stage_model(path: pathlib.Path, progress: Callable[[str], None]) -> keras.Model | None:
+def _load_checkpoint(path: pathlib.Path, expected_hash: str | None,
+                     progress: Callable[[str], None]) -> keras.Model | None:
+    """The stage's model if ``path`` is the very file the stage wrote and it loads; else None
+    (the stage is redone)."""
+    if not path.exists():
+        return None
+    if expected_hash is None or file_hash(path) != expected_hash:
+        progress(f"warning: checkpoint {path} is not the file its stage wrote: redoing that "
+                 "stage")
+        return None
     try:
         return keras.models.load_model(path)
     except Exception as error:  # noqa: BLE001 - any corruption means "redo the stage"
@@ -172,9 +220,76 @@ def _load_stage_model(path: pathlib.Path, progress: Callable[[str], None]) -> ke
         return None
 
 
+def _swap_tf_state(op_determinism: bool, global_seed: int | None) -> tuple[bool, int | None]:
+    """Sets TensorFlow's op determinism and global seed; returns the previous values.
+
+    The one private TensorFlow access of the package, kept here: TensorFlow exports
+    ``enable_op_determinism`` but neither its getter nor its counterpart
+    ``disable_op_determinism`` (both defined next to it in
+    ``tensorflow/python/framework/config.py``), and no getter for the global seed
+    (``tf.compat.v1.get_seed`` would draw from the operation-seed generator it reads).
+    Restoring the caller's state needs all three.
+    """
+    from tensorflow.python.eager import context
+    from tensorflow.python.framework import config as tf_config
+
+    previous = (bool(tf_config.is_op_determinism_enabled()), context.global_seed())
+    if op_determinism:
+        tf_config.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
+    tf.random.set_seed(global_seed)
+    return previous
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Deterministic kernels and seeded generators inside the block, the caller's settings
+    after it.
+
+    Inside: TensorFlow op determinism on, and ``keras.utils.set_random_seed(seed)`` (Python's
+    ``random``, NumPy's global generator, TensorFlow's global seed, Keras' seed generator).
+    On exit, op determinism, the Python and NumPy generator states and TensorFlow's global seed
+    are restored (Keras keeps the seed: it has no public getter; its generators are re-seeded by
+    whoever seeds next).  Scripts that want determinism for their whole process call
+    ``tf.config.experimental.enable_op_determinism()`` themselves.
+    """
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    previous = _swap_tf_state(True, seed)
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        _swap_tf_state(*previous)
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+@dataclasses.dataclass
+class _Context:
+    """What every stage of one run reads."""
+
+    config: ExperimentConfig
+    stages: StageStore
+    models_dir: pathlib.Path
+    task_data: object
+    trigger: object
+    policy: object
+    count: int
+    validation: tuple
+    backdoor_validation: object
+    evaluation: tuple
+    progress: Callable[[str], None]
+    stage_timer: Callable[[str, float], None]
+
+
 def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: bool = False,
         resume: bool = False, progress: Callable[[str], None] = logging.info) -> dict:
-    """Runs the experiment and writes its results; returns the ``results.json`` content."""
+    """Runs the experiment and writes its results; returns the ``results.json`` content.
+
+    Runs with deterministic kernels and the configuration's seed (:func:`deterministic`); the
+    caller's determinism setting and random states are restored on return.
+    """
     if config.quick:
         config = dataclasses.replace(
             config, **{k: v for k, v in QUICK_OVERRIDES.items()
@@ -183,9 +298,13 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
     config.validate()
     directory = prepare_output_dir(output_dir, overwrite, resume)
     # Same flags and seed, same numbers: deterministic kernels and seeded everything.
-    tf.config.experimental.enable_op_determinism()
-    keras.utils.set_random_seed(config.seed)
-    stages = _Stages(directory, config, resume, progress)
+    with deterministic(config.seed):
+        return _run(config, directory, resume, progress)
+
+
+def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
+         progress: Callable[[str], None]) -> dict:
+    stages = StageStore(directory, config, resume, progress)
     models_dir = directory / "models"
     models_dir.mkdir(exist_ok=True)
     run_start = time.perf_counter()
@@ -199,68 +318,29 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
                           seed=config.seed)
     trigger, policy, count = poison.default_attack(config.task, task_data)
     triggers.save(trigger, directory / "trigger.json")
-    validation = (task_data.validation.x, task_data.validation.y)
-    backdoor_validation = poison.backdoor_test_set(task_data.validation, trigger, policy,
-                                                   seed=config.seed)
     backdoor_test = poison.backdoor_test_set(task_data.test, trigger, policy, seed=config.seed)
-    evaluation = ((task_data.test.x, task_data.test.y), backdoor_test)
+    context = _Context(
+        config=config, stages=stages, models_dir=models_dir, task_data=task_data,
+        trigger=trigger, policy=policy, count=count,
+        validation=(task_data.validation.x, task_data.validation.y),
+        backdoor_validation=poison.backdoor_test_set(task_data.validation, trigger, policy,
+                                                     seed=config.seed),
+        evaluation=((task_data.test.x, task_data.test.y), backdoor_test),
+        progress=progress, stage_timer=stage_timer)
 
     table1: dict[str, dict[str, dict]] = {}
     curves_out: dict[str, dict] = {}
     attack_reports: dict[str, dict] = {}
+    defense_details: dict[str, dict] = {}
     for attack_name in config.attacks:
-        stage = f"attack/{attack_name}"
-        model_path = models_dir / f"{attack_name}.keras"
-        model = None
-        if stages.get(stage) and model_path.exists():
-            model = _load_stage_model(model_path, progress)
-        if model is None:
-            progress(f"{stage}: training ({config.task}, preset {config.preset})")
-            start = time.perf_counter()
-            attack_fn = attacks.baseline if attack_name == "baseline" else attacks.pruning_aware
-            result = attack_fn(task_data, trigger, policy, count, settings=_settings(config))
-            model = result.model
-            save_model(model, model_path)
-            stages.mark(stage, {"clean_acc": result.clean_acc, "asr": result.asr,
-                                "seconds": result.seconds,
-                                "report": reporting._jsonable(result.report)})
-            stage_timer(stage, time.perf_counter() - start)
-        attack_info = stages.get(stage)
-        attack_reports[attack_name] = attack_info
+        model, model_hash, attack_reports[attack_name] = _attack_stage(context, attack_name)
+        inputs = {"config": stages.fingerprint, "model": model_hash}
+        curves_out[attack_name] = _analysis_stage(context, attack_name, model, inputs)
         table1[attack_name] = {}
-
-        stage = f"analysis/{attack_name}"
-        if not stages.get(stage):
-            start = time.perf_counter()
-            layer_name = models.last_conv_layer(model)
-            order, means = defenses.rank_channels(model, layer_name, validation[0])
-            backdoor_stats = stats.collect(model, backdoor_validation.x,
-                                           layer_names=[layer_name])[layer_name]
-            curve = curves.pruning_curve(model, layer_name, order, validation,
-                                         backdoor_validation)
-            stages.mark(stage, {"layer": layer_name, "order": order.tolist(),
-                                "clean_mean": means.tolist(),
-                                "backdoor_mean": backdoor_stats.mean.tolist(),
-                                "channels": int(model.get_layer(layer_name).channels),
-                                "curve": reporting._jsonable(curve.as_dict())})
-            stage_timer(stage, time.perf_counter() - start)
-        curves_out[attack_name] = stages.get(stage)
-
         for defense_name in config.defenses:
-            stage = f"defense/{attack_name}/{defense_name}"
-            if stages.get(stage):
-                table1[attack_name][defense_name] = stages.get(stage)["summary"]
-                continue
-            progress(f"{stage}: running")
-            result = _run_defense(defense_name, model, validation, backdoor_validation,
-                                  evaluation, config)
-            if defense_name != "none":
-                save_model(result.model, models_dir / f"{attack_name}_{defense_name}.keras")
-            summary = result.summary()
-            stages.mark(stage, {"summary": summary,
-                                "details": reporting._jsonable(_brief(result.details))})
-            table1[attack_name][defense_name] = summary
-            stage_timer(stage, result.seconds)
+            record = _defense_stage(context, attack_name, defense_name, model, inputs)
+            table1[attack_name][defense_name] = record["summary"]
+            defense_details[f"{attack_name}/{defense_name}"] = record["details"]
 
     results = {
         "task": config.task, "config": dataclasses.asdict(config),
@@ -269,15 +349,92 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
                  "classes": task_data.num_classes},
         "trigger": trigger.get_config(), "policy": poison.policy_to_dict(policy),
         "table1": table1, "curves": curves_out, "attacks": attack_reports,
-        "defenses": {f"{a}/{d}": stages.get(f"defense/{a}/{d}")["details"]
-                     for a in config.attacks for d in config.defenses},
-        "timings": timings,
+        "defenses": defense_details, "timings": timings,
     }
     _write_report(directory, config, results)
     results["total_seconds"] = time.perf_counter() - run_start
     reporting.atomic_write_json(directory / "results.json", results)
     progress(f"total time {results['total_seconds']:.1f}s; results in {directory}")
     return results
+
+
+def _attack_stage(context: _Context, attack_name: str) -> tuple[keras.Model, str, dict]:
+    """The backdoored model (reused if its checkpoint is the file the stage wrote, else
+    trained), the hash of its file, and the attack's report."""
+    stages, config = context.stages, context.config
+    stage = f"attack/{attack_name}"
+    model_path = context.models_dir / f"{attack_name}.keras"
+    inputs = {"config": stages.fingerprint}
+    model = None
+    if stages.current(stage, inputs) is not None:
+        model = _load_checkpoint(model_path, stages.outputs(stage).get(model_path.name),
+                                 context.progress)
+    if model is None:
+        context.progress(f"{stage}: training ({config.task}, preset {config.preset})")
+        start = time.perf_counter()
+        attack_fn = attacks.baseline if attack_name == "baseline" else attacks.pruning_aware
+        result = attack_fn(context.task_data, context.trigger, context.policy, context.count,
+                           settings=_settings(config))
+        model = result.model
+        save_model(model, model_path)
+        stages.mark(stage, {"clean_acc": result.clean_acc, "asr": result.asr,
+                            "seconds": result.seconds,
+                            "report": reporting._jsonable(result.report)},
+                    inputs, {model_path.name: file_hash(model_path)})
+        context.stage_timer(stage, time.perf_counter() - start)
+    return model, stages.outputs(stage)[model_path.name], stages.result(stage)
+
+
+def _analysis_stage(context: _Context, attack_name: str, model: keras.Model,
+                    inputs: dict) -> dict:
+    """Activation statistics and the full pruning curve of the attack's model."""
+    stages = context.stages
+    stage = f"analysis/{attack_name}"
+    if stages.current(stage, inputs) is None:
+        start = time.perf_counter()
+        layer_name = models.last_conv_layer(model)
+        order, means = defenses.rank_channels(model, layer_name, context.validation[0])
+        backdoor_stats = stats.collect(model, context.backdoor_validation.x,
+                                       layer_names=[layer_name])[layer_name]
+        curve = curves.pruning_curve(model, layer_name, order, context.validation,
+                                     context.backdoor_validation)
+        stages.mark(stage, {"layer": layer_name, "order": order.tolist(),
+                            "clean_mean": means.tolist(),
+                            "backdoor_mean": backdoor_stats.mean.tolist(),
+                            "channels": int(model.get_layer(layer_name).channels),
+                            "curve": reporting._jsonable(curve.as_dict())}, inputs)
+        context.stage_timer(stage, time.perf_counter() - start)
+    return stages.result(stage)
+
+
+def _defense_stage(context: _Context, attack_name: str, defense_name: str,
+                   model: keras.Model, inputs: dict) -> dict:
+    """One defense on the attack's model: ``{"summary", "details"}``, reused only while the
+    defended model on disk is the file the stage wrote."""
+    stages = context.stages
+    stage = f"defense/{attack_name}/{defense_name}"
+    model_path = context.models_dir / f"{attack_name}_{defense_name}.keras"
+    record = stages.current(stage, inputs)
+    if record is not None and defense_name != "none":
+        expected = stages.outputs(stage).get(model_path.name)
+        if not model_path.exists() or file_hash(model_path) != expected:
+            context.progress(f"warning: checkpoint {model_path} is not the file its stage "
+                             "wrote: redoing that stage")
+            record = None
+    if record is not None:
+        return record
+    context.progress(f"{stage}: running")
+    result = _run_defense(defense_name, model, context.validation, context.backdoor_validation,
+                          context.evaluation, context.config)
+    outputs = {}
+    if defense_name != "none":
+        save_model(result.model, model_path)
+        outputs[model_path.name] = file_hash(model_path)
+    record = {"summary": result.summary(),
+              "details": reporting._jsonable(_brief(result.details))}
+    stages.mark(stage, record, inputs, outputs)
+    context.stage_timer(stage, result.seconds)
+    return record
 
 
 def _brief(details: dict) -> dict:

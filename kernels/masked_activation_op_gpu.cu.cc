@@ -115,11 +115,14 @@ std::string LastError() {
 
 // GPU twin of ForwardRows + ForwardStatsRows; kStats selects the statistics
 // at compile time so the no-statistics pass is a pure streaming kernel.
+// y may be z itself (the op forwards its input buffer as the output), so z
+// and y are not restrict-qualified; each element is read by the thread that
+// then writes it, which keeps the exact alias safe.
 template <typename T, Activation kAct, bool kStats>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    ForwardKernel(const T* __restrict__ z, const T* __restrict__ mask,
+    ForwardKernel(const T* z, const T* __restrict__ mask,
                   int64_t rows, int64_t channels, int64_t rows_per_block,
-                  T* __restrict__ y, double* __restrict__ partial_sum,
+                  T* y, double* __restrict__ partial_sum,
                   double* __restrict__ partial_sum_sq,
                   int64_t* __restrict__ partial_count) {
   const int64_t c =
@@ -201,12 +204,13 @@ __global__ void MergeStatsKernel(const double* __restrict__ partial_sum,
   }
 }
 
-// GPU twin of GradRows.
+// GPU twin of GradRows.  dz may be dy itself (the op forwards dy's buffer),
+// so dy, z and dz are not restrict-qualified, as in the CPU GradRow.
 template <typename T, Activation kAct>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    GradKernel(const T* __restrict__ dy, const T* __restrict__ z,
+    GradKernel(const T* dy, const T* z,
                const T* __restrict__ mask, int64_t rows, int64_t channels,
-               int64_t rows_per_block, T* __restrict__ dz) {
+               int64_t rows_per_block, T* dz) {
   const int64_t c =
       static_cast<int64_t>(blockIdx.x) * kTileChannels + threadIdx.x;
   if (c >= channels) return;
