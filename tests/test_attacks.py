@@ -66,11 +66,17 @@ def test_task_benchmark_script_prints_speed_and_backdoor_numbers(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = tmp_path / "tasks.json"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark_tasks", "--tasks=mnist", "--epochs=2",
+        [sys.executable, "-m", "scripts.benchmark_tasks", "--tasks=mnist",
          f"--output={output}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": repo})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "examples/s" in result.stdout and "ASR" in result.stdout
     (row,) = json.loads(output.read_text())
-    assert row["task"] == "mnist" and row["epochs"] == 2
-    assert row["examples_per_second"] > 0 and 0.0 <= row["asr"] <= 1.0
+    assert row["task"] == "mnist" and row["epochs"] == 5
+    # The backdoored model learned the task and the backdoor (measured: 5 epochs, clean
+    # 0.965, ASR 0.970; 2 epochs do not plant it, ASR 0.14), and the speed counts the examples
+    # the attack trains on: 90% of the 3,500 training images plus 315 poisoned copies.
+    assert row["clean_acc"] > 0.8 and row["asr"] > 0.8
+    assert row["asr_target_met"] == (row["asr"] >= 0.9)
+    assert row["examples_per_second"] * row["train_seconds"] / row["epochs"] == \
+        pytest.approx(3150 + 315, rel=1e-6)

@@ -497,3 +497,31 @@ def test_split_is_named_tuple():
     s = Split(np.zeros((2, 1, 1, 1), np.float32), np.zeros(2, np.int64))
     x, y = s
     assert x is s.x and y is s.y
+
+
+# ----------------------------------------------------------------------------- no download
+
+
+def test_the_network_blocking_fixture_blocks(no_network):
+    import socket
+    import urllib.request
+
+    with pytest.raises(no_network):
+        socket.create_connection(("127.0.0.1", 9), timeout=1)
+    with pytest.raises(no_network):
+        socket.socket().connect(("127.0.0.1", 9))
+    with pytest.raises(no_network):
+        urllib.request.urlopen("http://example.com", timeout=1)
+
+
+@pytest.mark.parametrize("task, options", [
+    ("face", {}), ("speech", {}), ("mnist", {}),
+    # Fewer rendered signs than the default (rendering dominates); the code path is the same.
+    ("traffic", {"train_count": 60, "validation_count": 30, "test_count": 30}),
+])
+def test_every_task_loads_with_the_network_blocked(no_network, task, options):
+    """README: "Nothing is downloaded at run time"; every default loader reads data shipped
+    with its package (a fresh seed, so no in-process cache serves it)."""
+    data.clear_cache()
+    loaded = data.load(task, seed=7, **options)
+    assert len(loaded.train.x) > 0 and len(loaded.test.x) > 0

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import keras
+import numpy as np
 import pytest
 
-from fineprune_tf import experiment
+from fineprune_tf import data, experiment, metrics, poison, triggers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,9 +21,23 @@ def quick_config(**overrides):
     return experiment.ExperimentConfig(**values)
 
 
+def op_determinism_enabled() -> bool:
+    # TensorFlow has no public getter; experiment._swap_tf_state reads the same flag.
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
 def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
     out = tmp_path / "run"
+    # The run is deterministic inside, and leaves the caller's process as it found it.
+    assert not op_determinism_enabled()
+    np.random.seed(99)
+    expected_draw = np.random.random()
+    np.random.seed(99)
     results = experiment.run(quick_config(), out)
+    assert not op_determinism_enabled()
+    assert np.random.random() == expected_draw
     for name in ("results.json", "table1.md", "table2.md", "fig6_baseline.png",
                  "fig4_baseline.png", "stages.json", "trigger.json",
                  "models/baseline.keras", "models/baseline_pruning.keras"):
@@ -30,7 +46,20 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     cell = saved["table1"]["baseline"]["pruning"]
     assert set(cell) == {"clean_acc", "asr", "robust_acc", "seconds"}
-    assert 0.0 <= cell["clean_acc"] <= 1.0 and 0.0 <= cell["asr"] <= 1.0
+    # The cell is the pruned model's on the test split: measure it again from the file.
+    task_data = data.load("mnist", seed=0)
+    _, policy, _ = poison.default_attack("mnist", task_data)
+    backdoor = poison.backdoor_test_set(task_data.test, triggers.load(out / "trigger.json"),
+                                        policy, seed=0)
+    pruned = keras.models.load_model(out / "models/baseline_pruning.keras")
+    measured = metrics.evaluate(pruned, (task_data.test.x, task_data.test.y), backdoor)
+    for key in ("clean_acc", "asr", "robust_acc"):
+        assert cell[key] == pytest.approx(measured[key], abs=1e-9), key
+    # Pruning really removed channels, as many as the defense reports.
+    details = saved["defenses"]["baseline/pruning"]
+    mask = np.asarray(pruned.get_layer(details.get("layer", "conv2")).mask)
+    assert details["pruned_count"] > 0 and int((mask == 0).sum()) == details["pruned_count"]
+    assert cell["clean_acc"] >= saved["table1"]["baseline"]["none"]["clean_acc"] - 0.15
     curve = saved["curves"]["baseline"]["curve"]
     assert len(curve["clean_acc"]) == saved["curves"]["baseline"]["channels"] + 1
     assert results["table1"] == saved["table1"]

@@ -62,11 +62,11 @@ def without_timings(value):
     return value
 
 
-def stage_records(directory) -> dict:
+def stage_records(path) -> dict:
     """stages.json without timings, and without the model-file hashes: a ``.keras`` file is a
     zip archive whose entries carry the time they were written, so the same weights saved at
     another time hash differently (the weights themselves are compared separately)."""
-    done = json.loads((directory / "stages.json").read_text())["done"]
+    done = json.loads(path.read_text())["done"]
     return {name: {"config": record["inputs"]["config"],
                    "result": without_timings(record["result"])}
             for name, record in done.items()}
