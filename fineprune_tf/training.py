@@ -105,7 +105,14 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
     on the same all-reduced logs, so their decisions (stop, prune) agree.
     """
     steps = math.ceil(len(x) / batch_size)
-    train = _distributed(strategy, _dataset(x, y, batch_size, True, seed))
+    # model.fit's data order: its epoch e is the e-th pass over the seeded shuffle of
+    # _dataset.  The shuffle is drawn here, un-distributed, and each epoch's batches are built
+    # from it: shuffling inside the distributed dataset instead restarts the shuffle's seed
+    # generator whenever the strategy re-creates the dataset for a new iterator, so every epoch
+    # would repeat the first epoch's order -- the epoch-2 loss drift from single-device
+    # training (0.4687 vs 0.4547) that tests/test_distribute.py now rules out.
+    epoch_orders = tf.data.Dataset.range(len(x)).shuffle(
+        len(x), seed=seed, reshuffle_each_iteration=True)
     validation_set = None
     if validation is not None:
         validation_set = _distributed(strategy, _dataset(*validation, batch_size=256,
@@ -165,7 +172,9 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
         # A fixed step count (the same on every worker, as they all hold the whole data set)
         # rather than waiting for the iterator to run out keeps the workers' collectives in
         # step; the last global batch may be short, and its mean divides by its true size.
-        iterator = iter(train)
+        order = np.fromiter(epoch_orders.as_numpy_iterator(), np.int64, len(x))
+        iterator = iter(_distributed(strategy, _dataset(x[order], y[order], batch_size,
+                                                        shuffle=False, seed=seed)))
         for step in range(steps):
             callback_list.on_train_batch_begin(step)
             global_size = min(batch_size, len(x) - step * batch_size)
@@ -189,7 +198,6 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
     history = model.history.history
     return {"history": history, "seconds": time.perf_counter() - start,
             "epochs": len(history.get("loss", []))}
-
 
 
 def model_input(model: keras.Model):
