@@ -223,7 +223,7 @@ def _load_checkpoint(path: pathlib.Path, expected_hash: str | None,
 def _swap_tf_state(op_determinism: bool, global_seed: int | None) -> tuple[bool, int | None]:
     """Sets TensorFlow's op determinism and global seed; returns the previous values.
 
-    The one private TensorFlow access of the package, kept here: TensorFlow exports
+    The private TensorFlow access of this module, kept in one place: TensorFlow exports
     ``enable_op_determinism`` but neither its getter nor its counterpart
     ``disable_op_determinism`` (both defined next to it in
     ``tensorflow/python/framework/config.py``), and no getter for the global seed
