@@ -88,6 +88,8 @@ def _assert_matches(single: dict, other: dict) -> None:
     assert abs(other["accuracy"] - single["accuracy"]) <= 2 / 256
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_mirrored_matches_single_device(single, tmp_path):
     _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"))
 
@@ -109,6 +111,8 @@ def _run_workers(tmp_path: Path) -> list[tuple[int, str]]:
     return [(worker.returncode, error) for worker, error in zip(workers, errors, strict=True)]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_multi_worker_matches_single_device(single, tmp_path):
     for _attempt in range(3):
         outcomes = _run_workers(tmp_path)
@@ -146,6 +150,7 @@ def test_malformed_tf_config(text, message, monkeypatch):
         distribute.parse_tf_config(text)
 
 
+@pytest.mark.subprocess
 def test_missing_worker_times_out():
     # The missing worker's port is held bound (not listening) by this test for its whole run,
     # so no other process can take it and every probe is refused: the worker never appears.

@@ -116,6 +116,8 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("sig, stage", [(signal.SIGTERM, "attack/baseline"),
                                         (signal.SIGKILL, "defense/baseline/none")])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, uninterrupted, sig,
@@ -160,6 +162,7 @@ def recomputed_table(out, defenses) -> dict:
     return table
 
 
+@pytest.mark.slow
 def test_a_redone_attack_invalidates_its_analysis_and_defenses(tmp_path, monkeypatch):
     out = tmp_path / "run"
     defenses = ("none", "pruning")
@@ -234,6 +237,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
         **{**config.__dict__, "defenses": ("none", "pruning")}), out, resume=True)
 
 
+@pytest.mark.slow
 def test_the_same_flags_and_seed_give_the_same_numbers(tmp_path):
     config = experiment.ExperimentConfig(task="mnist", attacks=("baseline",),
                                          defenses=("none", "pruning", "fine_pruning"),
