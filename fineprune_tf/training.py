@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from fineprune_tf import models
 
-__all__ = ["fit", "model_input"]
+__all__ = ["fit", "model_fit_orders", "model_input"]
 
 
 def compile_for_training(model: keras.Model, learning_rate: float, optimizer: str = "adam",
@@ -70,6 +70,28 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
             "epochs": len(history.history.get("loss", []))}
 
 
+def model_fit_orders(count: int, seed: int, epochs: int) -> list[np.ndarray]:
+    """The order in which ``model.fit`` visits the examples of ``_dataset(x, y, batch_size,
+    shuffle=True, seed)`` in each epoch: int64 ``[epochs][count]`` indices into ``x``.
+
+    Call right after ``keras.utils.set_random_seed(seed)``, as :func:`fit` does.  Keras 3's
+    epoch iterator (TensorFlow backend) makes a new iterator over the dataset when ``fit``
+    starts and again when each epoch ends, so the seeded reshuffle is drawn twice per epoch
+    and epoch ``e`` sees draw ``2e`` (measured with Keras 3.15; ``tests/test_training.py``
+    checks it).  The multi-worker loop once drew once per epoch, so from epoch 2 on it trained
+    on other batches than single-device ``model.fit``: the epoch-2 loss drift (0.4687 vs
+    0.4547) the developers' notes recorded.
+    """
+    draws = tf.data.Dataset.range(count).shuffle(count, seed=seed,
+                                                 reshuffle_each_iteration=True)
+    orders = []
+    for epoch in range(epochs):
+        if epoch:
+            next(iter(draws))  # The draw model.fit makes when an epoch ends, unused.
+        orders.append(np.fromiter(draws.as_numpy_iterator(), np.int64, count))
+    return orders
+
+
 def _in_multi_worker_mode(strategy: tf.distribute.Strategy) -> bool:
     """Whether ``strategy`` spans several workers (a MultiWorkerMirroredStrategy with a
     cluster; one without TF_CONFIG is a local strategy that model.fit handles)."""
@@ -105,14 +127,7 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
     on the same all-reduced logs, so their decisions (stop, prune) agree.
     """
     steps = math.ceil(len(x) / batch_size)
-    # model.fit's data order: its epoch e is the e-th pass over the seeded shuffle of
-    # _dataset.  The shuffle is drawn here, un-distributed, and each epoch's batches are built
-    # from it: shuffling inside the distributed dataset instead restarts the shuffle's seed
-    # generator whenever the strategy re-creates the dataset for a new iterator, so every epoch
-    # would repeat the first epoch's order -- the epoch-2 loss drift from single-device
-    # training (0.4687 vs 0.4547) that tests/test_distribute.py now rules out.
-    epoch_orders = tf.data.Dataset.range(len(x)).shuffle(
-        len(x), seed=seed, reshuffle_each_iteration=True)
+    orders = model_fit_orders(len(x), seed, epochs)
     validation_set = None
     if validation is not None:
         validation_set = _distributed(strategy, _dataset(*validation, batch_size=256,
@@ -172,7 +187,7 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
         # A fixed step count (the same on every worker, as they all hold the whole data set)
         # rather than waiting for the iterator to run out keeps the workers' collectives in
         # step; the last global batch may be short, and its mean divides by its true size.
-        order = np.fromiter(epoch_orders.as_numpy_iterator(), np.int64, len(x))
+        order = orders[epoch]
         iterator = iter(_distributed(strategy, _dataset(x[order], y[order], batch_size,
                                                         shuffle=False, seed=seed)))
         for step in range(steps):

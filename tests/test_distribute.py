@@ -60,7 +60,7 @@ def single(tmp_path_factory) -> dict:
     return _run("default", tmp_path_factory.mktemp("single") / "out.json")
 
 
-def _assert_matches(single: dict, other: dict) -> None:
+def _assert_matches(single: dict, other: dict, same_data_order: bool) -> None:
     assert other["replicas"] == 2
     assert other["counts"] == single["counts"]
     for name, mean in single["means"].items():
@@ -79,9 +79,15 @@ def _assert_matches(single: dict, other: dict) -> None:
     assert other["mask"] == single["mask"]
     assert set(other["history"]) >= {"loss", "val_loss"}
     assert single["accuracy"] > 0.8
-    # Same data order and global batch as model.fit: the per-epoch loss differs only by the
-    # order of float additions (gradients summed over replicas).
     assert len(other["history"]["loss"]) == len(single["history"]["loss"]) == 2
+    if not same_data_order:
+        # Keras' model.fit under MirroredStrategy: measured epoch losses 1.702, 0.483 against
+        # 1.658, 0.455 single-device (it differs from the first epoch on); a band only.
+        assert other["accuracy"] > 0.8 and abs(other["accuracy"] - single["accuracy"]) < 0.1
+        return
+    # training.fit's multi-worker loop: same data order and global batch as model.fit, so the
+    # per-epoch loss differs only by the order of float additions (gradients summed over the
+    # replicas).  Before the loop drew model.fit's shuffle, epoch 2 drifted (0.4687 vs 0.4547).
     for key in ("loss", "val_loss"):
         np.testing.assert_allclose(other["history"][key], single["history"][key], rtol=1e-3,
                                    err_msg=key)
@@ -91,7 +97,8 @@ def _assert_matches(single: dict, other: dict) -> None:
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_mirrored_matches_single_device(single, tmp_path):
-    _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"))
+    _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"),
+                    same_data_order=False)
 
 
 def _run_workers(tmp_path: Path) -> list[tuple[int, str]]:
@@ -123,7 +130,7 @@ def test_multi_worker_matches_single_device(single, tmp_path):
         assert code == 0, error[-3000:]
     results = [json.loads((tmp_path / f"worker{i}.json").read_text()) for i in range(2)]
     for result in results:
-        _assert_matches(single, result)
+        _assert_matches(single, result, same_data_order=True)
     # Both workers hold the same model: same all-reduced history, same accuracy.
     assert results[0]["history"] == results[1]["history"]
     assert results[0]["accuracy"] == results[1]["accuracy"]

@@ -11,8 +11,9 @@ import time
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from fineprune_tf import data, metrics, models
+from fineprune_tf import data, metrics, models, training
 
 # task: (load options, training examples used, epochs, accuracy bound, chance)
 RUNS = {
@@ -73,3 +74,43 @@ def test_training_is_deterministic_for_a_seed():
     keras.utils.set_random_seed(0)
     initial = models.build("mnist", "cpu", seed=0).get_weights()
     assert max(float(np.abs(a - b).max()) for a, b in zip(first, initial, strict=True)) > 1e-3
+
+
+class _RecordInputs(keras.layers.Layer):
+    """Identity layer that records, when run eagerly, the first feature of every input row."""
+
+    def __init__(self, seen: list, **kwargs):
+        super().__init__(**kwargs)
+        self.record = seen.extend  # A bound method: Keras would copy a list attribute.
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, x):
+        if tf.executing_eagerly():
+            self.record(int(v) for v in np.asarray(x)[:, 0])
+        return x
+
+
+def test_the_multi_worker_loop_draws_model_fits_data_order():
+    """training.model_fit_orders (the multi-worker loop's batches) is the order model.fit
+    visits training.fit's dataset in, epoch by epoch: same batches, so the same losses."""
+    count, batch_size, epochs = 20, 4, 4
+    x = np.arange(count, dtype="float32")[:, None]
+    y = np.zeros(count, "int64")
+    seen: list[int] = []
+    inputs = keras.Input((1,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
+        _RecordInputs(seen)(inputs)))
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
+    keras.utils.set_random_seed(0)
+    model.fit(training._dataset(x, y, batch_size, True, 0), epochs=epochs, verbose=0,
+              shuffle=False)
+    visited = np.asarray(seen).reshape(epochs, count)
+
+    keras.utils.set_random_seed(0)
+    orders = training.model_fit_orders(count, 0, epochs)
+    np.testing.assert_array_equal(np.stack(orders), visited)
+    # Every epoch is a permutation, and they differ (the data is reshuffled).
+    assert all(sorted(order) == list(range(count)) for order in orders)
+    assert len({tuple(order) for order in orders}) == epochs
