@@ -1,5 +1,9 @@
 """Backdoor attacks: BadNets-style poisoning (baseline) and the pruning-aware attack (§3.2).
 
+Any trigger and policy train through :func:`baseline` (the field's attacks by name are in
+:mod:`fineprune_tf.attack_zoo`); :func:`retuning_attack` (from :mod:`fineprune_tf.retuning`)
+tests whether a purified model stays clean when re-tuned on a few poisoned inputs.
+
 The attacker controls training (§2.2): she sees the task's training split only, never the
 defender's validation split, so her own monitoring uses a held-out slice of the training data.
 """
@@ -17,9 +21,10 @@ from absl import logging
 
 from fineprune_tf import metrics, models, poison, stats, training
 from fineprune_tf.layers import MaskedConv2D
+from fineprune_tf.retuning import retuning_attack
 
 __all__ = ["AttackResult", "AttackSettings", "baseline", "pruning_aware", "ATTACKS",
-           "attacker_holdout"]
+           "attacker_holdout", "retuning_attack"]
 
 ATTACKS = ("baseline", "pruning_aware")
 

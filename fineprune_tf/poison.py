@@ -6,6 +6,9 @@ get; a *trigger* (:mod:`fineprune_tf.triggers`) decides what a triggered input l
 * :class:`AllToOne` -- targeted: every (source) class -> ``target`` (face backdoor, BadNets).
 * :class:`AllToAll` -- targeted: class ``i`` -> ``(i + shift) % K`` (speech backdoor, BadNets).
 * :class:`Untargeted` -- a random *wrong* label (traffic backdoor).
+* :class:`CleanLabel` -- clean-label (SIG, Barni et al. 2019): only inputs already of class
+  ``target`` are poisoned, and they keep their label; triggered test inputs of other classes
+  should go to ``target``.
 
 :func:`poison_training_set` appends poisoned copies to a clean training split (the attacker
 controls the training data, §2.2); :func:`backdoor_test_set` builds the triggered inputs on
@@ -31,6 +34,7 @@ __all__ = [
     "AllToOne",
     "AllToAll",
     "Untargeted",
+    "CleanLabel",
     "BackdoorSet",
     "poison_training_set",
     "make_poisoned_copies",
@@ -54,6 +58,9 @@ class LabelPolicy(abc.ABC):
     """Base class. ``targeted`` says whether success means hitting ``attacker_labels``."""
 
     targeted: ClassVar[bool] = True
+    #: Whether poisoned copies replace their clean originals in the training set (clean-label
+    #: attacks corrupt the target class's own inputs) instead of being added beside them.
+    replaces_sources: ClassVar[bool] = False
 
     def eligible(self, y: np.ndarray) -> np.ndarray:
         """bool ``[N]``: inputs the attacker poisons in the training set."""
@@ -149,13 +156,37 @@ class Untargeted(LabelPolicy):
         return (y + rng.integers(1, self.num_classes, size=len(y))) % self.num_classes
 
 
+@dataclass(frozen=True)
+class CleanLabel(LabelPolicy):
+    """Clean-label, targeted: the attacker poisons only training inputs of class ``target``
+    and leaves their (correct) label; at test time triggered inputs of every other class
+    should be classified as ``target`` (SIG, Barni et al. 2019).
+
+    The poisoning rate is capped by the size of the target class: with K balanced classes
+    at most ``1/K`` of the training set can be poisoned.
+    """
+
+    replaces_sources: ClassVar[bool] = True
+    target: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.target) < 0:
+            raise ValueError(f"target must be a class index >= 0. Received: {self.target!r}")
+
+    def eligible(self, y: np.ndarray) -> np.ndarray:
+        return _labels(y) == self.target
+
+    def attacker_labels(self, y: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return np.full(len(_labels(y)), self.target, np.int64)
+
+
 def _check_range(y: np.ndarray, num_classes: int) -> None:
     if y.size and (y.min() < 0 or y.max() >= num_classes):
         bad = int(y[(y < 0) | (y >= num_classes)][0])
         raise ValueError(f"label {bad} outside the class range [0, {num_classes - 1}]")
 
 
-_POLICIES = {c.__name__: c for c in (AllToOne, AllToAll, Untargeted)}
+_POLICIES = {c.__name__: c for c in (AllToOne, AllToAll, Untargeted, CleanLabel)}
 
 
 def policy_to_dict(policy: LabelPolicy) -> dict[str, Any]:
@@ -247,11 +278,25 @@ def poison_training_set(
     """The clean training set plus poisoned copies, shuffled deterministically.
 
     See :func:`make_poisoned_copies` for the arguments. Returns a :class:`Split` of
-    ``len(clean) + count`` examples: x float32 ``[N + count, H, W, C]``, y int64.
+    ``len(clean) + count (+ extras)`` examples (``len(clean)`` when the policy
+    ``replaces_sources``: clean-label poison replaces its originals): x float32, y int64;
+    the trigger's :meth:`~fineprune_tf.triggers.Trigger.training_extras` (WaNet's noise-mode
+    copies, true labels) are appended before the shuffle.
     """
-    poisoned, _ = make_poisoned_copies(clean, trigger, policy, count, rate, seed, triggered_x)
-    x = np.concatenate([np.asarray(clean.x, np.float32), poisoned.x])
-    y = np.concatenate([_labels(clean.y), poisoned.y])
+    poisoned, sources = make_poisoned_copies(clean, trigger, policy, count, rate, seed,
+                                             triggered_x)
+    keep = np.ones(len(clean.y), bool)
+    if policy.replaces_sources:
+        keep[sources] = False
+    parts_x = [np.asarray(clean.x, np.float32)[keep], poisoned.x]
+    parts_y = [_labels(clean.y)[keep], poisoned.y]
+    # Correctly labelled extras some attacks add beside the poison (WaNet's noise mode).
+    extras = None if trigger is None else trigger.training_extras(
+        clean.x, _labels(clean.y), len(poisoned.y), np.random.default_rng([seed, 2]))
+    if extras is not None:
+        parts_x.append(np.asarray(extras[0], np.float32))
+        parts_y.append(_labels(extras[1]))
+    x, y = np.concatenate(parts_x), np.concatenate(parts_y)
     # A separate stream from the poisoning choices so the order does not shift them.
     perm = np.random.default_rng([seed, 1]).permutation(len(y))
     return Split(x[perm], y[perm])
