@@ -168,7 +168,10 @@ def _preactivation_max(model: keras.Model, layer: MaskedConv2D, x: np.ndarray,
     """Per-channel maximum of ``conv(x) + bias`` of ``layer`` over ``x``: float64 ``[C]``."""
     feed = keras.Model(training.model_input(model), layer.input)
 
-    @tf.function(reduce_retracing=True)
+    # One trace for every batch size (the last batch is short): an unknown batch dimension.
+    spec = tf.TensorSpec([None, *x.shape[1:]], tf.as_dtype(x.dtype))
+
+    @tf.function(input_signature=[spec])
     def batch_max(inputs):
         z = layer.convolution_op(feed(inputs, training=False), layer.kernel)
         if layer.use_bias:

@@ -13,7 +13,11 @@ import json
 import sys
 import time
 
-from absl import app, flags
+from scripts import _quiet
+
+_quiet.quiet_tensorflow()  # before anything imports TensorFlow
+
+from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["face", "speech", "traffic", "mnist"], "Tasks to measure.")

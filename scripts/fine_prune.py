@@ -22,7 +22,11 @@ import signal
 import sys
 import time
 
-from absl import app, flags, logging
+from scripts import _quiet
+
+_quiet.quiet_tensorflow()  # before anything imports TensorFlow
+
+from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("task", "speech", ["face", "speech", "traffic", "mnist"], "Task to run.")
