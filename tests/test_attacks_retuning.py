@@ -45,6 +45,7 @@ def _fit(model, split, epochs, learning_rate=3e-3):
                  learning_rate=learning_rate, seed=0)
 
 
+@pytest.mark.slow
 def test_retuning_brings_back_a_superficially_removed_backdoor_but_not_on_a_clean_model(task):
     trigger, policy = triggers.Pattern(), poison.AllToOne(0)
     poisoned = poison.poison_training_set(task.train, trigger, policy, rate=0.1, seed=0)

@@ -30,6 +30,8 @@ def test_requested_verbosity_reads_absl_flag_before_absl_parses(argv, expected):
     assert _quiet.requested_verbosity(argv) == expected
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
     out = tmp_path / "wanet"
     result = _run(["scripts.attack", "--task=mnist", "--attack=wanet", "--poison_rate=0.05",
@@ -47,6 +49,8 @@ def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
     out = tmp_path / "suite"
     result = _run(["scripts.attack_suite", "--tasks=mnist", "--attacks=blended,sig",
