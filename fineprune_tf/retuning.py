@@ -95,7 +95,7 @@ def retuning_attack(model: keras.Model, task_data, trigger, policy, *, steps: in
     repeats = math.ceil(steps * batch_size / len(retune.y)) + 1
     dataset = (tf.data.Dataset.from_tensor_slices((retune.x, retune.y))
                .shuffle(len(retune.y), seed=seed).repeat(repeats).batch(batch_size))
-    copy.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    copy.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
     after = metrics.evaluate(copy, (test.x, test.y), backdoor)
     return {"before": before, "after": after, "asr_recovered": after["asr"] - before["asr"],
             "steps": steps, "samples": samples, "poisoned": poisoned,
