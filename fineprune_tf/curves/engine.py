@@ -46,6 +46,11 @@ class _Engine:
             u_specs, t1_specs, t0_specs, const_specs, vector, tf.TensorSpec([None], dtype),
             tf.TensorSpec([None, p.channels], dtype), vector, vector, vector]
         self._run_fns: dict[int, Any] = {}
+        # Every engine traces its own graphs once (input signatures fix the types); tracing
+        # them here, through get_concrete_function, keeps TF's retracing detector -- keyed on
+        # the method's code, shared by all engines -- from warning "5 out of the last 5 calls".
+        self.zeros.get_concrete_function()
+        self.prefix.get_concrete_function()
 
     # -- helpers (traced)
 
@@ -207,6 +212,7 @@ class _Engine:
         if fn is None:
             fn = tf.function(functools.partial(self._run, group), autograph=False,
                              input_signature=self._run_specs)
+            fn.get_concrete_function()  # see __init__: not counted as retracing
             self._run_fns[group] = fn
         return fn(*args)
 
