@@ -27,6 +27,9 @@ import numpy as np
 
 from fineprune_tf.graph import ConversionError, Graph, GraphNode, Role, node_role
 from fineprune_tf.graph import _keras_compat as compat
+
+# Layers built into Keras that run code or load artefacts chosen by the model's author.
+from fineprune_tf.io.op_allowlist import KERAS_CODE_CARRYING_LAYERS as _CODE_CARRYING
 from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
 
 __all__ = [
@@ -36,8 +39,6 @@ __all__ = [
 #: The graph walker, under its former name (it moved to :class:`fineprune_tf.graph.Graph`).
 FunctionalGraph = Graph
 
-# Layers that are built into Keras but run code or load artefacts chosen by the model's author.
-_CODE_CARRYING = ("Lambda", "TFSMLayer")
 
 
 def is_builtin_keras(operation: Any) -> bool:
