@@ -4,11 +4,18 @@
 layers, ranks the chosen layer's channels by mean activation on the user's clean data, runs the
 pruning defense (full per-channel curve) and fine-pruning, and writes the cleaned models, a
 SavedModel for serving and a report.  The user's model and data files are only read.
+
+The output folder is the user's too.  It must be outside every input (not equal to, inside or
+containing the model, the clean data or the backdoor data); when it is not empty it must be a
+previous run (it holds ``fineprune_manifest.json``), and ``overwrite`` then deletes exactly the
+files that manifest lists -- never anything else.  Every file is entered in the manifest just
+before it is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import time
@@ -19,13 +26,15 @@ import numpy as np
 from absl import logging
 
 from fineprune_tf import conversion, defenses, export, io, metrics, models, reporting
-from fineprune_tf.data.user import UserData, load_user_data
+from fineprune_tf.data.user import DataLimits, UserData, load_user_data
 from fineprune_tf.layers import MaskedConv2D
 
-__all__ = ["CleaningError", "clean_model", "OUTPUT_FILES"]
+__all__ = ["CleaningError", "MANIFEST", "OUTPUT_FILES", "clean_model", "one_line_error"]
 
 OUTPUT_FILES = ("report.json", "report.md", "pruned.keras", "fine_pruned.keras",
                 "pruning_curve.png", "activations.png", "saved_model")
+MANIFEST = "fineprune_manifest.json"
+_MANIFEST_KIND = "fineprune_tf.clean_model"
 
 
 class CleaningError(ValueError):
@@ -66,14 +75,102 @@ def _choose_layer(model: keras.Model, layer: str | None) -> str:
     return layer
 
 
-def _targets(output_dir: pathlib.Path, protected: list[pathlib.Path]) -> None:
-    for name in OUTPUT_FILES:
-        target = (output_dir / name).resolve()
-        for path in protected:
-            resolved = path.resolve()
-            if target == resolved or resolved.is_relative_to(target):
-                raise CleaningError(f"writing {target} would overwrite your input {path}; "
-                                    "choose another --output_dir")
+def _real(path: str | os.PathLike) -> pathlib.Path:
+    return pathlib.Path(os.path.realpath(path))
+
+
+def _check_output_dir(output_dir: pathlib.Path, inputs: list[pathlib.Path],
+                      overwrite: bool) -> list[str]:
+    """Refuses an output folder that overlaps an input or holds anything but a previous run;
+    returns the files listed by that run's manifest (to delete when ``overwrite``)."""
+    out = _real(output_dir)
+    for path in inputs:
+        real = _real(path)
+        relation = ("is" if out == real else "is inside" if out.is_relative_to(real)
+                    else "contains" if real.is_relative_to(out) else None)
+        if relation:
+            raise CleaningError(f"--output_dir {output_dir} {relation} your input {path}; "
+                                "choose a folder outside every input")
+    if not output_dir.exists():
+        return []
+    if not output_dir.is_dir():
+        raise CleaningError(f"--output_dir {output_dir} exists and is not a directory")
+    if not any(output_dir.iterdir()):
+        return []
+    previous = _read_manifest(output_dir)
+    if previous is None:
+        raise CleaningError(f"--output_dir {output_dir} is not empty and is not a previous "
+                            f"run (no {MANIFEST}); choose an empty or new folder")
+    if not overwrite:
+        raise CleaningError(f"{output_dir} already holds a report of a previous run; pass "
+                            "--overwrite to replace the files it lists, or choose another "
+                            "--output_dir")
+    return previous
+
+
+def _read_manifest(output_dir: pathlib.Path) -> list[str] | None:
+    path = output_dir / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("kind") != _MANIFEST_KIND:
+        return None
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return files
+
+
+def _remove_previous(output_dir: pathlib.Path, listed: list[str]) -> None:
+    """Deletes the previous run's listed files (regular files inside ``output_dir`` only),
+    then the folders they leave empty; refuses if a result name is still taken."""
+    root = _real(output_dir)
+    for name in sorted(set(listed), key=lambda n: -n.count("/")):
+        target = output_dir / name
+        if (pathlib.PurePosixPath(name).is_absolute() or ".." in pathlib.PurePosixPath(name).parts
+                or not _real(target.parent).is_relative_to(root)):
+            continue
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        parent = target.parent
+        while parent != output_dir and _real(parent).is_relative_to(root) and parent.is_dir() \
+                and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+    (output_dir / MANIFEST).unlink(missing_ok=True)
+    taken = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    if taken:
+        raise CleaningError(f"{output_dir} holds {taken}, which the previous run's manifest "
+                            "does not list; they are left untouched: move them or choose "
+                            "another --output_dir")
+
+
+class _Manifest:
+    """The list of files a run wrote, saved before each file is written."""
+
+    def __init__(self, output_dir: pathlib.Path):
+        self.output_dir = output_dir
+        self.files: list[str] = []
+
+    def add(self, *names: str) -> None:
+        self.files.extend(n for n in names if n not in self.files)
+        reporting.atomic_write_json(self.output_dir / MANIFEST,
+                                    {"kind": _MANIFEST_KIND, "files": self.files})
+
+    def add_tree(self, name: str) -> None:
+        self.add(*(str(p.relative_to(self.output_dir).as_posix())
+                   for p in sorted((self.output_dir / name).rglob("*")) if p.is_file()))
+
+
+def one_line_error(error: BaseException) -> str:
+    """The error as one line for the command line."""
+    if isinstance(error, io.UnsafeModelError):
+        return error.one_line()
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def _split(data: UserData, fraction: float, seed: int) -> tuple[tuple, tuple]:
@@ -92,19 +189,23 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
                 settings: defenses.FineTuneSettings | None = None,
                 eval_fraction: float = 0.2, allow_unsafe: bool = False,
                 export_serving: bool = True, overwrite: bool = False, seed: int = 0,
-                progress: Callable[[str], None] = logging.info) -> dict:
+                progress: Callable[[str], None] = logging.info,
+                load_limits: io.LoadLimits | None = None,
+                data_limits: DataLimits | None = None) -> dict:
     """Prunes and fine-prunes the user's model; writes ``OUTPUT_FILES`` to ``output_dir``.
 
     Args:
       model_path: a ``.keras`` / ``.h5`` file or a SavedModel holding ``model.keras``.
       clean_data: ``.npz`` (``x``, ``y``) or an image folder per class (see
         ``fineprune_tf.data.user``); ``eval_fraction`` of it is held out to report on.
-      output_dir: where the results go; refused if it holds another report (unless
-        ``overwrite``) or if writing would touch an input.
+      output_dir: where the results go; refused if it overlaps an input, or is not empty and
+        not a previous run; a previous run is replaced (its listed files only) when
+        ``overwrite``.
       layer: the conv layer to prune (default: the last conv layer on every path).
       backdoor_data: optional triggered inputs (``.npz`` with ``x``, true ``y`` and, for a
         targeted backdoor, ``y_attacker``) to measure the attack success rate.
       threshold: allowed clean-accuracy drop of the pruning defense, percentage points.
+      load_limits, data_limits: size / time / memory limits for the model and the data.
 
     Returns:
       The report (also written as ``report.json``).
@@ -117,23 +218,18 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
     output_dir = pathlib.Path(output_dir)
     inputs = [pathlib.Path(model_path), pathlib.Path(clean_data)] + (
         [pathlib.Path(backdoor_data)] if backdoor_data else [])
-    _targets(output_dir, inputs)
-    if (output_dir / "report.json").exists() and not overwrite:
-        raise CleaningError(f"{output_dir} already holds a report; pass --overwrite or choose "
-                            "another --output_dir")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise CleaningError(f"--output_dir {output_dir} exists and is not a directory")
+    previous = _check_output_dir(output_dir, inputs, overwrite)
 
     progress(f"loading {model_path} (safe mode)")
-    loaded = io.load_model(model_path, allow_unsafe=allow_unsafe)
+    loaded = io.load_model(model_path, allow_unsafe=allow_unsafe, limits=load_limits)
     input_shape, classes = _check_model(loaded)
     layer_name = _choose_layer(loaded, layer)
     model = conversion.convert(loaded)
-    clean = load_user_data(clean_data, input_shape, classes, "clean data")
+    clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
     backdoor = None
     if backdoor_data is not None:
         backdoor = load_user_data(backdoor_data, input_shape, classes, "backdoor data",
-                                  min_classes=1)
+                                  min_classes=1, limits=data_limits)
     defense_data, evaluation_data = _split(clean, eval_fraction, seed)
     if eval_fraction == 0:
         evaluation_data = defense_data
@@ -155,15 +251,22 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
     progress(f"fine-pruning: clean accuracy {fine_pruned.clean_acc:.3f}"
              + ("" if backdoor is None else f", attack success {fine_pruned.asr:.3f}"))
 
+    _check_output_dir(output_dir, inputs, overwrite)  # nothing changed while we computed
+    if previous:
+        _remove_previous(output_dir, previous)
     output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = _Manifest(output_dir)
     from fineprune_tf.experiment import save_model
 
+    manifest.add("pruned.keras", "fine_pruned.keras")
     save_model(pruned.model, output_dir / "pruned.keras")
     save_model(fine_pruned.model, output_dir / "fine_pruned.keras")
     serving = None
     if export_serving:
-        plain = export.export_saved_model(fine_pruned.model, output_dir / "saved_model",
-                                          overwrite=True)
+        try:
+            plain = export.export_saved_model(fine_pruned.model, output_dir / "saved_model")
+        finally:
+            manifest.add_tree("saved_model")
         params_before, flops_before = export.count_params_and_flops(model)
         params_after, flops_after = export.count_params_and_flops(plain)
         serving = {"path": str(output_dir / "saved_model"), "params": [params_before,
@@ -171,6 +274,7 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
 
     curve = pruned.details["curve"]
     activations = _activation_report(model, layer_name, defense_data[0], backdoor)
+    manifest.add("pruning_curve.png", "activations.png")
     reporting.plot_pruning_curve(curve, pruned.details["channels"],
                                  output_dir / "pruning_curve.png", title=layer_name,
                                  stop=pruned.details["pruned_count"])
@@ -192,6 +296,7 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
         "fine_tune_settings": dataclasses.asdict(settings),
         "seconds": time.perf_counter() - start,
     }
+    manifest.add("report.json", "report.md")
     reporting.atomic_write_json(output_dir / "report.json", report)
     reporting.atomic_write_text(output_dir / "report.md", _markdown(report))
     progress(f"done in {report['seconds']:.1f}s; results in {output_dir}")

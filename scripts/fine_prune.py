@@ -11,16 +11,20 @@ models (models/*.keras) and run.log into --output_dir.
 
 cleans your own model (.keras, or a SavedModel holding model.keras) with your clean data (an
 .npz with x and y, or a folder of images per class): writes pruned.keras, fine_pruned.keras, a
-stock-TensorFlow SavedModel (saved_model/), report.json, report.md and figures.
+stock-TensorFlow SavedModel (saved_model/), report.json, report.md and figures.  The model
+and data are treated as hostile (see SECURITY.md); a refused or broken input gives one
+"error: ..." line and exit status 2 (add --verbosity=1 for the Python traceback).
 """
 
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import pathlib
 import signal
 import sys
 import time
+import traceback
 
 from scripts import _quiet
 
@@ -62,29 +66,55 @@ flags.DEFINE_string("backdoor_data", None, "Optional triggered inputs (.npz: x, 
 flags.DEFINE_string("layer", None, "Conv layer to prune (default: the last conv layer).")
 flags.DEFINE_float("eval_fraction", 0.2, "Share of --clean_data held out for the report.")
 flags.DEFINE_bool("allow_unsafe", False, "Load models with code-carrying layers (trusted only).")
+flags.DEFINE_float("load_timeout", 300.0, "--model: seconds the bounded trial load may take.")
+flags.DEFINE_integer("load_memory_mb", 8192, "--model: memory limit of the trial load, MiB.")
+flags.DEFINE_integer("max_weights_mb", 4096, "--model: largest weights file accepted, MiB.")
+flags.DEFINE_integer("max_data_mb", 8192, "--clean_data/--backdoor_data: largest decoded "
+                     "data accepted, MiB.")
 
 
 def clean_own_model() -> int:
-    from fineprune_tf import cleaning, defenses, io
-
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not FLAGS.clean_data:
         print("error: --model needs --clean_data", file=sys.stderr)
         return 2
-    settings = defenses.FineTuneSettings(
-        learning_rate=FLAGS.fine_tune_learning_rate, max_epochs=FLAGS.fine_tune_epochs,
-        noise_stddev=FLAGS.noise_stddev, seed=FLAGS.seed)
     try:
+        from fineprune_tf import cleaning, defenses, io
+        from fineprune_tf.data.user import DataLimits
+
+        settings = defenses.FineTuneSettings(
+            learning_rate=FLAGS.fine_tune_learning_rate, max_epochs=FLAGS.fine_tune_epochs,
+            noise_stddev=FLAGS.noise_stddev, seed=FLAGS.seed)
+        load_limits = io.LoadLimits(seconds=FLAGS.load_timeout,
+                                    memory_bytes=FLAGS.load_memory_mb << 20,
+                                    weights_bytes=FLAGS.max_weights_mb << 20)
         report = cleaning.clean_model(
             FLAGS.model, FLAGS.clean_data, FLAGS.output_dir or "cleaned", layer=FLAGS.layer,
             backdoor_data=FLAGS.backdoor_data, threshold=FLAGS.threshold, settings=settings,
             eval_fraction=FLAGS.eval_fraction, allow_unsafe=FLAGS.allow_unsafe,
-            overwrite=FLAGS.overwrite, seed=FLAGS.seed, progress=print)
-    except (ValueError, FileNotFoundError, io.UnsafeModelError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+            overwrite=FLAGS.overwrite, seed=FLAGS.seed, progress=print,
+            load_limits=load_limits, data_limits=DataLimits(max_bytes=FLAGS.max_data_mb << 20))
+    except Exception as error:  # noqa: BLE001  (bad input: one line, not a traceback)
+        return _report_error(error)
     print(pathlib.Path(FLAGS.output_dir or "cleaned", "report.md").read_text())
     print(f"Total time: {report['seconds']:.1f} s")
     return 0
+
+
+def _report_error(error: Exception) -> int:
+    """One ``error: ...`` line on stderr (the traceback too with --verbosity>=1); exit 2 for
+    a refused or unreadable input, 1 for an internal failure."""
+    from fineprune_tf import cleaning
+
+    expected = isinstance(error, (ValueError, OSError, MemoryError))
+    if FLAGS.verbosity >= 1:
+        traceback.print_exception(error)
+    line = cleaning.one_line_error(error)
+    if not expected:
+        line = (f"internal error ({type(error).__name__}): {line} (run with --verbosity=1 for "
+                "the traceback)")
+    print(f"error: {line}", file=sys.stderr)
+    return 2 if expected else 1
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -7,21 +7,44 @@ Two layouts:
   per input: targeted) — without it the backdoor is treated as untargeted;
 * a folder with one sub-folder per class (sorted names = class indices 0, 1, ...) of image
   files, each resized to the model's input size and scaled to ``[0, 1]``.
+
+The data may come from anyone, so it is size-checked before it is decoded: every ``.npz``
+member's declared size and ``.npy`` header (dtype, shape) are read first, pickled / object /
+complex arrays are refused, each image's pixel count is read from its header before it is
+decoded, and symbolic links that leave the data folder are refused, never followed.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import DataFormatError, load_image, to_float_image
+from ._common import DataFormatError, to_float_image
 
-__all__ = ["UserData", "load_user_data"]
+__all__ = ["DataLimits", "UserData", "load_user_data"]
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".gif", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """Bounds on the user's data, checked before anything is decoded.
+
+    Attributes:
+      max_bytes: largest decoded size of the data (all ``.npz`` arrays, or all images as
+        float32 at the model's input size), bytes.
+      max_image_pixels: largest width x height of one image file.
+      max_files: largest number of image files in a folder.
+    """
+
+    max_bytes: int = 8 << 30
+    max_image_pixels: int = 50_000_000
+    max_files: int = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -55,8 +78,43 @@ class UserData:
         return self.y
 
 
-def _from_npz(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _npz_members(path: pathlib.Path, limits: DataLimits) -> None:
+    """Checks the declared size, dtype and shape of every member before anything is read."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.file_size > limits.max_bytes:
+                raise DataFormatError(
+                    f"{path}: member {info.filename!r} declares {info.file_size:,} bytes, over "
+                    f"the limit of {limits.max_bytes:,} bytes")
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            if dtype.hasobject:
+                raise DataFormatError(f"{path}: array {info.filename!r} holds Python objects "
+                                      "(pickled data is never loaded)")
+            total += math.prod(shape) * dtype.itemsize
+            if total > limits.max_bytes:
+                raise DataFormatError(f"{path}: the arrays need more than {limits.max_bytes:,} "
+                                      "bytes once decoded (a decompression bomb?)")
+
+
+def _from_npz(path: pathlib.Path, limits: DataLimits):
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    if not head:
+        raise DataFormatError(f"{path}: empty file, not an .npz")
+    if head.startswith(b"\x93NUMPY"):
+        raise DataFormatError(f"{path}: a single .npy array, not an .npz with 'x' and 'y' "
+                              "(save both with numpy.savez)")
+    if not head.startswith(b"PK"):
+        raise DataFormatError(f"{path}: not an .npz file (no zip header)")
     try:
+        _npz_members(path, limits)
         with np.load(path, allow_pickle=False) as archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
@@ -65,31 +123,73 @@ def _from_npz(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
                     f"'y' [N] (found {archive.files})")
             x, y = archive["x"], archive["y"]
             y_attacker = archive["y_attacker"] if "y_attacker" in archive.files else None
-    except (OSError, ValueError) as error:
-        if isinstance(error, DataFormatError):
-            raise
-        raise DataFormatError(f"{path}: not a readable .npz file: {error}") from error
+    except DataFormatError:
+        raise
+    except (OSError, ValueError, EOFError, TypeError, KeyError, zipfile.BadZipFile,
+            zipfile.LargeZipFile, NotImplementedError, MemoryError) as error:
+        raise DataFormatError(f"{path}: not a readable .npz file ({type(error).__name__}: "
+                              f"{str(error)[:200]})") from None
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     return x, y, y_attacker
 
 
-def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int]):
+def _inside(entry: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+    """``entry``; a symbolic link only when it resolves inside ``root`` (never followed out)."""
+    if entry.is_symlink():
+        target = pathlib.Path(os.path.realpath(entry))
+        if not target.is_relative_to(root):
+            raise DataFormatError(f"{entry} is a symbolic link to {target}, outside the data "
+                                  f"folder {root}; refusing to follow it")
+    return entry
+
+
+def _load_image(file: pathlib.Path, mode: str, limits: DataLimits):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as image:
+            width, height = image.size
+            if width * height > limits.max_image_pixels:
+                raise DataFormatError(
+                    f"{file}: {width}x{height} pixels, over the limit of "
+                    f"{limits.max_image_pixels:,} pixels per image")
+            image.load()
+            return image.convert(mode) if image.mode != mode else image.copy()
+    except DataFormatError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise DataFormatError(f"{file}: over the limit of {limits.max_image_pixels:,} pixels "
+                              f"per image ({error})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as error:
+        raise DataFormatError(f"cannot decode image {str(file)!r} ({type(error).__name__}: "
+                              f"{str(error)[:200]})") from None
+
+
+def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int], limits: DataLimits):
     height, width, channels = image_shape
     if channels not in (1, 3):
         raise DataFormatError(f"image folders need a model input with 1 or 3 channels, "
                               f"the model takes {channels}")
-    classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+    root = pathlib.Path(os.path.realpath(path))
+    classes = sorted(p.name for p in path.iterdir() if _inside(p, root).is_dir())
     if not classes:
         raise DataFormatError(f"{path}: no class sub-folders (expected <class name>/<image>)")
-    images, labels = [], []
-    for index, name in enumerate(classes):
+    per_class = []
+    for name in classes:
         files = sorted(f for f in (path / name).iterdir()
-                       if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+                       if _inside(f, root).is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
         if not files:
             raise DataFormatError(f"{path / name}: class folder has no images (empty class)")
+        per_class.append(files)
+    count = sum(len(files) for files in per_class)
+    if count > limits.max_files or count * height * width * channels * 4 > limits.max_bytes:
+        raise DataFormatError(f"{path}: {count:,} images need more than the limit of "
+                              f"{limits.max_bytes:,} bytes at the model's input size")
+    images, labels = [], []
+    for index, files in enumerate(per_class):
         for file in files:
-            image = load_image(file, "L" if channels == 1 else "RGB")
+            image = _load_image(file, "L" if channels == 1 else "RGB", limits)
             if image.size != (width, height):
                 image = image.resize((width, height))
             images.append(to_float_image(image))
@@ -98,7 +198,8 @@ def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int]):
 
 
 def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_classes: int,
-                   what: str = "clean data", min_classes: int = 2) -> UserData:
+                   what: str = "clean data", min_classes: int = 2,
+                   limits: DataLimits | None = None) -> UserData:
     """Reads and validates the user's data against the model it is meant for.
 
     Args:
@@ -107,19 +208,21 @@ def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_cl
       num_classes: the model's number of output classes.
       what: how error messages name this data ("clean data", "backdoor data").
       min_classes: how many distinct labels the data must hold.
+      limits: size limits checked before decoding (default :class:`DataLimits`).
 
     Raises:
       FileNotFoundError, DataFormatError (a ValueError) naming the problem.
     """
     path = pathlib.Path(path)
+    limits = limits or DataLimits()
     if not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist")
     class_names = None
     if path.is_dir():
-        x, y, class_names = _from_folder(path, tuple(input_shape))
+        x, y, class_names = _from_folder(path, tuple(input_shape), limits)
         y_attacker = None
     elif path.suffix.lower() == ".npz":
-        x, y, y_attacker = _from_npz(path)
+        x, y, y_attacker = _from_npz(path, limits)
     else:
         raise DataFormatError(f"{what}: {path} is neither an .npz file nor a folder of class "
                               "sub-folders")
@@ -135,6 +238,9 @@ def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_cl
             f"{tuple(input_shape)}")
     if len(y) != len(x):
         raise DataFormatError(f"{what}: {len(x)} examples but {len(y)} labels")
+    if np.iscomplexobj(x) or np.iscomplexobj(y):
+        raise DataFormatError(f"{what}: complex-valued {'x' if np.iscomplexobj(x) else 'y'} "
+                              "(dtype complex); expected real numbers")
     if not np.issubdtype(x.dtype, np.number):
         raise DataFormatError(f"{what}: x has dtype {x.dtype}, expected numbers")
     x = x.astype(np.float32)

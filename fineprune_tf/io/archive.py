@@ -69,37 +69,39 @@ def _check_sizes(path: pathlib.Path, infos: list[zipfile.ZipInfo], limits: LoadL
 
 
 def rebuild_keras_archive(path: pathlib.Path, destination: pathlib.Path,
-                          limits: LoadLimits) -> dict:
+                          limits: LoadLimits, shown: pathlib.Path | None = None) -> dict:
     """Checks the ``.keras`` zip at ``path``, copies its members into a new zip at
-    ``destination`` (a private directory) and returns the parsed ``config.json``.
+    ``destination`` (a private directory) and returns the parsed ``config.json``; messages
+    name ``shown`` (default ``path``).
 
     Raises:
       ModelFormatError: not a readable ``.keras`` zip.
       UnsafeModelError: refused member names.
       LoadLimitError: a declared size over the limits.
     """
+    shown = shown or path
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             if len(infos) > limits.files:
-                raise LoadLimitError(f"{path}: {len(infos)} archive members, over the limit "
+                raise LoadLimitError(f"{shown}: {len(infos)} archive members, over the limit "
                                      f"of {limits.files}")
             if "config.json" not in [info.filename for info in infos]:
                 raise ModelFormatError(
-                    f"{path}: a zip file without config.json is not a Keras .keras model")
+                    f"{shown}: a zip file without config.json is not a Keras .keras model")
             findings = _member_findings(infos, limits)
             if findings:
-                raise UnsafeModelError(path, findings, "The archive is malformed.")
-            _check_sizes(path, infos, limits)
-            config = read_json_bounded(archive.read("config.json"), f"{path}: config.json")
+                raise UnsafeModelError(shown, findings, "The archive is malformed.")
+            _check_sizes(shown, infos, limits)
+            config = read_json_bounded(archive.read("config.json"), f"{shown}: config.json")
             if not isinstance(config, dict):
-                raise ModelFormatError(f"{path}: config.json is not a JSON object")
+                raise ModelFormatError(f"{shown}: config.json is not a JSON object")
             with zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as copy:
                 for info in infos:
                     _copy_member(archive, info, copy)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
             OSError) as error:
-        raise ModelFormatError(f"{path}: not a readable Keras .keras file "
+        raise ModelFormatError(f"{shown}: not a readable Keras .keras file "
                                f"({type(error).__name__}: {error})") from None
     return config
 

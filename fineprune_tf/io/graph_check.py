@@ -208,20 +208,22 @@ def inspect_meta_graph(meta_graph, allow_tf1: bool = False) -> list[Finding]:
     return findings
 
 
-def read_saved_model_proto(path: pathlib.Path,
-                           limits: LoadLimits) -> saved_model_pb2.SavedModel:
-    """Parses ``saved_model.pb`` (or ``.pbtxt``) of the directory ``path``."""
+def read_saved_model_proto(path: pathlib.Path, limits: LoadLimits,
+                           shown: pathlib.Path | None = None) -> saved_model_pb2.SavedModel:
+    """Parses ``saved_model.pb`` (or ``.pbtxt``) of the directory ``path`` (messages name
+    ``shown``, default ``path``)."""
+    shown = shown or path
     proto = saved_model_pb2.SavedModel()
     pb, pbtxt = path / "saved_model.pb", path / "saved_model.pbtxt"
     source = pb if pb.is_file() else pbtxt if pbtxt.is_file() else None
     if source is None:
         raise ModelFormatError(
-            f"{path}: directory without saved_model.pb (or .pbtxt): not a TF SavedModel"
+            f"{shown}: directory without saved_model.pb (or .pbtxt): not a TF SavedModel"
             + (" (it has config.json: an unzipped .keras? zip it or pass the .keras file)"
                if (path / "config.json").exists() else ""))
     if source.stat().st_size > limits.graph_bytes:
-        raise LoadLimitError(f"{source}: {source.stat().st_size:,} bytes, over the graph limit "
-                             f"of {limits.graph_bytes:,} bytes")
+        raise LoadLimitError(f"{shown / source.name}: {source.stat().st_size:,} bytes, over "
+                             f"the graph limit of {limits.graph_bytes:,} bytes")
     try:
         if source is pb:
             proto.ParseFromString(pb.read_bytes())
@@ -229,10 +231,10 @@ def read_saved_model_proto(path: pathlib.Path,
             text_format.Parse(pbtxt.read_text("utf-8"), proto)
     except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError,
             RecursionError) as error:
-        raise ModelFormatError(f"{path}: corrupt saved_model protobuf "
+        raise ModelFormatError(f"{shown}: corrupt saved_model protobuf "
                                f"({str(error)[:200]})") from None
     if not proto.meta_graphs:
-        raise ModelFormatError(f"{path}: SavedModel without any meta graph")
+        raise ModelFormatError(f"{shown}: SavedModel without any meta graph")
     return proto
 
 

@@ -58,7 +58,7 @@ def inspect_saved_model(path: str | os.PathLike, limits: LoadLimits | None = Non
     return inspect_saved_model_proto(proto, allow_tf1)
 
 
-def _sniff(path: pathlib.Path) -> str:
+def _sniff(path: pathlib.Path, shown: pathlib.Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(8)
     if head.startswith(_ZIP_MAGIC):
@@ -66,11 +66,12 @@ def _sniff(path: pathlib.Path) -> str:
     if head == _HDF5_MAGIC:
         return "h5"
     raise ModelFormatError(
-        f"{path}: not a model: expected a Keras .keras zip, a legacy Keras .h5 file or a TF "
+        f"{shown}: not a model: expected a Keras .keras zip, a legacy Keras .h5 file or a TF "
         "SavedModel directory")
 
 
-def _hdf5_config(path: pathlib.Path, limits: LoadLimits) -> object:
+def _hdf5_config(path: pathlib.Path, shown: pathlib.Path, limits: LoadLimits) -> object:
+    """The parsed ``model_config`` of the private copy ``path`` (messages name ``shown``)."""
     import h5py
 
     try:
@@ -78,27 +79,27 @@ def _hdf5_config(path: pathlib.Path, limits: LoadLimits) -> object:
             attribute = handle.attrs.get_id("model_config") \
                 if "model_config" in handle.attrs else None
             if attribute is None:
-                raise ModelFormatError(f"{path}: HDF5 file without a model_config (weights "
+                raise ModelFormatError(f"{shown}: HDF5 file without a model_config (weights "
                                        "only?): not a Keras model")
             if attribute.get_storage_size() > limits.config_bytes:
-                raise LoadLimitError(f"{path}: model_config is larger than the config limit "
+                raise LoadLimitError(f"{shown}: model_config is larger than the config limit "
                                      f"of {limits.config_bytes:,} bytes")
             raw = handle.attrs["model_config"]
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
         if isinstance(error, ModelFormatError):
             raise
-        raise ModelFormatError(f"{path}: unreadable HDF5 file ({type(error).__name__}: "
+        raise ModelFormatError(f"{shown}: unreadable HDF5 file ({type(error).__name__}: "
                                f"{str(error)[:200]})") from None
     if hasattr(raw, "item") and getattr(raw, "shape", None) == ():
         raw = raw.item()
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if not isinstance(raw, str):
-        raise ModelFormatError(f"{path}: model_config is a {type(raw).__name__}, not a JSON "
+        raise ModelFormatError(f"{shown}: model_config is a {type(raw).__name__}, not a JSON "
                                "string")
-    config = read_json_bounded(raw, f"{path}: model_config")
+    config = read_json_bounded(raw, f"{shown}: model_config")
     if not isinstance(config, dict):
-        raise ModelFormatError(f"{path}: model_config is not a JSON object")
+        raise ModelFormatError(f"{shown}: model_config is not a JSON object")
     return config
 
 
@@ -137,10 +138,10 @@ def _keras_file(path: pathlib.Path, shown: pathlib.Path, workdir: pathlib.Path,
                 allow_unsafe: bool, compile: bool, limits: LoadLimits, isolate: bool):
     if path.stat().st_size == 0:
         raise ModelFormatError(f"{shown}: empty file: not a model")
-    kind = _sniff(path)
+    kind = _sniff(path, shown)
     if kind == "keras":
         copy = workdir / "model.keras"
-        config = rebuild_keras_archive(path, copy, limits)
+        config = rebuild_keras_archive(path, copy, limits, shown)
         findings = inspect_keras_config(config)
     else:
         if path.stat().st_size > limits.weights_bytes:
@@ -148,7 +149,7 @@ def _keras_file(path: pathlib.Path, shown: pathlib.Path, workdir: pathlib.Path,
                                  f"limit of {limits.weights_bytes:,} bytes")
         copy = workdir / "model.h5"
         shutil.copyfile(path, copy)
-        findings = inspect_keras_config(_hdf5_config(copy, limits), legacy=True)
+        findings = inspect_keras_config(_hdf5_config(copy, shown, limits), legacy=True)
     if findings and not allow_unsafe:
         raise UnsafeModelError(shown, findings, _KERAS_HINT)
     return _load_checked(kind, copy, workdir, shown, allow_unsafe, compile, limits, isolate)
@@ -158,7 +159,7 @@ def _saved_model(path: pathlib.Path, workdir: pathlib.Path, allow_unsafe: bool,
                  prefer_keras: bool, compile: bool, limits: LoadLimits, isolate: bool):
     copy = workdir / "saved_model"
     copy_saved_model_dir(path, copy, limits)
-    proto = read_saved_model_proto(copy, limits)
+    proto = read_saved_model_proto(copy, limits, path)
     findings = inspect_saved_model_proto(proto, allow_tf1=allow_unsafe)
     if findings and not allow_unsafe:
         raise UnsafeModelError(path, findings, _GRAPH_HINT)
