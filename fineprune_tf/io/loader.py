@@ -128,7 +128,7 @@ def _load_checked(kind: str, copy: pathlib.Path, workdir: pathlib.Path, shown: p
             raise UnsafeModelError(shown, [Finding("config", "?", "keras", str(error)[:300])],
                                    "Keras safe mode refused the file.") from None
         raise ModelFormatError(f"{shown}: could not be loaded ({type(error).__name__}: "
-                               f"{str(error)[:300]})") from None
+                               f"{' '.join(str(error).split())[:300]})") from None
     if isinstance(loaded, SavedModelPredictor):
         loaded.path, loaded.name = shown, shown.name
     return loaded

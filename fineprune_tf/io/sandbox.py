@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 
-from .errors import LoadLimitError, ModelFormatError, UnsafeModelError
+from .errors import Finding, LoadLimitError, ModelFormatError, UnsafeModelError
 from .limits import LoadLimits, MiB
 
 __all__ = ["trial_load"]
@@ -65,13 +65,14 @@ def trial_load(kind: str, path: pathlib.Path, workdir: pathlib.Path, limits: Loa
         _raise_for_dead_child(done, limits, shown)
     if result["ok"]:
         return
-    error_type, message = result["type"], result["message"]
+    error_type, message = result["type"], " ".join(str(result["message"]).split())[:400]
     if error_type in ("MemoryError", "ResourceExhaustedError"):
         raise LoadLimitError(
             f"{shown}: loading needs more than the memory limit of "
             f"{limits.memory_bytes // MiB:,} MiB ({error_type})")
-    if error_type == "UnsafeModelError":
-        raise UnsafeModelError(shown, [], message)
+    if "safe_mode" in message or "unsafe" in message.lower():
+        raise UnsafeModelError(shown, [Finding("config", "?", "keras", message)],
+                               "Keras safe mode refused the file.")
     raise ModelFormatError(f"{shown}: could not be loaded ({error_type}: {message})")
 
 

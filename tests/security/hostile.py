@@ -163,10 +163,15 @@ class _Resource(tf.saved_model.experimental.TrackableResource):
         return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="")
 
     def _initialize(self):
-        result = self._body()  # the assignment depends on it, so the runtime cannot prune it
-        with tf.control_dependencies([] if result is None else tf.nest.flatten(result)):
-            return tf.raw_ops.AssignVariableOp(resource=self.resource_handle,
-                                               value=tf.constant(1.0))
+        # The assigned value depends on the body's result (or, for an op without outputs, the
+        # assignment on the op), so neither the runtime nor grappler can prune it.
+        result = self._body()
+        value = tf.constant(1.0)
+        if isinstance(result, tf.Tensor):
+            value += 0.0 * tf.reduce_sum(tf.cast(result, tf.float32))
+        with tf.control_dependencies([] if isinstance(result, tf.Tensor) or result is None
+                                     else [result]):
+            return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=value)
 
 
 class _WithInitializer(tf.Module):
@@ -206,12 +211,13 @@ def abort_silently():
 
 def endless_loop():
     """Row 4: only allowlisted ops, so it is stopped by the time limit."""
-    return lambda: tf.while_loop(lambda i: i >= 0, lambda i: i + 1, [tf.constant(0)])
+    return lambda: tf.while_loop(lambda i: i >= 0, lambda i: i + 1, [tf.constant(0)])[0]
 
 
 def memory_bomb():
-    """64 GiB of zeros from allowlisted ops: stopped by the memory limit."""
-    return lambda: tf.reduce_sum(tf.fill(tf.constant([1 << 34], tf.int64), 1.0))
+    """64 GiB of random numbers from allowlisted ops (stateful, so not constant-folded):
+    stopped by the memory limit."""
+    return lambda: tf.reduce_sum(tf.random.uniform(tf.constant([1 << 34], tf.int64)))
 
 
 class _Sampler(tf.Module):

@@ -39,7 +39,7 @@ HOSTILE_MODELS = [
     pytest.param(lambda root: hostile.lambda_spelled_as_api_path(root, root / "w.png"),
                  "Lambda", (), id="spelled-lambda"),
     pytest.param(lambda root: hostile.tf1_saved_model(root, root / "pwned"), "TF1 SavedModel",
-                 (), id="tf1-restore-writes"),
+                 (), id="tf1-restore-writes", marks=pytest.mark.slow),
     pytest.param(lambda root: hostile.weights_bomb(root, 96 << 20), "declares", (
         "--max_weights_mb=64",), id="weights-bomb"),
     pytest.param(lambda root: hostile.saved_model_with_initializer(
@@ -78,21 +78,34 @@ def test_cli_refuses_bad_data(watched, name, make, words):
     refused_by_cli(watched, model, watched.root / name, words)
 
 
-def test_cli_refuses_a_foreign_non_empty_output_folder(watched, clean_npz):
-    """Row 9: the user's files in --output_dir were deleted; now the folder is refused."""
+def foreign_folder(watched):
     model = hostile.benign_keras(watched.root)
     out = watched.root / "results"
     out.mkdir()
     (out / "thesis.tex").write_text("years of work")
     (out / "report.json").write_text("{}")
     watched.freeze()
-    for overwrite in ([], ["--overwrite"]):
-        result, _ = run_cli([f"--model={model}", f"--clean_data={clean_npz}",
-                             f"--output_dir={out}", *overwrite], cwd=watched.root)
-        lines = error_lines(result.stderr)
-        assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-        assert "not empty and is not a previous run" in lines[0]
+    return model, out
+
+
+def test_cli_refuses_a_foreign_non_empty_output_folder_even_with_overwrite(watched, clean_npz):
+    """Row 9: the user's files in --output_dir were deleted; now the folder is refused."""
+    model, out = foreign_folder(watched)
+    result, _ = run_cli([f"--model={model}", f"--clean_data={clean_npz}",
+                         f"--output_dir={out}", "--overwrite"], cwd=watched.root)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "not empty and is not a previous run" in lines[0]
     watched.assert_unchanged()
+
+
+@pytest.mark.slow
+def test_cli_foreign_folder_without_overwrite_and_verbosity(watched, clean_npz):
+    model, out = foreign_folder(watched)
+    result, _ = run_cli([f"--model={model}", f"--clean_data={clean_npz}",
+                         f"--output_dir={out}"], cwd=watched.root)
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1
+    assert "Traceback" not in result.stderr
     result, _ = run_cli([f"--model={model}", f"--clean_data={watched.root / 'nope.npz'}",
                          f"--output_dir={watched.root / 'r2'}", "--verbosity=1"],
                         cwd=watched.root)
