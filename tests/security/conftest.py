@@ -17,10 +17,6 @@ CHILD_SECONDS = 120.0
 CHILD_MEMORY = 3 << 30
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: long-running test (deselect with -m 'not slow')")
-
-
 def tree_state(root: pathlib.Path) -> dict[str, str]:
     """Every path under ``root`` (files by content hash, folders and links by kind)."""
     state = {}

@@ -12,6 +12,8 @@ from PIL import Image
 from fineprune_tf import cleaning, defenses
 from fineprune_tf.io import LoadLimits
 
+pytestmark = pytest.mark.subprocess
+
 LIMIT_FLAGS = [f"--load_timeout={CHILD_SECONDS:g}", f"--load_memory_mb={CHILD_MEMORY >> 20}"]
 
 

@@ -58,6 +58,7 @@ def test_serving_function_sampling_from_a_file(watched):
     watched.assert_unchanged()
 
 
+@pytest.mark.subprocess
 def test_abort_is_refused_and_even_when_allowed_is_not_a_silent_exit(watched):
     path = hostile.saved_model_with_initializer(watched.root, "abort_sm",
                                                 hostile.abort_silently())
@@ -67,6 +68,7 @@ def test_abort_is_refused_and_even_when_allowed_is_not_a_silent_exit(watched):
     watched.assert_unchanged()
 
 
+@pytest.mark.subprocess
 def test_endless_loop_is_stopped_by_the_time_limit(watched):
     path = hostile.saved_model_with_initializer(watched.root, "loop_sm", hostile.endless_loop())
     watched.freeze()
@@ -76,6 +78,7 @@ def test_endless_loop_is_stopped_by_the_time_limit(watched):
     watched.assert_unchanged()
 
 
+@pytest.mark.subprocess
 def test_memory_bomb_is_stopped_by_the_memory_limit(watched):
     path = hostile.saved_model_with_initializer(watched.root, "bomb_sm", hostile.memory_bomb())
     watched.freeze()
@@ -173,6 +176,7 @@ def test_unexpected_archive_members_are_refused(watched):
     watched.assert_unchanged()
 
 
+@pytest.mark.subprocess
 def test_huge_layer_is_stopped_by_the_memory_limit(watched):
     path = hostile.huge_dense(watched.root)
     watched.freeze()
@@ -191,6 +195,7 @@ def test_h5_with_a_malformed_model_config(watched, value):
 # ---------------------------------------------------------------- benign controls
 
 
+@pytest.mark.subprocess
 def test_benign_models_still_load(watched):
     upper = hostile.benign_keras(watched.root, "m.KERAS")
     exported = watched.root / "exported"
