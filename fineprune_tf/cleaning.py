@@ -220,7 +220,9 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
         [pathlib.Path(backdoor_data)] if backdoor_data else [])
     previous = _check_output_dir(output_dir, inputs, overwrite)
 
-    progress(f"loading {model_path} (safe mode)")
+    progress(f"loading {model_path} ("
+             + ("allow_unsafe: refusals skipped, limits kept" if allow_unsafe else "safe mode")
+             + ")")
     loaded = io.load_model(model_path, allow_unsafe=allow_unsafe, limits=load_limits)
     input_shape, classes = _check_model(loaded)
     layer_name = _choose_layer(loaded, layer)
