@@ -1,57 +1,66 @@
 """Keras 3 layers whose output channels (or units) can be pruned and whose activations can be
-measured in the same pass, through :func:`fineprune_tf.ops.masked_activation`.
+measured in the same pass.
 
 A pruned channel is multiplied by 0 *after* bias and activation, so neither its bias nor its
-weights reach the output, and the op's gradient is ``dy * mask * act'(z)``: fine-tuning cannot
-revive it.  The mask is a non-trainable weight saved with the model.
+weights reach the output, and the gradient is ``dy * mask * act'(z)``: fine-tuning cannot
+revive it.  The mask is a non-trainable weight saved with the model, after Keras' own
+variables.
+
+Backends: on TensorFlow the layers call :func:`fineprune_tf.ops.masked_activation` (the compiled
+op, or a composite XLA can fuse inside ``jit_compile``); on JAX and PyTorch the same composite
+is written in ``keras.ops``.  Everything else in fineprune_tf (defenses, curves, export,
+scripts) is TensorFlow-only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import activations, ops
 
 from fineprune_tf import ops as fp_ops
 
-__all__ = ["MaskedConv2D", "MaskedDense", "MaskedLayerMixin", "masked_layers"]
+__all__ = ["MaskedConv2D", "MaskedDense", "MaskedLayerMixin", "StatsSink", "masked_layers"]
 
-# Activations the fused op applies itself; any other activation runs in TF before a "linear" op.
+# Activations the masking applies itself; any other activation runs before a "linear" masking.
 _FUSED = {activations.relu: "relu", activations.linear: "linear"}
 
 
-class StatsRecorder:
-    """Per-channel accumulators, attached to a layer only while statistics are collected.
+class StatsSink(Protocol):
+    """What :meth:`MaskedLayerMixin.recording_stats` passes each call's statistics to.
 
-    Plain ``tf.Variable``s in float64 (not Keras weights: they are scratch state and must not be
-    saved with the model).  Shapes ``[C]``; ``elements`` counts entries per channel (N*H*W summed
-    over batches).  They are on-read SUM variables, as Keras metrics are: under a
-    ``tf.distribute`` strategy each replica accumulates its own share and reading sums them.
+    ``add`` receives float32 ``[C]`` sums of ``a``, of ``a**2`` and of ``a > 0`` over one call's
+    non-channel axes (``a = act(z)``, before the mask), and the number of entries per channel in
+    that call (a scalar).  :mod:`fineprune_tf.stats` holds the implementations.
     """
 
-    def __init__(self, channels: int):
-        def zeros(shape):
-            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False,
-                               synchronization=tf.VariableSynchronization.ON_READ,
-                               aggregation=tf.VariableAggregation.SUM)
+    def add(self, channel_sum, channel_sum_sq, positive_count, entries) -> None: ...
 
-        self.sum, self.sum_sq, self.positive = zeros([channels]), zeros([channels]), zeros(
-            [channels])
-        self.elements = zeros([])
 
-    def reset(self) -> None:
-        for variable in (self.sum, self.sum_sq, self.positive, self.elements):
-            variable.assign(tf.zeros_like(variable))
+def _masked_activation(z, mask, activation: str, compute_stats: bool):
+    """``(act(z) * mask, stats or None)`` on the current Keras backend.
 
-    def add(self, result: fp_ops.MaskedActivationResult, z: tf.Tensor) -> None:
-        self.sum.assign_add(tf.cast(result.channel_sum, tf.float64))
-        self.sum_sq.assign_add(tf.cast(result.channel_sum_sq, tf.float64))
-        self.positive.assign_add(tf.cast(result.positive_count, tf.float64))
-        per_channel = tf.size(z, out_type=tf.int64) // tf.cast(tf.shape(z)[-1], tf.int64)
-        self.elements.assign_add(tf.cast(per_channel, tf.float64))
+    TensorFlow takes the compiled op (or its composite); other backends the ``keras.ops``
+    composite, whose autodiff gives ``dy * mask * act'(z)`` with ``act'(0) = 0``.
+    """
+    mask = ops.stop_gradient(ops.cast(mask, z.dtype))
+    if keras.backend.backend() == "tensorflow":
+        result = fp_ops.masked_activation(z, mask, activation=activation,
+                                          compute_stats=compute_stats)
+        stats = (result.channel_sum, result.channel_sum_sq,
+                 ops.cast(result.positive_count, "float32"))
+        return result.y, stats if compute_stats else None
+    activated = ops.relu(z) if activation == "relu" else z
+    y = activated * mask
+    if not compute_stats:
+        return y, None
+    flat = ops.reshape(ops.cast(ops.stop_gradient(activated), "float32"), (-1, z.shape[-1]))
+    return y, (ops.sum(flat, axis=0), ops.sum(ops.square(flat), axis=0),
+               ops.sum(ops.cast(flat > 0, "float32"), axis=0))
 
 
 class MaskedLayerMixin:
@@ -61,24 +70,47 @@ class MaskedLayerMixin:
         self._mask = self.add_weight(
             name="mask", shape=(channels,), initializer="ones", trainable=False,
             dtype=self.dtype)
-        self._stats_recorder = None
+        self._stats_sink = None
 
     def _masked_output(self, outputs):
         fused = _FUSED.get(self.activation)
         if fused is None:
             outputs, fused = self.activation(outputs), "linear"
-        recorder = getattr(self, "_stats_recorder", None)
-        result = fp_ops.masked_activation(
-            outputs, ops.cast(self._mask, outputs.dtype), activation=fused,
-            compute_stats=recorder is not None)
-        if recorder is not None:
-            recorder.add(result, outputs)
-        return result.y
+        sink = getattr(self, "_stats_sink", None)
+        y, stats = _masked_activation(outputs, self._mask, fused, compute_stats=sink is not None)
+        if sink is not None:
+            entries = ops.cast(ops.size(outputs), "float32") / float(self.channels)
+            sink.add(*stats, entries)
+        return y
+
+    @contextlib.contextmanager
+    def recording_stats(self, sink: StatsSink) -> Iterator[StatsSink]:
+        """Within the block, each call of the layer passes its channel statistics to ``sink``.
+
+        Only calls *traced or run* inside the block record: a ``tf.function`` traced outside
+        it (``model.predict``'s, say) never does.  :func:`fineprune_tf.stats.collect` is built on
+        this; use it directly to record inside your own loop::
+
+            with layer.recording_stats(recorder):
+                model(x)
+        """
+        if getattr(self, "_stats_sink", None) is not None:
+            raise RuntimeError(f"{self.name}: statistics are already being recorded")
+        self._stats_sink = sink
+        try:
+            yield sink
+        finally:
+            self._stats_sink = None
 
     @property
     def channels(self) -> int:
         """Number of output channels (conv filters or dense units)."""
         return int(self._mask.shape[0])
+
+    @property
+    def mask_variable(self) -> keras.Variable:
+        """The non-trainable ``[C]`` mask weight itself (to tell it from kernel and bias)."""
+        return self._mask
 
     @property
     def mask(self) -> np.ndarray:
@@ -127,31 +159,28 @@ class MaskedLayerMixin:
         mask[slice(None) if channels is None else self._channel_indices(channels)] = 1.0
         self.set_mask(mask)
 
-    # Keras' Conv/Dense save only (kernel, bias); the mask is saved after them.
+    # keras-hub's pattern for an extra variable: Keras' own (kernel[, bias]) first, the mask
+    # appended at the next free index.  Files written before this change hold the same
+    # (kernel, bias, mask) layout, so they load unchanged.
     def save_own_variables(self, store) -> None:
         if not self.built:
             return
-        for index, variable in enumerate(self._masked_variables()):
-            store[str(index)] = variable
+        super().save_own_variables(store)
+        store[str(len(store.keys()))] = self._mask
 
     def load_own_variables(self, store) -> None:
-        variables = self._masked_variables()
-        if len(store.keys()) != len(variables):
-            raise ValueError(
-                f"Layer {self.name!r} expected {len(variables)} variables "
-                f"(kernel, bias, mask), but the file has {len(store.keys())}")
-        for index, variable in enumerate(variables):
-            variable.assign(store[str(index)])
-
-    def _masked_variables(self) -> list:
-        variables = [self._kernel]
-        if self.use_bias:
-            variables.append(self.bias)
-        return [*variables, self._mask]
+        super().load_own_variables(store)  # Checks the count (mask included) first.
+        if self.built:
+            self._mask.assign(store[str(len(store.keys()) - 1)])
 
     def _check_supported(self) -> None:
         if getattr(self, "lora_rank", None):
-            raise ValueError(f"{type(self).__name__} does not support LoRA (lora_rank)")
+            raise ValueError(
+                f"{type(self).__name__} does not support LoRA. Received: "
+                f"lora_rank={self.lora_rank}")
+        # Said explicitly because Keras' "auto" jit choice trusts it: the layer is XLA-safe on
+        # every backend (TensorFlow switches to the composite inside an XLA cluster).
+        self.supports_jit = True
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")
@@ -166,8 +195,8 @@ class MaskedConv2D(MaskedLayerMixin, keras.layers.Conv2D):
         super().__init__(*args, **kwargs)
         if self.data_format != "channels_last":
             raise ValueError(
-                f"MaskedConv2D supports data_format='channels_last' only, got "
-                f"{self.data_format!r}")
+                "MaskedConv2D supports data_format='channels_last' only. Received: "
+                f"data_format={self.data_format!r}")
         self._check_supported()
 
     def build(self, input_shape):
@@ -193,7 +222,8 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Dense):
     def build(self, input_shape):
         if len(input_shape) != 2:
             raise ValueError(
-                f"MaskedDense expects a rank-2 input [N, D]; got shape {tuple(input_shape)}")
+                "MaskedDense expects a rank-2 input [N, D]. Received: "
+                f"input_shape={tuple(input_shape)}")
         super().build(input_shape)
         self._build_mask(self.units)
 

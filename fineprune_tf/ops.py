@@ -13,8 +13,11 @@ the same as an inference pass.  The gradient is ``dz = dy * mask * act'(z)`` (``
 ``tf.nn.relu``), so a pruned channel receives exactly zero gradient.
 
 Backends: the compiled library ``_fineprune_ops.so`` built by ``pip install`` (C++ CPU kernel,
-plus CUDA kernels when built with nvcc); otherwise an exact pure-TensorFlow fallback.
-``FINEPRUNE_FORCE_TF_OPS=1`` forces the fallback.
+plus CUDA kernels when built with nvcc); otherwise a pure-TensorFlow composite with the same
+outputs and gradients.  ``FINEPRUNE_FORCE_TF_OPS=1`` forces the composite.  The composite is
+also what runs inside an XLA cluster (``tf.function(jit_compile=True)``, Keras
+``compile(jit_compile=True)``, or ``"auto"`` on a GPU machine): the compiled op has no XLA
+kernel, and XLA fuses the composite into the convolution's epilogue.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import tensorflow as tf
 from absl import logging
 
 __all__ = ["ACTIVATIONS", "MaskedActivationResult", "backend", "built_with_cuda",
-           "masked_activation", "reference_masked_activation"]
+           "composite_masked_activation", "in_xla_context", "masked_activation",
+           "reference_masked_activation"]
 
 ACTIVATIONS = ("relu", "linear")
 _LIBRARY_NAME = "_fineprune_ops.so"
@@ -117,12 +121,32 @@ def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:
             f"(z shape {z.shape})")
 
 
+def in_xla_context() -> bool:
+    """Whether the code being traced now will be compiled by XLA.
+
+    ``tf.function(jit_compile=True)`` (which Keras' ``compile(jit_compile=True)`` and the
+    ``"auto"`` choice on GPU machines use) traces its Python function inside an XLA control-flow
+    context, and nested functions inherit it; asking the default graph is the one check that
+    sees every way in.  TensorFlow has no public equivalent, so this is the one private access
+    of the module; if it moves, the answer is False and the compiled op is used as before.
+    """
+    try:
+        from tensorflow.python.framework import ops as tf_framework_ops
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow that moved the module
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf_framework_ops.get_default_graph()))
+
+
 def masked_activation(z, mask, activation: str = "relu",
                       compute_stats: bool = True) -> MaskedActivationResult:
     """Applies ``act(z) * mask`` and returns per-channel statistics of ``act(z)``.
 
+    Uses the compiled op when it is loaded, ``z`` is float32 or float16 and the caller is not
+    inside an XLA cluster; otherwise :func:`composite_masked_activation` (same results).
+
     Args:
-      z: float32 or float16 tensor ``[N, H, W, C]`` or ``[N, C]`` (pre-activation).
+      z: float tensor ``[N, H, W, C]`` or ``[N, C]`` (pre-activation).
       mask: tensor ``[C]``, 1 keeps a channel, 0 prunes it; cast to ``z.dtype``.
       activation: ``"relu"`` or ``"linear"``.
       compute_stats: when False the statistics outputs are zeros (saves the reduction).
@@ -133,10 +157,36 @@ def masked_activation(z, mask, activation: str = "relu",
     z = tf.convert_to_tensor(z)
     mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
     _check_inputs(z, mask, activation)
-    if _MODULE is not None and z.dtype in (tf.float32, tf.float16):
+    if _MODULE is not None and z.dtype in (tf.float32, tf.float16) and not in_xla_context():
         return MaskedActivationResult(*_MODULE.fineprune_masked_activation(
             z=z, mask=mask, activation=activation, compute_stats=compute_stats))
-    return reference_masked_activation(z, mask, activation, compute_stats)
+    return composite_masked_activation(z, mask, activation, compute_stats)
+
+
+def composite_masked_activation(z, mask, activation: str = "relu",
+                                compute_stats: bool = True) -> MaskedActivationResult:
+    """The fast pure-TensorFlow path: plain ops that XLA and Grappler fuse.
+
+    One reshape to ``[-1, C]``, float32 reductions (the positive count is summed as float32,
+    exact up to 2**24 entries per channel per call, and cast to int64 once), no assertion op
+    (shapes are checked statically; a mismatch at run time fails in the multiply), and no
+    custom gradient: autodiff of ``act(z) * mask`` is already ``dy * mask * act'(z)``, with
+    ``act'(0) = 0`` for ReLU, and the mask is behind ``stop_gradient``.
+    """
+    z = tf.convert_to_tensor(z)
+    mask = tf.stop_gradient(tf.cast(tf.convert_to_tensor(mask), z.dtype))
+    _check_inputs(z, mask, activation)
+    activated = tf.nn.relu(z) if activation == "relu" else z
+    y = activated * mask
+    channels = tf.shape(z)[-1]
+    if not compute_stats:
+        zeros = tf.zeros([channels], tf.float32)
+        return MaskedActivationResult(y, zeros, zeros, tf.zeros([channels], tf.int64))
+    flat = tf.reshape(tf.cast(tf.stop_gradient(activated), tf.float32), [-1, channels])
+    positive = tf.reduce_sum(tf.cast(flat > 0, tf.float32), axis=0)
+    return MaskedActivationResult(
+        y, tf.reduce_sum(flat, axis=0), tf.reduce_sum(tf.square(flat), axis=0),
+        tf.cast(positive, tf.int64))
 
 
 def _activation_grad(z: tf.Tensor, activation: str) -> tf.Tensor:
@@ -147,7 +197,12 @@ def _activation_grad(z: tf.Tensor, activation: str) -> tf.Tensor:
 
 def reference_masked_activation(z, mask, activation: str = "relu",
                                 compute_stats: bool = True) -> MaskedActivationResult:
-    """The pure-TensorFlow implementation: same outputs and gradients as the compiled op."""
+    """The slow, literal pure-TensorFlow definition, kept for equality tests only.
+
+    int64 counts, a run-time shape assertion and an explicit custom gradient spell out the
+    op's contract; :func:`composite_masked_activation` is what users without the compiled op
+    run.
+    """
     z = tf.convert_to_tensor(z)
     mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
     _check_inputs(z, mask, activation)

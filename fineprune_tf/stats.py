@@ -1,12 +1,15 @@
 """Per-channel activation statistics of masked layers over a data set, in one pass.
 
-The compiled op reduces each batch to three ``[C]`` vectors inside the layer; only those are
-accumulated, so no activation tensor is ever kept.
+Each masked layer reduces a batch to three ``[C]`` vectors as it runs (see
+:meth:`fineprune_tf.layers.MaskedLayerMixin.recording_stats`); only those are accumulated, so no
+activation tensor is ever kept.  TensorFlow accumulates in float64 on-read variables (summed
+over ``tf.distribute`` replicas); JAX and PyTorch return each batch's sums from a compiled
+forward and accumulate them in float64 on the host.
 """
 
 from __future__ import annotations
 
-import weakref
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,9 +17,64 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fineprune_tf.layers import MaskedLayerMixin, StatsRecorder, masked_layers
+from fineprune_tf.layers import MaskedLayerMixin, masked_layers
 
-__all__ = ["ChannelStats", "collect", "as_dataset"]
+__all__ = ["BatchStats", "ChannelStats", "StatsCollector", "StatsRecorder", "as_dataset",
+           "collect"]
+
+
+class StatsRecorder:
+    """TensorFlow accumulators of one layer's statistics, a sink for ``recording_stats``.
+
+    Plain ``tf.Variable``s in float64 (not Keras weights: they are scratch state and must not be
+    saved with the model).  Shapes ``[C]``; ``entries`` counts entries per channel (N*H*W summed
+    over batches).  They are on-read SUM variables, as Keras metrics are: under a
+    ``tf.distribute`` strategy each replica accumulates its own share and reading sums them.
+    """
+
+    def __init__(self, channels: int):
+        def zeros(shape):
+            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False,
+                               synchronization=tf.VariableSynchronization.ON_READ,
+                               aggregation=tf.VariableAggregation.SUM)
+
+        self.sum, self.sum_sq, self.positive = (zeros([channels]) for _ in range(3))
+        self.entries = zeros([])
+
+    def variables(self) -> list[tf.Variable]:
+        return [self.sum, self.sum_sq, self.positive, self.entries]
+
+    def reset(self) -> None:
+        for variable in self.variables():
+            variable.assign(tf.zeros_like(variable))
+
+    def add(self, channel_sum, channel_sum_sq, positive_count, entries) -> None:
+        for variable, value in zip(self.variables(),
+                                   (channel_sum, channel_sum_sq, positive_count, entries),
+                                   strict=True):
+            variable.assign_add(tf.cast(value, tf.float64))
+
+
+class BatchStats:
+    """A sink that keeps the sums of the calls traced while it records, as backend tensors.
+
+    A forward function returns :meth:`totals` as its output (JAX and PyTorch), so nothing is
+    stored between calls.  A layer called twice in one forward (shared) adds both calls.
+    """
+
+    def __init__(self):
+        self._totals = None
+
+    def add(self, channel_sum, channel_sum_sq, positive_count, entries) -> None:
+        values = (channel_sum, channel_sum_sq, positive_count, entries)
+        self._totals = values if self._totals is None else tuple(
+            keras.ops.add(a, b) for a, b in zip(self._totals, values, strict=True))
+
+    def totals(self) -> tuple:
+        """``(sum, sum_sq, positive, entries)`` of this forward; raises if the layer never ran."""
+        if self._totals is None:
+            raise ValueError("the layer was not called while its statistics were recorded")
+        return self._totals
 
 
 @dataclass(frozen=True)
@@ -67,82 +125,150 @@ def _select(model: keras.Model, layer_names: Sequence[str] | None) -> list[Maske
     return [by_name[name] for name in layer_names]
 
 
-# One traced step per (model, layers): re-tracing per call would cost more than small passes.
-_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+@contextlib.contextmanager
+def _recording(layers: list[MaskedLayerMixin], sinks: dict):
+    with contextlib.ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(layer.recording_stats(sinks[layer.name]))
+        yield
 
 
-def _recording_step(model: keras.Model, layers: list[MaskedLayerMixin]):
-    """A ``tf.function`` running ``model`` with recorders attached to ``layers``.
+class StatsCollector:
+    """Collects channel statistics of some masked layers of one model, as often as asked.
 
-    The recorders are attached only while the function traces, so the graph it builds (and no
-    other, e.g. ``model.predict``'s) updates them.
+    Builds (traces, compiles) its forward pass once; keep the object to reuse it across
+    :meth:`collect` calls.  Nothing is stored on the model.
+
+    Args:
+      model: a Keras model containing MaskedConv2D / MaskedDense layers.
+      layer_names: layers to measure (default: every masked layer).
+      jit_compile: compile the pass with XLA (TensorFlow; JAX always does).  Default: the
+        model's own ``compile(jit_compile=...)`` choice, False when it is not compiled.
     """
-    strategy = tf.distribute.get_strategy()
-    key = (tuple(layer.name for layer in layers), id(strategy))
-    cached = _STEPS.setdefault(model, {})
-    if key not in cached:
-        with strategy.scope():
-            recorders = {layer.name: StatsRecorder(layer.channels) for layer in layers}
 
+    def __init__(self, model: keras.Model, layer_names: Sequence[str] | None = None,
+                 jit_compile: bool | None = None):
+        self.model = model
+        self.layers = _select(model, layer_names)
+        if jit_compile is None:
+            jit_compile = bool(getattr(model, "compiled", False) and model.jit_compile)
+        self.jit_compile = jit_compile
+        self._backend = keras.backend.backend()
+        if self._backend == "tensorflow":
+            self._strategy = tf.distribute.get_strategy()
+            with self._strategy.scope():
+                self._recorders = {layer.name: StatsRecorder(layer.channels)
+                                   for layer in self.layers}
+            self._step = self._tensorflow_step()
+        else:
+            self._step = self._backend_step()
+
+    def _tensorflow_step(self):
+        """A ``tf.function`` running the model on every replica with the recorders attached.
+
+        The recorders are attached only while the function traces, so the graph it builds (and
+        no other, e.g. ``model.predict``'s) updates them.
+        """
         def replica_step(x):
-            for layer in layers:
-                layer._stats_recorder = recorders[layer.name]
-            try:
-                model(x, training=False)
-            finally:
-                for layer in layers:
-                    layer._stats_recorder = None
+            with _recording(self.layers, self._recorders):
+                self.model(x, training=False)
+
+        if self.jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
 
         @tf.function(reduce_retracing=True)
         def step(x):
-            strategy.run(replica_step, args=(x,))
+            self._strategy.run(replica_step, args=(x,))
 
-        cached[key] = (step, recorders)
-    return cached[key]
+        return step
+
+    def _backend_step(self):
+        """JAX / PyTorch: a forward returning ``{name: (sum, sum_sq, positive, entries)}``."""
+        model, layers = self.model, self.layers
+
+        def forward(trainable, non_trainable, x):
+            sinks = {layer.name: BatchStats() for layer in layers}
+            with _recording(layers, sinks):
+                model.stateless_call(trainable, non_trainable, x, training=False)
+            return {name: sink.totals() for name, sink in sinks.items()}
+
+        if self._backend == "jax":
+            import jax
+
+            forward = jax.jit(forward)
+        return lambda x: forward([v.value for v in model.trainable_variables],
+                                 [v.value for v in model.non_trainable_variables], x)
+
+    def collect(self, data, batch_size: int = 128) -> dict[str, ChannelStats]:
+        """Runs the model once over ``data`` and returns ``{layer name: ChannelStats}``.
+
+        ``data``: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), an array or
+        ``(x, y)``; ``batch_size`` applies to arrays.  Memory: one batch of activations per layer
+        at a time plus four ``[C]`` accumulators; ``data`` may stream.
+        """
+        dataset = as_dataset(data, batch_size)
+        if self._backend == "tensorflow":
+            totals = self._collect_tensorflow(dataset)
+        else:
+            totals = self._collect_backend(dataset)
+        return {name: _channel_stats(*values) for name, values in totals.items()}
+
+    def _collect_tensorflow(self, dataset: tf.data.Dataset) -> dict[str, list[np.ndarray]]:
+        strategy = tf.distribute.get_strategy()
+        if strategy is not self._strategy:
+            raise ValueError(
+                "this StatsCollector was built under another tf.distribute strategy; build a new "
+                "one inside the current strategy's scope")
+        for recorder in self._recorders.values():
+            recorder.reset()
+        if tf.distribute.has_strategy():
+            # Each replica gets its slice of every global batch; the recorders sum on read.
+            dataset = strategy.experimental_distribute_dataset(dataset)
+        for x in dataset:
+            self._step(x)
+        return {name: _replica_sum(strategy, recorder.variables())
+                for name, recorder in self._recorders.items()}
+
+    def _collect_backend(self, dataset: tf.data.Dataset) -> dict[str, list[np.ndarray]]:
+        totals = {layer.name: [0.0, 0.0, 0.0, 0.0] for layer in self.layers}
+        for x in dataset.as_numpy_iterator():
+            for name, values in self._step(x).items():
+                for index, value in enumerate(values):
+                    totals[name][index] = totals[name][index] + np.asarray(
+                        keras.ops.convert_to_numpy(value), np.float64)
+        return totals
+
+
+def _channel_stats(total, total_sq, positive, entries) -> ChannelStats:
+    count = float(entries)
+    if count == 0:
+        raise ValueError("the data set is empty: no statistics were collected")
+    mean = np.asarray(total, np.float64) / count
+    variance = np.maximum(np.asarray(total_sq, np.float64) / count - mean**2, 0.0)
+    return ChannelStats(mean=mean, std=np.sqrt(variance),
+                        dormant_fraction=1.0 - np.asarray(positive, np.float64) / count,
+                        count=int(count))
 
 
 def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
-            batch_size: int = 128) -> dict[str, ChannelStats]:
+            batch_size: int = 128, jit_compile: bool | None = None) -> dict[str, ChannelStats]:
     """Runs ``model`` once over ``data`` and returns each masked layer's channel statistics.
 
-    Inside a ``tf.distribute`` strategy's scope (the model built under it) the pass runs on
-    every replica and the statistics are summed across replicas.  Memory: one batch of
-    activations per layer at a time plus four ``[C]`` accumulators; ``data`` may stream.
+    A one-shot :class:`StatsCollector` (keep one yourself to collect repeatedly without
+    re-tracing).  Inside a ``tf.distribute`` strategy's scope (the model built under it) the
+    pass runs on every replica and the statistics are summed across replicas.
 
     Args:
       model: a Keras model containing MaskedConv2D / MaskedDense layers.
       data: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), an array or ``(x, y)``.
       layer_names: layers to measure (default: every masked layer).
       batch_size: batch size when ``data`` is an array.
+      jit_compile: see :class:`StatsCollector`.
 
     Returns:
       ``{layer name: ChannelStats}``.
     """
-    layers = _select(model, layer_names)
-    step, recorders = _recording_step(model, layers)
-    for recorder in recorders.values():
-        recorder.reset()
-    dataset = as_dataset(data, batch_size)
-    strategy = tf.distribute.get_strategy()
-    if tf.distribute.has_strategy():
-        # Each replica gets its slice of every global batch; the recorders sum on read.
-        dataset = strategy.experimental_distribute_dataset(dataset)
-    for x in dataset:
-        step(x)
-
-    result = {}
-    for name, recorder in recorders.items():
-        total, total_sq, positive, elements = _replica_sum(
-            strategy, [recorder.sum, recorder.sum_sq, recorder.positive, recorder.elements])
-        count = float(elements)
-        if count == 0:
-            raise ValueError("the data set is empty: no statistics were collected")
-        mean = total / count
-        variance = np.maximum(total_sq / count - mean**2, 0.0)
-        result[name] = ChannelStats(
-            mean=mean, std=np.sqrt(variance),
-            dormant_fraction=1.0 - positive / count, count=int(count))
-    return result
+    return StatsCollector(model, layer_names, jit_compile=jit_compile).collect(data, batch_size)
 
 
 def _replica_sum(strategy: tf.distribute.Strategy, variables: list) -> list[np.ndarray]:

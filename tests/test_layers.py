@@ -151,4 +151,4 @@ def test_stats_recording_does_not_stay_on_after_collect():
     model = small_model()
     x, _ = data()
     fp.stats.collect(model, x)
-    assert all(layer._stats_recorder is None for layer in fp.layers.masked_layers(model))
+    assert all(layer._stats_sink is None for layer in fp.layers.masked_layers(model))
