@@ -157,7 +157,7 @@ def masked_activation(z, mask, activation: str = "relu",
     z = tf.convert_to_tensor(z)
     mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
     _check_inputs(z, mask, activation)
-    if _MODULE is not None and z.dtype in (tf.float32, tf.float16) and not in_xla_context():
+    if not in_xla_context() and _MODULE is not None and z.dtype in (tf.float32, tf.float16):
         return MaskedActivationResult(*_MODULE.fineprune_masked_activation(
             z=z, mask=mask, activation=activation, compute_stats=compute_stats))
     return composite_masked_activation(z, mask, activation, compute_stats)

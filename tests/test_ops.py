@@ -394,3 +394,55 @@ def test_bazel_built_library_matches_reference():
         """, FINEPRUNE_FORCE_TF_OPS="1")
     assert result.returncode == 0, result.stderr[-5000:]
     assert "bazel-ok" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The composite: the fallback users without the compiled op run, and what runs inside XLA.
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 8), (5, 3), (3, 31, 29, 128), (1, 1, 1, 1)])
+@pytest.mark.parametrize("activation", ops.ACTIVATIONS)
+@pytest.mark.parametrize("compute_stats", [True, False])
+def test_composite_matches_numpy_and_reference(shape, activation, compute_stats):
+    rng = np.random.default_rng([len(shape), *shape, compute_stats, 3])
+    z, mask = random_inputs(rng, shape)
+    result = ops.composite_masked_activation(z, mask, activation, compute_stats)
+    assert_matches_numpy(result, z, mask, activation, compute_stats)
+    reference = ops.reference_masked_activation(z, mask, activation, compute_stats)
+    np.testing.assert_array_equal(result.y, reference.y)
+    np.testing.assert_array_equal(result.positive_count, reference.positive_count)
+
+
+@pytest.mark.parametrize("activation", ops.ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_composite_gradient_is_the_references_and_zero_on_pruned_channels(activation, dtype):
+    rng = np.random.default_rng(11)
+    z, mask = random_inputs(rng, (3, 5, 5, 12), dtype)
+    z[0, 0, 0, :] = 0  # act'(0) = 0 for ReLU, as tf.nn.relu and the compiled op.
+    dy = rng.standard_normal(z.shape).astype(dtype)
+    gradients = {}
+    for name, fn in [("composite", ops.composite_masked_activation),
+                     ("reference", ops.reference_masked_activation)]:
+        z_var, mask_var = tf.Variable(z), tf.Variable(mask)
+        with tf.GradientTape() as tape:
+            y = fn(z_var, mask_var, activation).y
+        dz, dmask = tape.gradient(y, [z_var, mask_var], output_gradients=tf.constant(dy))
+        assert dmask is None  # The mask is never differentiated.
+        gradients[name] = dz.numpy()
+    np.testing.assert_array_equal(gradients["composite"], gradients["reference"])
+    assert np.all(gradients["composite"][..., mask == 0] == 0)
+
+
+def test_composite_runs_inside_xla_and_masked_activation_picks_it_there():
+    rng = np.random.default_rng(5)
+    z, mask = random_inputs(rng, (4, 6, 6, 16))
+
+    @tf.function(jit_compile=True)
+    def compiled_by_xla(z, mask):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            result = ops.masked_activation(z, mask)
+        return result, tape.gradient(result.y, z)
+
+    result, dz = compiled_by_xla(tf.constant(z), tf.constant(mask))
+    assert_matches_numpy(result, z, mask, "relu")
+    np.testing.assert_array_equal(dz.numpy(), (z > 0) * mask[None, None, None, :])
