@@ -17,7 +17,9 @@ plus CUDA kernels when built with nvcc); otherwise a pure-TensorFlow composite w
 outputs and gradients.  ``FINEPRUNE_FORCE_TF_OPS=1`` forces the composite.  The composite is
 also what runs inside an XLA cluster (``tf.function(jit_compile=True)``, Keras
 ``compile(jit_compile=True)``, or ``"auto"`` on a GPU machine): the compiled op has no XLA
-kernel, and XLA fuses the composite into the convolution's epilogue.
+kernel, and XLA fuses the composite into the convolution's epilogue.  It is what a SavedModel
+records too (``tf.saved_model.save``, Keras' ``model.export``), so the artefact serves without
+the op library.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ import tensorflow as tf
 from absl import logging
 
 __all__ = ["ACTIVATIONS", "MaskedActivationResult", "backend", "built_with_cuda",
-           "composite_masked_activation", "in_xla_context", "masked_activation",
-           "reference_masked_activation"]
+           "composite_masked_activation", "in_saved_model_save", "in_xla_context",
+           "masked_activation", "reference_masked_activation"]
 
 ACTIVATIONS = ("relu", "linear")
 _LIBRARY_NAME = "_fineprune_ops.so"
@@ -121,14 +123,15 @@ def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:
             f"(z shape {z.shape})")
 
 
+# The two questions below have no public TensorFlow API; these functions are the module's only
+# private access.  If TensorFlow moves the modules, the answer is False and the compiled op is
+# used, as before.
 def in_xla_context() -> bool:
     """Whether the code being traced now will be compiled by XLA.
 
     ``tf.function(jit_compile=True)`` (which Keras' ``compile(jit_compile=True)`` and the
     ``"auto"`` choice on GPU machines use) traces its Python function inside an XLA control-flow
-    context, and nested functions inherit it; asking the default graph is the one check that
-    sees every way in.  TensorFlow has no public equivalent, so this is the one private access
-    of the module; if it moves, the answer is False and the compiled op is used as before.
+    context, and nested functions inherit it; asking the default graph sees every way in.
     """
     try:
         from tensorflow.python.framework import ops as tf_framework_ops
@@ -138,12 +141,24 @@ def in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf_framework_ops.get_default_graph()))
 
 
+def in_saved_model_save() -> bool:
+    """Whether ``tf.saved_model.save`` is tracing now (Keras' ``model.export`` ends there).
+
+    A SavedModel traced with the composite loads and serves without the op library.
+    """
+    try:
+        from tensorflow.python.saved_model import save_context
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(save_context.in_save_context())
+
+
 def masked_activation(z, mask, activation: str = "relu",
                       compute_stats: bool = True) -> MaskedActivationResult:
     """Applies ``act(z) * mask`` and returns per-channel statistics of ``act(z)``.
 
-    Uses the compiled op when it is loaded, ``z`` is float32 or float16 and the caller is not
-    inside an XLA cluster; otherwise :func:`composite_masked_activation` (same results).
+    Uses the compiled op when it is loaded and ``z`` is float32 or float16, except inside an XLA
+    cluster or a SavedModel save; there :func:`composite_masked_activation` (same results).
 
     Args:
       z: float tensor ``[N, H, W, C]`` or ``[N, C]`` (pre-activation).
@@ -157,7 +172,8 @@ def masked_activation(z, mask, activation: str = "relu",
     z = tf.convert_to_tensor(z)
     mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
     _check_inputs(z, mask, activation)
-    if not in_xla_context() and _MODULE is not None and z.dtype in (tf.float32, tf.float16):
+    use_op = _MODULE is not None and z.dtype in (tf.float32, tf.float16)
+    if not in_xla_context() and not in_saved_model_save() and use_op:
         return MaskedActivationResult(*_MODULE.fineprune_masked_activation(
             z=z, mask=mask, activation=activation, compute_stats=compute_stats))
     return composite_masked_activation(z, mask, activation, compute_stats)
