@@ -2,8 +2,11 @@
 commit a035e0f (before issue 13 point 5), whose save_own_variables wrote (kernel, bias, mask).
 
 Kept for provenance only; the file is checked in and must keep loading."""
-import keras, numpy as np
+import keras
+import numpy as np
+
 import fineprune_tf as fp
+
 keras.utils.set_random_seed(0)
 inputs = keras.Input((6, 6, 2))
 x = fp.MaskedConv2D(4, 3, activation="relu", name="conv")(inputs)
