@@ -236,8 +236,7 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Dense):
 
 def masked_layers(model: keras.Model) -> list[MaskedLayerMixin]:
     """All masked layers of ``model`` (nested models included), in ``model.layers`` order."""
-    found = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, MaskedLayerMixin):
-            found.append(layer)
-    return found
+    from fineprune_tf.graph import _keras_compat  # graph imports this module: import late.
+
+    return [layer for layer in _keras_compat.flatten_layers(model)
+            if isinstance(layer, MaskedLayerMixin)]

@@ -50,6 +50,8 @@ def small_model():
     return keras.Model(inputs, outputs)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.parametrize("other", OTHER_BACKENDS)
 def test_keras_file_round_trips_through_another_backend(tmp_path, other):
     if importlib.util.find_spec(other) is None:

@@ -21,6 +21,8 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_readme_example_runs(tmp_path):
     pytest.importorskip("tensorflow_model_optimization")
     # Until fineprune_tf.export re-exports to_tflite (export is being split into a package).

@@ -63,6 +63,7 @@ def test_to_tflite_refuses_to_overwrite_and_to_write_a_mismatch(tmp_path, monkey
     assert not (tmp_path / "other.tflite").exists()
 
 
+@pytest.mark.subprocess
 def test_keras_model_export_serves_without_the_op_library(tmp_path):
     # The SavedModel is traced with the composite, so stock TensorFlow loads it.
     model = pruned_model()
