@@ -16,7 +16,7 @@ from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 _LAZY_MODULES = ("attack_zoo", "attacks", "cleaning", "conversion", "curves", "data", "defenses",
                  "experiment", "export", "graph", "io", "metrics", "models", "poison",
-                 "reporting", "retuning", "training", "triggers")
+                 "reporting", "retuning", "tflite", "training", "triggers")
 
 __all__ = ["MaskedConv2D", "MaskedDense", "convert", "layers", "ops", "stats",
            *_LAZY_MODULES]

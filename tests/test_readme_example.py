@@ -25,11 +25,8 @@ def readme_example() -> str:
 @pytest.mark.subprocess
 def test_readme_example_runs(tmp_path):
     pytest.importorskip("tensorflow_model_optimization")
-    # Until fineprune_tf.export re-exports to_tflite (export is being split into a package).
-    shim = ("import fineprune_tf.export as _e, fineprune_tf.tflite as _t\n"
-            "_e.to_tflite = getattr(_e, 'to_tflite', _t.to_tflite)\n")
     result = subprocess.run(
-        [sys.executable, "-c", shim + readme_example()], capture_output=True, text=True,
+        [sys.executable, "-c", readme_example()], capture_output=True, text=True,
         cwd=tmp_path, timeout=600,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})

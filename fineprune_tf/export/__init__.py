@@ -8,6 +8,7 @@ TensorFlow artefacts that need neither ``fineprune_tf`` nor its custom op.
   weights), for when the exact original shapes are wanted.
 * :func:`export_saved_model` writes a TF SavedModel with a stock ``serving_default`` signature,
   plus the ``.keras`` file of the same plain model inside the SavedModel directory.
+* :func:`to_tflite` shrinks, converts to TFLite and checks the interpreter's outputs.
 * :func:`count_params_and_flops` / :func:`shrink_report` measure what shrinking saved.
 
 How :func:`shrink` decides what can go
@@ -51,13 +52,16 @@ softmax outputs), not bit for bit.  Models must be float32 and channels_last.
 from fineprune_tf.export.cost import ShrinkReport, count_params_and_flops, shrink_report
 from fineprune_tf.export.serving import KERAS_FILENAME, export_saved_model
 from fineprune_tf.export.shrink import shrink, to_plain
+from fineprune_tf.tflite import TFLiteExport, to_tflite
 
 __all__ = [
     "KERAS_FILENAME",
     "ShrinkReport",
+    "TFLiteExport",
     "count_params_and_flops",
     "export_saved_model",
     "shrink",
     "shrink_report",
     "to_plain",
+    "to_tflite",
 ]

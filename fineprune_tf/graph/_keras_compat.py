@@ -110,8 +110,8 @@ def assign_kernel(layer: keras.layers.Layer, value: Any) -> None:
 
 
 def mask_variable(layer: Any) -> Any:
-    """The mask weight of a ``fineprune_tf`` masked layer (``MaskedLayerMixin._mask``)."""
-    return layer._mask
+    """The mask weight of a ``fineprune_tf`` masked layer (public since 0.2)."""
+    return layer.mask_variable
 
 
 def masked_output(layer: Any, outputs: Any) -> Any:

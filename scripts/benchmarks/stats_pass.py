@@ -44,12 +44,14 @@ def measure(quick: bool, repeats: int) -> dict:
         for xb in stats.as_dataset(x, batch):
             forward_fn(xb)
 
+    # Collectors trace once, as a user collecting repeatedly would; collect() traces anew.
+    one = stats.StatsCollector(model, [name])
+    every = stats.StatsCollector(model)
     calls = {
         "inference": inference,
         "predict": lambda: model.predict(x, batch_size=batch, verbose=0),
-        "collect_pruned_layer": lambda: stats.collect(model, x, layer_names=[name],
-                                                      batch_size=batch),
-        "collect_all_layers": lambda: stats.collect(model, x, batch_size=batch),
+        "collect_pruned_layer": lambda: one.collect(x, batch_size=batch),
+        "collect_all_layers": lambda: every.collect(x, batch_size=batch),
     }
     # Passes are short: many interleaved rounds, or other processes' load decides the ratio.
     times = interleaved(calls, 2 * repeats if quick else max(3 * repeats, 15))
