@@ -24,8 +24,17 @@ from typing import Any
 
 import keras
 import numpy as np
+from absl import logging
 
-from fineprune_tf.graph import ConversionError, Graph, GraphNode, Role, node_role
+from fineprune_tf.graph import (
+    ConversionError,
+    Graph,
+    GraphNode,
+    Role,
+    activation_name,
+    cross_channel_activation,
+    node_role,
+)
 from fineprune_tf.graph import _keras_compat as compat
 
 # Layers built into Keras that run code or load artefacts chosen by the model's author.
@@ -34,7 +43,7 @@ from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
 
 __all__ = [
     "ConversionError", "FunctionalGraph", "GraphNode", "check_layers", "convert",
-    "is_builtin_keras", "to_numpy"]
+    "is_builtin_keras", "not_prunable_reason", "to_numpy"]
 
 #: The graph walker, under its former name (it moved to :class:`fineprune_tf.graph.Graph`).
 FunctionalGraph = Graph
@@ -128,6 +137,21 @@ def _is_classifier(graph: Graph, gnode: GraphNode) -> bool:
     return False
 
 
+def not_prunable_reason(layer: Any) -> str | None:
+    """Why the output channels of a Conv2D / Dense ``layer`` cannot be pruned one by one, or
+    None when they can.
+
+    A cross-channel activation (``activation="softmax"``, ...; the graph registry's
+    :data:`~fineprune_tf.graph.CROSS_CHANNEL_ACTIVATIONS`) normalises over the channels: zeroing
+    one after the activation leaves the others summing to less than 1, and zeroing it before
+    changes every other channel, so no mask of that layer removes a channel exactly.
+    """
+    if cross_channel_activation(layer):
+        return (f"layer {layer.name!r} has activation={activation_name(layer.activation)!r}, "
+                "which mixes its channels: they cannot be pruned independently")
+    return None
+
+
 def _conv_problems(layer: keras.layers.Conv2D) -> list[str]:
     problems = []
     if layer.data_format != "channels_last":
@@ -137,6 +161,20 @@ def _conv_problems(layer: keras.layers.Conv2D) -> list[str]:
         problems.append(f"{layer.name!r}: groups={layer.groups} (grouped convolutions are not "
                         "supported: pruning an output channel would break the group layout)")
     return problems
+
+
+def _skip_not_prunable(layer: Any, wanted: set[str] | None, problems: list[str]) -> bool:
+    """True when ``layer`` must stay a plain layer (see :func:`not_prunable_reason`); an error
+    in ``problems`` when it was asked for by name, a log line otherwise."""
+    reason = not_prunable_reason(layer)
+    if reason is None:
+        return False
+    if wanted is not None:
+        problems.append(reason)
+    else:
+        logging.info("fineprune_tf.convert: %s; it stays a plain %s", reason,
+                     type(layer).__name__)
+    return True
 
 
 def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
@@ -154,6 +192,9 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
         reaches a model output through parameter-free layers only (Activation, Softmax,
         Dropout).  Off by default: pruning a class logit is never what the defense wants.
       layer_names: convert only these Conv2D / Dense layers (by name); default all eligible.
+        A layer whose channels cannot be pruned independently (a cross-channel activation such
+        as ``softmax``: :func:`not_prunable_reason`) is never converted, so it can never be
+        pruned; it is an error when named here, and left plain (and logged) otherwise.
 
     Returns:
       A new, uncompiled functional model (a Sequential input gives a functional output) with the
@@ -164,7 +205,8 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
     Raises:
       ConversionError: subclassed or unbuilt model; nested models; custom or code-carrying
         layers (``Lambda``, ``TFSMLayer``), named; channels_first or grouped Conv2D; quantized
-        layers; no Conv2D at all; ``layer_names`` naming a missing / non-convertible layer.
+        layers; no Conv2D at all, or no prunable one; ``layer_names`` naming a missing /
+        non-convertible / not prunable layer.
     """
     graph = Graph(model)
     check_layers(graph, "convert")
@@ -182,6 +224,8 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
         elif type(layer) is keras.layers.Conv2D:
             has_conv = True
             if wanted is None or layer.name in wanted:
+                if _skip_not_prunable(layer, wanted, problems):
+                    continue
                 problems.extend(_conv_problems(layer))
                 replace[id(layer)] = MaskedConv2D
         elif dense and type(layer) is keras.layers.Dense and (
@@ -190,13 +234,18 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
                 if wanted is not None:
                     problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
                 continue
+            if _skip_not_prunable(layer, wanted, problems):
+                continue
             if not classifier and _is_classifier(graph, gnode):
                 continue
             replace[id(layer)] = MaskedDense
     if not has_conv:
         raise ConversionError(f"model {model.name!r} has no Conv2D layer to convert")
     if wanted is not None:
-        found = {layer.name for layer in graph.layers() if id(layer) in replace}
+        found = {layer.name for layer in graph.layers()
+                 if id(layer) in replace or (type(layer) in (keras.layers.Conv2D,
+                                                              keras.layers.Dense)
+                                             and not_prunable_reason(layer))}
         missing = sorted(wanted - found)
         if missing:
             problems.append(f"layers {missing} are not convertible Conv2D"
@@ -204,6 +253,10 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
     if problems:
         raise ConversionError(f"cannot convert model {model.name!r}: " + "; ".join(problems))
 
+    if not replace and not any(isinstance(x, MaskedLayerMixin) for x in graph.layers()):
+        raise ConversionError(f"model {model.name!r} has no prunable layer: "
+                              + "; ".join(filter(None, map(not_prunable_reason,
+                                                           graph.layers()))))
     clones: dict[int, Any] = {}
 
     def call(gnode: GraphNode, args: tuple, kwargs: dict) -> Any:

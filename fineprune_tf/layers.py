@@ -148,7 +148,18 @@ class MaskedLayerMixin:
         return indices
 
     def prune(self, channels) -> None:
-        """Zeroes the given output channels (an index or an iterable of indices)."""
+        """Zeroes the given output channels (an index or an iterable of indices).
+
+        Raises:
+          ValueError: the layer's activation mixes channels (softmax, ...): no channel of it
+            can be pruned on its own.
+        """
+        # Lazy: the graph registry imports this module.
+        from fineprune_tf.graph.registry import activation_name, cross_channel_activation
+        if cross_channel_activation(self):
+            raise ValueError(
+                f"{self.name}: activation={activation_name(self.activation)!r} mixes the "
+                "layer's channels, so they cannot be pruned independently")
         mask = self.mask
         mask[self._channel_indices(channels)] = 0.0
         self.set_mask(mask)

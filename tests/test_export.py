@@ -14,7 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 import fineprune_tf as fp
 from fineprune_tf import export, io, models
-from fineprune_tf.conversion import convert
+from fineprune_tf.conversion import ConversionError, convert
 
 ATOL = 1e-5
 
@@ -373,3 +373,82 @@ def test_export_without_shrinking_folds_masks(tmp_path):
     np.testing.assert_allclose(loaded.predict(x), np.asarray(model(x)), atol=ATOL)
     with pytest.raises(FileExistsError):
         export.export_saved_model(model, tmp_path / "sm")
+
+
+def _large_logit_model():
+    """conv -> BN -> ReLU x2 -> GAP -> linear Dense: logits of order 100+ (ResNet50-like)."""
+    inputs = keras.Input((12, 12, 3))
+    x = inputs
+    for i, width in enumerate((16, 16)):
+        x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name=f"c{i}")(x)
+        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"r{i}")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    logits = keras.layers.Dense(10, name="logits")(x)
+    model = keras.Model(inputs, logits)
+    _randomize_bn(model, seed=3, beta=np.full(16, 2.0))
+    dense = model.get_layer("logits")
+    dense.set_weights([dense.get_weights()[0] * 20.0, dense.get_weights()[1] + 150.0])
+    return model
+
+
+def test_self_check_tolerance_is_relative_to_the_output_scale():
+    from fineprune_tf.export.shrink import VERIFY_RTOL, _verify, verify_tolerance
+    assert verify_tolerance(np.array([158.0, -3.0])) == pytest.approx(VERIFY_RTOL * 158.0)
+    assert verify_tolerance(np.array([0.2, 0.8])) == VERIFY_RTOL  # floor: scale 1
+    model = _large_logit_model()
+    scale = float(np.max(np.abs(model(_x(model, 4), training=False))))
+    assert 100.0 < scale < 1000.0
+
+    def shifted(offset):
+        return keras.Model(model.inputs, keras.layers.Rescaling(1.0, offset)(model.outputs[0]))
+
+    _verify(model, shifted(3.5e-4))  # the ResNet50 rounding: not an error at this scale
+    with pytest.raises(ConversionError, match=r"differs .* by 0\.2.*output scale"):
+        _verify(model, shifted(0.2))
+    probabilities = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
+    on_probabilities = keras.Model(
+        model.inputs, keras.layers.Rescaling(1.0, 3.5e-4)(probabilities.outputs[0]))
+    with pytest.raises(ConversionError, match="internal error"):  # same diff, scale 1
+        _verify(probabilities, on_probabilities)
+
+
+def test_large_logit_model_shrinks_and_exports_without_a_false_alarm(tmp_path):
+    masked = convert(_large_logit_model())
+    _prune_fraction(masked.get_layer("c0"), 0.5)
+    _prune_fraction(masked.get_layer("c1"), 0.5, seed=1)
+    small = export.shrink(masked)  # verify=True
+    x = _x(masked, 4)
+    reference = np.asarray(masked(x, training=False))
+    assert np.max(np.abs(reference)) > 100.0
+    assert _max_diff(masked, small, x) <= 1e-4 * np.max(np.abs(reference))
+    assert small.get_layer("c1").filters < 16
+    export.export_saved_model(masked, tmp_path / "served")
+
+
+def test_softmax_conv_is_never_prunable():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="body")(inputs)
+    x = keras.layers.Conv2D(5, 1, activation="softmax", name="soft")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(
+        keras.layers.Flatten(name="flat")(x))
+    model = keras.Model(inputs, outputs)
+    converted = convert(model, dense=True)
+    assert isinstance(converted.get_layer("body"), fp.MaskedConv2D)
+    assert type(converted.get_layer("soft")) is keras.layers.Conv2D  # left plain
+    with pytest.raises(ConversionError, match=r"'soft'.*softmax.*independently"):
+        convert(model, layer_names=["soft"])
+    softmax_dense = keras.Model(inputs, keras.layers.Dense(4, activation="softmax",
+                                                           name="sd")(keras.layers.Flatten()(x)))
+    with pytest.raises(ConversionError, match=r"'sd'.*softmax"):
+        convert(softmax_dense, dense=True, layer_names=["sd"])
+    # A masked layer built directly with softmax: refused at prune(), and at export if its mask
+    # was set by hand.
+    masked = fp.MaskedConv2D(4, 1, activation="softmax", name="masked_soft")
+    direct = keras.Model(inputs, masked(inputs))
+    with pytest.raises(ValueError, match=r"masked_soft.*softmax.*independently"):
+        masked.prune([0])
+    assert masked.pruned_channels.size == 0
+    masked.set_mask([0, 1, 1, 1])
+    with pytest.raises(ConversionError, match=r"cannot shrink/export.*'masked_soft'.*softmax"):
+        export.shrink(direct)
