@@ -43,7 +43,7 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
-from fineprune_tf.graph import Graph
+from fineprune_tf.graph import Graph, Role, cross_channel_activation, node_role
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 __all__ = [
@@ -57,6 +57,8 @@ __all__ = [
     "architecture",
     "build",
     "compile_model",
+    "LayerChoice",
+    "default_layer",
     "default_training",
     "last_conv_layer",
     "make_optimizer",
@@ -325,39 +327,83 @@ def build(task: str, preset: str = "cpu", num_classes: int | None = None,
     return keras.Model(inputs, outputs, name=f"{task}_{preset}")
 
 
-def last_conv_layer(model: keras.Model) -> str:
-    """Name of the paper's "final convolutional layer" of a functional ``model``: the last
-    ``Conv2D`` (in topological order) that every input-to-output path goes through.
+@dataclass(frozen=True)
+class LayerChoice:
+    """The default pruned layer and why it was chosen (for the CLI to print)."""
 
-    For the sequential networks this is simply the last convolution; for DeepID it is ``conv3``,
-    not the ``conv4`` branch that ``pool3`` bypasses -- the layer §3.1 prunes.  For models from
-    :func:`build` it equals ``PRUNED_LAYER[task]``.  Returns a name, for ``model.get_layer`` and
-    ``fineprune_tf.stats.collect(layer_names=...)``.
+    name: str
+    reason: str
+
+
+def _candidate_convs(graph: Graph) -> list:
+    """Conv2D layers (MaskedConv2D included) whose channels can be pruned one by one: called
+    once, channels_last, not grouped, no cross-channel activation (softmax, ...)."""
+    found = []
+    for layer in graph.layers():
+        if (isinstance(layer, keras.layers.Conv2D) and graph.calls_per_layer[id(layer)] == 1
+                and layer.data_format == "channels_last" and layer.groups == 1
+                and not cross_channel_activation(layer)):
+            found.append(layer)
+    return found
+
+
+def default_layer(model: keras.Model) -> LayerChoice:
+    """The layer a defense prunes when none is given: the last prunable convolution before the
+    classifier head, by graph distance from the output.
+
+    Distance is the number of weighted (channel-mixing: conv, dense) layers after the conv on
+    the shortest path to a model output.  Convolutions at distance 0 reach the output through
+    parameter-free layers only: they *are* the classifier (MobileNetV3's 1x1 ``logits`` conv,
+    whose width is the class count) and are never chosen.  Among the closest of the others, a
+    conv that every input-to-output path goes through *and* whose channels reach the output
+    without being summed into others (no Add/Multiply/... on some path) is preferred: the
+    paper's "last convolutional layer of the shared trunk", ``conv3`` of DeepID, whose
+    ``conv4`` branch ``pool3`` bypasses into a concatenation (§3.1).  Otherwise the last in
+    execution order: in a ResNet the stem is on every path too, but identity skips sum it
+    into every later block, so the last block's last conv is chosen.  For models from
+    :func:`build` the choice is ``PRUNED_LAYER[task]``.
+
+    Raises:
+      ValueError: no Conv2D, or none that can be pruned (the message says why).
     """
     graph = Graph(model)
-    producers = graph.producer_names()
-    sources = set(graph.input_names)
-    sinks = graph.output_names
+    convs = _candidate_convs(graph)
+    if not any(isinstance(layer, keras.layers.Conv2D) for layer in graph.layers()):
+        raise ValueError(f"model {model.name!r} has no Conv2D layer")
+    mixes = graph.distances_to_outputs(lambda g: int(node_role(g) is Role.MIXES))
+    distance = {id(g.layer): mixes[g.index] for g in graph.nodes if g.index in mixes}
+    # Distance 0 covers "a conv whose width is the class count and that feeds the output".
+    heads = [c for c in convs if distance.get(id(c)) == 0]
+    usable = [c for c in convs if distance.get(id(c), 0) > 0]
+    if not usable:
+        raise ValueError(
+            f"model {model.name!r} has no prunable Conv2D layer before its classifier"
+            + (f" (the classifier convs {[c.name for c in heads]} are not pruned)"
+               if heads else " (grouped, shared, channels_first or softmax convs only)"))
+    nearest = min(distance[id(c)] for c in usable)
+    closest = [c for c in usable if distance[id(c)] == nearest]
+    merges = graph.distances_to_outputs(
+        lambda g: int(node_role(g) is Role.ELEMENTWISE and len(g.inputs) > 1))
+    unsummed = {id(g.layer) for g in graph.nodes if merges.get(g.index) == 0}
+    trunk = [c for c in closest if id(c) in unsummed and graph.on_every_path(c)]
+    chosen = (trunk or closest)[-1]
+    reason = (f"{chosen.name!r} ({chosen.filters} channels) is the last prunable conv before "
+              f"the classifier: {nearest} weighted layer{'s' if nearest != 1 else ''} from "
+              "the output")
+    if trunk:
+        reason += ", on every input-to-output path"
+    elif len(closest) > 1:
+        reason += f", the last of {len(closest)} at that distance"
+    if heads:
+        reason += f"; not the classifier conv{'s' if len(heads) > 1 else ''} " + ", ".join(
+            f"{c.name!r} ({c.filters} channels)" for c in heads)
+    return LayerChoice(chosen.name, reason)
 
-    def bypassed(blocked: str) -> bool:
-        # Is some input reachable backwards from an output without passing through `blocked`?
-        stack, seen = [s for s in sinks if s != blocked], set()
-        while stack:
-            name = stack.pop()
-            if name in sources:
-                return True
-            if name in seen:
-                continue
-            seen.add(name)
-            stack.extend(p for p in producers.get(name, []) if p != blocked)
-        return False
 
-    convs = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    for name in reversed(convs):
-        if not bypassed(name):
-            return name
-    raise ValueError(f"model {model.name!r} has no Conv2D layer on every input-output path"
-                     if convs else f"model {model.name!r} has no Conv2D layer")
+def last_conv_layer(model: keras.Model) -> str:
+    """Name of :func:`default_layer` (the choice without its reason), for
+    ``model.get_layer`` and ``fineprune_tf.stats.collect(layer_names=...)``."""
+    return default_layer(model).name
 
 
 def pruned_layer(model: keras.Model, task: str | None = None) -> MaskedConv2D:

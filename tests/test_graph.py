@@ -172,3 +172,19 @@ def test_keras_compat_accessors_work_on_the_installed_keras():
     assert _keras_compat.checked_version(), (
         f"Keras {keras.__version__} is outside the range the private accesses were checked "
         f"against ({_keras_compat.CHECKED_KERAS}): re-run this test file and update it")
+
+
+def test_distances_to_outputs_and_on_every_path():
+    g = Graph(_branchy())
+    names = [n.name for n in g.nodes]
+    weighted = g.distances_to_outputs(lambda gnode: int(node_role(gnode) is Role.MIXES))
+    by_name = {names[i]: d for i, d in weighted.items()}
+    # conv -> ... -> head: one weighted layer (head) after every node but head itself.
+    assert by_name == {"conv": 1, "bn": 1, "relu": 1, "dw": 1, "add": 1, "pool": 1, "flat": 1,
+                       "head": 0}
+    hops = {names[i]: d for i, d in g.distances_to_outputs(lambda gnode: 1).items()}
+    assert hops["relu"] == 4 and hops["dw"] == 4 and hops["conv"] == 6  # relu skips dw
+    model = g.model
+    assert g.on_every_path(model.get_layer("conv"))
+    assert g.on_every_path(model.get_layer("add"))
+    assert not g.on_every_path(model.get_layer("dw"))  # bypassed by the skip into add

@@ -209,6 +209,44 @@ class Graph:
                 return tensor
             tensor = consumers[0].outputs[0]
 
+    def distances_to_outputs(self, weight: Callable[[GraphNode], int]) -> dict[int, int]:
+        """For every node (by :attr:`GraphNode.index`), the smallest total ``weight`` of the
+        nodes *after* it on a path from its outputs to a model output (0 for a node producing
+        an output).  Nodes that reach no output are left out.  ``weight`` counts what a path
+        passes through, e.g. 1 for a weighted layer and 0 for pooling: the graph distance the
+        default pruned layer is chosen by."""
+        outputs = self.output_ids
+        tensor_dist: dict[int, int] = {}
+        node_dist: dict[int, int] = {}
+        for gnode in reversed(self.nodes):
+            here = [0 if id(t) in outputs else tensor_dist.get(id(t)) for t in gnode.outputs]
+            here = [d for d in here if d is not None]
+            if not here:
+                continue
+            node_dist[gnode.index] = min(here)
+            through = node_dist[gnode.index] + weight(gnode)
+            for t in gnode.inputs:
+                tensor_dist[id(t)] = min(tensor_dist.get(id(t), through), through)
+        return node_dist
+
+    def on_every_path(self, layer: Any) -> bool:
+        """Whether every path from a model input to a model output passes through a call of
+        ``layer`` (the layer is not bypassed by a skip connection or a branch)."""
+        blocked = {id(g) for g in self.nodes_of(layer)}
+        inputs = {id(t) for t in self.inputs}
+        stack, seen = list(self.outputs), set()
+        while stack:
+            t = stack.pop()
+            if id(t) in inputs:
+                return False
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            gnode = self.producer.get(id(t))
+            if gnode is not None and id(gnode) not in blocked:
+                stack.extend(gnode.inputs)
+        return True
+
     # -- rebuilding
 
     def rebuild(self, call: Callable[[GraphNode, tuple, dict], Any],

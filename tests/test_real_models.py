@@ -1,0 +1,86 @@
+"""The library on models defenders actually have (issue 12): keras.applications networks with
+``weights=None`` and small inputs, and hand-built production patterns."""
+
+import re
+
+import keras
+import pytest
+
+from fineprune_tf import models
+
+A = keras.applications
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    """Built once per module (~15 s on 2 cores together)."""
+    return {
+        "MobileNetV3Small": A.MobileNetV3Small(input_shape=(32, 32, 3), weights=None,
+                                               classes=10, include_preprocessing=False),
+        "ResNet50": A.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10),
+        "MobileNetV2": A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                     classes=10),
+    }
+
+
+@pytest.mark.parametrize("name, layer, why", [
+    # Before issue 12: 'logits', the 10-class classifier conv.
+    ("MobileNetV3Small", "conv_2", r"on every input-to-output path; not the classifier conv "
+                                   r"'logits' \(10 channels\)"),
+    # Before: 'conv1_conv', the stem (the only conv no skip connection bypasses).
+    ("ResNet50", "conv5_block3_3_conv", r"1 weighted layer from the output, the last of 4"),
+    ("MobileNetV2", "Conv_1", r"1 weighted layer from the output, on every"),
+])
+def test_default_layer_of_keras_applications(zoo, name, layer, why):
+    choice = models.default_layer(zoo[name])
+    assert choice.name == layer
+    assert choice.reason.startswith(f"{layer!r} (")
+    assert re.search(why, choice.reason), choice.reason
+    assert models.last_conv_layer(zoo[name]) == layer
+
+
+@pytest.mark.parametrize("task", models.TASKS)
+def test_default_layer_of_the_paper_models_is_the_papers(task):
+    choice = models.default_layer(models.build(task, preset="cpu"))
+    assert choice.name == models.PRUNED_LAYER[task]
+    assert "on every input-to-output path" in choice.reason
+
+
+def _conv_head(classes: int, head_width: int) -> keras.Model:
+    """conv body -> 1x1 conv head of ``head_width`` -> GAP -> softmax, the MobileNet pattern."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="body1")(inputs)
+    x = keras.layers.Conv2D(7, 3, activation="relu", name="body2")(x)
+    x = keras.layers.Conv2D(head_width, 1, name="head")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if head_width != classes:
+        x = keras.layers.Dense(classes)(x)
+    return keras.Model(inputs, keras.layers.Activation("softmax")(x))
+
+
+def test_a_conv_feeding_the_output_is_the_classifier_never_the_default():
+    choice = models.default_layer(_conv_head(classes=5, head_width=5))
+    assert choice.name == "body2"
+    assert "not the classifier conv 'head' (5 channels)" in choice.reason
+    # The same conv followed by a Dense is a hidden layer, and the closest to the output.
+    assert models.default_layer(_conv_head(classes=5, head_width=9)).name == "head"
+    inputs = keras.Input((8, 8, 3))
+    only_head = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(
+        keras.layers.Conv2D(4, 1, activation="softmax", name="logits")(inputs)))
+    with pytest.raises(ValueError, match=r"no prunable Conv2D layer before its classifier"):
+        models.default_layer(only_head)
+
+
+def test_residual_model_picks_the_last_block_not_the_stem():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
+    for block in range(2):
+        y = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name=f"b{block}_a")(x)
+        y = keras.layers.Conv2D(8, 3, padding="same", name=f"b{block}_b")(y)
+        x = keras.layers.ReLU()(keras.layers.Add()([x, y]))
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    choice = models.default_layer(keras.Model(inputs, outputs))
+    assert choice.name == "b1_b"
+    # stem, b0_b and b1_b are all 1 weighted layer from the output (identity skips); the stem
+    # is on every path but its channels are summed into the later blocks.
+    assert "the last of 3 at that distance" in choice.reason
