@@ -33,6 +33,8 @@ from fineprune_tf.graph import (
     Role,
     activation_name,
     cross_channel_activation,
+    flatten_nested,
+    has_nested,
     node_role,
 )
 from fineprune_tf.graph import _keras_compat as compat
@@ -196,19 +198,26 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
         as ``softmax``: :func:`not_prunable_reason`) is never converted, so it can never be
         pruned; it is an error when named here, and left plain (and logged) otherwise.
 
+    Nested Functional / Sequential models (a backbone used as a layer), at any depth, are first
+    inlined by :func:`fineprune_tf.graph.flatten_nested`: their layers are then named
+    ``<nested model>.<layer>`` (e.g. ``backbone.block_1_expand``).
+
     Returns:
       A new, uncompiled functional model (a Sequential input gives a functional output) with the
-      same name, layer names, input names, topology (shared layers stay shared, multi-input
-      layers keep their inputs) and weights; every mask is all ones, so its outputs equal the
-      original's.  The original model is not modified and shares no variables with the result.
+      same name, layer names (nested ones prefixed as above), input names, topology (shared
+      layers stay shared, multi-input layers keep their inputs) and weights; every mask is all
+      ones, so its outputs equal the original's.  The original model is not modified and
+      shares no variables with the result.
 
     Raises:
-      ConversionError: subclassed or unbuilt model; nested models; custom or code-carrying
+      ConversionError: subclassed or unbuilt model (or nested model); custom or code-carrying
         layers (``Lambda``, ``TFSMLayer``), named; channels_first or grouped Conv2D; quantized
         layers; no Conv2D at all, or no prunable one; ``layer_names`` naming a missing /
         non-convertible / not prunable layer.
     """
     graph = Graph(model)
+    if has_nested(graph):
+        graph = Graph(flatten_nested(model))
     check_layers(graph, "convert")
     wanted = None if layer_names is None else set(layer_names)
 

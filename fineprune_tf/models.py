@@ -43,7 +43,14 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
-from fineprune_tf.graph import Graph, Role, cross_channel_activation, node_role
+from fineprune_tf.graph import (
+    Graph,
+    Role,
+    cross_channel_activation,
+    flatten_nested,
+    has_nested,
+    node_role,
+)
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 __all__ = [
@@ -361,12 +368,16 @@ def default_layer(model: keras.Model) -> LayerChoice:
     ``conv4`` branch ``pool3`` bypasses into a concatenation (§3.1).  Otherwise the last in
     execution order: in a ResNet the stem is on every path too, but identity skips sum it
     into every later block, so the last block's last conv is chosen.  For models from
-    :func:`build` the choice is ``PRUNED_LAYER[task]``.
+    :func:`build` the choice is ``PRUNED_LAYER[task]``.  A model with nested models is read
+    flattened (:func:`fineprune_tf.graph.flatten_nested`): the name is then the one
+    :func:`fineprune_tf.convert` gives, e.g. ``backbone.Conv_1``.
 
     Raises:
       ValueError: no Conv2D, or none that can be pruned (the message says why).
     """
     graph = Graph(model)
+    if has_nested(graph):  # names then refer to the flat model convert() makes
+        graph = Graph(flatten_nested(model))
     convs = _candidate_convs(graph)
     if not any(isinstance(layer, keras.layers.Conv2D) for layer in graph.layers()):
         raise ValueError(f"model {model.name!r} has no Conv2D layer")

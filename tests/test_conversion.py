@@ -8,6 +8,7 @@ import fineprune_tf as fp
 from fineprune_tf import conversion as fp_convert
 from fineprune_tf import export, models
 from fineprune_tf.conversion import ConversionError, convert
+from fineprune_tf.graph import Graph, flatten_nested
 
 
 def _randomize_bn(model, seed=0):
@@ -210,3 +211,70 @@ def test_graph_helper_lists_nodes_topologically():
     assert order.index("pool3") < order.index("conv4") < order.index("flatten_conv4")
     assert {n.name for n in graph.consumers[id(graph.nodes[order.index("pool3")].outputs[0])]} \
         == {"conv4", "flatten_pool3"}
+
+
+def _backbone(name="backbone"):
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    y = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="block_1_expand")(x)
+    x = keras.layers.Add(name="add")([x, y])
+    return keras.Model(inputs, x, name=name)
+
+
+def _nested_x(n=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 12, 12, 3)).astype("float32")
+
+
+def test_backbone_as_a_layer_is_flattened_with_traceable_names():
+    backbone = _backbone()
+    _randomize_bn(backbone, seed=2)
+    sequential = keras.Sequential([keras.Input((12, 12, 3)), backbone,
+                                   keras.layers.GlobalAveragePooling2D(name="gap"),
+                                   keras.layers.Dense(5, activation="softmax", name="head")],
+                                  name="transfer")
+    inputs = keras.Input((12, 12, 3))
+    frozen = backbone(inputs, training=False)  # the Keras transfer-learning guide's pattern
+    functional = keras.Model(inputs, keras.layers.Dense(5, name="head")(
+        keras.layers.GlobalAveragePooling2D(name="gap")(frozen)))
+    x = _nested_x()
+    for model in (sequential, functional):
+        converted = convert(model)
+        names = [layer.name for layer in converted.layers]
+        assert "backbone.block_1_expand" in names and "backbone.bn" in names
+        assert len(set(names)) == len(names)
+        assert isinstance(converted.get_layer("backbone.stem"), fp.MaskedConv2D)
+        assert not any(isinstance(layer, keras.Model) for layer in converted.layers)
+        np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(model(x)), atol=1e-6)
+        # training=True too: the frozen backbone's BN stays in inference mode, the other's not.
+        np.testing.assert_allclose(np.asarray(converted(x, training=True)),
+                                   np.asarray(model(x, training=True)), atol=1e-5)
+    # Pruning the flattened backbone works as on any model.
+    converted.get_layer("backbone.block_1_expand").prune([0, 3])
+    assert not np.allclose(np.asarray(converted(x)), np.asarray(functional(x)), atol=1e-6)
+
+
+def test_two_level_nesting_and_shared_layers_and_shared_backbones():
+    inner = _backbone("inner")
+    middle_in = keras.Input((12, 12, 3))
+    middle = keras.Model(middle_in, keras.layers.Conv2D(4, 1, name="proj")(inner(middle_in)),
+                         name="middle")
+    left, right = keras.Input((12, 12, 3), name="left"), keras.Input((12, 12, 3), name="right")
+    shared = keras.layers.Conv2D(4, 1, name="shared")
+    a, b = shared(middle(left)), shared(middle(right))  # one backbone for both inputs
+    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(
+        keras.layers.Concatenate(name="cat")([a, b])))
+    model = keras.Model([left, right], out, name="siamese")
+    x = [_nested_x(seed=1), _nested_x(seed=2)]
+    flat = flatten_nested(model)
+    names = [layer.name for layer in flat.layers]
+    assert "middle.inner.block_1_expand" in names and "middle.proj" in names
+    assert len(set(names)) == len(names)
+    graph = Graph(flat)
+    assert graph.calls_per_layer[id(flat.get_layer("middle.inner.stem"))] == 2  # still shared
+    assert graph.calls_per_layer[id(flat.get_layer("shared"))] == 2
+    np.testing.assert_allclose(np.asarray(flat(x)), np.asarray(model(x)), atol=1e-6)
+    converted = convert(model)
+    np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(model(x)), atol=1e-6)
+    assert flat.get_layer("middle.inner.stem").kernel is not inner.get_layer("stem").kernel

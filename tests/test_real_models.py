@@ -4,9 +4,10 @@
 import re
 
 import keras
+import numpy as np
 import pytest
 
-from fineprune_tf import models
+from fineprune_tf import convert, models
 
 A = keras.applications
 
@@ -84,3 +85,18 @@ def test_residual_model_picks_the_last_block_not_the_stem():
     # stem, b0_b and b1_b are all 1 weighted layer from the output (identity skips); the stem
     # is on every path but its channels are summed into the later blocks.
     assert "the last of 3 at that distance" in choice.reason
+
+
+def test_backbone_as_a_layer_mobilenetv2_converts_exactly_and_picks_its_last_conv(zoo):
+    backbone = zoo["MobileNetV2"]
+    features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output,
+                           name="backbone")
+    transfer = keras.Sequential([keras.Input((32, 32, 3)), features,
+                                 keras.layers.GlobalAveragePooling2D(name="gap"),
+                                 keras.layers.Dense(4, activation="softmax", name="head")])
+    choice = models.default_layer(transfer)
+    assert choice.name == "backbone.Conv_1"
+    converted = convert(transfer)
+    assert converted.get_layer(choice.name).channels == 1280
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(transfer(x)), atol=1e-6)
