@@ -59,13 +59,23 @@ def _check_model(model) -> tuple[tuple[int, ...], int]:
     return input_shape, int(classes)
 
 
-def _choose_layer(model: keras.Model, layer: str | None) -> str:
+def _choose_layer(model: keras.Model, layer: str | None,
+                  progress: Callable[[str], None]) -> str:
+    """The layer to prune in the converted ``model`` (nested models are flattened by then, so a
+    backbone's layer is ``backbone.<name>``; ``backbone/<name>`` is accepted too)."""
     convs = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Conv2D)]
     if not convs:
         raise CleaningError("the model has no Conv2D layer: there are no channels to prune")
     if layer is None:
-        return models.last_conv_layer(model)
+        try:
+            choice = models.default_layer(model)
+        except ValueError as error:
+            raise CleaningError(str(error)) from None
+        progress(f"layer: {choice.reason} (give --layer to choose another)")
+        return choice.name
     names = [lay.name for lay in model.layers]
+    if layer not in names and layer.replace("/", ".") in names:
+        layer = layer.replace("/", ".")
     if layer not in names:
         raise CleaningError(f"--layer {layer!r} does not exist; conv layers: {convs}")
     if layer not in convs:
@@ -225,8 +235,11 @@ def clean_model(model_path: str | os.PathLike, clean_data: str | os.PathLike, ou
              + ")")
     loaded = io.load_model(model_path, allow_unsafe=allow_unsafe, limits=load_limits)
     input_shape, classes = _check_model(loaded)
-    layer_name = _choose_layer(loaded, layer)
-    model = conversion.convert(loaded)
+    try:
+        model = conversion.convert(loaded)  # Flattens nested models: backbone.<layer>.
+    except conversion.ConversionError as error:
+        raise CleaningError(str(error)) from None
+    layer_name = _choose_layer(model, layer, progress)
     clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
     backdoor = None
     if backdoor_data is not None:
