@@ -6,6 +6,7 @@ import pytest
 from tensorflow_model_optimization.python.core.sparsity.keras import pruning_schedule
 
 from fineprune_tf import defenses, metrics, poison
+from fineprune_tf.defenses.fmp import fmp_ranking
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 TRIGGER_VALUE = 4.0
@@ -130,7 +131,7 @@ def test_fine_tuning_holds_masks_and_leaves_the_input_model_alone():
     model.get_layer("conv2").prune([0, 5, 7])
     original = [w.copy() for w in model.get_weights()]
     x, y = blob_data(200, seed=0)
-    settings = defenses.FineTuneSettings(learning_rate=1e-2, max_epochs=4, patience=2)
+    settings = defenses.FineTuneSettings(learning_rate=1e-2, max_epochs=4)
     result = defenses.fine_tune(model, (x, y), settings=settings, evaluation=((x, y), None))
     tuned = result.model.get_layer("conv2")
     np.testing.assert_array_equal(tuned.pruned_channels, [0, 5, 7])
@@ -170,7 +171,7 @@ def test_fine_pruning_with_a_schedule_reaches_the_pruning_defense_count():
     x, y = blob_data(200, seed=2)
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(x, y, epochs=3, verbose=0)
-    settings = defenses.FineTuneSettings(learning_rate=1e-3, max_epochs=2, patience=1)
+    settings = defenses.FineTuneSettings(learning_rate=1e-3, max_epochs=2)
     schedule = pruning_schedule.PolynomialDecay(0.0, 0.9, begin_step=0, end_step=10)
     one_shot = defenses.fine_prune(model, (x, y), threshold=10.0, settings=settings)
     gradual = defenses.fine_prune(model, (x, y), threshold=10.0, settings=settings,
@@ -183,17 +184,18 @@ def test_fine_pruning_with_a_schedule_reaches_the_pruning_defense_count():
 def test_fmp_scores_every_channel_and_prunes_the_fraction_per_layer():
     model = trainable_model()
     x, y = blob_data(64, seed=3)
-    scores = defenses.fmp_sensitivity(model, x, y, epsilon=0.1, batch_size=16, max_stack=64)
+    scores = defenses.fmp_sensitivity(model, x, y, epsilon=0.1, probe_samples=16, max_stack=64)
     assert set(scores) == {"conv1", "conv2"}
-    assert scores["conv1"].shape == (8,) and scores["conv2"].shape == (12,)
-    assert all(np.all((s >= 0) & (s <= 1)) for s in scores.values())
-    settings = defenses.FineTuneSettings(max_epochs=1, patience=1)
-    result = defenses.fmp(model, (x, y), prune_fraction=0.25, epsilon=0.1, probe_batch=16,
+    assert scores["conv1"]["score"].shape == (8,) and scores["conv2"]["score"].shape == (12,)
+    assert all(np.all((s["accuracy"] >= 0) & (s["accuracy"] <= 1)) for s in scores.values())
+    settings = defenses.FineTuneSettings(max_epochs=1)
+    result = defenses.fmp(model, (x, y), prune_fraction=0.25, epsilon=0.1, probe_samples=16,
                           settings=settings)
     assert len(result.details["pruned"]["conv1"]) == 2
     assert len(result.details["pruned"]["conv2"]) == 3
     for name, channels in result.details["pruned"].items():
-        ranked = np.argsort(result.details["sensitivity"][name], kind="stable")
+        sensitivity = result.details["sensitivity"][name]
+        ranked = fmp_ranking(np.array(sensitivity["score"]), np.array(sensitivity["deviation"]))
         assert channels == ranked[:len(channels)].tolist()
         assert set(result.model.get_layer(name).pruned_channels) == set(channels)
     assert result.details["probe_seconds"] > 0

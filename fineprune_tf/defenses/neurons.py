@@ -1,0 +1,134 @@
+"""Neurons (output channels) of any converted model, and a forward pass with per-neuron
+multipliers: the machinery ANP, RNP and CLP share.
+
+A *neuron group* is one masked layer's output channels together with the variables that scale
+them.  When a ``MaskedConv2D`` (or ``MaskedDense``) feeds only a ``BatchNormalization`` with a
+scale, the neuron is the BN's output channel, as in the authors' code (ANP's
+``NoisyBatchNorm2d``, RNP's ``MaskBatchNorm2d`` and CLP all act on the BN after a conv): the
+scale variable is BN's ``gamma`` and the shift ``beta``.  Otherwise the scale is the layer's
+kernel (last axis = channel) and the shift its bias.  The pairing is read from the functional
+graph (:func:`batchnorm_after`), so no architecture needs its own code.
+
+Pruning is always applied through the masked layer's mask, so shrink, export and the curve
+engine see an ordinary masked model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from fineprune_tf.conversion import FunctionalGraph
+from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin, masked_layers
+
+__all__ = ["NeuronGroup", "batchnorm_after", "neuron_groups", "forward_with_multipliers"]
+
+
+def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
+    """Masked layer name -> the BatchNormalization that is its only consumer.
+
+    Read from the model's functional graph (``conversion.FunctionalGraph``, the project's one
+    graph walker): a layer qualifies when it is called once and its output tensor feeds exactly
+    one node, a ``BatchNormalization`` over the last axis.  This is the universal version of the
+    check CLP's authors found "difficult to write" (they assume each BN follows the previous
+    conv in module order).
+    """
+    graph = FunctionalGraph(model)
+    pairs = {}
+    for gnode in graph.nodes:
+        layer = gnode.layer
+        if not isinstance(layer, MaskedLayerMixin) or graph.calls_per_layer[id(layer)] != 1:
+            continue
+        consumers = graph.consumers.get(id(gnode.outputs[0]), [])
+        if len(consumers) != 1 or id(gnode.outputs[0]) in graph.output_ids:
+            continue
+        follower = consumers[0].layer
+        if isinstance(follower, keras.layers.BatchNormalization) and follower.axis in (
+                -1, len(gnode.outputs[0].shape) - 1, [-1], [len(gnode.outputs[0].shape) - 1]):
+            pairs[layer.name] = follower
+    return pairs
+
+
+@dataclasses.dataclass(eq=False)
+class NeuronGroup:
+    """One layer's neurons and the variables a per-neuron multiplier scales.
+
+    Attributes:
+      layer: the masked layer whose mask prunes these neurons.
+      scale: variable whose last axis is the channel (BN gamma, or the layer kernel).
+      shift: the matching shift variable (BN beta, or the layer bias), or None.
+      batchnorm: the paired BatchNormalization, or None.
+    """
+
+    layer: MaskedLayerMixin
+    scale: keras.Variable
+    shift: keras.Variable | None
+    batchnorm: keras.layers.BatchNormalization | None = None
+
+    @property
+    def channels(self) -> int:
+        return self.layer.channels
+
+
+def neuron_groups(model: keras.Model, *, dense: bool = False) -> list[NeuronGroup]:
+    """Every MaskedConv2D (and MaskedDense when ``dense``) of ``model`` as a neuron group."""
+    pairs = batchnorm_after(model)
+    groups = []
+    for layer in masked_layers(model):
+        if isinstance(layer, MaskedDense) and not dense:
+            continue
+        if not isinstance(layer, (MaskedConv2D, MaskedDense)):
+            continue
+        bn = pairs.get(layer.name)
+        if bn is not None and bn.scale:
+            groups.append(NeuronGroup(layer, bn.gamma, bn.beta if bn.center else None, bn))
+        else:
+            groups.append(NeuronGroup(layer, layer.kernel, layer.bias if layer.use_bias
+                                      else None))
+    if not groups:
+        raise ValueError(f"model {model.name!r} has no masked conv layer: convert it first "
+                         "(fineprune_tf.convert)")
+    return groups
+
+
+def _variable_index(model: keras.Model) -> dict[int, int]:
+    return {id(v): i for i, v in enumerate(model.trainable_variables)}
+
+
+def forward_with_multipliers(model: keras.Model, groups: Sequence[NeuronGroup], x: tf.Tensor,
+                             scale_multipliers: Sequence[tf.Tensor],
+                             shift_multipliers: Sequence[tf.Tensor | None]) -> tf.Tensor:
+    """The model's output (probabilities ``[N, classes]``) with group ``g``'s scale variable
+    multiplied by ``scale_multipliers[g]`` ``[C_g]`` and its shift by ``shift_multipliers[g]``
+    (None: unchanged), in inference mode.  Differentiable in the multipliers.
+
+    Uses ``keras.Model.stateless_call`` (public), so the model's variables are not modified.
+    """
+    index = _variable_index(model)
+    values = [v.value for v in model.trainable_variables]
+    for group, scale, shift in zip(groups, scale_multipliers, shift_multipliers, strict=True):
+        position = index[id(group.scale)]
+        values[position] = values[position] * tf.cast(scale, values[position].dtype)
+        if shift is not None and group.shift is not None:
+            position = index[id(group.shift)]
+            values[position] = values[position] * tf.cast(shift, values[position].dtype)
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    outputs, _ = model.stateless_call(values, non_trainable, x, training=False)
+    return outputs
+
+
+def prune_by_scores(model: keras.Model, groups: Sequence[NeuronGroup],
+                    scores: Sequence, threshold: float) -> dict[str, list[int]]:
+    """Prunes (through the masks) every neuron whose score is ``<= threshold``; returns
+    ``{layer name: pruned channels}``."""
+    pruned = {}
+    for group, score in zip(groups, scores, strict=True):
+        layer = model.get_layer(group.layer.name)
+        channels = [int(c) for c in range(group.channels) if float(score[c]) <= threshold]
+        if channels:
+            layer.prune(channels)
+        pruned[layer.name] = channels
+    return pruned

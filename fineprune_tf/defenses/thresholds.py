@@ -1,0 +1,77 @@
+"""Choosing how much to prune from the defender's clean holdout (the protocol's rule for ANP,
+RNP and CLP): walk the candidate settings from least to most pruning and keep the last one
+before the clean holdout accuracy first falls more than ``tolerance`` points below the
+undefended model's -- the same rule as the pruning defense's stopping point (§3.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+
+from fineprune_tf.defenses.guard import is_selecting
+from fineprune_tf.defenses.result import holdout_accuracy
+
+__all__ = ["choose_by_holdout", "choose_threshold", "THRESHOLDS"]
+
+#: ANP's and RNP's threshold sweep (``--pruning-step 0.05``, ``--pruning-max 0.90``).
+THRESHOLDS = tuple(np.round(np.arange(0.05, 0.90 + 1e-9, 0.05), 2).tolist())
+
+
+def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict]],
+                      holdout: tuple[np.ndarray, np.ndarray], tolerance: float) -> dict:
+    """Picks among ``(setting, {layer: channels to prune})`` ordered by increasing pruning.
+
+    The masks of ``model`` are set temporarily for each candidate and restored.  Returns
+    ``{"setting", "holdout_curve", "base_holdout_acc", "forward_passes", "why"}``; the setting
+    is None when even the first candidate exceeds the tolerance.
+    """
+    if not is_selecting():
+        raise RuntimeError("choose_by_holdout must run inside guard.selecting()")
+    layers = {name for _, pruned in candidates for name in pruned}
+    saved = {name: model.get_layer(name).mask for name in layers}
+    base = holdout_accuracy(model, holdout)
+    curve, chosen = [], None
+    try:
+        for setting, pruned in candidates:
+            for name in layers:
+                mask = saved[name].copy()
+                mask[list(pruned.get(name, []))] = 0.0
+                model.get_layer(name).set_mask(mask)
+            accuracy = holdout_accuracy(model, holdout)
+            curve.append((setting, accuracy))
+            if (base - accuracy) * 100.0 > tolerance + 1e-9:
+                break
+            chosen = setting
+    finally:
+        for name, mask in saved.items():
+            model.get_layer(name).set_mask(mask)
+    why = (f"largest pruning whose clean holdout accuracy stays within {tolerance} points of "
+           f"the undefended {base:.3f}" if chosen is not None else
+           f"every candidate lost more than {tolerance} points of clean holdout accuracy: "
+           "nothing pruned")
+    return {"setting": chosen, "holdout_curve": curve, "base_holdout_acc": base,
+            "forward_passes": len(holdout[0]) * (len(curve) + 1), "why": why}
+
+
+def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
+                     holdout: tuple[np.ndarray, np.ndarray], tolerance: float,
+                     fixed: float | None = None,
+                     thresholds: Sequence[float] = THRESHOLDS) -> dict:
+    """The mask threshold for ANP / RNP: neurons with ``score <= threshold`` are pruned.
+
+    ``fixed`` skips the choice.  Returns ``{"threshold", "holdout_curve", "why", ...}``
+    (threshold -1 = prune nothing).
+    """
+    def pruned_at(threshold: float) -> dict:
+        return {g.layer.name: [c for c in range(g.channels) if float(s[c]) <= threshold]
+                for g, s in zip(groups, scores, strict=True)}
+
+    if fixed is not None:
+        return {"threshold": float(fixed), "holdout_curve": [], "forward_passes": 0,
+                "why": f"fixed threshold {fixed}"}
+    choice = choose_by_holdout(model, [(t, pruned_at(t)) for t in thresholds], holdout,
+                               tolerance)
+    threshold = -1.0 if choice["setting"] is None else float(choice["setting"])
+    return {"threshold": threshold, **{k: v for k, v in choice.items() if k != "setting"}}
