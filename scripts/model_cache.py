@@ -89,10 +89,14 @@ def load_or_train(task: str, kind: str, seed: int, cache_dir: str | pathlib.Path
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", ["speech", "traffic", "mnist"], "Tasks.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
-flags.DEFINE_list("kinds", list(KINDS), "Model kinds.")
-flags.DEFINE_string("cache_dir", "runs/defense_cache", "Cache directory.")
+
+
+def _define_flags() -> None:
+    # Defined only when run as a script: other scripts import this module for its functions.
+    flags.DEFINE_list("tasks", ["speech", "traffic", "mnist"], "Tasks.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+    flags.DEFINE_list("kinds", list(KINDS), "Model kinds.")
+    flags.DEFINE_string("cache_dir", "runs/defense_cache", "Cache directory.")
 
 
 def main(argv: list[str]) -> int:
@@ -118,4 +122,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

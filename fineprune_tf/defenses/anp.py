@@ -19,8 +19,8 @@ Then neurons with ``m_k <= threshold`` are pruned (ANP's ``pruning-by threshold`
 Hyper-parameters (authors' defaults / ours):
 
 * ``eps = 0.4``, ``steps = 1``, ``alpha = 0.2``, mask lr 0.2 with momentum 0.9: the same.
-* iterations: 2000 batches of 128 on 500 CIFAR images; ours ``iterations=300`` batches of 128
-  (the defender's fit split is 400-600 examples: ~60-100 passes over it) to bound the cost on
+* iterations: 2000 batches of 128 on 500 CIFAR images; ours ``iterations=200`` batches of 128
+  (the defender's fit split is 400-600 examples: ~40-60 passes over it) to bound the cost on
   2 CPU cores.
 * The authors optimise in ``model.train()`` mode (BN uses batch statistics); we run inference
   mode (BN uses its moving statistics), because the mask is then applied to the network the
@@ -68,7 +68,7 @@ def anp_losses(model, groups, x, y, masks, noise, noise_bias, alpha: float):
 
 def anp_mask_values(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float = 0.4,
                     steps: int = 1, alpha: float = 0.2, learning_rate: float = 0.2,
-                    iterations: int = 300, batch_size: int = 128, seed: int = 0,
+                    iterations: int = 200, batch_size: int = 128, seed: int = 0,
                     dense: bool = False) -> tuple[list, list[np.ndarray]]:
     """Optimises ANP's neuron masks on clean ``(x [N, ...], y [N])``.
 
@@ -116,7 +116,7 @@ def anp_mask_values(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: fl
 
 
 def anp(model: keras.Model, validation, *, eps: float = 0.4, steps: int = 1,
-        alpha: float = 0.2, learning_rate: float = 0.2, iterations: int = 300,
+        alpha: float = 0.2, learning_rate: float = 0.2, iterations: int = 200,
         batch_size: int = 128, threshold: float | None = None, tolerance: float = 2.0,
         seed: int = 0, evaluation=None) -> DefenseResult:
     """ANP: learn neuron masks under adversarial neuron perturbation on ``DefenderData.fit``,

@@ -1,0 +1,216 @@
+"""Every defense under the defender-realistic protocol (issue 11, point 4 and the Targets).
+
+    python -m scripts.defense_eval [--seeds=0,1,2] [--defenses=...] [--output_dir=results]
+        [--cache_dir=runs/defense_cache] [--clean_seeds=0]
+
+For speech (baseline and pruning-aware attacks), traffic (untargeted) and mnist, per seed: the
+cached backdoored model (``scripts.model_cache``), the defender's clean validation split as a
+``DefenderData`` (80% fit / 20% holdout), and every defense of ``fineprune_tf.defenses.REGISTRY``
+with its clean-data choices.  Reported on the test split (``ReportOnly``, read after the
+choices): clean accuracy, ASR, robust accuracy, DER against the undefended model, seconds and
+example forward/backward passes; then the protocol's choice (``defenses.choose``: clean
+holdout only) and whether the Targets are met:
+
+* the protocol's choice reaches ASR <= 0.05 losing <= 2 points of clean test accuracy;
+* fine-pruning reaches ASR <= 0.10 on the speech baseline attack.
+
+Models that were never backdoored (``clean`` in the cache, ``--clean_seeds``) go through the
+same defenses: the clean accuracy each costs.
+
+Writes ``defense_eval.json`` and ``defense_eval.md``; rows are appended to
+``<cache_dir>/defense_eval_rows.jsonl`` as they finish, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the backdoored models.")
+flags.DEFINE_list("clean_seeds", ["0"], "Seeds of the never-backdoored models.")
+flags.DEFINE_list("defenses", ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp",
+                               "rnp", "clp"], "Defenses (REGISTRY names).")
+flags.DEFINE_list("models", ["speech/baseline", "speech/pruning_aware", "traffic/baseline",
+                             "mnist/baseline"], "task/attack pairs.")
+flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")
+flags.DEFINE_string("output_dir", "results", "Where defense_eval.md/json go.")
+flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
+flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
+
+ASR_TARGET, DROP_TARGET, FP_SPEECH_TARGET = 0.05, 2.0, 0.10
+
+
+def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> None:
+    """Every defense on one cached model; one row per defense."""
+    from fineprune_tf import defenses
+    from scripts import model_cache
+
+    data = model_cache.bundle(task, seed)
+    model = model_cache.load_or_train(task, kind, seed, cache_dir)
+    defender = defenses.DefenderData(*data.validation, seed=seed)
+    report = defenses.ReportOnly(data.test, data.backdoor_test)
+    for name in names:
+        key = (task, kind, seed, name)
+        if key in done:
+            continue
+        result = defenses.run_defense(name, model, defender, seed=seed,
+                                      tolerance=FLAGS.tolerance, evaluation=report)
+        details = result.details
+        sink({"task": task, "kind": kind, "seed": seed, "defense": name,
+              **{k: float(v) for k, v in result.summary().items()},
+              "pruned_count": details.get("pruned_count",
+                                          details.get("pruning", {}).get("pruned_count")),
+              "why": details.get("why", details.get("fine_tuning", {}).get("why"))})
+
+
+def _mean_sd(values) -> tuple[float, float]:
+    values = np.asarray(values, dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
+    """DER per row, the protocol's choice per (model, seed), and per-cell mean ± sd."""
+    from fineprune_tf import defenses
+
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["kind"], row["seed"]), {})[row["defense"]] = row
+    choices = []
+    for (task, kind, seed), by_name in sorted(groups.items()):
+        base = by_name.get("none")
+        if base is None:
+            continue
+        for row in by_name.values():
+            row["der"] = defenses.der(base, row) if kind != "clean" else float("nan")
+            row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
+        candidates = {n: _Holdout(r["holdout_acc"]) for n, r in by_name.items() if n != "none"}
+        if not candidates:
+            continue
+        name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance)
+        chosen = by_name[name]
+        choices.append({"task": task, "kind": kind, "seed": seed, "chosen": name, "why": why,
+                        "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
+                        "clean_drop": chosen["clean_drop"], "base_asr": base["asr"],
+                        "base_clean_acc": base["clean_acc"],
+                        "met": kind == "clean" or (chosen["asr"] <= ASR_TARGET
+                                                   and chosen["clean_drop"] <= DROP_TARGET)})
+    cells: dict = {}
+    for row in rows:
+        cells.setdefault((row["task"], row["kind"], row["defense"]), []).append(row)
+    table = []
+    for (task, kind, name), cell_rows in sorted(cells.items()):
+        table.append({"task": task, "kind": kind, "defense": name, "seeds": len(cell_rows),
+                      **{k: _mean_sd([r[k] for r in cell_rows])
+                         for k in ("clean_acc", "asr", "robust_acc", "der", "clean_drop",
+                                   "holdout_acc", "seconds", "forward_passes",
+                                   "backward_passes")}})
+    return {"choices": choices, "table": table}
+
+
+class _Holdout:
+    """The only field ``defenses.choose`` reads: the clean holdout accuracy."""
+
+    def __init__(self, holdout_acc: float):
+        self.holdout_acc = holdout_acc
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    def fmt(pair, digits=3):
+        return "n/a" if np.isnan(pair[0]) else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
+
+    lines = ["# Defenses under the defender-realistic protocol (issue 11)", "",
+             f"Written by `python -m scripts.defense_eval` on {meta['machine']}; seeds "
+             f"{meta['seeds']} (never-backdoored models: {meta['clean_seeds']}); tolerance "
+             f"{meta['tolerance']} points.  Every threshold, u, step count and learning rate "
+             "comes from the defender's clean validation split (80% fit / 20% holdout); the "
+             "test split and its triggered copy only report.  Mean ± sd over seeds.  Passes = "
+             "examples through the network (forward / backward).", "",
+             "| task | model | defense | clean acc | ASR | robust acc | DER | clean drop (pts) "
+             "| seconds | forward / backward passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in summary["table"]:
+        lines.append(
+            f"| {e['task']} | {e['kind']} | {e['defense']} | {fmt(e['clean_acc'])} | "
+            f"{fmt(e['asr'])} | {fmt(e['robust_acc'])} | {fmt(e['der'])} | "
+            f"{fmt(e['clean_drop'], 1)} | {e['seconds'][0]:.1f} | "
+            f"{e['forward_passes'][0]:.3g} / {e['backward_passes'][0]:.3g} |")
+    lines += ["", "## The protocol's choice (clean holdout only) and the Targets", "",
+              f"Target: ASR <= {ASR_TARGET} with <= {DROP_TARGET} points of clean accuracy lost.",
+              "", "| task | model | seed | chosen | clean acc | ASR | clean drop | met | why |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in summary["choices"]:
+        lines.append(f"| {c['task']} | {c['kind']} | {c['seed']} | {c['chosen']} | "
+                     f"{c['clean_acc']:.3f} | {c['asr']:.3f} | {c['clean_drop']:.1f} | "
+                     f"{'yes' if c['met'] else 'NO'} | {c['why']} |")
+    fp = [e for e in summary["table"] if e["task"] == "speech" and e["kind"] == "baseline"
+          and e["defense"] == "fine_pruning"]
+    if fp:
+        asr = fp[0]["asr"]
+        lines += ["", f"Fine-pruning on the speech baseline attack: ASR {fmt(asr)} "
+                      f"(target <= {FP_SPEECH_TARGET}: "
+                      f"{'met' if asr[0] <= FP_SPEECH_TARGET else 'NOT met'} on the mean)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from fineprune_tf import defenses, reporting
+
+    unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
+    if unknown or "none" not in FLAGS.defenses:
+        print(f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
+              f"unknown: {unknown}", file=sys.stderr)
+        return 2
+    try:
+        pairs = [tuple(m.split("/")) for m in FLAGS.models]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+    except ValueError:
+        print(f"error: --models takes task/attack pairs, got {FLAGS.models}", file=sys.stderr)
+        return 2
+    cache_dir = pathlib.Path(FLAGS.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = cache_dir / "defense_eval_rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
+        if rows_path.exists() else []
+    done = {(r["task"], r["kind"], r["seed"], r["defense"]) for r in rows}
+    start = time.perf_counter()
+
+    def sink(row):
+        rows.append(row)
+        with rows_path.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        print(f"{row['task']}/{row['kind']} s{row['seed']} {row['defense']}: clean "
+              f"{row['clean_acc']:.3f} ASR {row['asr']:.3f} holdout {row['holdout_acc']:.3f} "
+              f"({row['seconds']:.1f}s)", flush=True)
+
+    seeds = [int(s) for s in FLAGS.seeds]
+    clean_seeds = [int(s) for s in FLAGS.clean_seeds]
+    plan = [(task, kind, seed) for seed in seeds for task, kind in pairs]
+    plan += [(task, "clean", seed) for seed in clean_seeds
+             for task in sorted({t for t, _ in pairs})]
+    for task, kind, seed in plan if not FLAGS.report_only else ():
+        run_model(task, kind, seed, FLAGS.defenses, cache_dir, done, sink)
+    wanted = set(plan)
+    rows = [r for r in rows if (r["task"], r["kind"], r["seed"]) in wanted
+            and r["defense"] in FLAGS.defenses]
+    summary = evaluate_rows(rows, FLAGS.tolerance)
+    meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+            "seeds": seeds, "clean_seeds": clean_seeds, "tolerance": FLAGS.tolerance,
+            "seconds": time.perf_counter() - start}
+    output = pathlib.Path(FLAGS.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    reporting.atomic_write_json(output / "defense_eval.json", {"meta": meta, "rows": rows,
+                                                               **summary})
+    reporting.atomic_write_text(output / "defense_eval.md", markdown(summary, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
