@@ -185,3 +185,28 @@ def test_rnp_runs_end_to_end_and_chooses_on_the_holdout():
     base = result.details["base_holdout_acc"]
     assert (base - result.holdout_acc) * 100 <= 2.0 + 1e-9
     assert set(result.details["mask_values"]) == {"conv1", "conv2"}
+
+
+@pytest.mark.slow
+def test_anp_rnp_clp_run_on_a_converted_keras_applications_model():
+    import fineprune_tf as fp
+
+    keras.utils.set_random_seed(0)
+    stock = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                           classes=3)
+    model = fp.convert(stock)
+    pairs = neurons.batchnorm_after(model)
+    convs = [layer.name for layer in model.layers if isinstance(layer, MaskedConv2D)]
+    assert set(pairs) == set(convs)  # Every conv of MobileNetV2 feeds a BatchNormalization.
+    x = np.random.default_rng(0).uniform(0, 1, (40, 32, 32, 3)).astype(np.float32)
+    y = np.arange(40) % 3
+    clp_result = defenses.clp(model, u=3.0)
+    anp_result = defenses.anp(model, (x, y), iterations=2, batch_size=16, threshold=0.2)
+    rnp_result = defenses.rnp(model, (x, y), unlearning_epochs=1, recovering_epochs=1,
+                              threshold=0.2)
+    for result in (clp_result, anp_result, rnp_result):
+        pruned = result.details["pruned"]
+        assert set(pruned) == set(convs)
+        for name, channels in pruned.items():
+            assert sorted(result.model.get_layer(name).pruned_channels.tolist()) == channels
+    assert clp_result.details["pruned_count"] > 0

@@ -157,3 +157,16 @@ def test_fmp_ranking_is_a_strict_total_order_without_ties():
     live = [c for c in range(12) if c not in (1, 2)]
     assert len(np.unique(scores["score"][live])) == len(live)  # Continuous: no other ties.
     assert keras.ops.convert_to_numpy(conv.mask).sum() == 12
+
+
+def test_convergence_rule_keeps_the_start_when_training_diverges():
+    rule = ConvergenceSelection(tolerance=1.0, plateau_patience=5, start_accuracy=0.97)
+    holder = _Holder()
+    holder.weights = [np.full(1, -1.0)]
+    rule.set_model(holder)
+    rule.on_train_begin()
+    for epoch, accuracy in enumerate([0.40, 0.10, 0.12]):
+        holder.weights = [np.full(1, float(epoch))]
+        rule.on_epoch_end(epoch, {"loss": 2.0 + epoch, "val_accuracy": accuracy})
+    rule.on_train_end()
+    assert rule.chosen == -1 and holder.weights[0][0] == -1.0

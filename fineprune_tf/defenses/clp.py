@@ -90,6 +90,7 @@ def clp(model: keras.Model, validation=None, *, u: float | None = 3.0, tolerance
             choice = choose_by_holdout(
                 defended, [(value, clp_prune_sets(bounds, value)) for value in U_CANDIDATES],
                 defender.holdout, tolerance)
+            choice.pop("index")
             chosen_u = choice.pop("setting")
             chosen_u = float("inf") if chosen_u is None else chosen_u
         else:

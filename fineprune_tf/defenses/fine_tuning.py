@@ -14,7 +14,9 @@ The default rule, ``"converge"``, reads only the defender's clean data:
    converged), or at ``max_epochs``;
 2. among the epochs' checkpoints, keep the *latest* whose clean holdout accuracy is within
    ``tolerance`` percentage points of the best checkpoint's -- later means more training, so
-   among equally accurate checkpoints the one that moved furthest from the attacker's weights.
+   among equally accurate checkpoints the one that moved furthest from the attacker's weights;
+   if even that one is more than 5 points below the starting model (training diverged, e.g.
+   lr 1e-2 on pruned speech), the starting model is kept.
 
 ``"early_stopping"`` is the previous rule (kept for the ablation) and ``"last"`` trains exactly
 ``max_epochs`` and keeps the last weights.  The defaults (rule, learning rate, epochs) are chosen
@@ -93,13 +95,18 @@ class ConvergenceSelection(keras.callbacks.Callback):
     latest checkpoint within ``tolerance`` points of the best holdout accuracy.
 
     Reads ``logs["loss"]`` (clean training loss) and ``logs["val_accuracy"]`` (clean holdout).
-    After training, ``history`` lists ``(epoch, loss, holdout accuracy)`` and ``chosen`` the
-    restored epoch (0-based).
+    With ``start_accuracy`` (the holdout accuracy before training), a chosen checkpoint that is
+    more than ``divergence_drop`` points below it means training diverged: the starting weights
+    are restored (``chosen`` -1).  After training, ``history`` lists ``(epoch, loss, holdout
+    accuracy)`` and ``chosen`` the restored epoch (0-based; -1 = the starting model).
     """
 
     def __init__(self, tolerance: float = 1.0, plateau_patience: int = 3,
-                 min_delta: float = 0.02):
+                 min_delta: float = 0.02, start_accuracy: float | None = None,
+                 divergence_drop: float = 5.0):
         super().__init__()
+        self.start_accuracy = start_accuracy
+        self.divergence_drop = float(divergence_drop)
         self.tolerance = float(tolerance)
         self.plateau_patience = int(plateau_patience)
         self.min_delta = float(min_delta)
@@ -108,6 +115,10 @@ class ConvergenceSelection(keras.callbacks.Callback):
         self.chosen: int | None = None
         self._best_loss = math.inf
         self._since_best = 0
+
+    def on_train_begin(self, logs=None):
+        if self.start_accuracy is not None:
+            self._start_weights = self.model.get_weights()
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -128,6 +139,11 @@ class ConvergenceSelection(keras.callbacks.Callback):
         floor = accuracies.max() - self.tolerance / 100.0 - 1e-9
         self.chosen = int(np.flatnonzero(accuracies >= floor)[-1])
         self.model.set_weights(self.weights[self.chosen])
+        if (self.start_accuracy is not None and (self.start_accuracy - accuracies[self.chosen])
+                * 100.0 > self.divergence_drop + 1e-9):
+            # Training diverged (lr too high): keep the starting model rather than a broken one.
+            self.chosen = -1
+            self.model.set_weights(self._start_weights)
         self.weights = []  # Free the checkpoints.
 
 
@@ -155,8 +171,10 @@ def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: Fin
     add_weight_noise(model, settings.noise_stddev, settings.seed)
     train_x, train_y = defender.fit
     if settings.rule == "converge":
+        with selecting():
+            start_accuracy = holdout_accuracy(model, defender.holdout)
         rule = ConvergenceSelection(settings.tolerance, settings.plateau_patience,
-                                    settings.min_delta)
+                                    settings.min_delta, start_accuracy)
     elif settings.rule == "early_stopping":
         rule = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
                                              restore_best_weights=True)

@@ -4,7 +4,7 @@
 What the official code does, and what we do:
 
 * **Samples.** One batch of the defender's clean data (32 images; 1024 for CIFAR-10 in
-  ``pgd-feature.py``).  We use ``probe_samples`` (default 128) of ``DefenderData.fit``.
+  ``pgd-feature.py``).  We use ``probe_samples`` (default 64) of ``DefenderData.fit``.
 * **Random start.** ``x + alpha * sign(U(-alpha, alpha))`` clipped to [0, 1].  Same, with
   ``alpha`` and the clip scaled to the data's range (``DefenderData.value_range``): our
   tasks are not in [0, 1] (speech MFCCs span about -5..6).
@@ -55,7 +55,7 @@ ALPHA = 4.0 / 255.0
 
 def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
                     epsilon: float = EPSILON, alpha: float = ALPHA,
-                    value_range: tuple[float, float] | None = None, probe_samples: int = 128,
+                    value_range: tuple[float, float] | None = None, probe_samples: int = 64,
                     max_stack: int = 4096, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """Per conv channel: the loss increase one feature-targeted FGSM step causes.
 
@@ -120,7 +120,7 @@ def fmp_ranking(score: np.ndarray, deviation: np.ndarray) -> np.ndarray:
 
 
 def fmp(model: keras.Model, validation, *, prune_fraction: float = 1.0 / 64,
-        epsilon: float = EPSILON, alpha: float = ALPHA, probe_samples: int = 128,
+        epsilon: float = EPSILON, alpha: float = ALPHA, probe_samples: int = 64,
         settings: FineTuneSettings | None = None, evaluation=None,
         probe_batch: int | None = None) -> DefenseResult:
     """FMP: prune, in every conv layer, the ``ceil(prune_fraction * C)`` channels whose

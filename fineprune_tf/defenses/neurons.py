@@ -120,15 +120,9 @@ def forward_with_multipliers(model: keras.Model, groups: Sequence[NeuronGroup], 
     return outputs
 
 
-def prune_by_scores(model: keras.Model, groups: Sequence[NeuronGroup],
-                    scores: Sequence, threshold: float) -> dict[str, list[int]]:
-    """Prunes (through the masks) every neuron whose score is ``<= threshold``; returns
-    ``{layer name: pruned channels}``."""
-    pruned = {}
-    for group, score in zip(groups, scores, strict=True):
-        layer = model.get_layer(group.layer.name)
-        channels = [int(c) for c in range(group.channels) if float(score[c]) <= threshold]
+def apply_pruned(model: keras.Model, pruned: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Prunes ``{layer name: channels}`` through the masks of ``model``; returns it sorted."""
+    for name, channels in pruned.items():
         if channels:
-            layer.prune(channels)
-        pruned[layer.name] = channels
-    return pruned
+            model.get_layer(name).prune(channels)
+    return {name: sorted(int(c) for c in channels) for name, channels in pruned.items()}

@@ -10,13 +10,15 @@
    that multiplies its whole output (RNP's ``MaskBatchNorm2d``: weight and bias) by minimising
    ``alpha * CE`` on clean data -- SGD lr 0.2, momentum 0.9, ``recovering_epochs`` (20), clipped
    to [0, 1].  Neurons the recovery does not need (low ``m``) are the backdoor's.
-3. **Prune** the *original* model's neurons with ``m_k <= threshold``.
+3. **Prune** the *original* model's neurons with the lowest ``m_k`` (RNP's ``--pruning-by``
+   number or threshold).
 
 Deviations: the authors sweep thresholds 0..0.9 against the test set (their README reports the
-row that prunes 32 neurons); ours is chosen from the defender's clean holdout
-(:mod:`fineprune_tf.defenses.thresholds`).  Unlearning and recovery run in inference mode (BN
-moving statistics) as in :mod:`fineprune_tf.defenses.anp`.  The authors use batch 128 on 500
-CIFAR images; we use batch 64 on the 400-600 fit examples of our tasks.
+row that prunes 32 neurons); ours prunes by number, as many of the lowest-mask neurons as the
+defender's clean holdout allows (:mod:`fineprune_tf.defenses.thresholds`).  Unlearning and
+recovery run in inference mode (BN moving statistics) as in :mod:`fineprune_tf.defenses.anp`.
+The authors use batch 128 on 500 CIFAR images; we use batch 64 on the 400-600 fit examples of
+our tasks.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune_tf.defenses.guard import DefenderData, selecting
-from fineprune_tf.defenses.neurons import forward_with_multipliers, neuron_groups, prune_by_scores
+from fineprune_tf.defenses.neurons import apply_pruned, forward_with_multipliers, neuron_groups
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.defenses.thresholds import choose_threshold
 
@@ -131,7 +133,7 @@ def rnp(model: keras.Model, validation, *, unlearning_lr: float = 0.01,
         groups = neuron_groups(defended)
         choice = choose_threshold(defended, groups, masks, defender.holdout, tolerance,
                                   fixed=threshold)
-        pruned = prune_by_scores(defended, groups, masks, choice["threshold"])
+        pruned = apply_pruned(defended, choice.pop("chosen_pruned"))
     details = {"unlearning": history,
                "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks,
                                                                         strict=True)},

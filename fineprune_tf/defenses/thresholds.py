@@ -24,17 +24,17 @@ def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict
     """Picks among ``(setting, {layer: channels to prune})`` ordered by increasing pruning.
 
     The masks of ``model`` are set temporarily for each candidate and restored.  Returns
-    ``{"setting", "holdout_curve", "base_holdout_acc", "forward_passes", "why"}``; the setting
-    is None when even the first candidate exceeds the tolerance.
+    ``{"setting", "index", "holdout_curve", "base_holdout_acc", "forward_passes", "why"}``; the
+    setting is None (index -1) when even the first candidate exceeds the tolerance.
     """
     if not is_selecting():
         raise RuntimeError("choose_by_holdout must run inside guard.selecting()")
     layers = {name for _, pruned in candidates for name in pruned}
     saved = {name: model.get_layer(name).mask for name in layers}
     base = holdout_accuracy(model, holdout)
-    curve, chosen = [], None
+    curve, chosen, index = [], None, -1
     try:
-        for setting, pruned in candidates:
+        for position, (setting, pruned) in enumerate(candidates):
             for name in layers:
                 mask = saved[name].copy()
                 mask[list(pruned.get(name, []))] = 0.0
@@ -43,7 +43,7 @@ def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict
             curve.append((setting, accuracy))
             if (base - accuracy) * 100.0 > tolerance + 1e-9:
                 break
-            chosen = setting
+            chosen, index = setting, position
     finally:
         for name, mask in saved.items():
             model.get_layer(name).set_mask(mask)
@@ -51,18 +51,23 @@ def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict
            f"the undefended {base:.3f}" if chosen is not None else
            f"every candidate lost more than {tolerance} points of clean holdout accuracy: "
            "nothing pruned")
-    return {"setting": chosen, "holdout_curve": curve, "base_holdout_acc": base,
+    return {"setting": chosen, "index": index, "holdout_curve": curve, "base_holdout_acc": base,
             "forward_passes": len(holdout[0]) * (len(curve) + 1), "why": why}
 
 
 def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
                      holdout: tuple[np.ndarray, np.ndarray], tolerance: float,
                      fixed: float | None = None,
-                     thresholds: Sequence[float] = THRESHOLDS) -> dict:
+                     thresholds: Sequence[float] = THRESHOLDS, by: str = "number") -> dict:
     """The mask threshold for ANP / RNP: neurons with ``score <= threshold`` are pruned.
 
-    ``fixed`` skips the choice.  Returns ``{"threshold", "holdout_curve", "why", ...}``
-    (threshold -1 = prune nothing).
+    ``by="number"`` (default; ANP's and RNP's ``--pruning-by number``) walks the neurons in
+    increasing score over the whole network, growing the pruned count by 1% of the neurons at a
+    time (at most half of them); the chosen threshold is the score of the last neuron pruned.
+    It degrades gracefully when many masks fall low together (networks without BN, where the
+    multiplicative noise compounds over layers), where a fixed threshold grid jumps from
+    nothing to too much.  ``by="threshold"`` walks ``thresholds``.  ``fixed`` skips the choice.
+    Returns ``{"threshold", "holdout_curve", "why", ...}`` (threshold -1 = prune nothing).
     """
     def pruned_at(threshold: float) -> dict:
         return {g.layer.name: [c for c in range(g.channels) if float(s[c]) <= threshold]
@@ -70,8 +75,27 @@ def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
 
     if fixed is not None:
         return {"threshold": float(fixed), "holdout_curve": [], "forward_passes": 0,
-                "why": f"fixed threshold {fixed}"}
-    choice = choose_by_holdout(model, [(t, pruned_at(t)) for t in thresholds], holdout,
-                               tolerance)
+                "chosen_pruned": pruned_at(fixed), "why": f"fixed threshold {fixed}"}
+    if by == "number":
+        flat = sorted((float(s[c]), g_index, c) for g_index, (g, s) in
+                      enumerate(zip(groups, scores, strict=True)) for c in range(g.channels))
+        step = max(1, len(flat) // 100)
+        counts = range(step, len(flat) // 2 + 1, step)
+        thresholds = [flat[count - 1][0] for count in counts]
+        candidates = []
+        for count, threshold in zip(counts, thresholds, strict=True):
+            pruned: dict = {g.layer.name: [] for g in groups}
+            for _, g_index, channel in flat[:count]:
+                pruned[groups[g_index].layer.name].append(channel)
+            candidates.append((threshold, pruned))
+    elif by == "threshold":
+        candidates = [(t, pruned_at(t)) for t in thresholds]
+    else:
+        raise ValueError(f"by must be 'number' or 'threshold', got {by!r}")
+    choice = choose_by_holdout(model, candidates, holdout, tolerance)
+    # Apply exactly the candidate the holdout accepted (ties at its score stay unpruned).
+    index = choice.pop("index")
+    chosen = candidates[index][1] if index >= 0 else {g.layer.name: [] for g in groups}
     threshold = -1.0 if choice["setting"] is None else float(choice["setting"])
-    return {"threshold": threshold, **{k: v for k, v in choice.items() if k != "setting"}}
+    return {"threshold": threshold, "chosen_pruned": chosen,
+            **{k: v for k, v in choice.items() if k != "setting"}}
