@@ -48,6 +48,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 flags.DEFINE_string("output_dir", "results", "Where ablation.md/json go.")
 flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
 flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
+flags.DEFINE_list("cells", None, "Measure only these cells, as rule:lr:epochs (default: all).")
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
 CELLS = ([("early_stopping", 1e-3, 30)]
@@ -61,7 +62,8 @@ def _key(row: dict) -> tuple:
             row["epochs"])
 
 
-def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink) -> None:
+def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink,
+              cells=CELLS) -> None:
     """Every cell of the grid on one (task, seed); appends rows to ``sink``."""
     from fineprune_tf import defenses, metrics
     from scripts import model_cache
@@ -74,7 +76,7 @@ def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
     base = metrics.evaluate(model, clean, backdoor)
     base_holdout = defenses.result.holdout_accuracy(model, defender.holdout)
     pruned = defenses.prune(model, defender, threshold=4.0)
-    for defense, (rule, lr, epochs) in itertools.product(("fine_tuning", "fine_pruning"), CELLS):
+    for defense, (rule, lr, epochs) in itertools.product(("fine_tuning", "fine_pruning"), cells):
         row = {"task": task, "seed": seed, "defense": defense, "rule": rule,
                "learning_rate": lr, "epochs": epochs}
         if _key(row) in done:
@@ -198,6 +200,9 @@ def main(argv: list[str]) -> int:
         if rows_path.exists() else []
     done = {_key(r) for r in rows}
     start = time.perf_counter()
+    cells = CELLS
+    if FLAGS.cells:
+        cells = [(r, float(lr), int(ep)) for r, lr, ep in (c.split(":") for c in FLAGS.cells)]
 
     def sink(row):
         rows.append(row)
@@ -211,8 +216,9 @@ def main(argv: list[str]) -> int:
 
     for seed in seeds if not FLAGS.report_only else ():
         for task in tasks:
-            run_cells(task, seed, cache_dir, done, sink)
+            run_cells(task, seed, cache_dir, done, sink, cells)
     grid = set(CELLS)
+    rows = list({_key(r): r for r in rows}.values())  # Last measurement of a cell wins.
     rows = [r for r in rows if r["task"] in tasks and r["seed"] in seeds
             and (r["rule"], r["learning_rate"], r["epochs"]) in grid]
     summary = summarise(rows)

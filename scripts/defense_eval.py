@@ -198,7 +198,8 @@ def main(argv: list[str]) -> int:
     for task, kind, seed in plan if not FLAGS.report_only else ():
         run_model(task, kind, seed, FLAGS.defenses, cache_dir, done, sink)
     wanted = set(plan)
-    rows = [r for r in rows if (r["task"], r["kind"], r["seed"]) in wanted
+    unique = {(r["task"], r["kind"], r["seed"], r["defense"]): r for r in rows}  # Last wins.
+    rows = [r for r in unique.values() if (r["task"], r["kind"], r["seed"]) in wanted
             and r["defense"] in FLAGS.defenses]
     summary = evaluate_rows(rows, FLAGS.tolerance)
     meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
