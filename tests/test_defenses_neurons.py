@@ -198,12 +198,12 @@ def test_anp_rnp_clp_run_on_a_converted_keras_applications_model():
     pairs = neurons.batchnorm_after(model)
     convs = [layer.name for layer in model.layers if isinstance(layer, MaskedConv2D)]
     assert set(pairs) == set(convs)  # Every conv of MobileNetV2 feeds a BatchNormalization.
-    x = np.random.default_rng(0).uniform(0, 1, (40, 32, 32, 3)).astype(np.float32)
-    y = np.arange(40) % 3
+    x = np.random.default_rng(0).uniform(0, 1, (20, 32, 32, 3)).astype(np.float32)
+    y = np.arange(20) % 3
     clp_result = defenses.clp(model, u=3.0)
-    anp_result = defenses.anp(model, (x, y), iterations=2, batch_size=16, threshold=0.2)
+    anp_result = defenses.anp(model, (x, y), iterations=1, batch_size=8, threshold=0.2)
     rnp_result = defenses.rnp(model, (x, y), unlearning_epochs=1, recovering_epochs=1,
-                              threshold=0.2)
+                              batch_size=16, threshold=0.2)
     for result in (clp_result, anp_result, rnp_result):
         pruned = result.details["pruned"]
         assert set(pruned) == set(convs)
