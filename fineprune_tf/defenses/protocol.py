@@ -10,10 +10,12 @@ out defenses that cost too much clean accuracy:
     ``tolerance`` points below the undefended model's; if none qualifies, the one that loses
     the least.
 
-The default ``PRIORITY`` follows independent measurements first (BackdoorBench's leaderboard:
-mean DER ANP 92.3 > CLP 69.4 > fine-tuning 65.0 > fine-pruning 62.0) and the measurements of
-``scripts.defense_eval`` on this project's tasks (see ``results/defense_eval.md``); it is a
-design-time choice, never a function of the user's test or triggered data.
+The default ``PRIORITY`` was fixed before any measurement of this round: fine-pruning first
+(the paper's defense, the one this toolkit reproduces), then the published ranking of the
+others (BackdoorBench's leaderboard, mean DER: ANP 92.3 > CLP 69.4 > fine-tuning 65.0; RNP and
+FMP after ANP, each reporting gains over it).  ``results/defense_eval.md`` measures how that
+order fares on this project's tasks; changing it from those numbers would be tuning on our
+benchmark's test sets, and is a design decision to make across tasks, not per user model.
 
 :func:`choose` reads only ``DefenseResult.holdout_acc`` (clean holdout) and runs inside
 ``guard.selecting()``, so any attempt to read report-only data while choosing raises.
@@ -32,7 +34,7 @@ from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
 
 __all__ = ["PRIORITY", "Choice", "choose", "auto_defend"]
 
-PRIORITY = ("fine_pruning", "anp", "rnp", "fmp", "fine_tuning", "clp", "pruning")
+PRIORITY = ("fine_pruning", "anp", "rnp", "fmp", "clp", "fine_tuning", "pruning")
 
 
 @dataclasses.dataclass
