@@ -82,7 +82,7 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["task"], row["kind"], row["seed"]), {})[row["defense"]] = row
-    choices = []
+    choices, incomplete = [], []
     for (task, kind, seed), by_name in sorted(groups.items()):
         base = by_name.get("none")
         if base is None:
@@ -91,16 +91,18 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
             row["der"] = defenses.der(base, row) if kind != "clean" else float("nan")
             row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
         candidates = {n: _Holdout(r["holdout_acc"]) for n, r in by_name.items() if n != "none"}
-        if not candidates:
-            continue
+        if set(by_name) != set(FLAGS.defenses):
+            incomplete.append(f"{task}/{kind} seed {seed}: missing "
+                              f"{sorted(set(FLAGS.defenses) - set(by_name))}")
+            continue  # Incomplete: the protocol chooses among every requested defense only.
         name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance)
         chosen = by_name[name]
         choices.append({"task": task, "kind": kind, "seed": seed, "chosen": name, "why": why,
                         "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
                         "clean_drop": chosen["clean_drop"], "base_asr": base["asr"],
                         "base_clean_acc": base["clean_acc"],
-                        "met": kind == "clean" or (chosen["asr"] <= ASR_TARGET
-                                                   and chosen["clean_drop"] <= DROP_TARGET)})
+                        "met": None if kind == "clean" else bool(
+                            chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET)})
     cells: dict = {}
     for row in rows:
         cells.setdefault((row["task"], row["kind"], row["defense"]), []).append(row)
@@ -111,7 +113,7 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
                          for k in ("clean_acc", "asr", "robust_acc", "der", "clean_drop",
                                    "holdout_acc", "seconds", "forward_passes",
                                    "backward_passes")}})
-    return {"choices": choices, "table": table}
+    return {"choices": choices, "table": table, "incomplete": incomplete}
 
 
 class _Holdout:
@@ -147,7 +149,11 @@ def markdown(summary: dict, meta: dict) -> str:
     for c in summary["choices"]:
         lines.append(f"| {c['task']} | {c['kind']} | {c['seed']} | {c['chosen']} | "
                      f"{c['clean_acc']:.3f} | {c['asr']:.3f} | {c['clean_drop']:.1f} | "
-                     f"{'yes' if c['met'] else 'NO'} | {c['why']} |")
+                     f"{ {True: 'yes', False: 'NO', None: 'n/a (clean model)'}[c['met']]} | "
+                     f"{c['why']} |")
+    if summary["incomplete"]:
+        lines += ["", "Not measured (no protocol choice for these): "
+                  + "; ".join(summary["incomplete"]) + "."]
     fp = [e for e in summary["table"] if e["task"] == "speech" and e["kind"] == "baseline"
           and e["defense"] == "fine_pruning"]
     if fp:
