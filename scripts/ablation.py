@@ -131,8 +131,11 @@ def choose_default(table: list[dict]) -> dict:
     for entry in table:
         by_cell.setdefault((entry["rule"], entry["learning_rate"], entry["epochs"]), []).append(
             entry)
+    # Only cells measured on every task (and both defenses) may be chosen.
+    all_tasks = max(len(e["tasks"]) for e in table)
     qualifying = [cell for cell, entries in by_cell.items()
-                  if len(entries) == 2 and all(
+                  if len(entries) == 2 and all(len(e["tasks"]) == all_tasks for e in entries)
+                  and all(
                       e["mean_holdout_drop"] <= MEAN_DROP_LIMIT
                       and e["worst_task_holdout_drop"] <= WORST_TASK_DROP_LIMIT for e in entries)]
     if not qualifying:
@@ -143,7 +146,7 @@ def choose_default(table: list[dict]) -> dict:
             "why": (f"largest learning rate, then epochs, then rule among the {len(qualifying)} "
                     f"cells whose clean holdout drop is <= {MEAN_DROP_LIMIT} point on average "
                     f"and <= {WORST_TASK_DROP_LIMIT} on every task (fine-tuning and "
-                    "fine-pruning)")}
+                    "fine-pruning), among the cells measured on every task")}
 
 
 def markdown(summary: dict, meta: dict) -> str:
