@@ -13,6 +13,10 @@ The grid (cut to fit the 2 shared cores: during the run the machine's load avera
   holdout accuracy) at lr {1e-3, 3e-3, 1e-2} x epoch cap 30, and at lr 3e-3 with cap 10;
 * cut: ``last`` (fixed epochs) and the other lr x epochs combinations of ``early_stopping``.
 
+Measured this round (issue 11): seed 0 only; speech with every cell above, traffic and mnist
+with ``--cells=early_stopping:0.001:30,converge:0.001:30,converge:0.003:30`` -- seeds 1 and 2 and
+the other cells did not fit the time (load average 12-21 on the 2 cores while it ran).
+
 Adam with a cosine decay over the epoch cap in every cell.  One backdoored model per (task,
 seed) is trained once and cached (``scripts.model_cache``); fine-pruning's pruning step (4-point
 threshold, §3.1) is run once per model and every fine-tuning cell starts from it.
@@ -136,8 +140,9 @@ def choose_default(table: list[dict]) -> dict:
     qualifying = [cell for cell, entries in by_cell.items()
                   if len(entries) == 2 and all(len(e["tasks"]) == all_tasks for e in entries)
                   and all(
-                      e["mean_holdout_drop"] <= MEAN_DROP_LIMIT
-                      and e["worst_task_holdout_drop"] <= WORST_TASK_DROP_LIMIT for e in entries)]
+                      e["mean_holdout_drop"] <= MEAN_DROP_LIMIT + 1e-6
+                      and e["worst_task_holdout_drop"] <= WORST_TASK_DROP_LIMIT + 1e-6
+                      for e in entries)]
     if not qualifying:
         return {"cell": None, "why": "no cell kept the clean holdout within the limits"}
     best = max(qualifying, key=lambda c: (c[1], c[2], -RULE_ORDER.index(c[0])))
@@ -181,8 +186,23 @@ def markdown(summary: dict, meta: dict) -> str:
                          + " | ".join(cells) + " |")
         lines.append("")
     default = summary["default"]
+    from fineprune_tf.defenses import FineTuneSettings
+
+    code = FineTuneSettings()
     lines += ["## Default chosen from clean data only", "",
-              f"Chosen: `{default['cell']}`.  Rule: {default['why']}.", ""]
+              f"Chosen by the written rule: `{default['cell']}`.  Rule: {default['why']}.", "",
+              f"The library default (`FineTuneSettings`) is rule `{code.rule}`, lr "
+              f"{code.learning_rate:g}, cap {code.max_epochs} epochs.  "
+              + ("It is the rule's choice." if default["cell"] == {
+                  "rule": code.rule, "learning_rate": code.learning_rate,
+                  "epochs": code.max_epochs} else
+                 "It is NOT the rule's choice: with 100-150 holdout examples a 1-2 point budget "
+                 "is 1-3 examples, and the least-trained cell (the old early stopping, which "
+                 "restores epochs 1-5) is the one whose holdout accuracy moves least -- the "
+                 "\"changed nothing\" preference this issue is about, reappearing one level up. "
+                 "Which default to ship is left to the reviewer: lr 3e-3 came from the issue's own "
+                 "report (fine-pruning .914 / .092 at 3e-3), itself a test-set measurement."),
+              ""]
     return "\n".join(lines)
 
 
