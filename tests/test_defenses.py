@@ -213,3 +213,33 @@ def test_weight_noise_is_relative_to_each_variable():
     assert change.std() == pytest.approx(0.1 * kernel_before.std(), rel=0.3)
     with pytest.raises(ValueError, match=">= 0"):
         defenses.add_weight_noise(model, -1.0)
+
+
+def test_pruning_refuses_a_model_at_chance_on_the_clean_data():
+    model = planted_backdoor_model()
+    model.get_layer("out").kernel.assign(np.zeros((4, 2), np.float32))  # Always class 1.
+    (x, y), _ = planted_data(200, seed=3)
+    with pytest.raises(ValueError, match="at chance"):
+        defenses.prune(model, (x, y))
+
+
+def test_pruning_refuses_to_prune_a_layer_the_clean_data_never_needs():
+    # The classifier reads the input directly; the conv branch has zero weights into the
+    # logits, so no number of pruned channels changes clean accuracy (1.0).
+    inputs = keras.Input((4, 4, 1))
+    conv = MaskedConv2D(4, 1, activation="relu", name="conv")
+    branch = keras.layers.Dense(2, name="branch")(keras.layers.GlobalAveragePooling2D()(
+        conv(inputs)))
+    bypass_layer = keras.layers.Dense(2, name="bypass")
+    logits = keras.layers.Add()([bypass_layer(keras.layers.Flatten()(inputs)), branch])
+    model = keras.Model(inputs, keras.layers.Softmax()(logits))
+    model.get_layer("branch").kernel.assign(np.zeros((4, 2), np.float32))
+    model.get_layer("branch").bias.assign(np.zeros(2, np.float32))
+    kernel = np.zeros((16, 2), np.float32)
+    kernel[:, 1] = 10.0  # Class 1 when the pixel sum exceeds 8, i.e. the mean exceeds 0.5.
+    bypass_layer.kernel.assign(kernel)
+    bypass_layer.bias.assign(np.array([0.0, -80.0], np.float32))
+    (x, y), _ = planted_data(200, seed=4)
+    assert metrics.accuracy(metrics.predict_labels(model, x), y) == 1.0
+    with pytest.raises(ValueError, match="would prune all 4 channels of 'conv'"):
+        defenses.prune(model, (x, y), layer_name="conv")

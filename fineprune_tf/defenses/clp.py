@@ -8,7 +8,7 @@ authors use ``sqrt(running_var)``, without BN's epsilon).  Without a BN the fact
 layer, channels with ``UCLC > mean + u * std`` are pruned (``std`` is torch's unbiased one).
 
 The conv -> BN pairs come from the functional graph
-(:func:`fineprune_tf.defenses.neurons.batchnorm_after`), where the authors assume every BN
+(:func:`fineprune_tf.graph.batchnorm_after`), where the authors assume every BN
 follows the conv visited just before it in module order -- which they call "difficult to write a
 universal check" for (their issue #2).
 
@@ -27,9 +27,9 @@ import keras
 import numpy as np
 
 from fineprune_tf.defenses.guard import DefenderData, selecting
-from fineprune_tf.defenses.neurons import batchnorm_after
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.defenses.thresholds import choose_by_holdout
+from fineprune_tf.graph import batchnorm_after
 from fineprune_tf.layers import MaskedConv2D, masked_layers
 
 __all__ = ["clp", "channel_lipschitz", "clp_prune_sets", "U_CANDIDATES"]

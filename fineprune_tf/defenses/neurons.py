@@ -7,7 +7,7 @@ scale, the neuron is the BN's output channel, as in the authors' code (ANP's
 ``NoisyBatchNorm2d``, RNP's ``MaskBatchNorm2d`` and CLP all act on the BN after a conv): the
 scale variable is BN's ``gamma`` and the shift ``beta``.  Otherwise the scale is the layer's
 kernel (last axis = channel) and the shift its bias.  The pairing is read from the functional
-graph (:func:`batchnorm_after`), so no architecture needs its own code.
+graph (:func:`fineprune_tf.graph.batchnorm_after`), so no architecture needs its own code.
 
 Pruning is always applied through the masked layer's mask, so shrink, export and the curve
 engine see an ordinary masked model.
@@ -21,35 +21,10 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from fineprune_tf.conversion import FunctionalGraph
+from fineprune_tf.graph import batchnorm_after
 from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin, masked_layers
 
-__all__ = ["NeuronGroup", "batchnorm_after", "neuron_groups", "forward_with_multipliers"]
-
-
-def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
-    """Masked layer name -> the BatchNormalization that is its only consumer.
-
-    Read from the model's functional graph (``conversion.FunctionalGraph``, the project's one
-    graph walker): a layer qualifies when it is called once and its output tensor feeds exactly
-    one node, a ``BatchNormalization`` over the last axis.  This is the universal version of the
-    check CLP's authors found "difficult to write" (they assume each BN follows the previous
-    conv in module order).
-    """
-    graph = FunctionalGraph(model)
-    pairs = {}
-    for gnode in graph.nodes:
-        layer = gnode.layer
-        if not isinstance(layer, MaskedLayerMixin) or graph.calls_per_layer[id(layer)] != 1:
-            continue
-        consumers = graph.consumers.get(id(gnode.outputs[0]), [])
-        if len(consumers) != 1 or id(gnode.outputs[0]) in graph.output_ids:
-            continue
-        follower = consumers[0].layer
-        if isinstance(follower, keras.layers.BatchNormalization) and follower.axis in (
-                -1, len(gnode.outputs[0].shape) - 1, [-1], [len(gnode.outputs[0].shape) - 1]):
-            pairs[layer.name] = follower
-    return pairs
+__all__ = ["NeuronGroup", "neuron_groups", "forward_with_multipliers"]
 
 
 @dataclasses.dataclass(eq=False)

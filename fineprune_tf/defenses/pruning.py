@@ -10,7 +10,7 @@ import numpy as np
 from absl import logging
 
 from fineprune_tf import curves, models, stats, training
-from fineprune_tf.conversion import FunctionalGraph
+from fineprune_tf import graph as fp_graph
 from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish
 from fineprune_tf.layers import MaskedConv2D, MaskedLayerMixin
@@ -48,36 +48,15 @@ def rank_channels(model: keras.Model, layer_name: str, x: np.ndarray,
     return np.asarray([c for c in order if c in active], dtype=np.int64), means
 
 
-_PER_CHANNEL = (keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation)
-
-
-def _activation_tensor(model: keras.Model, layer: MaskedLayerMixin):
-    """The tensor a channel's "activation" is read from (§2.1: the neuron's ReLU output).
-
-    A conv with a fused ReLU is its own answer. A linear conv followed by a chain of
-    per-channel layers (BatchNormalization, ReLU, Activation — as in converted ResNet-style
-    models) is read at the end of that chain, so the ranking sees what the next layer sees.
-    """
-    graph = FunctionalGraph(model)
-    tensor = layer.output
-    while True:
-        consumers = graph.consumers.get(id(tensor), [])
-        if len(consumers) != 1 or not isinstance(consumers[0].layer, _PER_CHANNEL):
-            return tensor
-        current = consumers[0].layer
-        if isinstance(current, keras.layers.Activation) and current.activation not in (
-                keras.activations.relu, keras.activations.linear):
-            return tensor
-        tensor = consumers[0].outputs[0]
-
-
 def _chain_means(model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray,
                  batch_size: int) -> np.ndarray:
-    """Mean of :func:`_activation_tensor` per channel over ``x`` (unmasked), float64 ``[C]``."""
+    """Mean of :func:`fineprune_tf.graph.activation_tensor` per channel over ``x``
+    (unmasked), float64 ``[C]``."""
     saved = layer.mask
     layer.restore()
     try:
-        probe = keras.Model(training.model_input(model), _activation_tensor(model, layer))
+        probe = keras.Model(training.model_input(model),
+                            fp_graph.activation_tensor(model, layer))
         total, count = np.zeros(layer.channels), 0
         for start in range(0, len(x), batch_size):
             values = keras.ops.convert_to_numpy(probe(x[start:start + batch_size],
@@ -96,6 +75,26 @@ def stopping_point(clean_acc: np.ndarray, threshold: float) -> int:
     drop = (clean_acc[0] - np.asarray(clean_acc)) * 100.0
     over = np.flatnonzero(drop > threshold + 1e-9)
     return int(over[0] - 1) if over.size else len(clean_acc) - 1
+
+
+def _refuse_meaningless(clean_acc: np.ndarray, y: np.ndarray, count: int,
+                        layer: MaskedLayerMixin, threshold: float) -> None:
+    """Raises ValueError when pruning cannot mean anything: clean accuracy is at chance before
+    pruning (the majority-class rate of the defender's labels + 2 sd), or the stopping rule
+    would prune every channel of the layer (the clean data never needs it)."""
+    chance = np.bincount(np.asarray(y).astype(np.int64)).max() / len(y)
+    margin = 2.0 * np.sqrt(chance * (1.0 - chance) / len(y))
+    if clean_acc[0] <= chance + margin:
+        raise ValueError(
+            f"clean accuracy before pruning is {clean_acc[0]:.3f}, at chance (majority class "
+            f"{chance:.3f} + 2 sd on {len(y)} examples): the model is not trained for this data, "
+            "or the data is not the model's task; pruning would be meaningless")
+    if count >= len(layer.active_channels):
+        raise ValueError(
+            f"the stopping rule would prune all {layer.channels} channels of {layer.name!r}: "
+            f"clean accuracy never dropped more than {threshold} points, so the layer does not "
+            "matter for the clean data (bypassed, or the model is not trained); choose another "
+            "layer or check the model")
 
 
 def prune(model: keras.Model, validation, *, layer_name: str | None = None,
@@ -132,6 +131,7 @@ def prune(model: keras.Model, validation, *, layer_name: str | None = None,
         curve = curve_fn(defended, layer.name, order, (x, y), backdoor_validation,
                          batch_size=batch_size)
         count = stopping_point(curve.clean_acc, threshold)
+        _refuse_meaningless(curve.clean_acc, y, count, layer, threshold)
         layer.prune(order[:count])
     seconds = time.perf_counter() - start
     details = {

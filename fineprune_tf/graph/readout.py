@@ -9,8 +9,9 @@ import keras
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.registry import Role
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role
+from fineprune_tf.layers import MaskedLayerMixin
 
-__all__ = ["activation_tensor"]
+__all__ = ["activation_tensor", "batchnorm_after"]
 
 # Element-wise layers that are not a ReLU-like read-out: the chain stops before them.
 _NOT_RELU_LIKE = (keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
@@ -48,3 +49,28 @@ def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> 
         raise ConversionError(f"layer {layer.name!r} is not called in model "
                               f"{graph.model.name!r}")
     return graph.chain_end(calls[0].outputs[0], _reads_through)
+
+
+def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
+    """Masked layer name -> the BatchNormalization that is its only consumer.
+
+    Read from the model's functional graph (:class:`Graph`): a layer qualifies when it is
+    called once and its output tensor feeds exactly one node, a ``BatchNormalization`` over the
+    last axis.  This is the universal version of the
+    check CLP's authors found "difficult to write" (they assume each BN follows the previous
+    conv in module order).
+    """
+    graph = Graph(model)
+    pairs = {}
+    for gnode in graph.nodes:
+        layer = gnode.layer
+        if not isinstance(layer, MaskedLayerMixin) or graph.calls_per_layer[id(layer)] != 1:
+            continue
+        consumers = graph.consumers.get(id(gnode.outputs[0]), [])
+        if len(consumers) != 1 or id(gnode.outputs[0]) in graph.output_ids:
+            continue
+        follower = consumers[0].layer
+        if isinstance(follower, keras.layers.BatchNormalization) and follower.axis in (
+                -1, len(gnode.outputs[0].shape) - 1, [-1], [len(gnode.outputs[0].shape) - 1]):
+            pairs[layer.name] = follower
+    return pairs
