@@ -23,6 +23,7 @@ import numpy as np
 from keras import activations, ops
 
 from fineprune_tf import ops as fp_ops
+from fineprune_tf.activations import activation_name, cross_channel_activation
 
 __all__ = ["MaskedConv2D", "MaskedDense", "MaskedLayerMixin", "StatsSink", "masked_layers"]
 
@@ -154,8 +155,6 @@ class MaskedLayerMixin:
           ValueError: the layer's activation mixes channels (softmax, ...): no channel of it
             can be pruned on its own.
         """
-        # Lazy: the graph registry imports this module.
-        from fineprune_tf.graph.registry import activation_name, cross_channel_activation
         if cross_channel_activation(self):
             raise ValueError(
                 f"{self.name}: activation={activation_name(self.activation)!r} mixes the "

@@ -16,6 +16,11 @@ from typing import Any
 
 import keras
 
+from fineprune_tf.activations import (
+    CROSS_CHANNEL_ACTIVATIONS,
+    activation_name,
+    cross_channel_activation,
+)
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 __all__ = ["CROSS_CHANNEL_ACTIVATIONS", "Role", "activation_name", "cross_channel_activation",
@@ -44,28 +49,6 @@ class Role(enum.Enum):
     CONCAT = "concat"
     #: Not understood here: treat as a barrier that needs every channel.
     OPAQUE = "opaque"
-
-
-#: Activation names whose output mixes channels (softmax normalises over them, glu halves them).
-CROSS_CHANNEL_ACTIVATIONS = frozenset({"softmax", "log_softmax", "sparsemax", "glu"})
-
-
-def activation_name(activation: Any) -> str:
-    """The serialised name of an activation function (``"relu"``, ``"softmax"``, ...)."""
-    try:
-        name = keras.activations.serialize(activation)
-    except (ValueError, TypeError):
-        name = None
-    if isinstance(name, dict):
-        name = name.get("config", name.get("class_name"))
-    return name if isinstance(name, str) else getattr(activation, "__name__", "")
-
-
-def cross_channel_activation(layer: Any) -> bool:
-    """Whether ``layer`` has an ``activation`` that mixes channels (e.g. a conv with
-    ``activation="softmax"``): its channels cannot be pruned independently."""
-    activation = getattr(layer, "activation", None)
-    return activation is not None and activation_name(activation) in CROSS_CHANNEL_ACTIVATIONS
 
 
 def _activation_role(layer: Any) -> Role:
