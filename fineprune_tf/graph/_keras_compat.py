@@ -11,9 +11,7 @@ Packaging declares ``keras>=3.10,<4``; versions other than the checked one are e
 (these members have been stable through Keras 3) but are not verified: :func:`checked_version`
 says whether the running Keras is the checked one.
 
-Outside the library, ``fineprune_tf.layers`` and ``fineprune_tf.stats`` hold a few private
-accesses of their own (their owners route them here as they are rewritten); TensorFlow's private
-members (``tf.distribute``'s ``_in_multi_worker_mode``, a ConcreteFunction's
+TensorFlow's private members (``tf.distribute``'s ``_in_multi_worker_mode``, a ConcreteFunction's
 ``_arg_keywords``) are not Keras' and live with their callers.
 """
 
@@ -118,3 +116,20 @@ def masked_output(layer: Any, outputs: Any) -> Any:
     """A masked layer's activation + mask applied to its pre-activations ``outputs``
     (``MaskedLayerMixin._masked_output``), for code that computes the linear part itself."""
     return layer._masked_output(outputs)
+
+
+def keras_symbol(dotted_name: str) -> Any:
+    """The object Keras' deserializer resolves ``dotted_name`` (``"keras.layers.Dense"``) to, or
+    None: ``keras.src.api_export.get_symbol_from_name``, Keras' own API-name table, so the
+    loader checks exactly what Keras would build (no public lookup by name exists)."""
+    from keras.src import api_export
+
+    return api_export.get_symbol_from_name(dotted_name)
+
+
+def model_classes() -> tuple[type, ...]:
+    """Keras' model classes a ``.keras`` config may name: ``Functional`` and ``Sequential`` have
+    no public class object to compare with (``keras.Sequential`` is public, ``Functional`` not)."""
+    from keras.src.models import sequential
+
+    return (Functional, sequential.Sequential, keras.Model)

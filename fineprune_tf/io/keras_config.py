@@ -23,6 +23,7 @@ from typing import Any
 import keras
 
 from fineprune_tf import layers as fineprune_layers
+from fineprune_tf.graph import _keras_compat
 
 from .errors import Finding
 from .op_allowlist import KERAS_CODE_CARRYING
@@ -64,21 +65,10 @@ _BUILTIN_FUNCTION_MODULES = ("activations", "constraints", "initializers", "loss
                              "optimizers", "regularizers")
 
 
-def _keras_private() -> dict[str, Any]:
-    """The only private Keras access of the loader (until ``graph/_keras_compat.py`` exists):
-    Keras' own API-name table (to resolve names exactly as its deserializer does) and the
-    model classes that have no public name."""
-    from keras.src import api_export
-    from keras.src.models import functional, sequential
-
-    return {"symbol": api_export.get_symbol_from_name,
-            "models": (functional.Functional, sequential.Sequential, keras.Model)}
-
-
 @functools.lru_cache(maxsize=1)
 def allowed_keras_objects() -> frozenset:
     """Every class / function a config may resolve to."""
-    allowed: set = set(_keras_private()["models"])
+    allowed: set = set(_keras_compat.model_classes())
     allowed.update(getattr(keras.layers, name) for name in _LAYERS
                    if hasattr(keras.layers, name))
     allowed.update((fineprune_layers.MaskedConv2D, fineprune_layers.MaskedDense))
@@ -111,7 +101,7 @@ def _resolve(name: str, registered_name: Any, module: Any, is_function: bool) ->
             return found
     if not isinstance(module, str) or not module:
         return None
-    symbol = _keras_private()["symbol"]
+    symbol = _keras_compat.keras_symbol
     if module == "keras" or module.startswith("keras."):
         found = symbol(f"{module}.{name}")
         if found is not None:
