@@ -32,6 +32,8 @@ import tensorflow as tf
 from absl import logging
 
 from fineprune_tf import attacks, curves, data, defenses, models, poison, reporting, stats, triggers
+from fineprune_tf.defenses.fmp import EPSILON as FMP_EPSILON
+from fineprune_tf.defenses.fmp import PRUNE_FRACTION as FMP_PRUNE_FRACTION
 
 __all__ = ["ExperimentConfig", "OutputDirError", "StageStore", "deterministic", "file_hash",
            "run", "save_model", "QUICK_OVERRIDES"]
@@ -63,8 +65,8 @@ class ExperimentConfig:
     fine_tune_epochs: int = 30
     patience: int = 5
     noise_stddev: float = 0.0
-    fmp_fraction: float = 0.1
-    fmp_epsilon: float = 0.03
+    fmp_fraction: float = FMP_PRUNE_FRACTION
+    fmp_epsilon: float = FMP_EPSILON  # A fraction of the data's range.
     engine: str = "fast"
     quick: bool = False
 
@@ -74,10 +76,10 @@ class ExperimentConfig:
         unknown = [a for a in self.attacks if a not in attacks.ATTACKS]
         if unknown or not self.attacks:
             raise ValueError(f"unknown attack(s) {unknown}; expected some of {attacks.ATTACKS}")
-        unknown = [d for d in self.defenses if d not in defenses.DEFENSES]
+        unknown = [d for d in self.defenses if d not in defenses.REGISTRY]
         if unknown or not self.defenses:
             raise ValueError(
-                f"unknown defense(s) {unknown}; expected some of {defenses.DEFENSES}")
+                f"unknown defense(s) {unknown}; expected some of {tuple(defenses.REGISTRY)}")
         if not 0.0 < self.threshold < 100.0:
             raise ValueError(f"threshold must be in (0, 100) percentage points, "
                              f"got {self.threshold}")
@@ -341,6 +343,10 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
             record = _defense_stage(context, attack_name, defense_name, model, inputs)
             table1[attack_name][defense_name] = record["summary"]
             defense_details[f"{attack_name}/{defense_name}"] = record["details"]
+        undefended = table1[attack_name].get("none")
+        for entry in table1[attack_name].values():  # DER against the undefended model.
+            if undefended and undefended.get("asr") is not None and entry.get("asr") is not None:
+                entry["der"] = defenses.der(undefended, entry)
 
     results = {
         "task": config.task, "config": dataclasses.asdict(config),
@@ -461,8 +467,12 @@ def _run_defense(name: str, model, validation, backdoor_validation, evaluation,
         return defenses.fine_prune(model, validation, threshold=config.threshold,
                                    settings=settings, backdoor_validation=backdoor_validation,
                                    evaluation=evaluation, engine=config.engine)
-    return defenses.fmp(model, validation, prune_fraction=config.fmp_fraction,
-                        epsilon=config.fmp_epsilon, settings=settings, evaluation=evaluation)
+    if name == "fmp":
+        return defenses.fmp(model, validation, prune_fraction=config.fmp_fraction,
+                            epsilon=config.fmp_epsilon, settings=settings, evaluation=evaluation)
+    # ANP, RNP, CLP: every hyper-parameter chosen from the defender's clean data.
+    defender = defenses.DefenderData(*validation, seed=config.seed)
+    return defenses.run_defense(name, model, defender, seed=config.seed, evaluation=evaluation)
 
 
 def _write_report(directory: pathlib.Path, config: ExperimentConfig, results: dict) -> None:
@@ -471,6 +481,8 @@ def _write_report(directory: pathlib.Path, config: ExperimentConfig, results: di
                                 reporting.table1_markdown(table1, config.task))
     reporting.atomic_write_text(directory / "table2.md",
                                 reporting.table2_markdown(table1, config.task))
+    reporting.atomic_write_text(directory / "defenses.md",
+                                reporting.defenses_markdown(table1, config.task))
     for attack_name, analysis in results["curves"].items():
         pruning = results["defenses"].get(f"{attack_name}/pruning") or {}
         reporting.plot_pruning_curve(

@@ -102,6 +102,33 @@ def table1_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str,
     return "\n".join(lines)
 
 
+def defenses_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str) -> str:
+    """Every defense run, per attack: clean accuracy, ASR, robust accuracy, DER against the
+    undefended model and the cost (seconds, examples through the network forward / backward).
+
+    ``table1[attack][defense]`` entries carry ``der`` (written by the experiment from
+    :func:`fineprune_tf.defenses.der`) when the attack has a ``none`` row.
+    """
+    def fmt(value, spec=".3f"):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
+            else format(value, spec)
+
+    lines = [f"**Defenses on {task}.** Clean accuracy, attack success rate (ASR), robust "
+             "accuracy and DER = [max(0, dASR) - max(0, dACC) + 1] / 2 against the undefended "
+             "model; cost in seconds and examples through the network (forward / backward).", "",
+             "| attack | defense | clean acc | ASR | robust acc | DER | seconds "
+             "| passes (fwd / bwd) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for attack in [a for a in ATTACK_TITLES if a in table1]:
+        for name, entry in table1[attack].items():
+            lines.append(
+                f"| {ATTACK_TITLES[attack]} | {name} | {fmt(entry.get('clean_acc'))} | "
+                f"{fmt(entry.get('asr'))} | {fmt(entry.get('robust_acc'))} | "
+                f"{fmt(entry.get('der'))} | {fmt(entry.get('seconds'), '.1f')} | "
+                f"{entry.get('forward_passes', 0):,} / {entry.get('backward_passes', 0):,} |")
+    return "\n".join(lines + [""])
+
+
 def utility(entry: Mapping | None) -> float:
     """Defender utility = clean accuracy - attack success rate (Table 2)."""
     if not entry or entry.get("clean_acc") is None or entry.get("asr") is None:

@@ -40,7 +40,8 @@ flags.DEFINE_bool("resume", False, "Continue an interrupted run from its last fi
 flags.DEFINE_bool("quick", False, "Smoke run: few epochs (under two minutes).")
 flags.DEFINE_list("attacks", ["baseline", "pruning_aware"], "Attacks to run.")
 flags.DEFINE_list("defenses", ["none", "pruning", "fine_tuning", "fine_pruning", "fmp"],
-                  "Defenses to run against each attack.")
+                  "Defenses to run against each attack: any of none, pruning, fine_tuning, "
+                  "fine_pruning, fmp, anp, rnp, clp.")
 flags.DEFINE_float("threshold", 4.0, "Pruning stops at this clean-accuracy drop (points).")
 flags.DEFINE_integer("epochs", None, "Attack training epochs (default: per task).")
 flags.DEFINE_float("learning_rate", None, "Attack learning rate (default: per task).")
@@ -50,8 +51,10 @@ flags.DEFINE_float("fine_tune_learning_rate", 1e-3, "Fine-tuning learning rate (
 flags.DEFINE_integer("fine_tune_epochs", 30, "Fine-tuning epoch cap (early stopping).")
 flags.DEFINE_float("noise_stddev", 0.0,
                    "Relative Gaussian weight noise before fine-tuning (paper §4).")
-flags.DEFINE_float("fmp_fraction", 0.1, "FMP: fraction of channels pruned per conv layer.")
-flags.DEFINE_float("fmp_epsilon", 0.03, "FMP: FGSM step size (input units).")
+flags.DEFINE_float("fmp_fraction", None,
+                   "FMP: fraction of channels pruned per conv layer (default: 1/64, as published).")
+flags.DEFINE_float("fmp_epsilon", None,
+                   "FMP: FGSM step as a fraction of the data's range (default: 8/255).")
 flags.DEFINE_enum("preset", "cpu", ["cpu", "paper"], "Network size preset.")
 flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
 flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
@@ -139,8 +142,10 @@ def main(argv: list[str]) -> int:
         batch_size=FLAGS.batch_size, prune_fraction=FLAGS.prune_fraction,
         fine_tune_learning_rate=FLAGS.fine_tune_learning_rate,
         fine_tune_epochs=FLAGS.fine_tune_epochs, noise_stddev=FLAGS.noise_stddev,
-        fmp_fraction=FLAGS.fmp_fraction, fmp_epsilon=FLAGS.fmp_epsilon, engine=FLAGS.engine,
-        quick=FLAGS.quick)
+        engine=FLAGS.engine, quick=FLAGS.quick,
+        **{name: value for name, value in (("fmp_fraction", FLAGS.fmp_fraction),
+                                           ("fmp_epsilon", FLAGS.fmp_epsilon))
+           if value is not None})
     try:
         config.validate()
         experiment.prepare_output_dir(output_dir, FLAGS.overwrite, FLAGS.resume)

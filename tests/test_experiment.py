@@ -38,14 +38,21 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
     results = experiment.run(quick_config(), out)
     assert not op_determinism_enabled()
     assert np.random.random() == expected_draw
-    for name in ("results.json", "table1.md", "table2.md", "fig6_baseline.png",
+    for name in ("results.json", "table1.md", "table2.md", "defenses.md", "fig6_baseline.png",
                  "fig4_baseline.png", "stages.json", "trigger.json",
                  "models/baseline.keras", "models/baseline_pruning.keras"):
         assert (out / name).exists(), name
     assert (out / "fig6_baseline.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "results.json").read_text())
     cell = saved["table1"]["baseline"]["pruning"]
-    assert set(cell) == {"clean_acc", "asr", "robust_acc", "seconds"}
+    assert set(cell) == {"clean_acc", "asr", "robust_acc", "seconds", "holdout_acc",
+                         "forward_passes", "backward_passes", "der"}
+    none = saved["table1"]["baseline"]["none"]
+    assert cell["der"] == pytest.approx((max(0.0, none["asr"] - cell["asr"])
+                                         - max(0.0, none["clean_acc"] - cell["clean_acc"])
+                                         + 1.0) / 2.0)
+    assert f"| Baseline Attack | pruning | {cell['clean_acc']:.3f} |" in (
+        out / "defenses.md").read_text()
     # The cell is the pruned model's on the test split: measure it again from the file.
     task_data = data.load("mnist", seed=0)
     _, policy, _ = poison.default_attack("mnist", task_data)

@@ -47,10 +47,12 @@ from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedConv2D, masked_layers
 
-__all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA"]
+__all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA", "PRUNE_FRACTION"]
 
 EPSILON = 8.0 / 255.0
 ALPHA = 4.0 / 255.0
+#: Share of each conv layer's channels pruned (the official code's default, 1/64).
+PRUNE_FRACTION = 1.0 / 64
 
 
 def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
@@ -119,7 +121,7 @@ def fmp_ranking(score: np.ndarray, deviation: np.ndarray) -> np.ndarray:
     return np.lexsort((index, -np.asarray(deviation), -np.asarray(score))).astype(np.int64)
 
 
-def fmp(model: keras.Model, validation, *, prune_fraction: float = 1.0 / 64,
+def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTION,
         epsilon: float = EPSILON, alpha: float = ALPHA, probe_samples: int = 64,
         settings: FineTuneSettings | None = None, evaluation=None,
         probe_batch: int | None = None) -> DefenseResult:

@@ -42,9 +42,13 @@ class DefenseResult:
     details: dict = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict:
-        return {"clean_acc": self.clean_acc, "asr": self.asr, "robust_acc": self.robust_acc,
-                "seconds": self.seconds, "holdout_acc": self.holdout_acc,
-                "forward_passes": self.forward_passes, "backward_passes": self.backward_passes}
+        """The numbers, JSON-ready: a measure that was not taken (NaN) is None, so a summary
+        equals itself after a round trip through results.json."""
+        values = {"clean_acc": self.clean_acc, "asr": self.asr, "robust_acc": self.robust_acc,
+                  "seconds": self.seconds, "holdout_acc": self.holdout_acc,
+                  "forward_passes": self.forward_passes, "backward_passes": self.backward_passes}
+        return {key: None if isinstance(value, float) and math.isnan(value) else value
+                for key, value in values.items()}
 
 
 def clone(model: keras.Model) -> keras.Model:
