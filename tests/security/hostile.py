@@ -21,10 +21,19 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 
 def small_cnn() -> keras.Model:
+    """A benign model that solves :func:`clean_arrays` (class 1 iff the mean pixel > 0.5):
+    channel 0 computes x, channel 1 computes 1 - x, channel 2 is unused, so pruning has a
+    meaningful stopping point (the defenses refuse a model at chance)."""
     inputs = keras.Input((4, 4, 1), name="image")
-    conv = keras.layers.Conv2D(3, 1, activation="relu", name="conv")(inputs)
-    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(conv)
-    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(pooled))
+    conv_layer = keras.layers.Conv2D(3, 1, activation="relu", name="conv")
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(conv_layer(inputs))
+    dense = keras.layers.Dense(2, activation="softmax", name="out")
+    model = keras.Model(inputs, dense(pooled))
+    conv_layer.kernel.assign(np.array([1.0, -1.0, 0.5], np.float32).reshape(1, 1, 1, 3))
+    conv_layer.bias.assign(np.array([0.0, 1.0, 0.0], np.float32))
+    dense.kernel.assign(np.array([[0.0, 10.0], [0.0, -10.0], [0.0, 0.0]], np.float32))
+    dense.bias.assign(np.zeros(2, np.float32))
+    return model
 
 
 def rewrite_zip(path: pathlib.Path, config_edit=None, extra: dict | None = None) -> None:
@@ -288,9 +297,12 @@ def function_named(meta_graph, prefix: str):
 
 
 def clean_arrays(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose label is 1 iff their mean pixel > 0.5 (kept away from the boundary)."""
     rng = np.random.default_rng(seed)
-    x = rng.uniform(0, 1, size=(n, 4, 4, 1)).astype(np.float32)
-    return x, (np.arange(n) % 2).astype(np.int64)
+    x = rng.uniform(0, 1, size=(8 * n, 4, 4, 1)).astype(np.float32)
+    means = x.reshape(len(x), -1).mean(axis=1)
+    x = x[np.abs(means - 0.5) > 0.02][:n]
+    return x, (x.reshape(n, -1).mean(axis=1) > 0.5).astype(np.int64)
 
 
 def npz_declaring(path: pathlib.Path, shape: tuple[int, ...]) -> pathlib.Path:
