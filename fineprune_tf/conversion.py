@@ -38,6 +38,7 @@ from fineprune_tf.graph import (
     node_role,
 )
 from fineprune_tf.graph import _keras_compat as compat
+from fineprune_tf.graph.flatten import copy_layer_weights
 
 # Layers built into Keras that run code or load artefacts chosen by the model's author.
 from fineprune_tf.io.op_allowlist import KERAS_CODE_CARRYING_LAYERS as _CODE_CARRYING
@@ -290,9 +291,4 @@ def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> Non
         if source.use_bias:
             target.bias.assign(to_numpy(source.bias))
         return
-    weights = source.get_weights()
-    if len(weights) != len(target.weights):
-        raise ConversionError(
-            f"layer {source.name!r}: the copy has {len(target.weights)} weights, the original "
-            f"{len(weights)}")
-    target.set_weights(weights)
+    copy_layer_weights(source, target)

@@ -94,12 +94,7 @@ class _Inliner:
 
     def copy_weights(self) -> None:
         for original, copy in self.copies.values():
-            weights = original.get_weights()
-            if len(weights) != len(copy.weights):
-                raise ConversionError(
-                    f"layer {original.name!r}: the copy has {len(copy.weights)} weights, the "
-                    f"original {len(weights)}")
-            copy.set_weights(weights)
+            copy_layer_weights(original, copy)
 
 
 def flatten_nested(model: keras.Model) -> keras.Model:
@@ -129,3 +124,14 @@ def flatten_nested(model: keras.Model) -> keras.Model:
     flat = keras.Model(inputs, outputs, name=model.name)
     inliner.copy_weights()
     return flat
+
+
+def copy_layer_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
+    """``target.set_weights(source.get_weights())``, refusing a copy whose weights differ in
+    number (a clone built from another configuration)."""
+    weights = source.get_weights()
+    if len(weights) != len(target.weights):
+        raise ConversionError(
+            f"layer {source.name!r}: the copy has {len(target.weights)} weights, the original "
+            f"{len(weights)}")
+    target.set_weights(weights)
