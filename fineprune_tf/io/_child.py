@@ -1,9 +1,13 @@
 """Entry point of the trial-load child process (see :mod:`fineprune_tf.io.sandbox`)."""
 
+import ctypes
 import json
 import os
 import resource
+import signal
 import sys
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _limit(kind: int, value: int) -> None:
@@ -12,8 +16,23 @@ def _limit(kind: int, value: int) -> None:
     resource.setrlimit(kind, (value, value))
 
 
+def _die_with_parent(parent: int) -> None:
+    """The model must not outlive the defender's process: if the parent dies (killed, Ctrl-C'd
+    twice), the kernel sends this process SIGKILL.  The parent may have died before the call
+    took effect, hence the second check."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(3)
+
+
 def main() -> None:
     request = json.loads(sys.argv[1])
+    _die_with_parent(request["parent"])
+    # CPU time as a backstop to the parent's wall-clock timeout (which a dead parent cannot
+    # enforce): every core busy for the whole wall-clock budget, no more.
+    _limit(resource.RLIMIT_CPU, request["cpu_seconds"])
     _limit(resource.RLIMIT_AS, request["memory_bytes"])
     _limit(resource.RLIMIT_FSIZE, request["file_bytes"])
     _limit(resource.RLIMIT_CORE, 0)

@@ -2,8 +2,10 @@
 
 Whatever runs while a model is loaded (a SavedModel's initializers, Keras building layers of
 the declared sizes) runs first in a child Python process with ``RLIMIT_AS`` (memory),
-``RLIMIT_FSIZE`` (largest file it may write), no core dumps, its working and temporary
-directory inside the loader's private directory, and a wall-clock timeout.  The child reports
+``RLIMIT_FSIZE`` (largest file it may write), ``RLIMIT_CPU`` (every core for the whole
+wall-clock budget), no core dumps, its working and temporary directory inside the loader's
+private directory, a wall-clock timeout, and a parent-death signal (it is killed with the
+process that started it).  The child reports
 one JSON line; a hang, a crash, an abort, a memory bomb or a silent exit becomes a
 :class:`LoadLimitError` with one line saying what happened.  Only when the child succeeded is
 the same private copy loaded in the calling process.
@@ -44,7 +46,9 @@ def trial_load(kind: str, path: pathlib.Path, workdir: pathlib.Path, limits: Loa
     """
     request = json.dumps({"kind": kind, "path": str(path), "allow_unsafe": allow_unsafe,
                           "compile": compile, "memory_bytes": limits.memory_bytes,
-                          "file_bytes": limits.weights_bytes + limits.config_bytes})
+                          "file_bytes": limits.weights_bytes + limits.config_bytes,
+                          "parent": os.getpid(),
+                          "cpu_seconds": int(limits.seconds * (os.cpu_count() or 1)) + 1})
     env = {**os.environ, "TMPDIR": str(workdir), "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join(
                [_PACKAGE_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -88,6 +92,7 @@ def _raise_for_dead_child(done: subprocess.CompletedProcess, limits: LoadLimits,
         name = _describe_signal(done.returncode)
         why = {"SIGXFSZ": "it tried to write a file larger than allowed",
                "SIGKILL": "it was killed (out of memory?)",
+               "SIGXCPU": "it used more CPU time than the time limit allows",
                "SIGABRT": "it aborted (an abort op, or out of the "
                           f"{limits.memory_bytes // MiB:,} MiB memory limit)",
                "SIGSEGV": "it crashed (out of memory or a malformed graph)"}.get(name, "")

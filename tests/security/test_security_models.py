@@ -1,6 +1,9 @@
 """Hostile model files, built here, are refused by load_model with a clear message, nothing
 written under the watched root, the test process alive and the time bounded."""
 
+import pathlib
+import subprocess
+import sys
 import time
 
 import hostile
@@ -208,4 +211,46 @@ def test_benign_models_still_load(watched):
     assert isinstance(io.load_model(exported, limits=LIMITS), keras.Model)
     predictor = io.load_model(plain, limits=LIMITS)
     np.testing.assert_allclose(predictor(np.ones((1, 4), "float32")), 1.0)
+    watched.assert_unchanged()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*"):
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal: Linux")
+def test_trial_load_dies_with_the_process_that_started_it(watched):
+    """A killed defender process leaves no model running: the trial-load child gets SIGKILL
+    with its parent instead of looping until its own time limit."""
+    path = hostile.saved_model_with_initializer(watched.root, "loop_sm", hostile.endless_loop())
+    watched.freeze()
+    code = ("import sys; from fineprune_tf import io; "
+            "io.load_model(sys.argv[1], limits=io.LoadLimits(seconds=600))")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, children = time.monotonic() + 240, []
+        while not children and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.5)
+            children = _children(parent.pid)
+        assert children, "the loader never started its trial-load child"
+        time.sleep(2.0)  # let the child get past its start-up and into the loop
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not all(_gone(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert all(_gone(child) for child in children)
     watched.assert_unchanged()
