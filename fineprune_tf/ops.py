@@ -1,7 +1,8 @@
 """Fused channel masking + per-channel activation statistics.
 
-One op, ``masked_activation(z, mask)``, computes for a pre-activation tensor ``z`` of shape
-``[N, H, W, C]`` (or ``[N, C]``) and a per-channel ``mask`` of shape ``[C]``:
+One op, ``masked_activation(z, mask)``, computes for a pre-activation tensor ``z`` of rank 2 to
+5, channels last (``[N, C]``, ``[N, W, C]``, ``[N, H, W, C]`` or ``[N, D, H, W, C]``: dense,
+Conv1D, Conv2D and Conv3D outputs) and a per-channel ``mask`` of shape ``[C]``:
 
 * ``y = act(z) * mask`` (``act`` is ReLU or identity), shape of ``z``;
 * per-channel statistics of the *unmasked* activation ``a = act(z)`` over every non-channel
@@ -31,11 +32,14 @@ from typing import NamedTuple
 import tensorflow as tf
 from absl import logging
 
-__all__ = ["ACTIVATIONS", "MaskedActivationResult", "backend", "built_with_cuda",
+__all__ = ["ACTIVATIONS", "RANKS", "MaskedActivationResult", "backend", "built_with_cuda",
            "composite_masked_activation", "in_saved_model_save", "in_xla_context",
            "masked_activation", "reference_masked_activation"]
 
 ACTIVATIONS = ("relu", "linear")
+#: Ranks of ``z`` the op takes: every axis but the last is flattened into rows, in the C++ and
+#: CUDA kernels as in the composite, so the rank only names the layer kind.
+RANKS = (2, 3, 4, 5)
 _LIBRARY_NAME = "_fineprune_ops.so"
 
 
@@ -112,8 +116,9 @@ def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:
     if not z.dtype.is_floating:
         raise TypeError(f"z must be a floating tensor, got dtype {z.dtype.name}")
     rank = z.shape.rank
-    if rank is not None and rank not in (2, 4):
-        raise ValueError(f"z must have rank 2 [N, C] or 4 [N, H, W, C]; got shape {z.shape}")
+    if rank is not None and rank not in RANKS:
+        raise ValueError("z must have rank 2 to 5 ([N, C], [N, W, C], [N, H, W, C] or "
+                         f"[N, D, H, W, C]); got shape {z.shape}")
     channels = z.shape[-1] if rank else None
     if mask.shape.rank not in (None, 1):
         raise ValueError(f"mask must have shape [C]; got shape {mask.shape}")
@@ -161,7 +166,7 @@ def masked_activation(z, mask, activation: str = "relu",
     cluster or a SavedModel save; there :func:`composite_masked_activation` (same results).
 
     Args:
-      z: float tensor ``[N, H, W, C]`` or ``[N, C]`` (pre-activation).
+      z: float tensor of rank 2 to 5, channels last (pre-activation), e.g. ``[N, H, W, C]``.
       mask: tensor ``[C]``, 1 keeps a channel, 0 prunes it; cast to ``z.dtype``.
       activation: ``"relu"`` or ``"linear"``.
       compute_stats: when False the statistics outputs are zeros (saves the reduction).

@@ -73,14 +73,20 @@ absl::Status ParseActivation(const std::string& name, Activation* activation) {
 // Shape functions: reject what is statically known to be wrong, with the same
 // messages as the runtime checks in Compute.
 
+// Channels are the last axis; every other axis is flattened into rows, so the
+// kernels below (and the CUDA twins) are the same for NC, NWC, NHWC and NDHWC.
+constexpr int kMinRank = 2;
+constexpr int kMaxRank = 5;
+
 absl::Status CheckShapes(InferenceContext* c, ShapeHandle z, ShapeHandle mask,
                          DimensionHandle* channels) {
   *channels = c->UnknownDim();
   if (c->RankKnown(z)) {
     const int32_t rank = c->Rank(z);
-    if (rank != 2 && rank != 4) {
+    if (rank < kMinRank || rank > kMaxRank) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "z must have rank 2 [N, C] or 4 [N, H, W, C]; got shape ",
+          "z must have rank 2 to 5 ([N, C], [N, W, C], [N, H, W, C] or "
+          "[N, D, H, W, C]); got shape ",
           c->DebugString(z)));
     }
     *channels = c->Dim(z, rank - 1);
@@ -126,10 +132,11 @@ absl::Status MaskedActivationGradShapeFn(InferenceContext* c) {
 // Runtime validation; the shape function cannot see dynamic shapes.
 absl::Status ValidateInputs(const Tensor& z, const Tensor& mask) {
   const int rank = z.dims();
-  if (rank != 2 && rank != 4) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("z must have rank 2 [N, C] or 4 [N, H, W, C]; got shape ",
-                     z.shape().DebugString()));
+  if (rank < kMinRank || rank > kMaxRank) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "z must have rank 2 to 5 ([N, C], [N, W, C], [N, H, W, C] or "
+        "[N, D, H, W, C]); got shape ",
+        z.shape().DebugString()));
   }
   if (mask.dims() != 1) {
     return absl::InvalidArgumentError(absl::StrCat(

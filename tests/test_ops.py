@@ -269,7 +269,7 @@ def test_gradient_inside_tf_function_and_keras_fit_shape(lib):
 
 BAD_SHAPES = [
     ((2, 4, 4, 8), (5,), "mask length 5 does not match the 8 channels of z [2,4,4,8]"),
-    ((2, 4, 8), (8,), "[2,4,8]"),
+    ((2, 1, 2, 4, 4, 8), (8,), "[2,1,2,4,4,8]"),  # rank 6; ranks 2-5: tests/test_ops_ranks.py
     ((2, 4, 4, 8), (2, 4), "[2,4]"),
 ]
 
@@ -321,7 +321,7 @@ def test_compiled_op_rejects_integer_dtype(lib):
 @pytest.mark.parametrize("fn", [ops.masked_activation, ops.reference_masked_activation])
 @pytest.mark.parametrize("z_shape, mask_shape, fragment", [
     ((2, 4, 4, 8), (5,), "mask length 5 does not match the 8 channels"),
-    ((2, 4, 8), (8,), "(2, 4, 8)"),
+    ((8,), (8,), "(8,)"),
     ((2, 4, 4, 8), (2, 4), "(2, 4)"),
 ])
 def test_python_api_rejects_bad_static_shapes_with_value_error(fn, z_shape, mask_shape, fragment):
