@@ -25,7 +25,10 @@ from keras import activations, ops
 from fineprune_tf import ops as fp_ops
 from fineprune_tf.activations import activation_name, cross_channel_activation
 
-__all__ = ["MaskedConv2D", "MaskedDense", "MaskedLayerMixin", "StatsSink", "masked_layers"]
+__all__ = ["MASKED_CONVOLUTIONS", "MASKED_LAYERS", "PLAIN_OF", "MaskedConv1D", "MaskedConv2D",
+           "MaskedConv3D", "MaskedDense", "MaskedDepthwiseConv1D", "MaskedDepthwiseConv2D",
+           "MaskedLayerMixin", "MaskedSeparableConv1D", "MaskedSeparableConv2D", "StatsSink",
+           "masked_layers"]
 
 # Activations the masking applies itself; any other activation runs before a "linear" masking.
 _FUSED = {activations.relu: "relu", activations.linear: "linear"}
@@ -65,7 +68,7 @@ def _masked_activation(z, mask, activation: str, compute_stats: bool):
 
 
 class MaskedLayerMixin:
-    """The pruning interface shared by :class:`MaskedConv2D` and :class:`MaskedDense`."""
+    """The pruning interface shared by every masked layer (convolutions and :class:`MaskedDense`)."""
 
     def _build_mask(self, channels: int) -> None:
         self._mask = self.add_weight(
@@ -193,31 +196,111 @@ class MaskedLayerMixin:
         self.supports_jit = True
 
 
-@keras.saving.register_keras_serializable(package="fineprune_tf")
-class MaskedConv2D(MaskedLayerMixin, keras.layers.Conv2D):
-    """``keras.layers.Conv2D`` with prunable output channels and fused activation statistics.
+class _MaskedConvMixin(MaskedLayerMixin):
+    """build/call shared by the masked convolutions: the stock layer's linear part (``_linear``,
+    a public ``keras.ops`` convolution), its bias, then the mask (and fused activation).
 
-    Takes every ``Conv2D`` argument. Input ``[N, H, W, C_in]`` (channels_last only: the fused op
-    is NHWC), output ``[N, H', W', filters]``.
+    channels_last only: the mask and the fused op act on the last axis.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.data_format != "channels_last":
             raise ValueError(
-                "MaskedConv2D supports data_format='channels_last' only. Received: "
+                f"{type(self).__name__} supports data_format='channels_last' only. Received: "
                 f"data_format={self.data_format!r}")
         self._check_supported()
 
     def build(self, input_shape):
         super().build(input_shape)
-        self._build_mask(self.filters)
+        self._build_mask(self._output_channels(input_shape))
+
+    def _output_channels(self, input_shape) -> int:
+        return self.filters
+
+    def _linear(self, inputs):
+        return self.convolution_op(inputs, self.kernel)
 
     def call(self, inputs):
-        outputs = self.convolution_op(inputs, self.kernel)
+        outputs = self._linear(inputs)
         if self.use_bias:
-            outputs = ops.add(outputs, ops.reshape(self.bias, (1, 1, 1, self.filters)))
+            outputs = ops.add(outputs, self.bias)  # [C] broadcasts over the last axis
         return self._masked_output(outputs)
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedConv1D(_MaskedConvMixin, keras.layers.Conv1D):
+    """``keras.layers.Conv1D`` with prunable filters: input ``[N, W, C_in]``, output
+    ``[N, W', filters]`` (``padding="causal"`` included)."""
+
+    def _linear(self, inputs):
+        padding = self.padding
+        if padding == "causal":  # left-pad by the dilated kernel extent, as Conv1D does
+            left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
+            inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
+            padding = "valid"
+        return ops.conv(inputs, self.kernel, strides=list(self.strides), padding=padding,
+                        dilation_rate=self.dilation_rate, data_format=self.data_format)
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedConv2D(_MaskedConvMixin, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` with prunable output channels and fused activation statistics.
+
+    Takes every ``Conv2D`` argument, ``groups`` included. Input ``[N, H, W, C_in]``
+    (channels_last only), output ``[N, H', W', filters]``.
+    """
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedConv3D(_MaskedConvMixin, keras.layers.Conv3D):
+    """``keras.layers.Conv3D`` with prunable filters: input ``[N, D, H, W, C_in]``, output
+    ``[N, D', H', W', filters]``."""
+
+
+class _SeparableLinear:
+    def _linear(self, inputs):
+        return ops.separable_conv(
+            inputs, self.depthwise_kernel, self.pointwise_kernel, strides=self.strides,
+            padding=self.padding, dilation_rate=self.dilation_rate,
+            data_format=self.data_format)
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedSeparableConv1D(_SeparableLinear, _MaskedConvMixin, keras.layers.SeparableConv1D):
+    """``keras.layers.SeparableConv1D`` whose pointwise output channels (``filters``) are
+    prunable: input ``[N, W, C_in]``, output ``[N, W', filters]``."""
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedSeparableConv2D(_SeparableLinear, _MaskedConvMixin, keras.layers.SeparableConv2D):
+    """``keras.layers.SeparableConv2D`` whose pointwise output channels (``filters``) are
+    prunable: input ``[N, H, W, C_in]``, output ``[N, H', W', filters]``."""
+
+
+class _DepthwiseLinear:
+    def _output_channels(self, input_shape) -> int:
+        return int(input_shape[-1]) * self.depth_multiplier
+
+    def _linear(self, inputs):
+        return ops.depthwise_conv(
+            inputs, self.kernel, strides=self.strides, padding=self.padding,
+            dilation_rate=self.dilation_rate, data_format=self.data_format)
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedDepthwiseConv1D(_DepthwiseLinear, _MaskedConvMixin, keras.layers.DepthwiseConv1D):
+    """``keras.layers.DepthwiseConv1D`` with prunable output channels: input ``[N, W, C]``,
+    output ``[N, W', C * depth_multiplier]``; output channel ``c * depth_multiplier + k`` is
+    computed from input channel ``c`` only."""
+
+
+@keras.saving.register_keras_serializable(package="fineprune_tf")
+class MaskedDepthwiseConv2D(_DepthwiseLinear, _MaskedConvMixin, keras.layers.DepthwiseConv2D):
+    """``keras.layers.DepthwiseConv2D`` with prunable output channels: input ``[N, H, W, C]``,
+    output ``[N, H', W', C * depth_multiplier]``; output channel ``c * depth_multiplier + k``
+    is computed from input channel ``c`` only.  Pruning every output of input channel ``c``
+    frees that channel of the producer (what :func:`fineprune_tf.export.shrink` removes)."""
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")
@@ -242,6 +325,24 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Dense):
         if self.bias is not None:
             outputs = ops.add(outputs, self.bias)
         return self._masked_output(outputs)
+
+
+#: Masked convolution class -> the stock Keras class it extends (what conversion replaces and
+#: export writes back).
+PLAIN_OF: dict[type, type] = {
+    MaskedConv1D: keras.layers.Conv1D,
+    MaskedConv2D: keras.layers.Conv2D,
+    MaskedConv3D: keras.layers.Conv3D,
+    MaskedSeparableConv1D: keras.layers.SeparableConv1D,
+    MaskedSeparableConv2D: keras.layers.SeparableConv2D,
+    MaskedDepthwiseConv1D: keras.layers.DepthwiseConv1D,
+    MaskedDepthwiseConv2D: keras.layers.DepthwiseConv2D,
+    MaskedDense: keras.layers.Dense,
+}
+#: Every masked convolution class.
+MASKED_CONVOLUTIONS: tuple[type, ...] = tuple(c for c in PLAIN_OF if c is not MaskedDense)
+#: Every masked layer class (what a saved model may name, see :mod:`fineprune_tf.io`).
+MASKED_LAYERS: tuple[type, ...] = tuple(PLAIN_OF)
 
 
 def masked_layers(model: keras.Model) -> list[MaskedLayerMixin]:

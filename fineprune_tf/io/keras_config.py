@@ -71,7 +71,7 @@ def allowed_keras_objects() -> frozenset:
     allowed: set = set(_keras_compat.model_classes())
     allowed.update(getattr(keras.layers, name) for name in _LAYERS
                    if hasattr(keras.layers, name))
-    allowed.update((fineprune_layers.MaskedConv2D, fineprune_layers.MaskedDense))
+    allowed.update(fineprune_layers.MASKED_LAYERS)
     for namespace, base_name, functions in _NAMESPACES:
         module = getattr(keras, namespace)
         base = getattr(module, base_name) if base_name else None
