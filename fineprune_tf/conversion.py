@@ -1,6 +1,8 @@
-"""Turn a stock Keras model into a prunable one: every ``Conv2D`` becomes a
-:class:`~fineprune_tf.layers.MaskedConv2D` (optionally every hidden ``Dense`` a
-:class:`~fineprune_tf.layers.MaskedDense`) with the same weights, names and graph.
+"""Turn a stock Keras model into a prunable one: every convolution (Conv1D/2D/3D, grouped ones
+included, SeparableConv1D/2D, DepthwiseConv1D/2D) becomes its masked twin
+(:data:`fineprune_tf.layers.PLAIN_OF`; e.g. :class:`~fineprune_tf.layers.MaskedConv2D`), and
+optionally every hidden ``Dense`` a :class:`~fineprune_tf.layers.MaskedDense`, with the same
+weights, names and graph.
 
 The model usually comes from an untrusted party (it is the model the defense cleans), so
 conversion only accepts graphs made of built-in Keras layers: a custom layer or a ``Lambda``
@@ -42,7 +44,7 @@ from fineprune_tf.graph.flatten import copy_layer_weights
 
 # Layers built into Keras that run code or load artefacts chosen by the model's author.
 from fineprune_tf.io.op_allowlist import KERAS_CODE_CARRYING_LAYERS as _CODE_CARRYING
-from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
+from fineprune_tf.layers import MASKED_LAYERS, PLAIN_OF, MaskedDense, MaskedLayerMixin
 
 __all__ = [
     "ConversionError", "FunctionalGraph", "GraphNode", "check_layers", "convert",
@@ -51,12 +53,16 @@ __all__ = [
 #: The graph walker, under its former name (it moved to :class:`fineprune_tf.graph.Graph`).
 FunctionalGraph = Graph
 
+#: Stock convolution class -> its masked twin (exact classes: a subclass may override ``call``).
+MASKED_TWIN: dict[type, type] = {plain: masked for masked, plain in PLAIN_OF.items()
+                                 if masked is not MaskedDense}
+_CONV_KINDS = "Conv1D/2D/3D, SeparableConv1D/2D or DepthwiseConv1D/2D"
 
 
 def is_builtin_keras(operation: Any) -> bool:
     """True for layers / operations defined by Keras itself or by :mod:`fineprune_tf.layers`."""
     cls = type(operation)
-    if cls in (MaskedConv2D, MaskedDense):
+    if cls in MASKED_LAYERS:
         return True
     return cls.__module__.split(".")[0] == "keras"
 
@@ -155,15 +161,11 @@ def not_prunable_reason(layer: Any) -> str | None:
     return None
 
 
-def _conv_problems(layer: keras.layers.Conv2D) -> list[str]:
-    problems = []
+def _conv_problems(layer: keras.layers.Layer) -> list[str]:
     if layer.data_format != "channels_last":
-        problems.append(f"{layer.name!r}: data_format={layer.data_format!r} (only "
-                        "channels_last is supported: the masked op is NHWC)")
-    if layer.groups != 1:
-        problems.append(f"{layer.name!r}: groups={layer.groups} (grouped convolutions are not "
-                        "supported: pruning an output channel would break the group layout)")
-    return problems
+        return [f"{layer.name!r}: data_format={layer.data_format!r} (only channels_last is "
+                "supported: the masked op acts on the last axis)"]
+    return []
 
 
 def _skip_not_prunable(layer: Any, wanted: set[str] | None, problems: list[str]) -> bool:
@@ -182,11 +184,12 @@ def _skip_not_prunable(layer: Any, wanted: set[str] | None, problems: list[str])
 
 def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
             layer_names: Sequence[str] | None = None) -> keras.Model:
-    """Returns a copy of ``model`` in which every ``Conv2D`` is a ``MaskedConv2D``.
+    """Returns a copy of ``model`` in which every convolution is a masked one
+    (``Conv2D`` -> ``MaskedConv2D``, ``Conv1D`` -> ``MaskedConv1D``, ... :data:`MASKED_TWIN`).
 
     Args:
       model: a functional or (built) Sequential Keras 3 model made of built-in Keras layers
-        (Conv2D, DepthwiseConv2D, BatchNormalization, Add, Concatenate, pooling, Flatten,
+        (Conv1D/2D/3D, SeparableConv1D/2D, DepthwiseConv1D/2D, BatchNormalization, Add, Concatenate, pooling, Flatten,
         GlobalAveragePooling2D, Dropout, Dense, Activation/ReLU, Reshape, ... and
         ``fineprune_tf`` masked layers, which are copied as they are, masks included).
       dense: also turn every *hidden* ``Dense`` with a rank-2 input ``[N, D]`` into a
@@ -194,7 +197,8 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
       classifier: with ``dense=True``, also convert the classifier(s): Dense layers whose output
         reaches a model output through parameter-free layers only (Activation, Softmax,
         Dropout).  Off by default: pruning a class logit is never what the defense wants.
-      layer_names: convert only these Conv2D / Dense layers (by name); default all eligible.
+      layer_names: convert only these convolution / Dense layers (by name); default all
+        eligible.
         A layer whose channels cannot be pruned independently (a cross-channel activation such
         as ``softmax``: :func:`not_prunable_reason`) is never converted, so it can never be
         pruned; it is an error when named here, and left plain (and logged) otherwise.
@@ -212,8 +216,8 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
 
     Raises:
       ConversionError: subclassed or unbuilt model (or nested model); custom or code-carrying
-        layers (``Lambda``, ``TFSMLayer``), named; channels_first or grouped Conv2D; quantized
-        layers; no Conv2D at all, or no prunable one; ``layer_names`` naming a missing /
+        layers (``Lambda``, ``TFSMLayer``), named; channels_first convolutions; quantized
+        layers; no convolution at all, or no prunable one; ``layer_names`` naming a missing /
         non-convertible / not prunable layer.
     """
     graph = Graph(model)
@@ -229,15 +233,15 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
         layer = gnode.layer
         if isinstance(layer, keras.layers.Layer):
             check_not_quantized(layer)
-        if isinstance(layer, MaskedConv2D):
+        if isinstance(layer, MaskedLayerMixin) and not isinstance(layer, MaskedDense):
             has_conv = True
-        elif type(layer) is keras.layers.Conv2D:
+        elif type(layer) in MASKED_TWIN:
             has_conv = True
             if wanted is None or layer.name in wanted:
                 if _skip_not_prunable(layer, wanted, problems):
                     continue
                 problems.extend(_conv_problems(layer))
-                replace[id(layer)] = MaskedConv2D
+                replace[id(layer)] = MASKED_TWIN[type(layer)]
         elif dense and type(layer) is keras.layers.Dense and (
                 wanted is None or layer.name in wanted):
             if any(len(t.shape) != 2 for t in gnode.inputs):
@@ -250,16 +254,16 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
                 continue
             replace[id(layer)] = MaskedDense
     if not has_conv:
-        raise ConversionError(f"model {model.name!r} has no Conv2D layer to convert")
+        raise ConversionError(f"model {model.name!r} has no Conv2D layer to convert (nor any "
+                              f"other convolution: {_CONV_KINDS})")
     if wanted is not None:
         found = {layer.name for layer in graph.layers()
-                 if id(layer) in replace or (type(layer) in (keras.layers.Conv2D,
-                                                              keras.layers.Dense)
+                 if id(layer) in replace or (type(layer) in (*MASKED_TWIN, keras.layers.Dense)
                                              and not_prunable_reason(layer))}
         missing = sorted(wanted - found)
         if missing:
-            problems.append(f"layers {missing} are not convertible Conv2D"
-                            + ("/Dense" if dense else "") + " layers of the model")
+            problems.append(f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
+                            + (" or Dense" if dense else "") + " layers of the model")
     if problems:
         raise ConversionError(f"cannot convert model {model.name!r}: " + "; ".join(problems))
 
@@ -286,7 +290,17 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
 
 def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
     if isinstance(target, MaskedLayerMixin) and not isinstance(source, MaskedLayerMixin):
-        # Conv2D/Dense -> masked twin: same kernel (LoRA folded in) and bias, mask stays 1.
+        if not hasattr(source, "lora_rank"):
+            # Separable / depthwise -> masked twin: the same variables in the same order (no
+            # LoRA on these classes); the mask, appended last, stays 1.
+            own = [w for w in target.weights if w is not target.mask_variable]
+            if [tuple(w.shape) for w in own] != [tuple(w.shape) for w in source.weights]:
+                raise ConversionError(f"internal error: {target.name!r} does not hold the "
+                                      f"variables of {type(source).__name__}")
+            for mine, theirs in zip(own, source.weights, strict=True):
+                mine.assign(to_numpy(theirs))
+            return
+        # Conv/Dense -> masked twin: same kernel (LoRA folded in) and bias, mask stays 1.
         compat.assign_kernel(target, to_numpy(source.kernel))
         if source.use_bias:
             target.bias.assign(to_numpy(source.bias))

@@ -94,7 +94,7 @@ def test_concat_depthwise_and_hidden_dense_conversion():
     assert _max_diff(model, converted, x) <= 1e-5
     assert type(converted.get_layer("conv_a")) is fp.MaskedConv2D
     assert type(converted.get_layer("conv_b")) is fp.MaskedConv2D
-    assert type(converted.get_layer("dw")) is keras.layers.DepthwiseConv2D  # not a Conv2D
+    assert type(converted.get_layer("dw")) is fp.layers.MaskedDepthwiseConv2D  # issue 12
     assert type(converted.get_layer("fc")) is fp.MaskedDense
     # "logits" feeds the output through a parameter-free Activation: it is the classifier.
     assert type(converted.get_layer("logits")) is keras.layers.Dense
@@ -189,8 +189,7 @@ def test_refusals_name_the_problem():
     first = keras.layers.Conv2D(2, 3, data_format="channels_first", name="cf")(nhwc)
     with pytest.raises(ConversionError, match=r"'cf'.*channels_first"):
         convert(keras.Model(nhwc, first))
-    with pytest.raises(ConversionError, match=r"'grouped'.*groups=3"):
-        convert(keras.Model(inputs, keras.layers.Conv2D(3, 3, groups=3, name="grouped")(inputs)))
+    # Grouped convolutions convert since issue 12 (tests/test_conv_kinds.py).
     vector = keras.Input((4,))
     dense_only = keras.Model(vector, keras.layers.Dense(2)(vector))
     with pytest.raises(ConversionError, match="no Conv2D"):

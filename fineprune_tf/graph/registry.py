@@ -21,7 +21,16 @@ from fineprune_tf.activations import (
     activation_name,
     cross_channel_activation,
 )
-from fineprune_tf.layers import MaskedConv2D, MaskedDense
+from fineprune_tf.layers import (
+    MaskedConv1D,
+    MaskedConv2D,
+    MaskedConv3D,
+    MaskedDense,
+    MaskedDepthwiseConv1D,
+    MaskedDepthwiseConv2D,
+    MaskedSeparableConv1D,
+    MaskedSeparableConv2D,
+)
 
 __all__ = ["CROSS_CHANNEL_ACTIVATIONS", "Role", "activation_name", "cross_channel_activation",
            "register", "registered", "role_of"]
@@ -40,6 +49,11 @@ class Role(enum.Enum):
     #: Every output channel is a learned linear combination of all input channels (conv,
     #: dense): the output channels are the layer's own, and the ones pruning removes.
     MIXES = "mixes"
+    #: A grouped convolution (``groups > 1``): output channel ``o`` mixes the input channels of
+    #: its group only (``C_in / groups`` of them, group ``o // (C_out / groups)``).  Channels
+    #: can be removed only consistently across groups, so readers that need MIXES' "all inputs
+    #: to all outputs" treat it as a barrier.
+    GROUPED = "grouped"
     #: Each output depends non-linearly on all channels (softmax, LayerNormalization): its
     #: channels cannot be pruned or removed independently.
     CROSS_CHANNEL = "cross_channel"
@@ -69,6 +83,10 @@ def _concat_role(layer: Any) -> Role:
     return Role.CONCAT
 
 
+def _convolution_role(layer: Any) -> Role:
+    return Role.GROUPED if getattr(layer, "groups", 1) > 1 else Role.MIXES
+
+
 L = keras.layers
 _ELEMENTWISE = (
     L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,  # inference: identity
@@ -84,18 +102,21 @@ _SPATIAL = (
     L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
     L.Cropping1D, L.Cropping2D, L.Cropping3D,
     L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.DepthwiseConv1D, L.DepthwiseConv2D,
+    L.DepthwiseConv1D, L.DepthwiseConv2D, MaskedDepthwiseConv1D, MaskedDepthwiseConv2D,
 )
 _MIXES = (
-    L.Conv1D, L.Conv2D, L.Conv3D, L.SeparableConv1D, L.SeparableConv2D,
+    L.SeparableConv1D, L.SeparableConv2D, MaskedSeparableConv1D, MaskedSeparableConv2D,
     L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose, L.Dense, L.EinsumDense,
-    MaskedConv2D, MaskedDense,
+    MaskedDense,
 )
+# Their role depends on ``groups``.
+_CONVOLUTIONS = (L.Conv1D, L.Conv2D, L.Conv3D, MaskedConv1D, MaskedConv2D, MaskedConv3D)
 
 _REGISTRY: dict[type, Role | Callable[[Any], Role]] = {
     **{cls: Role.ELEMENTWISE for cls in _ELEMENTWISE},
     **{cls: Role.SPATIAL for cls in _SPATIAL},
     **{cls: Role.MIXES for cls in _MIXES},
+    **{cls: _convolution_role for cls in _CONVOLUTIONS},
     L.Activation: _activation_role,
     L.BatchNormalization: _batch_norm_role,
     L.Softmax: _softmax_role,
