@@ -189,8 +189,9 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
 
     Args:
       model: a functional or (built) Sequential Keras 3 model made of built-in Keras layers
-        (Conv1D/2D/3D, SeparableConv1D/2D, DepthwiseConv1D/2D, BatchNormalization, Add, Concatenate, pooling, Flatten,
-        GlobalAveragePooling2D, Dropout, Dense, Activation/ReLU, Reshape, ... and
+        (Conv1D/2D/3D, SeparableConv1D/2D, DepthwiseConv1D/2D, BatchNormalization, Add,
+        Concatenate, pooling, Flatten, GlobalAveragePooling2D, Dropout, Dense,
+        Activation/ReLU, Reshape, ... and
         ``fineprune_tf`` masked layers, which are copied as they are, masks included).
       dense: also turn every *hidden* ``Dense`` with a rank-2 input ``[N, D]`` into a
         ``MaskedDense`` (a Dense applied to a rank-3+ tensor stays a Dense).

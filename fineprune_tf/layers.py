@@ -68,7 +68,7 @@ def _masked_activation(z, mask, activation: str, compute_stats: bool):
 
 
 class MaskedLayerMixin:
-    """The pruning interface shared by every masked layer (convolutions and :class:`MaskedDense`)."""
+    """The pruning interface shared by every masked layer (convolutions, :class:`MaskedDense`)."""
 
     def _build_mask(self, channels: int) -> None:
         self._mask = self.add_weight(

@@ -1,6 +1,6 @@
 """Building the plain (shrunk) model from a :class:`~fineprune_tf.export.shrink.plan._Plan`:
-masked layers become stock Conv2D / Dense, removed channels are sliced out and their constants
-folded into the consumers' biases."""
+masked layers become their stock classes (:data:`fineprune_tf.layers.PLAIN_OF`), removed
+channels are sliced out and their constants folded into the consumers' biases."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import numpy as np
 from fineprune_tf.conversion import ConversionError, check_not_quantized, clone_layer, to_numpy
 from fineprune_tf.export.shrink.plan import _Plan
 from fineprune_tf.graph import GraphNode
-from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin
+from fineprune_tf.layers import PLAIN_OF, MaskedLayerMixin
+
+_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
 def _mask_of(layer) -> np.ndarray | None:
@@ -49,11 +52,13 @@ class _Builder:
         if not isinstance(layer, keras.layers.Layer):
             return layer(*args, **kwargs)
         kind = self.plan.kinds[gnode.index]
-        if kind in ("conv", "dense") or (
-                kind == "barrier" and isinstance(layer, (MaskedConv2D, MaskedDense))):
+        masked_barrier = kind == "barrier" and isinstance(layer, MaskedLayerMixin)
+        if kind == "separable" or (masked_barrier and isinstance(layer, _SEPARABLE)):
+            return self._separable(gnode, kind, args, kwargs)
+        if kind == "depthwise" or (masked_barrier and isinstance(layer, _DEPTHWISE)):
+            return self._depthwise(gnode, kind, args, kwargs)
+        if kind in ("conv", "dense") or masked_barrier:
             return self._weighted(gnode, kind, args, kwargs)
-        if kind == "depthwise":
-            return self._depthwise(gnode, args, kwargs)
         if id(layer) not in self.clones:
             overrides = {}
             if kind == "reshape_channel" or (kind == "flatten" and isinstance(
@@ -82,15 +87,14 @@ class _Builder:
         return {"target_shape": tuple(target)}
 
     def _weighted(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
-        """Conv2D / Dense (masked or not): slice input rows and output columns, fold removed
-        constant inputs into the bias, zero pruned-but-kept outputs."""
+        """Conv1D/2D/3D / Dense (masked or not; a grouped conv only as a barrier): slice input
+        rows and output columns, fold removed constant inputs into the bias, zero
+        pruned-but-kept outputs."""
         layer = gnode.layer
         if id(layer) in self.clones:  # a shared layer (barrier): same weights, all channels
             return self._apply(layer, args, kwargs)
         check_not_quantized(layer)
-        is_conv = isinstance(layer, keras.layers.Conv2D)
-        if is_conv and layer.groups != 1 and isinstance(layer, MaskedLayerMixin):
-            raise ConversionError(f"layer {layer.name!r}: grouped MaskedConv2D is not supported")
+        is_conv = not isinstance(layer, keras.layers.Dense)
         kernel = np.asarray(to_numpy(layer.kernel), np.float64)
         bias = (np.asarray(to_numpy(layer.bias), np.float64)
                 if layer.use_bias else np.zeros(kernel.shape[-1]))
@@ -107,27 +111,62 @@ class _Builder:
             bias = bias + np.einsum("sco,c->o", taps, values)
         kernel = kernel[..., a_in, :][..., a_out]
         bias = bias[a_out]
-        mask = _mask_of(layer)
-        needs_rescale = False
-        if mask is not None:
-            pruned = mask[a_out] == 0
-            kernel[..., pruned] = 0.0
-            bias[pruned] = 0.0
-            needs_rescale = bool(pruned.any()) and not _act_zero_is_zero(layer.activation)
+        self._zero_pruned(layer, a_out, kernel, bias)
         size = int(a_out.sum())
         use_bias = bool(layer.use_bias or np.any(bias != 0))
-        if is_conv:
-            clone = clone_layer(layer, keras.layers.Conv2D, filters=size, use_bias=use_bias)
-        else:
-            clone = clone_layer(layer, keras.layers.Dense, units=size, use_bias=use_bias)
+        plain = PLAIN_OF.get(type(layer), type(layer))
+        clone = clone_layer(layer, plain, **{"filters" if is_conv else "units": size},
+                            use_bias=use_bias)
         weights = [kernel.astype(np.float32)] + ([bias.astype(np.float32)] if use_bias else [])
         self.clones[id(layer)] = clone
         self.weights.append((clone, weights))
-        if mask is not None:
-            self.summary[layer.name] = (mask.size, size)
-        if needs_rescale:
+        return self._apply(layer, args, kwargs)
+
+    def _zero_pruned(self, layer, a_out: np.ndarray, kernel: np.ndarray,
+                     bias: np.ndarray) -> None:
+        """Zeroes the kept-but-pruned outputs of a masked layer in place (``kernel``'s last
+        axis and ``bias`` are its kept outputs ``a_out``), and registers a ``Rescaling`` by the
+        mask when ``act(0) != 0``."""
+        mask = _mask_of(layer)
+        if mask is None:
+            return
+        pruned = mask[a_out] == 0
+        kernel[..., pruned] = 0.0
+        bias[pruned] = 0.0
+        self.summary[layer.name] = (mask.size, int(a_out.sum()))
+        if pruned.any() and not _act_zero_is_zero(layer.activation):
             self.clones[("rescale", id(layer))] = keras.layers.Rescaling(
                 scale=mask[a_out].astype(np.float32), name=self._unique(f"{layer.name}_mask"))
+
+    def _kept(self, kind: str, tensor: Any, size: int) -> np.ndarray:
+        """The kept channels of ``tensor`` (all of them when ``gnode`` is a barrier)."""
+        return _select(None if kind == "barrier" else self.plan.keep[id(tensor)], size)
+
+    def _bias(self, layer, size: int) -> np.ndarray:
+        return (np.asarray(to_numpy(layer.bias), np.float64) if layer.use_bias
+                else np.zeros(size))
+
+    def _separable(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
+        """SeparableConv1D/2D (masked or not): removed input channels are exactly zero (the
+        plan removes no other), so they are sliced out of both kernels with nothing to fold."""
+        layer = gnode.layer
+        if id(layer) in self.clones:
+            return self._apply(layer, args, kwargs)
+        check_not_quantized(layer)
+        depthwise = np.asarray(to_numpy(layer.depthwise_kernel), np.float64)
+        pointwise = np.asarray(to_numpy(layer.pointwise_kernel), np.float64)
+        a_in = self._kept(kind, gnode.inputs[0], depthwise.shape[-2])
+        a_out = self._kept(kind, gnode.outputs[0], pointwise.shape[-1])
+        depthwise = depthwise[..., a_in, :]
+        pointwise = pointwise[..., np.repeat(a_in, layer.depth_multiplier), :][..., a_out]
+        bias = self._bias(layer, a_out.size)[a_out]
+        self._zero_pruned(layer, a_out, pointwise, bias)
+        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        clone = clone_layer(layer, PLAIN_OF.get(type(layer), type(layer)),
+                            filters=int(a_out.sum()), use_bias=use_bias)
+        weights = [depthwise, pointwise] + ([bias] if use_bias else [])
+        self.clones[id(layer)] = clone
+        self.weights.append((clone, [w.astype(np.float32) for w in weights]))
         return self._apply(layer, args, kwargs)
 
     def _apply(self, layer, args, kwargs):
@@ -135,19 +174,27 @@ class _Builder:
         rescale = self.clones.get(("rescale", id(layer)))
         return out if rescale is None else rescale(out)
 
-    def _depthwise(self, gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
+    def _depthwise(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
+        """DepthwiseConv1D/2D (masked or not): output channels follow the kept input channels
+        (``depth_multiplier`` per input channel); pruned-but-kept outputs are zeroed."""
         layer = gnode.layer
+        if id(layer) in self.clones:
+            return self._apply(layer, args, kwargs)
         check_not_quantized(layer)
-        a_in = self.plan.keep[id(gnode.inputs[0])]
-        clone = clone_layer(layer)
-        weights = layer.get_weights()
-        if a_in is not None:
-            m = layer.depth_multiplier
-            weights = [weights[0][:, :, a_in, :]] + (
-                [weights[1].reshape(-1, m)[a_in].reshape(-1)] if len(weights) > 1 else [])
+        m = layer.depth_multiplier
+        kernel = np.asarray(to_numpy(layer.kernel), np.float64)  # [k..., C_in, m]
+        a_in = self._kept(kind, gnode.inputs[0], kernel.shape[-2])
+        a_out = np.repeat(a_in, m)
+        kernel = kernel[..., a_in, :]
+        flat = kernel.reshape(*kernel.shape[:-2], -1)  # [k..., C_out]: output c * m + k
+        bias = self._bias(layer, a_out.size)[a_out]
+        self._zero_pruned(layer, a_out, flat, bias)
+        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        clone = clone_layer(layer, PLAIN_OF.get(type(layer), type(layer)), use_bias=use_bias)
+        weights = [flat.reshape(kernel.shape)] + ([bias] if use_bias else [])
         self.clones[id(layer)] = clone
-        self.weights.append((clone, weights))
-        return clone(*args, **kwargs)
+        self.weights.append((clone, [w.astype(np.float32) for w in weights]))
+        return self._apply(layer, args, kwargs)
 
     def finish(self) -> None:
         for clone, weights in self.weights:

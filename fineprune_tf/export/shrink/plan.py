@@ -25,10 +25,19 @@ def _channels(t) -> int | None:
 
 
 
+_CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+_SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
 def _kind(graph: Graph, gnode: GraphNode) -> str:
     """How channels flow through ``gnode`` (from the graph registry's role, narrowed to what
-    the builder can rewrite): conv, dense, depthwise, channelwise, flatten, reshape_channel,
-    concat, merge or barrier (keep everything)."""
+    the builder can rewrite): conv, dense, separable, depthwise, channelwise, flatten,
+    reshape_channel, concat, merge or barrier (keep everything).
+
+    Grouped convolutions (:attr:`Role.GROUPED`) are barriers: a masked one keeps every channel
+    and has its pruned outputs zeroed (removing them would need the same channels removed in
+    every group; not supported yet)."""
     layer = gnode.layer
     if not isinstance(layer, keras.layers.Layer) or len(gnode.outputs) != 1:
         return "barrier"
@@ -38,11 +47,13 @@ def _kind(graph: Graph, gnode: GraphNode) -> str:
         return "barrier"  # one set of weights cannot be sliced two ways
     role = node_role(gnode)
     if role is Role.MIXES:
-        if isinstance(layer, keras.layers.Conv2D):
-            return "conv" if layer.groups == 1 else "barrier"
+        if isinstance(layer, _CONVOLUTIONS):
+            return "conv"
+        if isinstance(layer, _SEPARABLE):
+            return "separable"
         return "dense" if isinstance(layer, keras.layers.Dense) else "barrier"
     if role is Role.SPATIAL:
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, _DEPTHWISE):
             return "depthwise"
         return "barrier" if hasattr(layer, "depth_multiplier") else "channelwise"
     if role is Role.ELEMENTWISE:
@@ -128,7 +139,7 @@ def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
             continue
         out = gnode.outputs[0]
         layer = gnode.layer
-        if kind in ("conv", "dense"):
+        if kind in ("conv", "dense", "separable"):
             if isinstance(layer, MaskedLayerMixin):
                 const[id(out)][layer.mask == 0] = 0.0  # masked *after* bias and activation
         elif kind in ("channelwise", "depthwise", "merge"):
@@ -141,6 +152,8 @@ def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
             if source.any():
                 value, uniform = _evaluate_constant(gnode, ins)
                 const[id(out)] = np.where(source & uniform, value, np.nan)
+            if isinstance(layer, MaskedLayerMixin):  # a masked depthwise conv
+                const[id(out)][layer.mask == 0] = 0.0
         elif kind == "flatten":
             positions = _channels(out) // _channels(gnode.inputs[0])
             const[id(out)] = np.tile(ins[0], positions)
@@ -168,10 +181,17 @@ def _needs(gnode: GraphNode, kind: str, r_out: np.ndarray | None,
         return [live]
     if kind == "dense":
         return [live]
+    if kind == "separable":
+        # Only exactly-zero input channels are removed: a constant one would add a
+        # position-dependent amount through the padded depthwise step.
+        return [live | (in_const != 0)]
+    m = getattr(gnode.layer, "depth_multiplier", 1)
+    if kind == "depthwise" and isinstance(gnode.layer, MaskedLayerMixin):
+        # An input channel whose every output is pruned is not read (its outputs are 0).
+        live = live & (gnode.layer.mask.reshape(-1, m) != 0).any(axis=1)
     if r_out is None:
         return [None] * len(ins)
     if kind == "depthwise":
-        m = gnode.layer.depth_multiplier
         return [live | r_out.reshape(-1, m).any(axis=1)]
     if kind in ("channelwise", "reshape_channel"):
         return [r_out.copy()]
@@ -223,7 +243,7 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
             out = gnode.outputs[0]
             full = [np.ones(_channels(t), bool) if a is None else a
                     for t, a in zip(gnode.inputs, a_in, strict=True)]
-            if kind in ("conv", "dense"):
+            if kind in ("conv", "dense", "separable"):
                 r_out = required[id(out)]
                 if isinstance(gnode.layer, MaskedLayerMixin) and r_out is not None:
                     keep[id(out)] = r_out | (gnode.layer.mask != 0)
