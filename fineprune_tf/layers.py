@@ -175,15 +175,20 @@ class MaskedLayerMixin:
     # keras-hub's pattern for an extra variable: Keras' own (kernel[, bias]) first, the mask
     # appended at the next free index.  Files written before this change hold the same
     # (kernel, bias, mask) layout, so they load unchanged.
+    # Keras classes that keep ``Layer``'s generic saving (separable, depthwise) already store
+    # every variable, the mask last (it is the last non-trainable one): nothing to append.
+    _keras_saves_the_mask = False
+
     def save_own_variables(self, store) -> None:
         if not self.built:
             return
         super().save_own_variables(store)
-        store[str(len(store.keys()))] = self._mask
+        if not self._keras_saves_the_mask:
+            store[str(len(store.keys()))] = self._mask
 
     def load_own_variables(self, store) -> None:
         super().load_own_variables(store)  # Checks the count (mask included) first.
-        if self.built:
+        if self.built and not self._keras_saves_the_mask:
             self._mask.assign(store[str(len(store.keys()) - 1)])
 
     def _check_supported(self) -> None:
@@ -259,6 +264,8 @@ class MaskedConv3D(_MaskedConvMixin, keras.layers.Conv3D):
 
 
 class _SeparableLinear:
+    _keras_saves_the_mask = True  # SeparableConv keeps Layer's save_own_variables
+
     def _linear(self, inputs):
         return ops.separable_conv(
             inputs, self.depthwise_kernel, self.pointwise_kernel, strides=self.strides,
@@ -279,6 +286,8 @@ class MaskedSeparableConv2D(_SeparableLinear, _MaskedConvMixin, keras.layers.Sep
 
 
 class _DepthwiseLinear:
+    _keras_saves_the_mask = True  # DepthwiseConv keeps Layer's save_own_variables
+
     def _output_channels(self, input_shape) -> int:
         return int(input_shape[-1]) * self.depth_multiplier
 

@@ -13,20 +13,21 @@ from fineprune_tf import curves, models, stats, training
 from fineprune_tf import graph as fp_graph
 from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish
-from fineprune_tf.layers import MaskedConv2D, MaskedLayerMixin
+from fineprune_tf.layers import MASKED_CONVOLUTIONS, MaskedLayerMixin
 
 __all__ = ["prune", "rank_channels", "stopping_point", "pruned_layer"]
 
 
-def pruned_layer(model: keras.Model, layer_name: str | None) -> MaskedConv2D:
+def pruned_layer(model: keras.Model, layer_name: str | None) -> MaskedLayerMixin:
     """The layer the pruning defense acts on (default: the last conv layer)."""
     name = layer_name or models.last_conv_layer(model)
     try:
         layer = model.get_layer(name)
     except ValueError as error:
         raise ValueError(f"model has no layer named {name!r}") from error
-    if not isinstance(layer, MaskedConv2D):
-        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not a MaskedConv2D")
+    if not isinstance(layer, MASKED_CONVOLUTIONS):  # any masked conv kind (issue 12)
+        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not a MaskedConv2D "
+                         "(nor another masked convolution)")
     return layer
 
 
