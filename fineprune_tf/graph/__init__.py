@@ -8,6 +8,8 @@
 * :mod:`.cost`: parameters and multiply-adds, the one cost counter (unit stated there).
 * :func:`activation_tensor` (:mod:`.readout`): where a channel's activation is read;
   :func:`batchnorm_after`: each masked layer's BatchNormalization (CLP's conv->BN pairs).
+* :func:`channel_groups` (:mod:`.groups`): dependency groups, the masked layers' output
+  channels tied by residual adds, SE gates, concatenations and depthwise layers (DepGraph).
 * :func:`flatten_nested` (:mod:`.flatten`): nested Functional / Sequential models inlined
   into one functional graph (``backbone.<layer>`` names).
 * :mod:`._keras_compat`: every private Keras access of the library, with the Keras versions
@@ -17,6 +19,7 @@
 from fineprune_tf.graph import cost
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.flatten import flatten_nested, has_nested
+from fineprune_tf.graph.groups import ChannelGroup, channel_groups
 from fineprune_tf.graph.readout import activation_tensor, batchnorm_after
 from fineprune_tf.graph.registry import (
     CROSS_CHANNEL_ACTIVATIONS,
@@ -30,8 +33,9 @@ from fineprune_tf.graph.registry import (
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role, static_shape
 
 __all__ = [
-    "CROSS_CHANNEL_ACTIVATIONS", "ConversionError", "Graph", "GraphNode", "Role",
-    "activation_name", "activation_tensor", "batchnorm_after", "cost", "cross_channel_activation",
+    "CROSS_CHANNEL_ACTIVATIONS", "ChannelGroup", "ConversionError", "Graph", "GraphNode", "Role",
+    "activation_name", "activation_tensor", "batchnorm_after", "channel_groups", "cost",
+    "cross_channel_activation",
     "flatten_nested", "has_nested", "node_role",
     "register", "registered", "role_of", "static_shape",
 ]

@@ -59,12 +59,26 @@ def _kind(graph: Graph, gnode: GraphNode) -> str:
     if role is Role.ELEMENTWISE:
         if len(gnode.inputs) == 1:
             return "channelwise"
-        return "merge" if len({tuple(t.shape[1:]) for t in gnode.inputs}) == 1 else "barrier"
+        return "merge" if _broadcast_merge(gnode) else "barrier"
     if role is Role.CONCAT:
         return "concat"
     if role is Role.RESHAPE:
         return _reshape_kind(gnode)
     return "barrier"
+
+
+def _broadcast_merge(gnode: GraphNode) -> bool:
+    """Whether every input of a multi-input element-wise call has the output's channels and
+    either its size or 1 on every other axis (a squeeze-excitation gate ``[N, 1, 1, C]``
+    multiplying ``[N, H, W, C]``): channel ``c`` of the output then depends on channel ``c`` of
+    each input only."""
+    out = gnode.outputs[0].shape
+    for t in gnode.inputs:
+        if len(t.shape) != len(out) or t.shape[-1] != out[-1]:
+            return False
+        if any(d not in (o, 1) for d, o in zip(t.shape[1:-1], out[1:-1], strict=True)):
+            return False
+    return True
 
 
 def _reshape_kind(gnode: GraphNode) -> str:
