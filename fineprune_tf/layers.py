@@ -1,5 +1,7 @@
 """Keras 3 layers whose output channels (or units) can be pruned and whose activations can be
-measured in the same pass.
+measured in the same pass: a masked twin of every convolution kind (Conv1D/2D/3D, grouped
+included; SeparableConv1D/2D, whose pointwise outputs are masked; DepthwiseConv1D/2D, whose
+``C_in * depth_multiplier`` outputs are masked) and of Dense.
 
 A pruned channel is multiplied by 0 *after* bias and activation, so neither its bias nor its
 weights reach the output, and the gradient is ``dy * mask * act'(z)``: fine-tuning cannot

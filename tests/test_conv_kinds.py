@@ -190,15 +190,23 @@ def test_shrink_removes_pruned_channels_exactly(kind):
                                atol=1e-5 * max(1.0, np.abs(want).max()))
     assert all(type(lay).__module__.startswith("keras.") for lay in shrunk.layers)
     width = shrunk.get_layer("layer").output.shape[-1]
-    if kind == "conv2d_grouped":  # not removed yet: kept, zeroed
-        assert width == layer.channels
-        assert not np.any(np.asarray(keras.Model(shrunk.input, shrunk.get_layer(
-            "layer").output)(x))[..., half])
-    else:
-        assert width == len(layer.active_channels)
-        assert shrunk.get_layer("consumer").kernel.shape[-2] == width
-        assert export.count_params_and_flops(shrunk)[0] < export.count_params_and_flops(
-            model)[0]
+    assert width == len(layer.active_channels)
+    assert shrunk.get_layer("consumer").kernel.shape[-2] == width
+    assert export.count_params_and_flops(shrunk)[0] < export.count_params_and_flops(model)[0]
+
+
+def test_grouped_conv_keeps_as_many_channels_in_every_group():
+    """8 filters in 2 groups, 3 pruned in the first and 1 in the second: the first group keeps
+    one pruned channel (as exact zeros) so both keep 3; grouping stays right (exact outputs)."""
+    model = _with_consumer("conv2d_grouped")
+    layer = model.get_layer("layer")
+    layer.prune([0, 1, 2, 5])
+    shrunk = export.shrink(model)
+    x = _x(KINDS["conv2d_grouped"][3], n=4)
+    np.testing.assert_allclose(np.asarray(shrunk(x)), np.asarray(model(x)), atol=1e-5)
+    plain = shrunk.get_layer("layer")
+    assert plain.groups == 2 and plain.filters == 6
+    assert shrunk.get_layer("producer").filters == 8  # a grouped conv reads every input
 
 
 def test_depthwise_outputs_pruned_alone_stay_but_are_zero():

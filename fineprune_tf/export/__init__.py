@@ -19,26 +19,34 @@ sources are the pruned channels of masked layers (exactly 0: the mask multiplies
 and activation).  Constants propagate through channel-wise layers (BatchNormalization, ReLU and
 other activations, pooling, Dropout, ...: computed by running the original layer on a constant
 tensor, so BN's shift ``beta - gamma*mean/sqrt(var+eps)`` is reproduced bit for bit),
-DepthwiseConv2D, Flatten / Reshape, Concatenate (offsets) and element-wise merges (Add, ...:
-constant only if constant on every input).
+DepthwiseConv1D/2D, Flatten / Reshape, Concatenate (offsets) and element-wise merges (Add,
+Multiply, ..., broadcasting ones such as a squeeze-excitation gate included: constant only if
+constant on every input).  :func:`fineprune_tf.graph.channel_groups` lists the masked channels
+that must be pruned together for a merge to drop them.
 
 A constant channel is removed when every consumer can absorb it exactly:
 
 * ``Dense`` (any input rank): always — ``bias += v * W[c, :]`` (``W[i, :]`` for the flattened
   row ``i = ((h * W) + w) * C + c`` after Flatten).
-* ``Conv2D``: when ``v == 0``, or when the convolution has no effective padding ('valid', or
-  'same' that happens to pad nothing, e.g. 1x1) — then every output position sees the constant
-  through the full kernel and ``bias[o] += v * sum_{kh,kw} W[kh, kw, c, o]``.  With real 'same'
-  padding the border positions see fewer taps, so a non-zero constant channel is **kept**
-  (e.g. conv -> BN -> ReLU with a positive BN shift feeding a 'same' conv): its producer then
-  computes it with all-zero weights, which is exact.
-* channel-wise layers, DepthwiseConv2D, Flatten, Concatenate: the channel simply disappears
-  from their inputs and outputs (BN / PReLU parameters sliced).
+* ``Conv1D`` / ``Conv2D`` / ``Conv3D``: when ``v == 0``, or when the convolution has no
+  effective padding ('valid', or 'same' that happens to pad nothing, e.g. 1x1) — then every
+  output position sees the constant through the full kernel and
+  ``bias[o] += v * sum_{taps} W[..., c, o]``.  With real 'same' padding the border positions
+  see fewer taps, so a non-zero constant channel is **kept** (e.g. conv -> BN -> ReLU with a
+  positive BN shift feeding a 'same' conv): its producer then computes it with all-zero
+  weights, which is exact.
+* ``SeparableConv1D/2D``: only when ``v == 0`` (sliced from both kernels).
+* channel-wise layers, DepthwiseConv1D/2D, Flatten, Concatenate: the channel simply disappears
+  from their inputs and outputs (BN / PReLU parameters sliced).  A masked depthwise layer does
+  not read an input channel whose ``depth_multiplier`` outputs are all pruned, so pruning the
+  producer's channel with them removes both.
 * Add and other merges: a channel is kept if *any* input keeps it, and then every input keeps
   it (the union is kept); a pruned branch channel that is kept contributes its exact value
   (0, or its BN constant).
-* model outputs and every other layer (a "barrier": Conv2DTranspose, LayerNormalization,
-  softmax, shared weighted layers, keras.ops calls, ...): all channels are kept.
+* model outputs and every other layer (a "barrier": Conv2DTranspose, grouped convolutions,
+  LayerNormalization, softmax, shared weighted layers, keras.ops calls, ...): all channels are
+  kept.  A masked grouped convolution keeps all its inputs and removes pruned outputs while
+  every group keeps as many (else the first pruned ones of the smaller groups are kept, zeroed).
 
 A kept pruned channel of a masked layer is computed by the plain layer with zero kernel slice
 and zero bias, which gives ``act(0)``: exact for ReLU / linear / tanh / ... (``act(0) == 0``);

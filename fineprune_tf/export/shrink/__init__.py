@@ -123,15 +123,15 @@ def shrink(model: keras.Model, verify: bool = True) -> keras.Model:
         are not a false alarm; costs two small forward passes).
 
     Returns:
-      A functional model with the same name, layer names (the masked layers become
-      ``keras.layers.Conv2D`` / ``Dense`` of the same names), inputs and output shapes, and the
-      same predictions as ``model`` up to float32 rounding.  It contains no ``fineprune_tf``
-      layer or op: its ``.keras`` file loads with stock Keras.  See the module docstring for
-      which channels can be removed.
+      A functional model with the same name, layer names (the masked layers become their
+      stock classes, :data:`fineprune_tf.layers.PLAIN_OF`, of the same names), inputs and
+      output shapes, and the same predictions as ``model`` up to float32 rounding.  It
+      contains no ``fineprune_tf`` layer or op: its ``.keras`` file loads with stock Keras.
+      See the module docstring for which channels can be removed.
 
     Raises:
       ConversionError: subclassed/unbuilt model, custom / code-carrying / quantized / nested
-        layers (named), non-float32 layers, grouped MaskedConv2D.
+        layers (named), non-float32 layers.
     """
     return rebuild_plain(model, remove=True, verify=verify)
 

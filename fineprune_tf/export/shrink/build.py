@@ -57,7 +57,7 @@ class _Builder:
             return self._separable(gnode, kind, args, kwargs)
         if kind == "depthwise" or (masked_barrier and isinstance(layer, _DEPTHWISE)):
             return self._depthwise(gnode, kind, args, kwargs)
-        if kind in ("conv", "dense") or masked_barrier:
+        if kind in ("conv", "dense", "grouped") or masked_barrier:
             return self._weighted(gnode, kind, args, kwargs)
         if id(layer) not in self.clones:
             overrides = {}
@@ -87,7 +87,7 @@ class _Builder:
         return {"target_shape": tuple(target)}
 
     def _weighted(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
-        """Conv1D/2D/3D / Dense (masked or not; a grouped conv only as a barrier): slice input
+        """Conv1D/2D/3D / Dense (masked or not; grouped convs keep their inputs): slice input
         rows and output columns, fold removed constant inputs into the bias, zero
         pruned-but-kept outputs."""
         layer = gnode.layer
@@ -99,8 +99,9 @@ class _Builder:
         bias = (np.asarray(to_numpy(layer.bias), np.float64)
                 if layer.use_bias else np.zeros(kernel.shape[-1]))
         in_t, out_t = gnode.inputs[0], gnode.outputs[0]
-        a_in = _select(self.plan.keep[id(in_t)], kernel.shape[-2]) if kind != "barrier" else \
-            np.ones(kernel.shape[-2], bool)
+        # A grouped conv's kernel holds C_in / groups input rows; it keeps every input channel.
+        a_in = (_select(self.plan.keep[id(in_t)], kernel.shape[-2])
+                if kind not in ("barrier", "grouped") else np.ones(kernel.shape[-2], bool))
         a_out = _select(self.plan.keep[id(out_t)], kernel.shape[-1]) if kind != "barrier" else \
             np.ones(kernel.shape[-1], bool)
         removed = ~a_in

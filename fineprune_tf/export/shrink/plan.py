@@ -35,9 +35,9 @@ def _kind(graph: Graph, gnode: GraphNode) -> str:
     the builder can rewrite): conv, dense, separable, depthwise, channelwise, flatten,
     reshape_channel, concat, merge or barrier (keep everything).
 
-    Grouped convolutions (:attr:`Role.GROUPED`) are barriers: a masked one keeps every channel
-    and has its pruned outputs zeroed (removing them would need the same channels removed in
-    every group; not supported yet)."""
+    A masked grouped convolution (:attr:`Role.GROUPED`) is "grouped": it needs every input
+    channel, and drops pruned outputs as long as every group keeps as many (see
+    :func:`_equal_per_group`); a plain one is a barrier."""
     layer = gnode.layer
     if not isinstance(layer, keras.layers.Layer) or len(gnode.outputs) != 1:
         return "barrier"
@@ -46,6 +46,8 @@ def _kind(graph: Graph, gnode: GraphNode) -> str:
     if graph.calls_per_layer[id(layer)] > 1 and layer.weights:
         return "barrier"  # one set of weights cannot be sliced two ways
     role = node_role(gnode)
+    if role is Role.GROUPED:
+        return "grouped" if isinstance(layer, MaskedLayerMixin) else "barrier"
     if role is Role.MIXES:
         if isinstance(layer, _CONVOLUTIONS):
             return "conv"
@@ -79,6 +81,20 @@ def _broadcast_merge(gnode: GraphNode) -> bool:
         if any(d not in (o, 1) for d, o in zip(t.shape[1:-1], out[1:-1], strict=True)):
             return False
     return True
+
+
+def _equal_per_group(keep: np.ndarray, groups: int) -> np.ndarray:
+    """``keep`` (bool ``[C_out]``) grown so that every group keeps as many output channels: the
+    rebuilt grouped conv assigns output ``o`` to group ``o // (C_out' / groups)``, so unequal
+    counts would move channels to another group.  Added channels are pruned ones (computed as
+    exact zeros), the first of each group."""
+    per_group = keep.reshape(groups, -1).copy()
+    target = int(per_group.sum(axis=1).max())
+    for row in per_group:
+        missing = target - int(row.sum())
+        if missing:
+            row[np.flatnonzero(~row)[:missing]] = True
+    return per_group.reshape(-1)
 
 
 def _reshape_kind(gnode: GraphNode) -> str:
@@ -153,7 +169,7 @@ def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
             continue
         out = gnode.outputs[0]
         layer = gnode.layer
-        if kind in ("conv", "dense", "separable"):
+        if kind in ("conv", "dense", "separable", "grouped"):
             if isinstance(layer, MaskedLayerMixin):
                 const[id(out)][layer.mask == 0] = 0.0  # masked *after* bias and activation
         elif kind in ("channelwise", "depthwise", "merge"):
@@ -183,7 +199,7 @@ def _needs(gnode: GraphNode, kind: str, r_out: np.ndarray | None,
     """Channels of each input that ``gnode`` needs, given the output channels required of it
     (``None`` = all)."""
     ins = gnode.inputs
-    if kind == "barrier":
+    if kind in ("barrier", "grouped"):
         return [None] * len(ins)
     in_const = const[id(ins[0])]
     live = np.isnan(in_const)
@@ -261,6 +277,11 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
                 r_out = required[id(out)]
                 if isinstance(gnode.layer, MaskedLayerMixin) and r_out is not None:
                     keep[id(out)] = r_out | (gnode.layer.mask != 0)
+            elif kind == "grouped":
+                r_out = required[id(out)]
+                if r_out is not None:
+                    keep[id(out)] = _equal_per_group(r_out | (gnode.layer.mask != 0),
+                                                     gnode.layer.groups)
             elif kind == "depthwise":
                 keep[id(out)] = np.repeat(full[0], gnode.layer.depth_multiplier)
             elif kind in ("channelwise", "reshape_channel"):
