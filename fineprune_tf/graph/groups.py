@@ -20,6 +20,8 @@ A connected component is one *coupled channel*; the masked layers whose outputs 
 what must be pruned together to remove it.  Unlike DepGraph, which treats unknown operations as
 element-wise, an unknown (opaque), cross-channel or grouped consumer *blocks* the component:
 shrink needs every channel there, so the group is reported with the reason and not removable.
+(A grouped convolution's own outputs are removable, in equal numbers per group: shrink keeps
+the first pruned ones of the smaller groups, as zeros.)
 
 Components with the same masked layers (and the same number of channels in each) form one
 :class:`ChannelGroup`: e.g. the residual stream of a ResNet stage, whose channel ``j`` is
@@ -176,9 +178,6 @@ def channel_groups(model: keras.Model | Graph) -> list[ChannelGroup]:
             for v in out.tolist():
                 blocked[v].add(f"{gnode.name} is not a masked layer called once")
             continue
-        if node_role(gnode) is Role.GROUPED:
-            for v in out.tolist():
-                blocked[v].add(f"{gnode.name} is a grouped convolution")
         order.setdefault(layer.name, gnode.index)
         producers.update({v: (layer.name, c) for c, v in enumerate(out.tolist())})
     _depthwise_members(graph, channels, producers, order)
