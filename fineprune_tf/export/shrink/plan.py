@@ -313,7 +313,10 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
 
 
 def _check_plan(graph, kinds, const, keep, required) -> None:
-    """Every removed channel must be constant and every required channel produced."""
+    """Every required channel must be produced, and every removed one constant unless nothing
+    needs it: a constant channel zero-padded (ZeroPadding2D) is no longer constant, yet when
+    it feeds only a masked depthwise layer whose outputs of that channel are all pruned, it is
+    rightly removed with them."""
     for tid, t in graph.tensors.items():
         kept, req = keep.get(tid), required.get(tid)
         if kept is None:
@@ -322,6 +325,6 @@ def _check_plan(graph, kinds, const, keep, required) -> None:
             raise ConversionError(
                 f"internal error: tensor {t.name} lacks required channels after shrinking")
         values = const[tid]
-        if np.isnan(values[~kept]).any():
+        if np.isnan(values[~kept & req]).any():
             raise ConversionError(f"internal error: a live channel of {t.name} was removed")
 
