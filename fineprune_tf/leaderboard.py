@@ -1,0 +1,311 @@
+"""The defense leaderboard: tasks x attacks x defenses x seeds, under the defender-realistic
+protocol, with the retuning attack after every defense.
+
+>>> settings = leaderboard.Settings.default()
+>>> rows = leaderboard.run(leaderboard.Grid.default(), settings, "runs/leaderboard")
+
+One *cell* is (task, attack, seed, defense):
+
+1. the attacked model for (task, attack, seed) comes from :class:`ModelCache` (trained by
+   ``attack_zoo`` once, saved atomically, keyed by the settings that shape it);
+2. the defense runs through ``defenses.run_defense`` with a ``DefenderData`` built from the
+   task's clean *validation* split only, and *inside* ``guard.selecting()`` with no evaluation
+   data passed: any read of report-only data during the defense raises
+   ``SelectionLeakError``.  Only afterwards are the test split and its triggered copy
+   (``ReportOnly``) opened to report clean accuracy, ASR and robust accuracy;
+3. the retuning attack (``retuning.retuning_attack``, Min et al. 2024) re-tunes a copy of the
+   defended model and reports the ASR that comes back.
+
+Each finished cell is appended to ``leaderboard.json`` at once (atomic rewrite); a cell whose
+key is there is never recomputed, so an interrupted run continues where it stopped.
+Summaries, the markdown table and the heat maps live in :mod:`fineprune_tf.leaderboard_report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from fineprune_tf import attack_zoo, data, poison, reporting
+
+__all__ = ["Settings", "Grid", "Cell", "ModelCache", "TaskContext", "run", "run_cell",
+           "load_rows", "SettingsMismatchError"]
+
+FORMAT_VERSION = 1
+
+
+class SettingsMismatchError(ValueError):
+    """The output directory holds a leaderboard computed with other settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything that shapes a cell's numbers (hashed into the cache and cell keys).
+
+    Attributes:
+      poison_rate: poisoned copies added, as a fraction of the attacker's training split.
+      epochs: ``{task: attack training epochs}``; a task missing here uses its default.
+      train_limit: keep only the first N training examples (None: all); shapes the model.
+      test_limit: report on the first N test examples (None: all).
+      tolerance: clean holdout points a defense's choices may cost (registry convention).
+      retune_steps, retune_samples, retune_poisoned: the retuning attack (steps of 32).
+    """
+
+    poison_rate: float = 0.1
+    epochs: dict = dataclasses.field(default_factory=dict)
+    train_limit: int | None = None
+    test_limit: int | None = None
+    tolerance: float = 2.0
+    retune_steps: int = 30
+    retune_samples: int = 200
+    retune_poisoned: int = 10
+
+    @classmethod
+    def default(cls) -> Settings:
+        # Attack training epochs that keep the default grid inside its budget (see
+        # scripts/leaderboard.py for the arithmetic); mnist and traffic keep their defaults.
+        return cls(epochs={"speech": 12, "traffic": 4, "mnist": 5})
+
+    @classmethod
+    def quick(cls) -> Settings:
+        """CI smoke settings: a small, short-trained mnist model."""
+        return cls(epochs={"mnist": 2, "speech": 3, "traffic": 1}, train_limit=1500,
+                   test_limit=300, retune_steps=5, retune_samples=64, retune_poisoned=4)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["epochs"] = dict(sorted(self.epochs.items()))
+        return values
+
+    def digest(self, *parts: Any) -> str:
+        """A short SHA-256 of these settings (and ``parts``): what a cached item depends on."""
+        text = json.dumps([FORMAT_VERSION, self.to_dict(), *parts], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One grid position."""
+
+    task: str
+    attack: str
+    seed: int
+    defense: str
+
+    def key(self, settings: Settings) -> str:
+        return (f"{self.task}/{self.attack}/seed{self.seed}/{self.defense}/"
+                f"{settings.digest()}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """The axes; cells run task by task, seed by seed, attack by attack, then defenses (so one
+    attacked model is in memory at a time)."""
+
+    tasks: tuple[str, ...]
+    attacks: tuple[str, ...]
+    defenses: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def default(cls) -> Grid:
+        from fineprune_tf.defenses import REGISTRY
+
+        return cls(tuple(t for t in data.TASKS if t != "face"), attack_zoo.NAMES,
+                   tuple(REGISTRY), (0, 1, 2))
+
+    @classmethod
+    def quick(cls) -> Grid:
+        return cls(("mnist",), ("badnets", "blended"), ("none", "pruning", "clp"), (0,))
+
+    def validate(self) -> None:
+        from fineprune_tf.defenses import REGISTRY
+
+        for values, known, name in ((self.tasks, data.TASKS, "tasks"),
+                                    (self.attacks, attack_zoo.NAMES, "attacks"),
+                                    (self.defenses, tuple(REGISTRY), "defenses")):
+            unknown = [v for v in values if v not in known]
+            if unknown or not values:
+                raise ValueError(f"{name} must be a non-empty subset of {list(known)}. "
+                                 f"Received: {name}={list(values)}")
+        if not self.seeds or any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative integers. Received: {self.seeds}")
+
+    def cells(self) -> Iterator[Cell]:
+        for task in self.tasks:
+            for seed in self.seeds:
+                for attack in self.attacks:
+                    for defense in self.defenses:
+                        yield Cell(task, attack, seed, defense)
+
+
+@dataclasses.dataclass
+class TaskContext:
+    """One task's data for a seed, cut to the settings' limits."""
+
+    task_data: Any
+    validation: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def load(cls, task: str, seed: int, settings: Settings) -> TaskContext:
+        task_data = data.load(task, seed=seed)
+        if settings.train_limit:
+            train = task_data.train
+            task_data = dataclasses.replace(task_data, train=poison.Split(
+                train.x[:settings.train_limit], train.y[:settings.train_limit]))
+        test = task_data.test
+        limit = settings.test_limit or len(test.y)
+        task_data = dataclasses.replace(task_data,
+                                        test=poison.Split(test.x[:limit], test.y[:limit]))
+        return cls(task_data, (task_data.validation.x, task_data.validation.y),
+                   (task_data.test.x, task_data.test.y))
+
+
+class ModelCache:
+    """Attacked models on disk: ``<dir>/<task>_<attack>_seed<seed>_<hash>.keras`` plus a
+    ``.json`` with the poisoning and the undefended numbers; both written atomically, the
+    json last, so a model without its json is retrained."""
+
+    def __init__(self, directory: str | pathlib.Path):
+        self.directory = pathlib.Path(directory)
+
+    def _paths(self, task: str, attack: str, seed: int, settings: Settings):
+        digest = settings.digest(task, attack, seed)
+        stem = self.directory / f"{task}_{attack}_seed{seed}_{digest}"
+        return stem.with_suffix(".keras"), stem.with_suffix(".json")
+
+    def get(self, task: str, attack: str, seed: int, settings: Settings,
+            context: TaskContext):
+        """``(model, poisoning, info)``, training and saving the model when it is missing."""
+        import keras
+
+        from fineprune_tf import attacks
+        from fineprune_tf.experiment import save_model
+
+        model_path, info_path = self._paths(task, attack, seed, settings)
+        poisoning = attack_zoo.make(attack, context.task_data, settings.poison_rate, seed=seed)
+        if model_path.exists() and info_path.exists():
+            return keras.models.load_model(model_path), poisoning, json.loads(
+                info_path.read_text())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        attack_settings = attacks.AttackSettings(epochs=settings.epochs.get(task), seed=seed)
+        result = attack_zoo.train(poisoning, context.task_data, seed=seed,
+                                  settings=attack_settings)
+        info = {"poisoning": poisoning.to_dict(), "train_seconds": time.perf_counter() - start,
+                "epochs": result.report["epochs"], "settings": settings.to_dict()}
+        save_model(result.model, model_path)
+        reporting.atomic_write_json(info_path, info)
+        return result.model, poisoning, info
+
+
+def run_cell(cell: Cell, model, poisoning, context: TaskContext, settings: Settings) -> dict:
+    """Runs one defense and the retuning attack after it; returns the cell's JSON row.
+
+    The defense sees only ``DefenderData`` (the validation split) and runs inside
+    ``guard.selecting()``; the report-only data is opened after it returns.
+    """
+    from fineprune_tf import metrics, retuning
+    from fineprune_tf.defenses import DefenderData, ReportOnly, finish, run_defense
+    from fineprune_tf.defenses.guard import selecting
+    from fineprune_tf.defenses.result import holdout_accuracy
+
+    task_data = context.task_data
+    defender = DefenderData(*context.validation, seed=cell.seed)
+    backdoor = poison.backdoor_test_set(task_data.test, poisoning.trigger, poisoning.policy,
+                                        seed=cell.seed)
+    report = ReportOnly(context.test, backdoor)
+    with selecting():  # the whole defense: reading `report` here raises SelectionLeakError
+        base_holdout = holdout_accuracy(model, defender.holdout)
+        result = run_defense(cell.defense, model, defender, seed=cell.seed,
+                             tolerance=settings.tolerance, evaluation=None)
+    finish(result, report)
+    clean, backdoor_set = report.open()
+    undefended = metrics.evaluate(model, clean, backdoor_set)
+    retuned = retuning.retuning_attack(
+        result.model, task_data, poisoning.trigger, poisoning.policy,
+        steps=settings.retune_steps, samples=settings.retune_samples,
+        poisoned=settings.retune_poisoned, seed=cell.seed)
+    return {**dataclasses.asdict(cell), "key": cell.key(settings), **result.summary(),
+            "undefended": undefended, "undefended_holdout_acc": base_holdout,
+            "retuned_asr": retuned["after"]["asr"], "retune_seconds": retuned["seconds"],
+            "details_why": str(result.details.get("why", ""))[:300]}
+
+
+def load_rows(output_dir: str | pathlib.Path, settings: Settings) -> list[dict]:
+    """The finished rows of an earlier run in ``output_dir`` (empty when there is none).
+
+    Raises:
+      SettingsMismatchError: the file was written with other settings.
+    """
+    path = pathlib.Path(output_dir) / "leaderboard.json"
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    if stored.get("settings") != json.loads(json.dumps(settings.to_dict())):
+        raise SettingsMismatchError(
+            f"{path} was computed with other settings ({stored.get('settings')}); use another "
+            f"--output_dir or --overwrite")
+    return list(stored.get("rows", []))
+
+
+def run(grid: Grid, settings: Settings, output_dir: str | pathlib.Path, *,
+        cache_dir: str | pathlib.Path | None = None, overwrite: bool = False,
+        on_cell: Callable[[int, int, Cell, bool], None] | None = None,
+        write: Callable[[pathlib.Path, list[dict], dict], None] | None = None,
+        meta: dict | None = None) -> list[dict]:
+    """Runs every cell of ``grid`` not already in ``output_dir/leaderboard.json``.
+
+    Args:
+      cache_dir: attacked models (default ``output_dir/models``).
+      overwrite: discard an earlier leaderboard in ``output_dir`` instead of resuming it.
+      on_cell: ``(index, total, cell, computed)`` after each cell (the progress bar).
+      write: ``(output_dir, rows, meta)`` called after each computed cell (default: the
+        json only; the script also renders markdown and heat maps).
+    Returns the rows (earlier and new).
+    """
+    grid.validate()
+    output_dir = pathlib.Path(output_dir)
+    rows = [] if overwrite else load_rows(output_dir, settings)
+    done = {row["key"] for row in rows}
+    cache = ModelCache(cache_dir or output_dir / "models")
+    meta = dict(meta or {}, settings=settings.to_dict(), grid=dataclasses.asdict(grid))
+    write = write or _write_json
+    cells = list(grid.cells())
+    context_key, context, attacked_key, attacked = None, None, None, None
+    for index, cell in enumerate(cells):
+        computed = cell.key(settings) not in done
+        if computed:
+            if context_key != (cell.task, cell.seed):
+                context_key, context = (cell.task, cell.seed), TaskContext.load(
+                    cell.task, cell.seed, settings)
+            if attacked_key != (cell.task, cell.attack, cell.seed):
+                attacked_key = (cell.task, cell.attack, cell.seed)
+                attacked = cache.get(cell.task, cell.attack, cell.seed, settings, context)
+            model, poisoning, info = attacked
+            row = run_cell(cell, model, poisoning, context, settings)
+            row["attack_train_seconds"] = info["train_seconds"]
+            rows.append(row)
+            done.add(row["key"])
+            write(output_dir, rows, meta)
+        if on_cell is not None:
+            on_cell(index, len(cells), cell, computed)
+    return rows
+
+
+def _write_json(output_dir: pathlib.Path, rows: list[dict], meta: dict) -> None:
+    reporting.atomic_write_json(output_dir / "leaderboard.json",
+                                {**meta, "format": FORMAT_VERSION, "rows": rows})
+
+
+def cells_of(rows: Sequence[dict], **where: Any) -> list[dict]:
+    """The rows whose fields equal ``where``."""
+    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]

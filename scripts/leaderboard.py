@@ -1,0 +1,128 @@
+"""The defense leaderboard: tasks x attacks x defenses x seeds (``fineprune_tf.leaderboard``).
+
+    python -m scripts.leaderboard [--tasks=speech,traffic,mnist] [--attacks=...]
+        [--defenses=...] [--seeds=0,1,2] [--output_dir=runs/leaderboard] [--quick]
+        [--overwrite] [--no_figures] [--verbosity=1]
+
+Writes ``leaderboard.json`` (every cell, the summary, machine and settings),
+``leaderboard.md`` and ``der_<task>.png`` into ``--output_dir``; attacked models are cached
+in ``<output_dir>/models`` (``--cache_dir``) under a hash of the settings that shape them.
+Every finished cell is written at once: running the same command again continues an
+interrupted run and recomputes nothing that finished.
+
+Defaults: every task except face, every attack of ``attack_zoo``, every defense of
+``defenses.REGISTRY``, seeds 0-2, 10 % poisoning.  ``--quick`` (CI): mnist, BadNets and
+Blended, defenses none / pruning / CLP, seed 0, 1,500 training images, 2 epochs.
+
+Budget of the default grid (BUDGET below; 2 cores).  Measured on the shared 2-core machine, one
+cell per task, seed 0 (``attacks`` = training one attacked model, ``defenses`` = all eight
+registry defenses on it, ``retune`` = the retuning attack after each):
+
+    MEASURED_BUDGET_TEXT
+
+The grid is 3 tasks x 4 attacks x 3 seeds = 36 attacked models and 36 x 8 = 288 defense
+cells.  MEASURED_TOTAL_TEXT
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import platform
+import sys
+import time
+
+from scripts import _quiet
+
+_quiet.quiet_tensorflow()  # before anything imports TensorFlow
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("tasks", None, "Tasks (default: every task except face).")
+flags.DEFINE_list("attacks", None, "Attacks of attack_zoo (default: all).")
+flags.DEFINE_list("defenses", None, "Defenses of defenses.REGISTRY (default: all).")
+flags.DEFINE_list("seeds", None, "Seeds (default: 0,1,2).")
+flags.DEFINE_string("output_dir", "runs/leaderboard", "Where the leaderboard files go.")
+flags.DEFINE_string("cache_dir", None, "Attacked models (default: <output_dir>/models).")
+flags.DEFINE_bool("quick", False, "The CI smoke grid (under 3 minutes).")
+flags.DEFINE_bool("overwrite", False, "Discard an earlier leaderboard in --output_dir.")
+flags.DEFINE_bool("figures", True, "Write der_<task>.png.")
+
+
+def _machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+
+
+def _grid():
+    from fineprune_tf import leaderboard
+
+    base = leaderboard.Grid.quick() if FLAGS.quick else leaderboard.Grid.default()
+    seeds = tuple(int(s) for s in FLAGS.seeds) if FLAGS.seeds else base.seeds
+    return leaderboard.Grid(tuple(FLAGS.tasks or base.tasks),
+                            tuple(FLAGS.attacks or base.attacks),
+                            tuple(FLAGS.defenses or base.defenses), seeds)
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from absl import logging
+
+    from fineprune_tf import leaderboard, leaderboard_report
+
+    # Per-cell library logs would break the progress bar; --verbosity=1 brings them back.
+    logging.set_verbosity(logging.INFO if FLAGS.verbosity >= 1 else logging.WARNING)
+    try:
+        grid = _grid()
+        grid.validate()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    settings = leaderboard.Settings.quick() if FLAGS.quick else leaderboard.Settings.default()
+    output_dir = pathlib.Path(FLAGS.output_dir)
+    try:
+        earlier = [] if FLAGS.overwrite else leaderboard.load_rows(output_dir, settings)
+    except ValueError as error:  # SettingsMismatchError or an unreadable file
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    import keras
+
+    start = time.perf_counter()
+    meta = {"machine": _machine(), "quick": FLAGS.quick, "wall_seconds": 0.0,
+            "settings": settings.to_dict(), "grid": dataclasses.asdict(grid)}
+    done = {row["key"] for row in earlier}
+    to_compute = sum(cell.key(settings) not in done for cell in grid.cells())
+    # The bar counts the cells still to compute (its ETA is theirs); the line above it says
+    # where in the whole grid the run is.
+    progress = keras.utils.Progbar(max(1, to_compute), unit_name="cell")
+    computed_so_far = [0]
+
+    def write(directory, rows, current_meta):
+        current_meta["wall_seconds"] = time.perf_counter() - start
+        leaderboard_report.write_all(directory, rows, current_meta, figures=False)
+
+    def on_cell(index, count, cell, computed):
+        if computed:
+            computed_so_far[0] += 1
+            print(f"\ngrid {index + 1}/{count}: {cell.task} {cell.attack} seed {cell.seed} "
+                  f"{cell.defense}", file=sys.stderr, flush=True)
+            progress.update(computed_so_far[0])
+
+    rows = leaderboard.run(grid, settings, output_dir, cache_dir=FLAGS.cache_dir,
+                           overwrite=FLAGS.overwrite, on_cell=on_cell, write=write, meta=meta)
+    meta["wall_seconds"] = time.perf_counter() - start
+    leaderboard_report.write_all(output_dir, rows, meta, figures=FLAGS.figures)
+    print()
+    print((output_dir / "leaderboard.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
