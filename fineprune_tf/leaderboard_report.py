@@ -40,9 +40,10 @@ def _with_der(row: dict) -> dict:
     return {**row, "der": der(row["undefended"], row)}
 
 
-def protocol_rows(rows: Sequence[dict]) -> list[dict]:
-    """Per (task, attack, seed) whose candidate defenses all finished, the chosen defense's
-    row (``defense`` = ``"protocol"``, ``chosen`` = its name), chosen from holdout accuracy."""
+def protocol_rows(rows: Sequence[dict], defenses: Sequence[str] | None = None) -> list[dict]:
+    """Per (task, attack, seed) whose candidate defenses (``defenses`` without ``none``;
+    default: every defense in ``rows``) all finished, the chosen defense's row (``defense`` =
+    ``"protocol"``, ``chosen`` = its name), chosen from holdout accuracy only."""
     from fineprune_tf.defenses import choose
 
     groups: dict[tuple, dict[str, dict]] = {}
@@ -50,7 +51,8 @@ def protocol_rows(rows: Sequence[dict]) -> list[dict]:
         if row["defense"] != "none":
             key = (row["task"], row["attack"], row["seed"])
             groups.setdefault(key, {})[row["defense"]] = row
-    expected = {name for members in groups.values() for name in members}
+    expected = ({name for members in groups.values() for name in members} if defenses is None
+                else set(defenses) - {"none"})
     chosen_rows = []
     for members in groups.values():
         if set(members) != expected:  # a seed still running: its choice is not final
@@ -65,12 +67,12 @@ def protocol_rows(rows: Sequence[dict]) -> list[dict]:
     return chosen_rows
 
 
-def summarize(rows: Sequence[dict]) -> list[dict]:
+def summarize(rows: Sequence[dict], defenses: Sequence[str] | None = None) -> list[dict]:
     """Per (task, attack, defense), sorted: mean and sd (``<measure>_sd``) of every
     :data:`MEASURES` over seeds, the seeds, and (protocol rows) how often each defense was
-    chosen."""
+    chosen (``defenses``: the protocol's candidates, see :func:`protocol_rows`)."""
     full = [_with_der(r) for r in rows]
-    full += [_with_der(r) for r in protocol_rows(rows)]
+    full += [_with_der(r) for r in protocol_rows(rows, defenses)]
     groups: dict[tuple, list[dict]] = {}
     for row in full:
         groups.setdefault((row["task"], row["attack"], row["defense"]), []).append(row)
@@ -116,6 +118,7 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         "",
         f"Settings: `{meta.get('settings')}`.",
         "",
+        *_completeness(meta),
         "Mean ± sd over seeds. Every choice a defense makes reads only the defender's clean "
         "validation split (DefenderData, inside guard.selecting()); the test split and its "
         "triggered copy only report. DER = [max(0, dASR) - max(0, dACC) + 1] / 2 against the "
@@ -134,6 +137,15 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         lines.append(f"| {e['task']} | {e['attack']} | {name} | "
                      + " | ".join(_fmt(e, m) for m in MEASURES) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _completeness(meta: dict) -> list[str]:
+    missing, total = meta.get("cells_missing"), meta.get("cells_total")
+    if not missing:
+        return []
+    return [f"**Incomplete: {missing} of {total} cells not run yet** (stopped by the "
+            f"{meta.get('budget_minutes', 0):g}-minute budget; the same command continues). "
+            "Means are over the seeds finished.", ""]
 
 
 def heatmap(summary: Sequence[dict], task: str, path: str | pathlib.Path) -> None:
@@ -175,7 +187,7 @@ def write_all(output_dir: str | pathlib.Path, rows: list[dict], meta: dict, *,
     from fineprune_tf.leaderboard import FORMAT_VERSION
 
     output_dir = pathlib.Path(output_dir)
-    summary = summarize(rows)
+    summary = summarize(rows, meta.get("grid", {}).get("defenses"))
     reporting.atomic_write_json(output_dir / "leaderboard.json",
                                 {**meta, "format": FORMAT_VERSION, "rows": rows,
                                  "summary": summary})

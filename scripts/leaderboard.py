@@ -49,6 +49,8 @@ flags.DEFINE_string("cache_dir", None, "Attacked models (default: <output_dir>/m
 flags.DEFINE_bool("quick", False, "The CI smoke grid (under 3 minutes).")
 flags.DEFINE_bool("overwrite", False, "Discard an earlier leaderboard in --output_dir.")
 flags.DEFINE_bool("figures", True, "Write der_<task>.png.")
+flags.DEFINE_float("budget_minutes", 45.0, "Start no new cell after this many minutes (0: no "
+                   "limit); running the same command again continues.")
 
 
 def _machine() -> dict:
@@ -116,7 +118,9 @@ def main(argv: list[str]) -> int:
             progress.update(computed_so_far[0])
 
     rows = leaderboard.run(grid, settings, output_dir, cache_dir=FLAGS.cache_dir,
-                           overwrite=FLAGS.overwrite, on_cell=on_cell, write=write, meta=meta)
+                           overwrite=FLAGS.overwrite, on_cell=on_cell, write=write, meta=meta,
+                           budget_seconds=FLAGS.budget_minutes * 60 or None)
+    meta["budget_minutes"] = FLAGS.budget_minutes
     meta["wall_seconds"] = time.perf_counter() - start
     leaderboard_report.write_all(output_dir, rows, meta, figures=FLAGS.figures)
     print()

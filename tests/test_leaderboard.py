@@ -158,3 +158,22 @@ def test_grid_validation_names_the_bad_axis():
     default = leaderboard.Grid.default()
     assert "face" not in default.tasks and set(default.defenses) == set(REGISTRY)
     assert default.seeds == (0, 1, 2)
+
+
+@pytest.mark.subprocess
+def test_script_refuses_bad_input_in_one_line_with_tensorflow_quiet(tmp_path):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the script chooses it itself
+    result = subprocess.run([sys.executable, "-m", "scripts.leaderboard", "--tasks=cifar",
+                             f"--output_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: tasks must be a non-empty subset of ['face', 'speech', 'traffic', 'mnist']. "
+        "Received: tasks=['cifar']"]  # no TensorFlow/Abseil start-up lines, no traceback
