@@ -18,7 +18,7 @@ import sys
 
 from scripts import _quiet
 
-_quiet.quiet_tensorflow(preload=False)  # the report itself does not need TensorFlow
+_quiet.quiet_tensorflow()  # before anything imports TensorFlow (fineprune_tf does)
 
 from absl import app, flags  # noqa: E402
 

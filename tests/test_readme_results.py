@@ -51,3 +51,23 @@ def test_report_refuses_a_directory_without_results(tmp_path):
         leaderboard_readme.collect([tmp_path])
     with pytest.raises(ValueError, match="markers"):
         leaderboard_readme.readme_section("# no markers")
+
+
+@pytest.mark.subprocess
+def test_report_script_prints_the_rendering_and_refuses_bad_input(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    summary_path = REPO / "results" / "readme_summary.json"
+    good = subprocess.run([sys.executable, "-m", "scripts.report",
+                           f"--from_summary={summary_path}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert good.stdout == leaderboard_readme.render(json.loads(summary_path.read_text()))
+    bad = subprocess.run([sys.executable, "-m", "scripts.report", str(tmp_path)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "neither results.json nor leaderboard.json" in bad.stderr
+    assert "Traceback" not in bad.stderr and "InitializeLog" not in bad.stderr
