@@ -28,7 +28,7 @@ import hashlib
 import json
 import pathlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -70,8 +70,8 @@ class Settings:
     @classmethod
     def default(cls) -> Settings:
         # The tasks' default training (models.default_training), as in results/attacks:
-        # training is ~10 % of a cell's cost (scripts/leaderboard.py), so shortening it
-        # would weaken the attacks for little time.
+        # training is a tenth to a quarter of an attacked model's cost (scripts/leaderboard.py),
+        # so shortening it would weaken the attacks for little time.
         return cls()
 
     @classmethod
@@ -328,7 +328,3 @@ def _write_json(output_dir: pathlib.Path, rows: list[dict], meta: dict) -> None:
     reporting.atomic_write_json(output_dir / "leaderboard.json",
                                 {**meta, "format": FORMAT_VERSION, "rows": rows})
 
-
-def cells_of(rows: Sequence[dict], **where: Any) -> list[dict]:
-    """The rows whose fields equal ``where``."""
-    return [r for r in rows if all(r.get(k) == v for k, v in where.items())]

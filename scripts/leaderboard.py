@@ -18,24 +18,28 @@ Budget of the default grid (issue 14 asks <= 45 minutes on 2 cores; it is NOT me
 grid is 3 tasks x 4 attacks x 3 seeds = 36 attacked models, each defended by the 8 registry
 defenses (288 cells), each cell followed by the retuning attack.  Measured per attacked model
 (BadNets, seed 0, the task's default training, the full validation split as defender data) on
-the shared 2-core machine, with 3-5 other processes running (so ~2-3x slower than an idle
-machine):
+the shared 2-core machine, with 3-5 other processes running, in seconds:
 
     task     train   none  prune  FT   FP   FMP   ANP   RNP   CLP  | defenses  retune x8  total
     mnist     26 s    1     3    27   46    42    31    38     3  |   190 s   ~60 s     ~280 s
     traffic  165 s    1    15    54   67   191   132    60    25  |   545 s   350 s    1060 s
-    speech   SPEECH_ROW
+    speech   289 s    1    13   108  119   166    82    66     5  |   559 s   294 s    1142 s
 
 (mnist from a script doing the same calls before the retuning attack was made cheaper;
 traffic and speech from ``--tasks=<task> --attacks=badnets --seeds=0``.)  36 models x the
-mean total (~TOTAL_MEAN s) = ~HOURS hours here, ~HOURS_IDLE hours on an idle 2-core machine: the
-defenses alone (ANP, FMP, fine-pruning: fixed costs set in ``defenses.registry``, which takes
-no cost argument) exceed 45 minutes, so no choice of training epochs or data sizes made here
-fits the grid in the budget without changing what the defenses are.  Instead each invocation
+mean total (~830 s) = ~8.3 hours at that load.  The quick runs' CPU time (36-156 s of user
+time for 110-1108 s of wall time) says the process had 1/3 to 1/7 of the machine, so an idle
+2-core machine would need roughly 1.2-3 hours, still far over 45 minutes.  The defenses
+alone (ANP, FMP, fine-pruning: fixed costs set in ``defenses.registry``, which takes no cost
+argument) are half of it (the retuning attack a quarter to a third, training the rest), so
+no choice of training epochs or data sizes made here fits the grid in the budget without
+changing what the defenses are (shrinking the defender's data to 200 speech examples left
+ANP and RNP unable to prune anything within 2 holdout points).  Instead each invocation
 stops starting cells after ``--budget_minutes`` (default 45), records the cells still missing
 in leaderboard.json/.md, and the same command continues from there; cells run seed by seed,
-so a cut run has complete seeds first.  ``--quick`` (1 task, 2 attacks, 3 cheap defenses,
-1 seed) ran in QUICK_SECONDS s with the same load.
+so a cut run has complete seeds first.  ``--quick`` (mnist, 2 attacks, 3 cheap defenses,
+seed 0) took 5.9 minutes of wall time at that load (57 s of CPU); with
+``--seeds=0,1,2``, 18.5 minutes (156 s of CPU).
 """
 
 from __future__ import annotations
