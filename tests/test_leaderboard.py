@@ -177,3 +177,17 @@ def test_script_refuses_bad_input_in_one_line_with_tensorflow_quiet(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: tasks must be a non-empty subset of ['face', 'speech', 'traffic', 'mnist']. "
         "Received: tasks=['cifar']"]  # no TensorFlow/Abseil start-up lines, no traceback
+
+
+def test_quiet_import_hides_start_up_lines_but_replays_them_when_the_import_fails(capfd):
+    import os
+
+    from scripts import _quiet
+
+    with _quiet._stderr_to_file():
+        os.write(2, b"abseil start-up line\n")
+    assert "abseil start-up line" not in capfd.readouterr().err
+    with pytest.raises(ImportError), _quiet._stderr_to_file():
+        os.write(2, b"why the import failed\n")
+        raise ImportError("broken")
+    assert "why the import failed" in capfd.readouterr().err
