@@ -10,7 +10,7 @@ forward and accumulate them in float64 on the host.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import keras
@@ -160,6 +160,7 @@ class StatsCollector:
                 self._recorders = {layer.name: StatsRecorder(layer.channels)
                                    for layer in self.layers}
             self._step = self._tensorflow_step()
+            self._traced: dict[str, Callable] = {}
         else:
             self._step = self._backend_step()
 
@@ -176,11 +177,28 @@ class StatsCollector:
         if self.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
-        @tf.function(reduce_retracing=True)
         def step(x):
             self._strategy.run(replica_step, args=(x,))
 
         return step
+
+    def _traced_step(self, dataset: tf.data.Dataset):
+        """The step traced once for every batch size: without a strategy, an input signature
+        with an unknown batch dimension (the short last batch would otherwise trace a second
+        graph, and TensorFlow warns about retracing when one-shot collectors are built in a
+        loop); under a strategy the per-replica values carry their own specs."""
+        if tf.distribute.has_strategy():
+            key, signature = "replicas", None
+        else:
+            signature = tf.nest.map_structure(
+                lambda spec: tf.TensorSpec([None, *spec.shape[1:]], spec.dtype),
+                dataset.element_spec)
+            key = str(signature)
+        if key not in self._traced:
+            self._traced[key] = (tf.function(self._step, reduce_retracing=True)
+                                 if signature is None
+                                 else tf.function(self._step, input_signature=[signature]))
+        return self._traced[key]
 
     def _backend_step(self):
         """JAX / PyTorch: a forward returning ``{name: (sum, sum_sq, positive, entries)}``."""
@@ -224,8 +242,9 @@ class StatsCollector:
         if tf.distribute.has_strategy():
             # Each replica gets its slice of every global batch; the recorders sum on read.
             dataset = strategy.experimental_distribute_dataset(dataset)
+        step = self._traced_step(dataset)
         for x in dataset:
-            self._step(x)
+            step(x)
         return {name: _replica_sum(strategy, recorder.variables())
                 for name, recorder in self._recorders.items()}
 
