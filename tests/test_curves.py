@@ -337,7 +337,7 @@ def test_curve_fields_and_json():
 
 
 def test_model_still_saves_and_copies(tmp_path):
-    """The engine cached on the model is not Keras state: saving and cloning are unaffected."""
+    """The engine cache is not Keras state: saving and cloning are unaffected."""
     model = models.build("mnist", preset="cpu", seed=0)
     x, y = _data(model, 8, seed=0)
     first = curves.pruning_curve(model, "conv2", [1, 2], (x, y))
@@ -349,6 +349,37 @@ def test_model_still_saves_and_copies(tmp_path):
     for other in (loaded, copy):
         curve = curves.pruning_curve(other, "conv2", [1, 2], (x, y))
         np.testing.assert_array_equal(curve.predictions_clean, first.predictions_clean)
+
+
+def test_engine_cache_neither_leaks_nor_goes_stale():
+    """The engine is cached beside the model (weakly keyed), not on it: a dropped model frees
+    its engine, and a cached engine follows later changes of weights and mask."""
+    import gc
+    import weakref
+
+    from fineprune_tf.curves import engine
+
+    model = models.build("mnist", preset="cpu", seed=0)
+    _perturb(model, "conv2", seed=1)
+    x, y = _data(model, 48, seed=2)
+    _calibrate_classifier(model, x)
+    order = list(np.random.default_rng(3).permutation(model.get_layer("conv2").channels))
+    curves.pruning_curve(model, "conv2", order, (x, y))
+    assert engine.cached_engines(model) == 1
+    assert not any("engine" in name for name in vars(model))  # nothing stashed on the model
+    # Stale? New weights and a new starting mask, same cached engine: still the naive loop's.
+    _perturb(model, "conv2", seed=4)
+    _calibrate_classifier(model, x)
+    model.get_layer("conv2").prune(order[:2])
+    _check(model, "conv2", order[2:], x, y)
+    assert engine.cached_engines(model) == 1
+    # Leak? The cache must not keep a dropped model (or its engine) alive.
+    alive = weakref.ref(model)
+    entries = len(engine._ENGINES)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert len(engine._ENGINES) == entries - 1
 
 
 def test_describe_costs():

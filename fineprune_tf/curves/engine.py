@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any
 
 import keras
@@ -13,7 +14,7 @@ from fineprune_tf.graph import _keras_compat as compat
 from fineprune_tf.graph import static_shape
 from fineprune_tf.layers import MaskedLayerMixin
 
-__all__ = ["engine_for"]
+__all__ = ["cached_engines", "engine_for"]
 
 
 class _Engine:
@@ -255,18 +256,23 @@ class _Engine:
         return labels.concat()
 
 
-_CACHE_ATTRIBUTE = "_fineprune_curve_engines"
+#: model -> {(layer name, id(layer)): engine}.  Weakly keyed, so an entry lives exactly as long
+#: as its model; nothing is stored on the model (it is not Keras state and never saved).  An
+#: engine reads the layers' variables (weights, mask) when it runs, so changing them never
+#: makes it stale; it holds no strong reference to the model (see ``_Plan.__init__``), which
+#: would keep the key alive for ever.
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def engine_for(model: keras.Model, layer: MaskedLayerMixin) -> _Engine:
-    """The cached engine of (model, layer): tracing once makes repeated curves cheap.  Stored
-    on the model itself (bypassing Keras' attribute tracking, so it is never saved) so that it
-    lives exactly as long as the model."""
-    cache = model.__dict__.get(_CACHE_ATTRIBUTE)
-    if cache is None:
-        cache = {}
-        object.__setattr__(model, _CACHE_ATTRIBUTE, cache)
+    """The cached engine of (model, layer): tracing once makes repeated curves cheap."""
+    cache = _ENGINES.setdefault(model, {})
     key = (layer.name, id(layer))
     if key not in cache:
         cache[key] = _Engine(_Plan(model, layer))
     return cache[key]
+
+
+def cached_engines(model: keras.Model) -> int:
+    """How many engines are cached for ``model`` (for tests and diagnostics)."""
+    return len(_ENGINES.get(model, {}))

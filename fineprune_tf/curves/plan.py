@@ -118,19 +118,23 @@ class _Plan:
 
     def __init__(self, model: keras.Model, layer: MaskedLayerMixin):
         self.layer = layer
-        self.graph = self._graph(model, layer)
-        self.input, self.output = self.graph.inputs[0], self.graph.outputs[0]
+        # The graph is used while planning only: the plan keeps its nodes and producers but not
+        # the Graph, which holds the model (a plan is cached weakly keyed by its model, in
+        # curves.engine; a strong reference back would keep every model alive).
+        graph = self._graph(model, layer)
+        self.nodes = graph.nodes
+        self.input, self.output = graph.inputs[0], graph.outputs[0]
         self.channels = layer.channels
         self.dtype = tf.as_dtype(layer.compute_dtype)
-        self.producer = self.graph.producer
+        self.producer = graph.producer
         self.kinds, self.pinfo = self._classify()
         self.frontiers = self._frontiers()
         self._demand()
         l_out = self.layer_node.outputs[0]
         # Nodes of the per-channel region needed for T1, and of the prefix.
-        self.p_nodes = self.graph.ancestors(self.t1, stop=lambda t: t is l_out)
+        self.p_nodes = graph.ancestors(self.t1, stop=lambda t: t is l_out)
         prefix_targets = [self.layer_node.inputs[0], *self.rest_consts, *self.u0_consts]
-        self.prefix_nodes = self.graph.ancestors(prefix_targets)
+        self.prefix_nodes = graph.ancestors(prefix_targets)
         self.mode = "incremental" if self.frontier_list else "batched-masks"
 
     # -- analysis steps
@@ -163,7 +167,7 @@ class _Plan:
         kinds: dict[int, str] = {id(self.input): "const"}
         pinfo: dict[int, _PInfo] = {}
         l_out = self.layer_node.outputs[0]
-        for gnode in self.graph.nodes:
+        for gnode in self.nodes:
             if gnode is self.layer_node:
                 kinds[id(l_out)] = "p"
                 pinfo[id(l_out)] = _PInfo(
@@ -185,7 +189,7 @@ class _Plan:
     def _frontiers(self) -> dict[int, _Frontier]:
         """Frontier layers: linear layers whose input is (partly) per-channel."""
         frontiers = {}
-        for gnode in self.graph.nodes:
+        for gnode in self.nodes:
             if gnode is self.layer_node or self.kinds[id(gnode.outputs[0])] != "dyn":
                 continue
             frontier = self._frontier(gnode)
@@ -310,7 +314,7 @@ class _Plan:
                         rest += work
                     else:
                         prefix += work
-        forward = sum(_flops(n) for n in self.graph.nodes)
+        forward = sum(_flops(n) for n in self.nodes)
         materialized = sorted({self.producer[id(t)].layer.name for t in self.materialized})
         return CurvePlanInfo(
             mode=self.mode, frontier=tuple(f.layer.name for f in self.frontier_list),
