@@ -31,7 +31,24 @@ ATTACKS = ("baseline", "pruning_aware")
 
 @dataclasses.dataclass
 class AttackSettings:
-    """Training hyper-parameters of an attack; ``None`` fields take the task's defaults."""
+    """Training hyper-parameters of an attack; ``None`` fields take the task's defaults.
+
+    Attributes:
+      preset: network size, "cpu" or "paper".
+      epochs: training epochs (default: the task's).
+      batch_size: training batch size (default: the task's).
+      learning_rate: learning rate (default: the task's).
+      optimizer: optimizer name (default: the task's).
+      schedule: learning-rate schedule (default: the task's).
+      seed: seeds the attacker's holdout split and training.
+      holdout_fraction: share of the attacker's training data she holds out to monitor.
+      prune_fraction: pruning-aware attack: share of last-conv channels pruned in step 2.
+      retrain_epochs: pruning-aware attack: epochs of step 3 (default: half of ``epochs``).
+      clean_drop_goal: pruning-aware attack: clean accuracy step 3 may lose (a rate).
+      asr_goal: pruning-aware attack: attack success step 3 aims at (default: the baseline's).
+      max_reinstated: pruning-aware attack: cap on channels step 3 re-instates.
+      verbose: Keras fit verbosity.
+    """
 
     preset: str = "cpu"
     epochs: int | None = None
@@ -41,14 +58,28 @@ class AttackSettings:
     schedule: str | None = None
     seed: int = 0
     holdout_fraction: float = 0.1
-    # Pruning-aware attack (§3.2): fraction of last-conv channels pruned in step 2, goals of
-    # step 3 and the cap on the channels it may re-instate.
     prune_fraction: float = 0.75
     retrain_epochs: int | None = None
     clean_drop_goal: float = 0.02
     asr_goal: float | None = None
     max_reinstated: int = 3
     verbose: int = 0
+
+    def validate(self) -> None:
+        if self.preset not in models.PRESETS:
+            raise ValueError(f"preset must be one of {models.PRESETS}, got {self.preset!r}")
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in (0, 1), got {self.holdout_fraction}")
+        for name in ("epochs", "batch_size", "retrain_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_reinstated < 0:
+            raise ValueError(f"max_reinstated must be >= 0, got {self.max_reinstated}")
 
     def resolved(self, task: str) -> AttackSettings:
         defaults = models.default_training(task)
@@ -202,8 +233,7 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
     """
     start = time.perf_counter()
     settings = (settings or AttackSettings()).resolved(task_data.task)
-    if not 0.0 < settings.prune_fraction < 1.0:
-        raise ValueError(f"prune_fraction must be in (0, 1), got {settings.prune_fraction}")
+    settings.validate()
     trigger, policy, count = _attack_defaults(task_data, trigger, policy, count)
     clean_train, poisoned, holdout, holdout_backdoor = _poisoned_sets(
         task_data, trigger, policy, count, settings)

@@ -31,9 +31,9 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from fineprune_tf import attacks, curves, data, defenses, models, poison, reporting, stats, triggers
-from fineprune_tf.defenses.fmp import EPSILON as FMP_EPSILON
-from fineprune_tf.defenses.fmp import PRUNE_FRACTION as FMP_PRUNE_FRACTION
+from fineprune_tf import attacks, data, defenses, memory, poison, reporting, stats, triggers
+from fineprune_tf.attacks import AttackSettings
+from fineprune_tf.defenses import FineTuneSettings, FmpSettings, PruningSettings
 
 __all__ = ["ExperimentConfig", "OutputDirError", "StageStore", "deterministic", "file_hash",
            "run", "save_model", "QUICK_OVERRIDES"]
@@ -47,28 +47,29 @@ class OutputDirError(ValueError):
 
 @dataclasses.dataclass
 class ExperimentConfig:
-    """Everything that determines an experiment's numbers."""
+    """Everything that determines an experiment's numbers.
+
+    The run's own fields (task, data, seed, which attacks and defenses) and one settings object
+    per part, each holding its defaults and validating itself: ``attack``
+    (:class:`~fineprune_tf.attacks.AttackSettings`; ``None`` fields take the task's defaults),
+    ``pruning`` (:class:`~fineprune_tf.defenses.PruningSettings`), ``fine_tune``
+    (:class:`~fineprune_tf.defenses.FineTuneSettings`, used by every defense that fine-tunes)
+    and ``fmp`` (:class:`~fineprune_tf.defenses.FmpSettings`).  ``seed`` seeds everything:
+    it replaces the nested settings' own seeds (:meth:`resolved`).
+    """
 
     task: str = "speech"
     source: str = "default"
     data_dir: str | None = None
     seed: int = 0
-    preset: str = "cpu"
     attacks: tuple[str, ...] = attacks.ATTACKS
     defenses: tuple[str, ...] = defenses.DEFENSES
-    threshold: float = 4.0
-    epochs: int | None = None
-    learning_rate: float | None = None
-    batch_size: int | None = None
-    prune_fraction: float = 0.75
-    fine_tune_learning_rate: float = 1e-3
-    fine_tune_epochs: int = 30
-    patience: int = 5
-    noise_stddev: float = 0.0
-    fmp_fraction: float = FMP_PRUNE_FRACTION
-    fmp_epsilon: float = FMP_EPSILON  # A fraction of the data's range.
-    engine: str = "fast"
     quick: bool = False
+    # Field names shadow the modules inside the class body: the classes are imported by name.
+    attack: AttackSettings = dataclasses.field(default_factory=AttackSettings)
+    pruning: PruningSettings = dataclasses.field(default_factory=PruningSettings)
+    fine_tune: FineTuneSettings = dataclasses.field(default_factory=FineTuneSettings)
+    fmp: FmpSettings = dataclasses.field(default_factory=FmpSettings)
 
     def validate(self) -> None:
         if self.task not in data.TASKS:
@@ -80,13 +81,22 @@ class ExperimentConfig:
         if unknown or not self.defenses:
             raise ValueError(
                 f"unknown defense(s) {unknown}; expected some of {tuple(defenses.REGISTRY)}")
-        if not 0.0 < self.threshold < 100.0:
-            raise ValueError(f"threshold must be in (0, 100) percentage points, "
-                             f"got {self.threshold}")
-        if not 0.0 < self.prune_fraction < 1.0:
-            raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}")
-        if not 0.0 < self.fmp_fraction < 1.0:
-            raise ValueError(f"fmp_fraction must be in (0, 1), got {self.fmp_fraction}")
+        for part in (self.attack, self.pruning, self.fine_tune, self.fmp):
+            part.validate()
+
+    def resolved(self) -> ExperimentConfig:
+        """The configuration as run: ``seed`` in every part, ``--quick``'s overrides applied
+        to the parts' fields still at their defaults."""
+        parts = {}
+        for name, overrides in QUICK_OVERRIDES.items():
+            part = getattr(self, name)
+            defaults = type(part)()
+            changes = {"seed": self.seed}
+            if self.quick:
+                changes.update({k: v for k, v in overrides.items()
+                                if getattr(part, k) == getattr(defaults, k)})
+            parts[name] = dataclasses.replace(part, **changes)
+        return dataclasses.replace(self, **parts)
 
     def fingerprint(self) -> str:
         """Hash of the settings that determine each stage's numbers; which attacks and
@@ -97,8 +107,9 @@ class ExperimentConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-#: What ``--quick`` changes: a smoke run in well under two minutes on 2 cores.
-QUICK_OVERRIDES = {"epochs": 2, "fine_tune_epochs": 2, "patience": 1}
+#: What ``--quick`` changes, per part: a smoke run in well under two minutes on 2 cores.
+QUICK_OVERRIDES = {"attack": {"epochs": 2, "max_reinstated": 1},
+                   "fine_tune": {"max_epochs": 2, "patience": 1}}
 
 
 def save_model(model: keras.Model, path: pathlib.Path) -> None:
@@ -191,20 +202,6 @@ def prepare_output_dir(directory: str | os.PathLike, overwrite: bool, resume: bo
     return path
 
 
-def _settings(config: ExperimentConfig) -> attacks.AttackSettings:
-    return attacks.AttackSettings(
-        preset=config.preset, epochs=config.epochs, batch_size=config.batch_size,
-        learning_rate=config.learning_rate, seed=config.seed,
-        prune_fraction=config.prune_fraction,
-        max_reinstated=1 if config.quick else attacks.AttackSettings.max_reinstated)
-
-
-def _fine_tune_settings(config: ExperimentConfig) -> defenses.FineTuneSettings:
-    return defenses.FineTuneSettings(
-        learning_rate=config.fine_tune_learning_rate, max_epochs=config.fine_tune_epochs,
-        patience=config.patience, noise_stddev=config.noise_stddev, seed=config.seed)
-
-
 def _load_checkpoint(path: pathlib.Path, expected_hash: str | None,
                      progress: Callable[[str], None]) -> keras.Model | None:
     """The stage's model if ``path`` is the very file the stage wrote and it loads; else None
@@ -279,6 +276,7 @@ class _Context:
     policy: object
     count: int
     validation: tuple
+    defender: defenses.DefenderData
     backdoor_validation: object
     evaluation: tuple
     progress: Callable[[str], None]
@@ -292,11 +290,7 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
     Runs with deterministic kernels and the configuration's seed (:func:`deterministic`); the
     caller's determinism setting and random states are restored on return.
     """
-    if config.quick:
-        config = dataclasses.replace(
-            config, **{k: v for k, v in QUICK_OVERRIDES.items()
-                       if getattr(config, k) == getattr(ExperimentConfig, k, None)
-                       or getattr(config, k) is None})
+    config = config.resolved()
     config.validate()
     directory = prepare_output_dir(output_dir, overwrite, resume)
     # Same flags and seed, same numbers: deterministic kernels and seeded everything.
@@ -311,13 +305,21 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
     models_dir.mkdir(exist_ok=True)
     run_start = time.perf_counter()
     timings: dict[str, float] = {}
+    # Peak resident memory (MiB) since the previous stage ended: the stage's own peak where
+    # the platform can reset the peak (Linux), else the process's peak so far.
+    peaks: dict[str, float] = {}
+    memory.reset_peak_rss()
 
     def stage_timer(name: str, seconds: float) -> None:
         timings[name] = seconds
-        progress(f"[{time.perf_counter() - run_start:7.1f}s] {name} done in {seconds:.1f}s")
+        peaks[name] = round(memory.peak_rss_mb(), 1)
+        memory.reset_peak_rss()
+        progress(f"[{time.perf_counter() - run_start:7.1f}s] {name} done in {seconds:.1f}s, "
+                 f"peak RSS {peaks[name]:.0f} MiB")
 
     task_data = data.load(config.task, source=config.source, data_dir=config.data_dir,
                           seed=config.seed)
+    stage_timer("data", time.perf_counter() - run_start)
     trigger, policy, count = poison.default_attack(config.task, task_data)
     triggers.save(trigger, directory / "trigger.json")
     backdoor_test = poison.backdoor_test_set(task_data.test, trigger, policy, seed=config.seed)
@@ -325,6 +327,9 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
         config=config, stages=stages, models_dir=models_dir, task_data=task_data,
         trigger=trigger, policy=policy, count=count,
         validation=(task_data.validation.x, task_data.validation.y),
+        defender=defenses.DefenderData(
+            task_data.validation.x, task_data.validation.y,
+            holdout_fraction=config.fine_tune.holdout_fraction, seed=config.seed),
         backdoor_validation=poison.backdoor_test_set(task_data.validation, trigger, policy,
                                                      seed=config.seed),
         evaluation=((task_data.test.x, task_data.test.y), backdoor_test),
@@ -338,9 +343,10 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
         model, model_hash, attack_reports[attack_name] = _attack_stage(context, attack_name)
         inputs = {"config": stages.fingerprint, "model": model_hash}
         curves_out[attack_name] = _analysis_stage(context, attack_name, model, inputs)
+        outcome = defenses.PruningOutcome.from_record(curves_out[attack_name])
         table1[attack_name] = {}
         for defense_name in config.defenses:
-            record = _defense_stage(context, attack_name, defense_name, model, inputs)
+            record = _defense_stage(context, attack_name, defense_name, model, inputs, outcome)
             table1[attack_name][defense_name] = record["summary"]
             defense_details[f"{attack_name}/{defense_name}"] = record["details"]
         undefended = table1[attack_name].get("none")
@@ -355,7 +361,7 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
                  "classes": task_data.num_classes},
         "trigger": trigger.get_config(), "policy": poison.policy_to_dict(policy),
         "table1": table1, "curves": curves_out, "attacks": attack_reports,
-        "defenses": defense_details, "timings": timings,
+        "defenses": defense_details, "timings": timings, "peak_rss_mb": peaks,
     }
     _write_report(directory, config, results)
     results["total_seconds"] = time.perf_counter() - run_start
@@ -376,11 +382,11 @@ def _attack_stage(context: _Context, attack_name: str) -> tuple[keras.Model, str
         model = _load_checkpoint(model_path, stages.outputs(stage).get(model_path.name),
                                  context.progress)
     if model is None:
-        context.progress(f"{stage}: training ({config.task}, preset {config.preset})")
+        context.progress(f"{stage}: training ({config.task}, preset {config.attack.preset})")
         start = time.perf_counter()
         attack_fn = attacks.baseline if attack_name == "baseline" else attacks.pruning_aware
         result = attack_fn(context.task_data, context.trigger, context.policy, context.count,
-                           settings=_settings(config))
+                           settings=config.attack)
         model = result.model
         save_model(model, model_path)
         stages.mark(stage, {"clean_acc": result.clean_acc, "asr": result.asr,
@@ -393,28 +399,26 @@ def _attack_stage(context: _Context, attack_name: str) -> tuple[keras.Model, str
 
 def _analysis_stage(context: _Context, attack_name: str, model: keras.Model,
                     inputs: dict) -> dict:
-    """Activation statistics and the full pruning curve of the attack's model."""
+    """Activation statistics and the full pruning curve of the attack's model: the pruning
+    outcome (``defenses.PruningOutcome.as_record``) the pruning defenses reuse, plus the
+    triggered inputs' mean activations (for figure 4)."""
     stages = context.stages
     stage = f"analysis/{attack_name}"
     if stages.current(stage, inputs) is None:
         start = time.perf_counter()
-        layer_name = models.last_conv_layer(model)
-        order, means = defenses.rank_channels(model, layer_name, context.validation[0])
+        outcome = defenses.pruning_outcome(model, context.defender, context.config.pruning,
+                                           context.backdoor_validation)
         backdoor_stats = stats.collect(model, context.backdoor_validation.x,
-                                       layer_names=[layer_name])[layer_name]
-        curve = curves.pruning_curve(model, layer_name, order, context.validation,
-                                     context.backdoor_validation)
-        stages.mark(stage, {"layer": layer_name, "order": order.tolist(),
-                            "clean_mean": means.tolist(),
-                            "backdoor_mean": backdoor_stats.mean.tolist(),
-                            "channels": int(model.get_layer(layer_name).channels),
-                            "curve": reporting._jsonable(curve.as_dict())}, inputs)
+                                       layer_names=[outcome.layer])[outcome.layer]
+        record = outcome.as_record()
+        record["curve"] = reporting._jsonable(record["curve"])
+        stages.mark(stage, {**record, "backdoor_mean": backdoor_stats.mean.tolist()}, inputs)
         context.stage_timer(stage, time.perf_counter() - start)
     return stages.result(stage)
 
 
 def _defense_stage(context: _Context, attack_name: str, defense_name: str,
-                   model: keras.Model, inputs: dict) -> dict:
+                   model: keras.Model, inputs: dict, outcome: defenses.PruningOutcome) -> dict:
     """One defense on the attack's model: ``{"summary", "details"}``, reused only while the
     defended model on disk is the file the stage wrote."""
     stages = context.stages
@@ -430,8 +434,12 @@ def _defense_stage(context: _Context, attack_name: str, defense_name: str,
     if record is not None:
         return record
     context.progress(f"{stage}: running")
-    result = _run_defense(defense_name, model, context.validation, context.backdoor_validation,
-                          context.evaluation, context.config)
+    config = context.config
+    defense_context = defenses.DefenseContext(
+        seed=config.seed, pruning=config.pruning, fine_tune=config.fine_tune, fmp=config.fmp,
+        pruned=outcome, backdoor_validation=context.backdoor_validation)
+    result = defenses.run_defense(defense_name, model, context.defender,
+                                  context=defense_context, evaluation=context.evaluation)
     outputs = {}
     if defense_name != "none":
         save_model(result.model, model_path)
@@ -446,33 +454,6 @@ def _defense_stage(context: _Context, attack_name: str, defense_name: str,
 def _brief(details: dict) -> dict:
     """Drops bulky per-channel arrays the report does not need twice."""
     return {k: v for k, v in details.items() if k not in ("mean_activation",)}
-
-
-def _run_defense(name: str, model, validation, backdoor_validation, evaluation,
-                 config: ExperimentConfig) -> defenses.DefenseResult:
-    settings = _fine_tune_settings(config)
-    if name == "none":
-        start = time.perf_counter()
-        result = defenses.DefenseResult("none", model, 0.0)
-        result = defenses._finish(result, evaluation)
-        result.seconds = time.perf_counter() - start
-        return result
-    if name == "pruning":
-        return defenses.prune(model, validation, threshold=config.threshold,
-                              backdoor_validation=backdoor_validation, evaluation=evaluation,
-                              engine=config.engine)
-    if name == "fine_tuning":
-        return defenses.fine_tune(model, validation, settings=settings, evaluation=evaluation)
-    if name == "fine_pruning":
-        return defenses.fine_prune(model, validation, threshold=config.threshold,
-                                   settings=settings, backdoor_validation=backdoor_validation,
-                                   evaluation=evaluation, engine=config.engine)
-    if name == "fmp":
-        return defenses.fmp(model, validation, prune_fraction=config.fmp_fraction,
-                            epsilon=config.fmp_epsilon, settings=settings, evaluation=evaluation)
-    # ANP, RNP, CLP: every hyper-parameter chosen from the defender's clean data.
-    defender = defenses.DefenderData(*validation, seed=config.seed)
-    return defenses.run_defense(name, model, defender, seed=config.seed, evaluation=evaluation)
 
 
 def _write_report(directory: pathlib.Path, config: ExperimentConfig, results: dict) -> None:

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from fineprune_tf import data, experiment, metrics, poison, triggers
+from fineprune_tf import attacks, data, defenses, experiment, metrics, poison, triggers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,8 +91,11 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
     (dict(task="cifar"), "unknown task"),
     (dict(attacks=("trojannn",)), "unknown attack"),
     (dict(defenses=("magic",)), "unknown defense"),
-    (dict(threshold=0.0), "threshold must be in"),
-    (dict(threshold=120.0), "threshold must be in"),
+    (dict(pruning=defenses.PruningSettings(threshold=0.0)), "threshold must be in"),
+    (dict(pruning=defenses.PruningSettings(threshold=120.0)), "threshold must be in"),
+    (dict(attack=attacks.AttackSettings(prune_fraction=1.5)), "prune_fraction must be in"),
+    (dict(fine_tune=defenses.FineTuneSettings(rule="magic")), "rule must be one of"),
+    (dict(fmp=defenses.FmpSettings(prune_fraction=0.0)), "fmp prune_fraction must be in"),
 ])
 def test_bad_configurations_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

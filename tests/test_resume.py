@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from fineprune_tf import attacks, data, experiment, metrics, poison, triggers
+from fineprune_tf import attacks, data, defenses, experiment, metrics, poison, triggers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["--task=mnist", "--quick", "--attacks=baseline", "--seed=0"]
@@ -48,9 +48,10 @@ def wait_for_stage(output_dir, stage, process, timeout=300):
 # ---------------------------------------------------------------------------------------------
 # File-by-file comparison of two output directories.
 
-#: Keys whose values are wall times, or depend on them: legitimately differ between runs.
-TIMING_KEYS = {"seconds", "timings", "total_seconds", "train_seconds", "step_seconds",
-               "epoch_seconds", "examples_per_second"}
+#: Keys whose values are wall times (or depend on them) or memory peaks: legitimately differ
+#: between runs.
+TIMING_KEYS = {"seconds", "timings", "peak_rss_mb", "total_seconds", "train_seconds",
+               "step_seconds", "epoch_seconds", "examples_per_second"}
 
 
 def without_timings(value):
@@ -242,7 +243,8 @@ def test_resume_refuses_a_changed_configuration(tmp_path):
                                          defenses=("none",), quick=True)
     experiment.run(config, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for changed in (dict(seed=1), dict(threshold=2.0), dict(fine_tune_epochs=3)):
+    for changed in (dict(seed=1), dict(pruning=defenses.PruningSettings(threshold=2.0)),
+                    dict(fine_tune=defenses.FineTuneSettings(max_epochs=3))):
         with pytest.raises(experiment.OutputDirError, match="different configuration"):
             experiment.run(experiment.ExperimentConfig(
                 **{**config.__dict__, **changed}), out, resume=True)

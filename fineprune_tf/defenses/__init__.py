@@ -23,23 +23,28 @@ from fineprune_tf.defenses.fine_tuning import (
                                                fine_prune,
                                                fine_tune,
 )
-from fineprune_tf.defenses.fmp import fmp, fmp_sensitivity
+from fineprune_tf.defenses.fmp import FmpSettings, fmp, fmp_sensitivity
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, SelectionLeakError
 from fineprune_tf.defenses.protocol import PRIORITY, Choice, auto_defend, choose
-from fineprune_tf.defenses.pruning import prune, rank_channels, stopping_point
-from fineprune_tf.defenses.registry import REGISTRY, run_defense
+from fineprune_tf.defenses.pruning import (
+    PruningOutcome,
+    PruningSettings,
+    prune,
+    pruning_outcome,
+    rank_channels,
+    stopping_point,
+)
+from fineprune_tf.defenses.registry import REGISTRY, DefenseContext, register, run_defense
 from fineprune_tf.defenses.result import DefenseResult, clone, der, finish
 from fineprune_tf.defenses.rnp import rnp
 
 #: The defenses ``fineprune_tf.experiment`` runs by name (REGISTRY holds them all).
 DEFENSES = ("none", "pruning", "fine_tuning", "fine_pruning", "fmp")
 
-# The name experiment.py used before the package split.
-_finish = finish
-
 __all__ = [
     "DEFENSES", "PRIORITY", "REGISTRY", "Choice", "ConvergenceSelection", "DefenderData",
-    "DefenseResult", "FineTuneSettings", "GradualChannelPruning", "ReportOnly",
+    "DefenseContext", "DefenseResult", "FineTuneSettings", "FmpSettings", "PruningOutcome",
+    "PruningSettings", "pruning_outcome", "register", "GradualChannelPruning", "ReportOnly",
     "SelectionLeakError", "add_weight_noise", "anp", "auto_defend", "channel_lipschitz",
     "choose", "clone", "clp", "der", "fine_prune", "fine_tune", "finish", "fmp",
     "fmp_sensitivity", "prune", "rank_channels", "rnp", "run_defense", "stopping_point",

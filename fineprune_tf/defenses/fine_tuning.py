@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from fineprune_tf import training
 from fineprune_tf.defenses.guard import DefenderData, selecting
-from fineprune_tf.defenses.pruning import prune
+from fineprune_tf.defenses.pruning import PruningOutcome, PruningSettings, prune
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedLayerMixin
 
@@ -237,10 +237,16 @@ def fine_tune(model: keras.Model, validation, *, settings: FineTuneSettings | No
 
 
 def fine_prune(model: keras.Model, validation, *, layer_name: str | None = None,
-               threshold: float = 4.0, settings: FineTuneSettings | None = None,
-               backdoor_validation=None, evaluation=None, engine: str = "fast",
-               schedule: Any = None) -> DefenseResult:
+               threshold: float | None = None, settings: FineTuneSettings | None = None,
+               pruning: PruningSettings | None = None, backdoor_validation=None,
+               evaluation=None, engine: str | None = None, schedule: Any = None,
+               pruned: PruningOutcome | None = None) -> DefenseResult:
     """Fine-pruning (§3.3): the pruning defense, then fine-tuning with pruned channels held at 0.
+
+    ``pruning`` (with ``layer_name``, ``threshold``, ``engine`` overriding its fields) is the
+    pruning step's :class:`PruningSettings`; ``pruned`` a :class:`PruningOutcome` already
+    computed for this model (``prune(...).outcome``, or the experiment's analysis), reused
+    instead of walking the pruning curve again.
 
     With ``schedule`` (a ``tfmot.sparsity.keras.PruningSchedule`` or any callable
     ``step -> (should_prune, sparsity)``) the channels are instead pruned gradually during
@@ -250,8 +256,9 @@ def fine_prune(model: keras.Model, validation, *, layer_name: str | None = None,
     settings = settings or FineTuneSettings()
     defender = _defender(validation, settings)
     start = time.perf_counter()
-    pruned = prune(model, defender, layer_name=layer_name, threshold=threshold,
-                   backdoor_validation=backdoor_validation, engine=engine)
+    pruned = prune(model, defender, settings=pruning, layer_name=layer_name,
+                   threshold=threshold, backdoor_validation=backdoor_validation, engine=engine,
+                   outcome=pruned)
     defended, details = pruned.model, {"pruning": pruned.details}
     if schedule is None:
         details["fine_tuning"] = fine_tune_in_place(defended, defender, settings)
@@ -267,7 +274,8 @@ def fine_prune(model: keras.Model, validation, *, layer_name: str | None = None,
     result = DefenseResult("fine_pruning", defended, time.perf_counter() - start,
                            holdout_acc=holdout_accuracy(defended, defender.holdout),
                            forward_passes=pruned.forward_passes + tuned["forward_passes"],
-                           backward_passes=tuned["backward_passes"], details=details)
+                           backward_passes=tuned["backward_passes"], details=details,
+                           outcome=pruned.outcome)
     return finish(result, evaluation)
 
 

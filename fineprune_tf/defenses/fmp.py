@@ -34,6 +34,7 @@ What the official code does, and what we do:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -47,12 +48,37 @@ from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedConv2D, masked_layers
 
-__all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA", "PRUNE_FRACTION"]
+__all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA", "PRUNE_FRACTION",
+           "FmpSettings"]
 
 EPSILON = 8.0 / 255.0
 ALPHA = 4.0 / 255.0
 #: Share of each conv layer's channels pruned (the official code's default, 1/64).
 PRUNE_FRACTION = 1.0 / 64
+
+
+@dataclasses.dataclass(frozen=True)
+class FmpSettings:
+    """FMP's hyper-parameters (defaults: the module's constants, as published).
+
+    Attributes:
+      prune_fraction: share of each conv layer's channels pruned, in (0, 1).
+      epsilon: FGSM step as a fraction of the data's range.
+      alpha: random-start size as a fraction of the data's range.
+      probe_samples: clean examples each channel is scored on.
+    """
+
+    prune_fraction: float = PRUNE_FRACTION
+    epsilon: float = EPSILON
+    alpha: float = ALPHA
+    probe_samples: int = 64
+
+    def validate(self) -> None:
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise ValueError(f"fmp prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        if self.epsilon <= 0 or self.alpha < 0 or self.probe_samples < 1:
+            raise ValueError(f"fmp needs epsilon > 0, alpha >= 0 and probe_samples >= 1, got "
+                             f"{self.epsilon}, {self.alpha}, {self.probe_samples}")
 
 
 def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,

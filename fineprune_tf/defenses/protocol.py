@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 import keras
 
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, selecting
-from fineprune_tf.defenses.registry import REGISTRY, run_defense
+from fineprune_tf.defenses.registry import REGISTRY, DefenseContext, run_defense
 from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
 
 __all__ = ["PRIORITY", "Choice", "choose", "auto_defend"]
@@ -78,9 +78,11 @@ def choose(results: Mapping[str, DefenseResult], base_holdout_acc: float, *,
 def auto_defend(model: keras.Model, defender: DefenderData, *,
                 candidates: Sequence[str] = PRIORITY, priority: Sequence[str] = PRIORITY,
                 tolerance: float = 2.0, seed: int = 0,
-                evaluation: ReportOnly | tuple | None = None) -> Choice:
+                evaluation: ReportOnly | tuple | None = None,
+                context: DefenseContext | None = None) -> Choice:
     """Runs ``candidates`` on the defender's clean data, chooses by :func:`choose`, and only
-    then reports the chosen model on ``evaluation`` (report-only).
+    then reports the chosen model on ``evaluation`` (report-only).  ``context`` (seed and
+    tolerance taken from the arguments) passes work already done, e.g. a pruning outcome.
 
     Raises:
       TypeError: ``defender`` is not a DefenderData (raw arrays could be the test set).
@@ -93,7 +95,9 @@ def auto_defend(model: keras.Model, defender: DefenderData, *,
         raise ValueError(f"unknown defenses {unknown}; expected some of {list(REGISTRY)}")
     with selecting():
         base = holdout_accuracy(model, defender.holdout)
-        results = {name: run_defense(name, model, defender, seed=seed, tolerance=tolerance)
+        context = dataclasses.replace(context or DefenseContext(), seed=seed,
+                                      tolerance=tolerance)
+        results = {name: run_defense(name, model, defender, context=context)
                    for name in candidates}
     name, why, table = choose(results, base, priority=priority, tolerance=tolerance)
     chosen = finish(results[name], evaluation)

@@ -3,7 +3,9 @@ order while the clean accuracy stays within a threshold."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import keras
 import numpy as np
@@ -15,7 +17,86 @@ from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish
 from fineprune_tf.layers import MASKED_CONVOLUTIONS, MaskedLayerMixin
 
-__all__ = ["prune", "rank_channels", "stopping_point", "pruned_layer"]
+__all__ = ["ENGINES", "PruningOutcome", "PruningSettings", "prune", "pruning_outcome",
+           "rank_channels", "stopping_point", "pruned_layer"]
+
+ENGINES = ("fast", "naive")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningSettings:
+    """The pruning defense (§3.1); the one home of its defaults.
+
+    Attributes:
+      threshold: clean-accuracy drop pruning may cost, in percentage points, in (0, 100);
+        the paper's 4 points.
+      layer: the layer to prune (default: the last conv layer).
+      engine: pruning-curve engine, "fast" (incremental) or "naive" (one predict per step).
+      batch_size: inputs per forward pass when ranking channels and walking the curve.
+    """
+
+    threshold: float = 4.0
+    layer: str | None = None
+    engine: str = "fast"
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold < 100.0:
+            raise ValueError(f"threshold must be in (0, 100) percentage points, "
+                             f"got {self.threshold}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def replaced(self, **overrides: Any) -> PruningSettings:
+        """A copy with the overrides that are not None (keyword arguments of :func:`prune`)."""
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items()
+                                            if v is not None})
+
+
+@dataclasses.dataclass(frozen=True)
+class PruningOutcome:
+    """What the pruning defense computed, to be reused rather than recomputed.
+
+    Attributes:
+      layer: the pruned layer; channels: its number of channels ``C``.
+      order: int64 ``[K]`` active channels in increasing mean clean activation.
+      means: float64 ``[C]`` mean clean activation per channel.
+      curve: the curve's JSON summary (:meth:`PruningCurve.as_dict`): clean accuracy (and ASR
+        when backdoor data was given, for the report only) after each step of ``order``.
+      count: channels to prune under ``threshold`` (points).
+    """
+
+    layer: str
+    channels: int
+    order: np.ndarray
+    means: np.ndarray
+    curve: dict
+    count: int
+    threshold: float
+
+    def at_threshold(self, threshold: float) -> PruningOutcome:
+        """The same curve, stopped at another threshold (no recomputation)."""
+        if threshold == self.threshold:
+            return self
+        return dataclasses.replace(
+            self, threshold=threshold,
+            count=stopping_point(np.asarray(self.curve["clean_acc"], float), threshold))
+
+    def as_record(self) -> dict:
+        """JSON-ready (what the experiment's analysis stage stores)."""
+        return {"layer": self.layer, "channels": self.channels, "order": self.order.tolist(),
+                "clean_mean": self.means.tolist(), "curve": self.curve, "count": self.count,
+                "threshold": self.threshold}
+
+    @classmethod
+    def from_record(cls, record: dict) -> PruningOutcome:
+        """The inverse of :meth:`as_record` (floats round-trip exactly through JSON)."""
+        return cls(layer=record["layer"], channels=int(record["channels"]),
+                   order=np.asarray(record["order"], np.int64),
+                   means=np.asarray(record["clean_mean"], np.float64), curve=record["curve"],
+                   count=int(record["count"]), threshold=float(record["threshold"]))
 
 
 def pruned_layer(model: keras.Model, layer_name: str | None) -> MaskedLayerMixin:
@@ -98,9 +179,38 @@ def _refuse_meaningless(clean_acc: np.ndarray, y: np.ndarray, count: int,
             "layer or check the model")
 
 
-def prune(model: keras.Model, validation, *, layer_name: str | None = None,
-          threshold: float = 4.0, backdoor_validation=None, evaluation=None,
-          engine: str = "fast", batch_size: int = 256) -> DefenseResult:
+def pruning_outcome(model: keras.Model, validation, settings: PruningSettings | None = None,
+                    backdoor_validation=None) -> PruningOutcome:
+    """Ranks the layer's channels and walks the pruning curve once (the expensive part of
+    :func:`prune`); the model is left unchanged.  Whether pruning at ``count`` means anything
+    is checked when it is applied (:func:`prune`).
+
+    Args:
+      validation: the defender's clean ``(x, y)`` or a :class:`DefenderData` (all of its
+        examples rank and stop, as in the paper).
+      backdoor_validation: a backdoored copy of the validation data, reported in the curve only.
+    """
+    settings = settings or PruningSettings()
+    settings.validate()
+    defender = DefenderData.coerce(validation)
+    x, y = defender.x, defender.y
+    with selecting():
+        layer = pruned_layer(model, settings.layer)
+        order, means = rank_channels(model, layer.name, x, settings.batch_size)
+        curve_fn = (curves.pruning_curve if settings.engine == "fast"
+                    else curves.naive_pruning_curve)
+        curve = curve_fn(model, layer.name, order, (x, y), backdoor_validation,
+                         batch_size=settings.batch_size)
+        count = stopping_point(curve.clean_acc, settings.threshold)
+    return PruningOutcome(layer=layer.name, channels=layer.channels, order=order, means=means,
+                          curve=curve.as_dict(), count=count, threshold=settings.threshold)
+
+
+def prune(model: keras.Model, validation, *, settings: PruningSettings | None = None,
+          layer_name: str | None = None, threshold: float | None = None,
+          backdoor_validation=None, evaluation=None, engine: str | None = None,
+          batch_size: int | None = None, outcome: PruningOutcome | None = None
+          ) -> DefenseResult:
     """The pruning defense (§3.1).
 
     Ranks the channels of the last conv layer (or ``layer_name``) by mean activation on the clean
@@ -112,41 +222,62 @@ def prune(model: keras.Model, validation, *, layer_name: str | None = None,
 
     Args:
       validation: the defender's clean ``(x, y)`` or a :class:`DefenderData`.
-      threshold: allowed accuracy drop in percentage points, in (0, 100).
+      settings: :class:`PruningSettings`; the keyword arguments ``layer_name``, ``threshold``,
+        ``engine`` and ``batch_size`` override its fields when not None.
       backdoor_validation: a backdoored copy of the validation data (reported in the curve only).
       evaluation: report-only ``((x_test, y_test), backdoor_test)`` or a ``ReportOnly``.
-      engine: ``"fast"`` (the incremental curve engine) or ``"naive"`` (one predict per step).
+      outcome: a :class:`PruningOutcome` already computed for this model and layer (e.g. by the
+        experiment's analysis stage, or ``result.outcome`` of an earlier ``prune``): reused,
+        stopped at ``threshold``, instead of walking the curve again.
+
+    Returns:
+      A :class:`DefenseResult`; ``result.outcome`` is the :class:`PruningOutcome`.
+
+    Raises:
+      ValueError: bad settings; the model is at chance on the clean data, or the stopping rule
+        would prune every channel (:func:`_refuse_meaningless`).
     """
-    if not 0.0 < threshold < 100.0:
-        raise ValueError(f"threshold must be in (0, 100) percentage points, got {threshold}")
-    if engine not in ("fast", "naive"):
-        raise ValueError(f"engine must be 'fast' or 'naive', got {engine!r}")
+    settings = (settings or PruningSettings()).replaced(
+        layer=layer_name, threshold=threshold, engine=engine, batch_size=batch_size)
+    settings.validate()
     defender = DefenderData.coerce(validation)
-    x, y = defender.x, defender.y
     start = time.perf_counter()
     defended = clone(model)
+    if outcome is None:
+        outcome = pruning_outcome(defended, defender, settings, backdoor_validation)
+    else:
+        outcome = _reusable(outcome, defended, settings).at_threshold(settings.threshold)
+    layer = defended.get_layer(outcome.layer)
+    count = outcome.count
     with selecting():
-        layer = pruned_layer(defended, layer_name)
-        order, means = rank_channels(defended, layer.name, x, batch_size)
-        curve_fn = curves.pruning_curve if engine == "fast" else curves.naive_pruning_curve
-        curve = curve_fn(defended, layer.name, order, (x, y), backdoor_validation,
-                         batch_size=batch_size)
-        count = stopping_point(curve.clean_acc, threshold)
-        _refuse_meaningless(curve.clean_acc, y, count, layer, threshold)
-        layer.prune(order[:count])
+        _refuse_meaningless(np.asarray(outcome.curve["clean_acc"], np.float64), defender.y,
+                            count, layer, settings.threshold)
+    layer.prune(outcome.order[:count])
     seconds = time.perf_counter() - start
     details = {
-        "layer": layer.name, "channels": layer.channels, "order": order.tolist(),
-        "mean_activation": means.tolist(), "pruned": order[:count].tolist(),
+        "layer": layer.name, "channels": layer.channels, "order": outcome.order.tolist(),
+        "mean_activation": outcome.means.tolist(), "pruned": outcome.order[:count].tolist(),
         "pruned_count": count, "pruned_fraction": count / layer.channels,
-        "threshold": threshold, "curve": curve.as_dict(),
+        "threshold": settings.threshold, "curve": outcome.curve,
         "why": f"pruned {count} least-active channels of {layer.name}: the clean validation "
-               f"accuracy stays within {threshold} points",
+               f"accuracy stays within {settings.threshold} points",
     }
     logging.info("pruning: %d/%d channels of %s pruned in %.1f s", count, layer.channels,
                  layer.name, seconds)
     # The curve engine runs one forward pass over the data, then only the layers after the
     # pruned one per step; counted as one full pass plus one pass per step (an upper bound).
-    passes = len(x) * (2 + len(order))
-    result = DefenseResult("pruning", defended, seconds, forward_passes=passes, details=details)
+    passes = len(defender.x) * (2 + len(outcome.order))
+    result = DefenseResult("pruning", defended, seconds, forward_passes=passes, details=details,
+                           outcome=outcome)
     return finish(result, evaluation)
+
+
+def _reusable(outcome: PruningOutcome, model: keras.Model,
+              settings: PruningSettings) -> PruningOutcome:
+    """``outcome`` if it was computed for this model's layer; ValueError otherwise."""
+    layer = pruned_layer(model, settings.layer or outcome.layer)
+    if layer.name != outcome.layer or layer.channels != outcome.channels:
+        raise ValueError(f"the given pruning outcome is of layer {outcome.layer!r} "
+                         f"({outcome.channels} channels), not of {layer.name!r} "
+                         f"({layer.channels} channels)")
+    return outcome

@@ -28,6 +28,8 @@ class DefenseResult:
       forward_passes, backward_passes: example-passes the defense spent (one example through
         the network forward, resp. backward, counts 1).
       details: defense-specific data (curve, pruned channels, epochs, choices and why ...).
+      outcome: the pruning defenses' :class:`~fineprune_tf.defenses.pruning.PruningOutcome`
+        (ranking and curve), for reuse by a later defense on the same model; else None.
     """
 
     defense: str
@@ -40,6 +42,7 @@ class DefenseResult:
     forward_passes: int = 0
     backward_passes: int = 0
     details: dict = dataclasses.field(default_factory=dict)
+    outcome: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def summary(self) -> dict:
         """The numbers, JSON-ready: a measure that was not taken (NaN) is None, so a summary

@@ -19,6 +19,7 @@ SECTIONS: dict[str, str] = {
     "c": "train",        # training step, masked vs plain layers
     "d": "stats_pass",   # statistics pass vs inference
     "e": "shrink",       # shrunk vs masked model
+    "f": "memory",       # peak resident memory per experiment stage
 }
 #: Sections other engineers add: included by name when their module exists.
 OPTIONAL_SECTIONS: dict[str, str] = {
