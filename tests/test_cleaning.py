@@ -69,8 +69,9 @@ def test_clean_model_removes_the_planted_backdoor_and_exports(user_files):
     assert report["pruning"]["asr"] == 0.0 and report["pruning"]["clean_acc"] >= 0.95
     assert report["fine_pruning"]["asr"] == 0.0
     assert report["activations"]["dormant_channels"] == 1
-    for name in cleaning.OUTPUT_FILES:
+    for name in (*cleaning.OUTPUT_FILES, "fine_pruned.keras"):
         assert (folder / "out" / name).exists(), name
+    assert report["defense"]["chosen"] == "fine_pruning"  # the default
     saved = json.loads((folder / "out" / "report.json").read_text())
     assert saved["pruning"]["pruned"] == report["pruning"]["pruned"]
     assert "| pruning |" in (folder / "out" / "report.md").read_text()
@@ -155,3 +156,72 @@ def test_command_line_cleans_a_model(user_files):
         env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 2 and "missing.npz does not exist" in result.stderr
     assert not (folder / "cli2").exists()
+
+
+def count_curves(monkeypatch) -> list:
+    """Records every pruning-curve computation as (model name, layer name)."""
+    from fineprune_tf import curves
+
+    calls = []
+    for name in ("pruning_curve", "naive_pruning_curve"):
+        original = getattr(curves, name)
+
+        def counted(model, layer_name, *args, _original=original, **kwargs):
+            calls.append((model.name, layer_name))
+            return _original(model, layer_name, *args, **kwargs)
+
+        monkeypatch.setattr(curves, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("defense", cleaning.DEFENSE_CHOICES)
+def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, monkeypatch,
+                                                                   defense):
+    """``--defense`` for every value: the chosen defense's model is written and reported with
+    what was chosen and why, and the pruning curve is computed once per run."""
+    from fineprune_tf import defenses
+
+    folder, model_path = user_files
+    calls = count_curves(monkeypatch)
+    report = cleaning.clean_model(
+        model_path, folder / "clean.npz", folder / "out", backdoor_data=folder / "backdoor.npz",
+        defense=defense, settings=defenses.FineTuneSettings(max_epochs=2),
+        export_serving=False, progress=lambda line: None)
+    assert len(calls) == 1 and calls[0][1] == "conv", calls
+    chosen = report["defense"]["chosen"]
+    assert report["defense"]["requested"] == defense and report["defense"]["why"]
+    if defense == "auto":
+        table = report["defense"]["candidates"]
+        assert set(table) == set(defenses.PRIORITY) and chosen in table
+        assert table[chosen]["qualifies"] or not any(r["qualifies"] for r in table.values())
+    else:
+        assert chosen == defense and report["defense"]["candidates"] is None
+    assert report[chosen]["clean_acc"] is not None and report[chosen]["asr"] is not None
+    assert (folder / "out" / cleaning.defended_file(chosen)).exists()
+    text = (folder / "out" / "report.md").read_text()
+    assert f"Defense: **{chosen}**" in text
+    assert ("Candidates of `auto`" in text) == (defense == "auto")
+    saved = json.loads((folder / "out" / "report.json").read_text())
+    assert saved["defense"]["chosen"] == chosen
+
+
+def test_command_line_auto_defense_and_a_bad_defense(user_files):
+    folder, model_path = user_files
+    common = [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
+              f"--clean_data={folder / 'clean.npz'}"]
+    result = subprocess.run(
+        [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"], cwd=folder,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: "
+        "'magic'"]
+    assert not (folder / "bad").exists()
+    result = subprocess.run(
+        [*common, "--defense=auto", f"--backdoor_data={folder / 'backdoor.npz'}",
+         f"--output_dir={folder / 'auto'}", "--fine_tune_epochs=2"], cwd=folder,
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Candidates of `auto`" in result.stdout and "Defense: **" in result.stdout
+    report = json.loads((folder / "auto" / "report.json").read_text())
+    assert report["defense"]["requested"] == "auto" and report["defense"]["candidates"]

@@ -28,8 +28,25 @@ def op_determinism_enabled() -> bool:
     return bool(config.is_op_determinism_enabled())
 
 
-def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
+def count_curves(monkeypatch) -> list:
+    """Records every pruning-curve computation as (model name, layer name)."""
+    from fineprune_tf import curves
+
+    calls = []
+    for name in ("pruning_curve", "naive_pruning_curve"):
+        original = getattr(curves, name)
+
+        def counted(model, layer_name, *args, _original=original, **kwargs):
+            calls.append((model.name, layer_name))
+            return _original(model, layer_name, *args, **kwargs)
+
+        monkeypatch.setattr(curves, name, counted)
+    return calls
+
+
+def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    curve_calls = count_curves(monkeypatch)
     # The run is deterministic inside, and leaves the caller's process as it found it.
     assert not op_determinism_enabled()
     np.random.seed(99)
@@ -70,6 +87,11 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
     curve = saved["curves"]["baseline"]["curve"]
     assert len(curve["clean_acc"]) == saved["curves"]["baseline"]["channels"] + 1
     assert results["table1"] == saved["table1"]
+    # The analysis stage computed the curve; the pruning defense reused it.
+    assert [layer for _, layer in curve_calls] == [details["layer"]]
+    assert set(saved["peak_rss_mb"]) == {"data", "attack/baseline", "analysis/baseline",
+                                         "defense/baseline/none", "defense/baseline/pruning"}
+    assert all(peak > 0 for peak in saved["peak_rss_mb"].values())
     assert "cl: " in (out / "table1.md").read_text()
 
     # Another run into the same directory is refused, and nothing is touched.
@@ -80,11 +102,16 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path):
 
     # Resuming with one more defense reuses the trained model and the finished stages.
     model_time = os.stat(out / "models/baseline.keras").st_mtime_ns
-    resumed = experiment.run(quick_config(defenses=("none", "pruning", "fine_tuning")), out,
-                             resume=True)
+    resumed = experiment.run(
+        quick_config(defenses=("none", "pruning", "fine_tuning", "fine_pruning")), out,
+        resume=True)
     assert os.stat(out / "models/baseline.keras").st_mtime_ns == model_time
     assert resumed["table1"]["baseline"]["pruning"] == cell
     assert "fine_tuning" in resumed["table1"]["baseline"]
+    # Fine-pruning pruned what the stored analysis says, without a second curve.
+    assert len(curve_calls) == 1
+    fine_pruning = resumed["defenses"]["baseline/fine_pruning"]["pruning"]
+    assert fine_pruning["pruned"] == details["pruned"]
 
 
 @pytest.mark.parametrize("overrides, message", [
