@@ -60,7 +60,7 @@ softmax outputs), not bit for bit.  Models must be float32 and channels_last.
 from fineprune_tf.export.cost import ShrinkReport, count_params_and_flops, shrink_report
 from fineprune_tf.export.serving import KERAS_FILENAME, export_saved_model
 from fineprune_tf.export.shrink import shrink, to_plain
-from fineprune_tf.tflite import TFLiteExport, to_tflite
+from fineprune_tf.export.tflite import TFLiteExport, to_tflite
 
 __all__ = [
     "KERAS_FILENAME",
