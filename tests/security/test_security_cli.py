@@ -145,7 +145,9 @@ def test_overwrite_deletes_only_the_files_of_the_previous_run(watched, clean_npz
 
     run()
     manifest = json.loads((out / cleaning.MANIFEST).read_text())
-    assert set(manifest["files"]) == {n for n in cleaning.OUTPUT_FILES if n != "saved_model"}
+    assert set(manifest["files"]) == {n for n in (*cleaning.OUTPUT_FILES,
+                                                 cleaning.defended_file("fine_pruning"))
+                                      if n != "saved_model"}
     (out / "my_notes.txt").write_text("mine")
     (watched.root / "victim.txt").write_text("also mine")
     manifest["files"].append("../victim.txt")  # a doctored manifest cannot reach outside
