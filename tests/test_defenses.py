@@ -243,3 +243,19 @@ def test_pruning_refuses_to_prune_a_layer_the_clean_data_never_needs():
     assert metrics.accuracy(metrics.predict_labels(model, x), y) == 1.0
     with pytest.raises(ValueError, match="would prune all 4 channels of 'conv'"):
         defenses.prune(model, (x, y), layer_name="conv")
+
+
+def test_fmp_probe_memory_is_bounded_by_its_budget():
+    """The probe stacks as many inputs as 2 float32 copies of every activation allow within
+    the budget (face's default 4096 stacked inputs peaked at 4.2 GiB)."""
+    from fineprune_tf import models
+    from fineprune_tf.defenses.fmp import stack_for_budget
+
+    model = models.build("face", preset="cpu", seed=0)
+    elements = sum(int(np.prod(layer.output.shape[1:])) for layer in model.layers)
+    stack = stack_for_budget(model, 512)
+    assert stack * 2 * 4 * elements <= 512 * 2**20 < (stack + 1) * 2 * 4 * elements
+    assert stack_for_budget(model, 1024) in (2 * stack, 2 * stack + 1)
+    assert stack_for_budget(model, 1e-6) == 1
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        defenses.FmpSettings(memory_budget_mb=0).validate()

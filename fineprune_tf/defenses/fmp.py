@@ -49,7 +49,7 @@ from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_a
 from fineprune_tf.layers import MaskedConv2D, masked_layers
 
 __all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA", "PRUNE_FRACTION",
-           "FmpSettings"]
+           "FmpSettings", "stack_for_budget"]
 
 EPSILON = 8.0 / 255.0
 ALPHA = 4.0 / 255.0
@@ -66,16 +66,20 @@ class FmpSettings:
       epsilon: FGSM step as a fraction of the data's range.
       alpha: random-start size as a fraction of the data's range.
       probe_samples: clean examples each channel is scored on.
+      memory_budget_mb: MiB the probe's stacked inputs may take (see ``stack_for_budget``).
     """
 
     prune_fraction: float = PRUNE_FRACTION
     epsilon: float = EPSILON
     alpha: float = ALPHA
     probe_samples: int = 64
+    memory_budget_mb: float = 512.0
 
     def validate(self) -> None:
         if not 0.0 < self.prune_fraction < 1.0:
             raise ValueError(f"fmp prune_fraction must be in (0, 1), got {self.prune_fraction}")
+        if not self.memory_budget_mb > 0:
+            raise ValueError(f"fmp memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.epsilon <= 0 or self.alpha < 0 or self.probe_samples < 1:
             raise ValueError(f"fmp needs epsilon > 0, alpha >= 0 and probe_samples >= 1, got "
                              f"{self.epsilon}, {self.alpha}, {self.probe_samples}")
@@ -147,14 +151,34 @@ def fmp_ranking(score: np.ndarray, deviation: np.ndarray) -> np.ndarray:
     return np.lexsort((index, -np.asarray(deviation), -np.asarray(score))).astype(np.int64)
 
 
+def stack_for_budget(model: keras.Model, memory_budget_mb: float) -> int:
+    """Inputs per gradient call of :func:`fmp_sensitivity` that fit in ``memory_budget_mb``
+    MiB: each stacked input holds every layer's float32 activation twice (kept by the tape,
+    and its gradient).  At least 1.
+
+    Why a bound: the default of 4096 stacked inputs took the face model's FMP to 4.2 GiB
+    resident (results: BENCHMARKS.md section (f)).
+    """
+    elements = 0
+    for layer in model.layers:
+        for tensor in keras.tree.flatten(layer.output):
+            shape = tuple(tensor.shape[1:])
+            if None not in shape:
+                elements += int(np.prod(shape, dtype=np.int64))
+    per_input = 2 * 4 * max(elements, 1)
+    return max(1, int(memory_budget_mb * (1 << 20)) // per_input)
+
+
 def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTION,
         epsilon: float = EPSILON, alpha: float = ALPHA, probe_samples: int = 64,
         settings: FineTuneSettings | None = None, evaluation=None,
-        probe_batch: int | None = None) -> DefenseResult:
+        probe_batch: int | None = None, memory_budget_mb: float | None = None
+        ) -> DefenseResult:
     """FMP: prune, in every conv layer, the ``ceil(prune_fraction * C)`` channels whose
     feature-targeted FGSM step raises the clean loss most (:func:`fmp_sensitivity`), then
     fine-tune on clean data with the masks held.  ``probe_batch`` is the old name of
-    ``probe_samples``."""
+    ``probe_samples``; ``memory_budget_mb`` bounds the probe's stacked inputs
+    (:func:`stack_for_budget`; default ``FmpSettings.memory_budget_mb``)."""
     if not 0.0 < prune_fraction < 1.0:
         raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
     settings = settings or FineTuneSettings()
@@ -165,8 +189,10 @@ def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTIO
     defended = clone(model)
     with selecting():
         fit_x, fit_y = defender.fit
+        budget = FmpSettings.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
         scores = fmp_sensitivity(defended, fit_x, fit_y, epsilon=epsilon, alpha=alpha,
                                  value_range=defender.value_range, probe_samples=probe_samples,
+                                 max_stack=stack_for_budget(defended, budget),
                                  seed=settings.seed)
         probe_seconds = time.perf_counter() - start
         pruned = {}

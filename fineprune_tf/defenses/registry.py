@@ -135,8 +135,8 @@ def _fmp(model, defender, context, evaluation=None):
     settings.validate()
     return fmp(model, defender, prune_fraction=settings.prune_fraction,
                epsilon=settings.epsilon, alpha=settings.alpha,
-               probe_samples=settings.probe_samples, settings=context.fine_tune_settings(),
-               evaluation=evaluation)
+               probe_samples=settings.probe_samples, memory_budget_mb=settings.memory_budget_mb,
+               settings=context.fine_tune_settings(), evaluation=evaluation)
 
 
 @register("anp", "adversarial neuron pruning (NeurIPS 2021)")
