@@ -1,10 +1,10 @@
 """(f) Peak resident memory of one experiment, per stage.
 
-Runs ``python -m scripts.fine_prune --task=face --quick --epochs=25`` in a child process (so the other
-sections' allocations do not count) and reads the per-stage peaks the experiment records in
-``results.json`` (``peak_rss_mb``: the peak since the previous stage ended, reset between
-stages through ``/proc/self/clear_refs``; see ``fineprune_tf.memory``), plus the child's
-whole-process peak from ``/usr/bin/time -v`` when it is installed.
+Runs ``python -m scripts.fine_prune --task=face --quick --epochs=25`` in a child process (so
+the other sections' allocations do not count) and reads the per-stage peaks the experiment
+records in ``results.json`` (``peak_rss_mb``: the peak since the previous stage ended, reset between
+stages through ``/proc/self/clear_refs``; see ``fineprune_tf.memory``).  The process's peak
+is the largest stage's: the reset also resets what ``/usr/bin/time -v`` would report.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,23 +26,17 @@ TARGETS: dict = {}
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def _child(output_dir: pathlib.Path) -> tuple[subprocess.CompletedProcess, float | None]:
+def _child(output_dir: pathlib.Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "scripts.fine_prune", f"--task={TASK}", "--quick",
                f"--epochs={ATTACK_EPOCHS}", f"--output_dir={output_dir}"]
-    time_bin = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time")
-                                        else None)
-    if time_bin:
-        command = [time_bin, "-v", *command]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    return done, (int(match.group(1)) / 1024.0 if match else None)
 
 
 def measure(quick: bool, repeats: int) -> dict:
     del quick, repeats  # One --quick run in every mode: the full run takes an hour on 2 cores.
     with tempfile.TemporaryDirectory() as folder:
-        done, process_peak = _child(pathlib.Path(folder) / "run")
+        done = _child(pathlib.Path(folder) / "run")
         if done.returncode != 0:
             raise RuntimeError(f"fine_prune --task={TASK} --quick failed: {done.stderr[-2000:]}")
         results = json.loads((pathlib.Path(folder) / "run" / "results.json").read_text())
@@ -55,10 +47,7 @@ def measure(quick: bool, repeats: int) -> dict:
         print(f"(f) {row['stage']}: peak RSS {row['peak_rss_mb']:.0f} MiB", flush=True)
     top = max(stages, key=lambda row: row["peak_rss_mb"])
     summary = {f"peak_rss_mb_{TASK}": top["peak_rss_mb"]}
-    if process_peak is not None:
-        summary[f"process_peak_rss_mb_{TASK}"] = process_peak
-    return {"task": TASK, "stages": stages, "process_peak_rss_mb": process_peak,
-            "data": results["data"], "summary": summary,
+    return {"task": TASK, "stages": stages, "data": results["data"], "summary": summary,
             "notes": [f"largest stage: {top['stage']} ({top['peak_rss_mb']:.0f} MiB)"]}
 
 
@@ -77,7 +66,6 @@ def markdown(result: dict) -> str:
     for row in result["stages"]:
         secs = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
         lines.append(f"| {row['stage']} | {row['peak_rss_mb']:.0f} | {secs} |")
-    if result["process_peak_rss_mb"] is not None:
-        lines += ["", f"Whole process (`/usr/bin/time -v`): "
-                  f"{result['process_peak_rss_mb']:.0f} MiB."]
+    if result.get("notes"):
+        lines += ["", *result["notes"]]
     return "\n".join(lines) + "\n"
