@@ -9,7 +9,8 @@
       Conv2D/Dense layers and the same weights;
   (d) a statistics pass (``stats.collect``) vs a plain inference pass over the same data;
   (e) a shrunk model (``export.shrink``) vs the masked one: parameters, multiply-adds and
-      inference time.
+      inference time;
+  (f) the peak resident memory of each stage of one face experiment (a child process).
 
 One module per section in ``scripts/benchmarks/``; ``scripts/benchmarks/report.py`` writes
 ``BENCHMARKS.md`` and ``benchmarks.json`` to ``--output_dir`` (default: the current directory).
@@ -58,15 +59,28 @@ def _options(key: str, quick: bool) -> dict:
     return {}
 
 
+def _sections():
+    """``scripts.benchmarks`` and its ``machine`` and ``report`` modules: importable from the
+    checkout's root, which is also where an editable install's package lives."""
+    import fineprune_tf
+
+    checkout = pathlib.Path(fineprune_tf.__file__).resolve().parents[1]
+    if (checkout / "scripts" / "benchmarks").is_dir() and str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    from scripts import benchmarks
+    from scripts.benchmarks import machine, report
+
+    return benchmarks, machine, report
+
+
 def main(argv: list[str]) -> int:
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        from scripts import benchmarks
-        from scripts.benchmarks import machine, report
+        benchmarks, machine, report = _sections()
     except ImportError:
         print("error: the benchmark sections (scripts/benchmarks/) are not importable: run "
-              "fineprune benchmark from a source checkout", file=sys.stderr)
+              "fineprune benchmark from a source checkout (pip install -e .)", file=sys.stderr)
         return 2
     available = benchmarks.available()
     keys = [s.strip().lower() for s in FLAGS.sections] if FLAGS.sections else list(available)
