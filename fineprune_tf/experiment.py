@@ -275,7 +275,6 @@ class _Context:
     trigger: object
     policy: object
     count: int
-    validation: tuple
     defender: defenses.DefenderData
     backdoor_validation: object
     evaluation: tuple
@@ -326,7 +325,6 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
     context = _Context(
         config=config, stages=stages, models_dir=models_dir, task_data=task_data,
         trigger=trigger, policy=policy, count=count,
-        validation=(task_data.validation.x, task_data.validation.y),
         defender=defenses.DefenderData(
             task_data.validation.x, task_data.validation.y,
             holdout_fraction=config.fine_tune.holdout_fraction, seed=config.seed),
