@@ -192,9 +192,16 @@ def main(argv: list[str]) -> int:
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
     start = time.perf_counter()
-    with strategy.scope():
-        results = experiment.run(config, output_dir, overwrite=False,
-                                 resume=FLAGS.resume, progress=print)
+    try:
+        with strategy.scope():
+            results = experiment.run(config, output_dir, overwrite=False,
+                                     resume=FLAGS.resume, progress=print)
+    except ValueError as error:  # a defense refused (e.g. a model at chance): one line
+        if FLAGS.verbosity >= 1:
+            traceback.print_exception(error)
+        print(f"error: {' '.join(str(error).split())} (finished stages are kept: fix the "
+              "cause, then --resume)", file=sys.stderr)
+        return 2
     print((output_dir / "table1.md").read_text())
     print((output_dir / "table2.md").read_text())
     peaks = ", ".join(f"{stage} {mb:.0f}" for stage, mb in results["peak_rss_mb"].items())
