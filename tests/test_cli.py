@@ -89,3 +89,21 @@ def test_fine_prune_command_has_a_flag_for_every_setting_and_the_old_names():
     assert flags.FLAGS["threshold"].default == PruningSettings.threshold
     assert flags.FLAGS["prune_fraction"].default == AttackSettings.prune_fraction
     assert flags.FLAGS["fmp_fraction"].default == FmpSettings.prune_fraction
+
+
+def test_a_refusal_mid_experiment_is_one_error_line(tmp_path, monkeypatch, capsys):
+    from fineprune_tf import experiment
+    from fineprune_tf.cli import fine_prune
+
+    def refuse(*args, **kwargs):
+        raise ValueError("clean accuracy before pruning is 0.025,\n at chance")
+
+    monkeypatch.setattr(experiment, "run", refuse)
+    flags.FLAGS(["fineprune fine-prune", "--task=mnist", f"--output_dir={tmp_path / 'run'}"])
+    try:
+        assert fine_prune.main([]) == 2
+    finally:
+        flags.FLAGS.unparse_flags()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: clean accuracy before pruning is 0.025, at chance (finished stages "
+                   "are kept: fix the cause, then --resume)"]

@@ -202,6 +202,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {' '.join(str(error).split())} (finished stages are kept: fix the "
               "cause, then --resume)", file=sys.stderr)
         return 2
+    finally:
+        std_logging.getLogger("absl").removeHandler(handler)
+        handler.close()
     print((output_dir / "table1.md").read_text())
     print((output_dir / "table2.md").read_text())
     peaks = ", ".join(f"{stage} {mb:.0f}" for stage, mb in results["peak_rss_mb"].items())
