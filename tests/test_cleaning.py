@@ -206,6 +206,8 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
     assert saved["defense"]["chosen"] == chosen
 
 
+@pytest.mark.slow  # two child processes; auto runs every candidate defense
+@pytest.mark.subprocess
 def test_command_line_auto_defense_and_a_bad_defense(user_files):
     folder, model_path = user_files
     common = [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
