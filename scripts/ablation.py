@@ -126,7 +126,38 @@ def summarise(rows: list[dict]) -> dict:
         entry["mean_holdout_drop"] = float(np.mean(drops))
         entry["worst_task_holdout_drop"] = float(np.max(drops))
         table.append(entry)
-    return {"cells": table, "default": choose_default(table)}
+    return {"cells": table, "default": choose_default(table), "per_model": per_model_rule(rows)}
+
+
+def per_model_rule(rows: list[dict]) -> list[dict]:
+    """The library's learning-rate rule (``fine_tuning.choose_learning_rate``), replayed on the
+    measured ``converge`` cells at the library's candidate rates and epoch cap, per model
+    (task, seed) and defense: which rate it keeps and what that costs / removes (report)."""
+    from fineprune_tf.defenses import FineTuneSettings
+    from fineprune_tf.defenses.fine_tuning import choose_learning_rate
+
+    code = FineTuneSettings()
+    groups: dict = {}
+    for row in rows:
+        if row["rule"] == "converge" and row["epochs"] == code.max_epochs \
+                and row["learning_rate"] in code.learning_rates:
+            groups.setdefault((row["task"], row["seed"], row["defense"]), []).append(row)
+    chosen = []
+    for (task, seed, defense), group in sorted(groups.items()):
+        if len(group) != len(code.learning_rates):
+            continue  # The rule needs every candidate rate.
+        group.sort(key=lambda r: r["learning_rate"])
+        runs = [{"learning_rate": r["learning_rate"], "diverged": r["chosen_epoch"] == 0,
+                 "final_holdout_acc": r["holdout_acc"]} for r in group]
+        start = group[0]["holdout_acc"] + group[0]["holdout_drop"] / 100.0
+        index, why = choose_learning_rate(runs, start, code.rate_tolerance)
+        row = group[index]
+        chosen.append({"task": task, "seed": seed, "defense": defense,
+                       "learning_rate": row["learning_rate"], "clean_acc": row["clean_acc"],
+                       "asr": row["asr"], "holdout_drop": row["holdout_drop"],
+                       "clean_drop": (row["base_clean_acc"] - row["clean_acc"]) * 100.0,
+                       "why": why})
+    return chosen
 
 
 def choose_default(table: list[dict]) -> dict:
@@ -189,23 +220,25 @@ def markdown(summary: dict, meta: dict) -> str:
     from fineprune_tf.defenses import FineTuneSettings
 
     code = FineTuneSettings()
-    lines += ["## Default chosen from clean data only", "",
-              f"Chosen by the written rule: `{default['cell']}`.  Rule: {default['why']}.", "",
-              f"The library default (`FineTuneSettings`) is rule `{code.rule}`, lr "
-              f"{code.learning_rate:g}, cap {code.max_epochs} epochs.  "
-              + ("It is the rule's choice." if default["cell"] == {
-                  "rule": code.rule, "learning_rate": code.learning_rate,
-                  "epochs": code.max_epochs} else
-                 "It is NOT the rule's choice: with 100-150 holdout examples a 1-2 point budget "
-                 "is 1-3 examples, and the least-trained cell (the old early stopping, which "
-                 "restores epochs 1-5) is the one whose holdout accuracy moves least -- the "
-                 "\"changed nothing\" preference this issue is about, reappearing one level up. "
-                 "The shipped default keeps the a-priori lr 1e-3 with the new stopping rule "
-                 "(the rule's mechanism is visible on clean data: it trains to a loss plateau "
-                 "instead of restoring epoch 1); lr 3e-3 does better on the test sets above, "
-                 "which may only report, so it is not the default until a clean-data rule "
-                 "chooses it."),
-              ""]
+    lines += ["## One setting for every model, from clean data (the previous rule)", "",
+              f"Chosen: `{default['cell']}`.  Rule: {default['why']}.  With 100-150 holdout "
+              "examples a 1-2 point budget is 1-3 examples, so this rule prefers the cell whose "
+              "holdout accuracy moves least -- the least-trained one: \"changed nothing\" "
+              "rewarded one level up.  It is no longer the library's rule.", "",
+              "## The library's rule: per model, the largest rate within the budget", "",
+              f"`FineTuneSettings()` tries lr {list(code.learning_rates)} (rule `{code.rule}`, "
+              f"cap {code.max_epochs} epochs) on each model and keeps the LARGEST rate whose run "
+              f"did not diverge and whose clean holdout accuracy is within "
+              f"{code.rate_tolerance} points of the undefended model's "
+              "(`fine_tuning.choose_learning_rate`).  Replayed here on the measured cells "
+              "(clean data decides; test clean accuracy / ASR only report):", "",
+              "| task | seed | defense | kept lr | holdout drop | test clean acc | test clean "
+              "drop | ASR |", "|---|---|---|---|---|---|---|---|"]
+    for c in summary["per_model"]:
+        lines.append(f"| {c['task']} | {c['seed']} | {c['defense']} | {c['learning_rate']:g} | "
+                     f"{c['holdout_drop']:.1f} | {c['clean_acc']:.3f} | {c['clean_drop']:.1f} | "
+                     f"{c['asr']:.3f} |")
+    lines.append("")
     return "\n".join(lines)
 
 

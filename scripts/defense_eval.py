@@ -45,17 +45,23 @@ flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumabl
 flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
 
 ASR_TARGET, DROP_TARGET, FP_SPEECH_TARGET = 0.05, 2.0, 0.10
+# Rows measured with an older library rule are kept in the rows file but not reused: 2 = the
+# fine-tuning learning-rate rule and the protocol's output-change choice (this round).
+ROW_VERSION = 2
 
 
 def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> None:
     """Every defense on one cached model; one row per defense."""
     from fineprune_tf import defenses
+    from fineprune_tf.defenses.guard import selecting
+    from fineprune_tf.defenses.protocol import output_change
     from scripts import model_cache
 
     data = model_cache.bundle(task, seed)
     model = model_cache.load_or_train(task, kind, seed, cache_dir)
     defender = defenses.DefenderData(*data.validation, seed=seed)
     report = defenses.ReportOnly(data.test, data.backdoor_test)
+    clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
     for name in names:
         key = (task, kind, seed, name)
         if key in done:
@@ -63,7 +69,12 @@ def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> 
         result = defenses.run_defense(name, model, defender, seed=seed,
                                       tolerance=FLAGS.tolerance, evaluation=report)
         details = result.details
+        with selecting():
+            change = output_change(model, result.model, clean_x)
+        tuning = details.get("fine_tuning", details)
         sink({"task": task, "kind": kind, "seed": seed, "defense": name,
+              "version": ROW_VERSION, "output_change": change,
+              "learning_rate": tuning.get("learning_rate"),
               **{k: float(v) for k, v in result.summary().items()},
               "pruned_count": details.get("pruned_count",
                                           details.get("pruning", {}).get("pruned_count")),
@@ -91,11 +102,13 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
             row["der"] = defenses.der(base, row) if kind != "clean" else float("nan")
             row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
         candidates = {n: _Holdout(r["holdout_acc"]) for n, r in by_name.items() if n != "none"}
+        changes = {n: r["output_change"] for n, r in by_name.items() if n != "none"}
         if set(by_name) != set(FLAGS.defenses):
             incomplete.append(f"{task}/{kind} seed {seed}: missing "
                               f"{sorted(set(FLAGS.defenses) - set(by_name))}")
             continue  # Incomplete: the protocol chooses among every requested defense only.
-        name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance)
+        name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance,
+                                       changes=changes)
         chosen = by_name[name]
         choices.append({"task": task, "kind": kind, "seed": seed, "chosen": name, "why": why,
                         "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
@@ -111,7 +124,7 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
         table.append({"task": task, "kind": kind, "defense": name, "seeds": len(cell_rows),
                       **{k: _mean_sd([r[k] for r in cell_rows])
                          for k in ("clean_acc", "asr", "robust_acc", "der", "clean_drop",
-                                   "holdout_acc", "seconds", "forward_passes",
+                                   "holdout_acc", "output_change", "seconds", "forward_passes",
                                    "backward_passes")}})
     return {"choices": choices, "table": table, "incomplete": incomplete}
 
@@ -132,15 +145,20 @@ def markdown(summary: dict, meta: dict) -> str:
              f"{meta['seeds']} (never-backdoored models: {meta['clean_seeds']}); tolerance "
              f"{meta['tolerance']} points.  Every threshold, u, step count and learning rate "
              "comes from the defender's clean validation split (80% fit / 20% holdout); the "
-             "test split and its triggered copy only report.  Mean ± sd over seeds.  Passes = "
-             "examples through the network (forward / backward).", "",
+             "test split and its triggered copy only report.  Output change = mean total "
+             "variation between the undefended and defended models' class probabilities on the "
+             "defender's clean inputs (what the protocol prefers, within the holdout "
+             "budget).  Mean ± sd over seeds.  Passes = examples through the network "
+             "(forward / backward).", "",
              "| task | model | defense | clean acc | ASR | robust acc | DER | clean drop (pts) "
-             "| seconds | forward / backward passes |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| output change | seconds | forward / backward passes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         lines.append(
             f"| {e['task']} | {e['kind']} | {e['defense']} | {fmt(e['clean_acc'])} | "
             f"{fmt(e['asr'])} | {fmt(e['robust_acc'])} | {fmt(e['der'])} | "
-            f"{fmt(e['clean_drop'], 1)} | {e['seconds'][0]:.1f} | "
+            f"{fmt(e['clean_drop'], 1)} | {fmt(e['output_change'])} | "
+            f"{e['seconds'][0]:.1f} | "
             f"{e['forward_passes'][0]:.3g} / {e['backward_passes'][0]:.3g} |")
     lines += ["", "## The protocol's choice (clean holdout only) and the Targets", "",
               f"Target: ASR <= {ASR_TARGET} with <= {DROP_TARGET} points of clean accuracy lost.",
@@ -185,6 +203,7 @@ def main(argv: list[str]) -> int:
     rows_path = cache_dir / "defense_eval_rows.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
         if rows_path.exists() else []
+    rows = [r for r in rows if r.get("version") == ROW_VERSION]
     done = {(r["task"], r["kind"], r["seed"], r["defense"]) for r in rows}
     start = time.perf_counter()
 

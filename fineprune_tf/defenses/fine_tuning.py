@@ -18,9 +18,18 @@ The default rule, ``"converge"``, reads only the defender's clean data:
    if even that one is more than 5 points below the starting model (training diverged, e.g.
    lr 1e-2 on pruned speech), the starting model is kept.
 
+3. the learning rate: one run per candidate rate (``FineTuneSettings.learning_rates``), all
+   from the same weights; keep the LARGEST rate whose run did not diverge and whose clean
+   holdout accuracy is at most ``rate_tolerance`` (2) points below the undefended model's.
+   Why not "the best holdout accuracy": with 100-150 holdout examples 1-3 examples decide and
+   the least-trained run wins (``scripts.ablation`` measured it picking the old early stopping).
+   Larger rates move further from the attacker's weights; the clean holdout only bounds how
+   much accuracy that may cost.  A diverged run kept the starting weights, so it is excluded:
+   it would pass the accuracy test by changing nothing.
+
 ``"early_stopping"`` is the previous rule (kept for the ablation) and ``"last"`` trains exactly
-``max_epochs`` and keeps the last weights.  The defaults (rule, learning rate, epochs) are chosen
-by ``scripts.ablation`` with the rule written in its docstring.
+``max_epochs`` and keeps the last weights.  ``scripts.ablation`` measures the rules,
+rates and epoch caps on the test sets (report only).
 """
 
 from __future__ import annotations
@@ -52,11 +61,16 @@ class FineTuneSettings:
     """Fine-tuning on the defender's clean data.
 
     Attributes:
-      learning_rate: initial rate (Adam by default), decayed by ``schedule``.  The default,
-        1e-3, is the a-priori one (Adam's usual rate, the previous default), NOT a tuned value:
-        results/ablation.md shows 3e-3 removing more of the backdoor, but only on the test
-        sets; the clean-data rule written in scripts/ablation.py picks the least-trained cell
-        (1-3 holdout examples decide), so no defender-data rule supports 3e-3 yet.
+      learning_rates: candidate initial rates (Adam by default, decayed by ``schedule``),
+        chosen per model by the learning-rate rule (module docstring, step 3): the largest
+        whose run did not diverge and whose clean holdout accuracy is within
+        ``rate_tolerance`` points of the undefended model's.  Default ``(1e-3, 3e-3)``: Adam's
+        usual rate and the next step of the ablation grid; 1e-2 diverges on speech
+        (results/ablation.md) and would cost a third run.
+      learning_rate: a fixed rate: when given (not None), one run at it and no rule (the
+        ablation's cells, a user's explicit flag).  Runs with extra callbacks (gradual pruning)
+        use it, or the smallest candidate when it is None.
+      rate_tolerance: clean holdout points the chosen rate may cost (the issue's 2-point budget).
       max_epochs: epoch cap.
       rule: ``"converge"`` (default), ``"early_stopping"`` (val-loss, restore best) or
         ``"last"``; see the module docstring.
@@ -69,7 +83,9 @@ class FineTuneSettings:
         given an ``(x, y)`` pair rather than a DefenderData).
     """
 
-    learning_rate: float = 1e-3
+    learning_rates: tuple[float, ...] = (1e-3, 3e-3)
+    learning_rate: float | None = None
+    rate_tolerance: float = 2.0
     max_epochs: int = 30
     batch_size: int = 64
     rule: str = "converge"
@@ -87,11 +103,19 @@ class FineTuneSettings:
     def validate(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if self.learning_rate <= 0 or self.max_epochs < 1:
-            raise ValueError(f"learning_rate must be > 0 and max_epochs >= 1, got "
-                             f"{self.learning_rate}, {self.max_epochs}")
-        if self.tolerance < 0:
-            raise ValueError(f"tolerance must be >= 0 points, got {self.tolerance}")
+        if not self.candidate_rates() or min(self.candidate_rates()) <= 0 \
+                or self.max_epochs < 1:
+            raise ValueError(f"learning rates must be > 0 and max_epochs >= 1, got "
+                             f"{self.learning_rate}, {self.learning_rates}, {self.max_epochs}")
+        if self.tolerance < 0 or self.rate_tolerance < 0:
+            raise ValueError(f"tolerance and rate_tolerance must be >= 0 points, got "
+                             f"{self.tolerance}, {self.rate_tolerance}")
+
+    def candidate_rates(self) -> tuple[float, ...]:
+        """The rates to try, ascending: ``(learning_rate,)`` when a fixed rate is given."""
+        if self.learning_rate is not None:
+            return (float(self.learning_rate),)
+        return tuple(sorted(float(rate) for rate in self.learning_rates))
 
 
 class ConvergenceSelection(keras.callbacks.Callback):
@@ -167,12 +191,11 @@ def add_weight_noise(model: keras.Model, stddev: float, seed: int = 0) -> None:
         variable.assign(value + rng.normal(0.0, scale, value.shape).astype(value.dtype))
 
 
-def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: FineTuneSettings,
-                       callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
-    """Fine-tunes ``model`` on ``defender.fit`` with ``settings.rule`` choosing on
-    ``defender.holdout``; masks are held.  Returns what it did (epochs, chosen epoch, why)."""
-    settings.validate()
-    add_weight_noise(model, settings.noise_stddev, settings.seed)
+def _fine_tune_once(model: keras.Model, defender: DefenderData, settings: FineTuneSettings,
+                    learning_rate: float,
+                    callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """One fine-tuning run at ``learning_rate`` with ``settings.rule`` choosing the checkpoint
+    on ``defender.holdout``; masks are held.  Returns what it did (epochs, chosen epoch, why)."""
     train_x, train_y = defender.fit
     if settings.rule == "converge":
         with selecting():
@@ -187,7 +210,7 @@ def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: Fin
     with selecting():
         fitted = training.fit(model, train_x, train_y, epochs=settings.max_epochs,
                               batch_size=settings.batch_size,
-                              learning_rate=settings.learning_rate,
+                              learning_rate=learning_rate,
                               optimizer=settings.optimizer, schedule=settings.schedule,
                               seed=settings.seed, validation=defender.holdout,
                               callbacks=[c for c in (rule, *callbacks) if c is not None],
@@ -197,8 +220,10 @@ def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: Fin
     if settings.rule == "converge":
         chosen = rule.chosen
         why = (f"trained {epochs} epochs (training loss plateaued or cap {settings.max_epochs}); "
-               f"kept epoch {chosen + 1}, the latest within {settings.tolerance} points of the "
-               "best clean holdout accuracy")
+               + (f"kept epoch {chosen + 1}, the latest within {settings.tolerance} points of "
+                  "the best clean holdout accuracy" if chosen >= 0 else
+                  "every checkpoint was more than 5 points below the start: diverged, kept the "
+                  "starting weights"))
     elif settings.rule == "early_stopping":
         losses = history.get("val_loss", [math.nan])
         chosen = int(np.nanargmin(losses))
@@ -207,12 +232,78 @@ def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: Fin
         chosen = epochs - 1
         why = f"kept the last of {epochs} epochs"
     return {"epochs": epochs, "chosen_epoch": chosen + 1, "rule": settings.rule,
-            "train_seconds": fitted["seconds"], "learning_rate": settings.learning_rate,
+            "diverged": chosen < 0,
+            "train_seconds": fitted["seconds"], "learning_rate": learning_rate,
             "schedule": settings.schedule, "noise_stddev": settings.noise_stddev,
             "holdout_accuracy": [float(a) for a in history.get("val_accuracy", [])],
             "train_loss": [float(a) for a in history.get("loss", [])],
             "forward_passes": epochs * (len(train_x) + len(defender.holdout[0])),
             "backward_passes": epochs * len(train_x), "why": why}
+
+
+def choose_learning_rate(runs: Sequence[dict], start_accuracy: float,
+                         rate_tolerance: float) -> tuple[int, str]:
+    """The learning-rate rule: index of the run to keep, and why.
+
+    ``runs`` are :func:`_fine_tune_once` summaries with ``"final_holdout_acc"`` added.  The
+    largest rate whose run did not diverge and whose clean holdout accuracy is at most
+    ``rate_tolerance`` points below ``start_accuracy`` (the undefended model's) is kept: among
+    acceptable models, the one that moved furthest from the attacker's weights.  A run that
+    diverged (kept its starting weights) is never "acceptable" -- it changed nothing.  If no run
+    qualifies, the one losing the least holdout accuracy is kept.
+    """
+    drops = [(start_accuracy - run["final_holdout_acc"]) * 100.0 for run in runs]
+    ok = [i for i, run in enumerate(runs)
+          if not run["diverged"] and drops[i] <= rate_tolerance + 1e-9]
+    rates = [run["learning_rate"] for run in runs]
+    if ok:
+        best = max(ok, key=lambda i: rates[i])
+        return best, (f"lr {rates[best]:g} is the largest of {rates} whose clean holdout "
+                      f"accuracy drop ({drops[best]:.1f} points) is within {rate_tolerance} "
+                      "points of the undefended model's")
+    best = min(range(len(runs)), key=lambda i: (runs[i]["diverged"], drops[i], -rates[i]))
+    return best, (f"no rate of {rates} stayed within {rate_tolerance} points; lr "
+                  f"{rates[best]:g} lost the least ({drops[best]:.1f} points)")
+
+
+def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: FineTuneSettings,
+                       callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+    """Fine-tunes ``model`` on ``defender.fit``, masks held; returns what it did.
+
+    By default (``settings.learning_rate`` None) one run per candidate rate starts from the
+    same weights and :func:`choose_learning_rate` keeps one, reading the clean holdout only;
+    the passes and seconds of every run are counted.  With a fixed ``learning_rate``, or extra
+    ``callbacks`` (stateful, e.g. gradual pruning: the smallest candidate), one run.
+    """
+    settings.validate()
+    add_weight_noise(model, settings.noise_stddev, settings.seed)
+    rates = settings.candidate_rates()
+    if len(rates) == 1 or callbacks:
+        return _fine_tune_once(model, defender, settings, rates[0], callbacks)
+    with selecting():
+        start_accuracy = holdout_accuracy(model, defender.holdout)
+    start_weights = model.get_weights()
+    runs, weights = [], []
+    for rate in rates:
+        model.set_weights(start_weights)
+        run = _fine_tune_once(model, defender, settings, rate)
+        with selecting():
+            run["final_holdout_acc"] = holdout_accuracy(model, defender.holdout)
+        runs.append(run)
+        weights.append(model.get_weights())
+    with selecting():
+        index, why_rate = choose_learning_rate(runs, start_accuracy, settings.rate_tolerance)
+    model.set_weights(weights[index])
+    chosen = dict(runs[index])
+    chosen["why"] = f"{why_rate}; {chosen['why']}"
+    chosen["forward_passes"] = sum(run["forward_passes"] for run in runs)
+    chosen["backward_passes"] = sum(run["backward_passes"] for run in runs)
+    chosen["train_seconds"] = sum(run["train_seconds"] for run in runs)
+    chosen["rate_runs"] = [{k: run[k] for k in ("learning_rate", "epochs", "chosen_epoch",
+                                                  "diverged", "final_holdout_acc")}
+                           for run in runs]
+    chosen["start_holdout_acc"] = start_accuracy
+    return chosen
 
 
 def _defender(validation: Any, settings: FineTuneSettings) -> DefenderData:
