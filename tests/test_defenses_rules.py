@@ -107,3 +107,4 @@ def test_auto_defend_records_the_change_it_chose_by():
     qualifying = [n for n, row in choice.table.items() if row["qualifies"]]
     assert choice.name in qualifying
     assert changes[choice.name] >= max(changes[n] for n in qualifying) - 1e-3
+

@@ -1,0 +1,194 @@
+"""Every defense on models backdoored by code this project did not write (issue 11 Targets and
+"every defense on a converted keras.applications model").
+
+    python -m scripts.third_party_eval [--archs=cnn,mobilenetv2] [--seeds=0] [--task=traffic]
+        [--output_dir=results] [--cache_dir=runs/defense_cache] [--report_only]
+
+Per (architecture, seed): ``scripts.third_party_badnets`` (numpy + Keras only, no fineprune_tf)
+trains a BadNets model on the task's training split (4x4 white square, target class 0, 10%
+poisoned); the model is cached.  The defender then does what a user of this toolkit does:
+``fineprune_tf.convert`` the plain Keras model, build ``DefenderData`` from the clean validation
+split, and run every registered defense and the protocol's choice (clean data only).  The test
+split and its stamped copy (non-target classes; ASR = fraction classified as the target) are
+``ReportOnly``.  Target: ASR <= 0.10 losing <= 2 points of clean test accuracy.
+
+Writes ``third_party.md`` and ``third_party.json``; rows go to
+``<cache_dir>/third_party_rows.jsonl`` as they finish, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+import sys
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("archs", ["cnn", "mobilenetv2"], "Architectures of the third-party script.")
+flags.DEFINE_list("seeds", ["0"], "Seeds.")
+flags.DEFINE_string("task", "traffic", "Embedded task whose data the attacker trains on.")
+flags.DEFINE_list("defenses", ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp",
+                               "rnp", "clp"], "Defenses (REGISTRY names, with none).")
+flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")
+flags.DEFINE_string("output_dir", "results", "Where third_party.md/json go.")
+flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
+flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
+
+ASR_TARGET, DROP_TARGET = 0.10, 2.0
+
+
+def backdoored_model(task_data, arch: str, seed: int, cache_dir: pathlib.Path):
+    import keras
+
+    from scripts import third_party_badnets
+
+    path = cache_dir / f"third_party_{FLAGS.task}_{arch}_{seed}.keras"
+    if not path.exists():
+        model = third_party_badnets.train_backdoored(task_data.train.x, task_data.train.y,
+                                                     arch, seed)
+        model.save(path)
+    return keras.models.load_model(path)
+
+
+def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) -> None:
+    import fineprune_tf as fp
+    from fineprune_tf import data, defenses, poison
+    from fineprune_tf.defenses.guard import selecting
+    from fineprune_tf.defenses.protocol import output_change
+    from scripts import third_party_badnets
+
+    task_data = data.load(FLAGS.task, seed=seed)
+    model = fp.convert(backdoored_model(task_data, arch, seed, cache_dir))
+    defender = defenses.DefenderData(task_data.validation.x, task_data.validation.y, seed=seed)
+    keep = np.flatnonzero(task_data.test.y != third_party_badnets.TARGET)
+    stamped = poison.BackdoorSet(third_party_badnets.stamp(task_data.test.x[keep]),
+                                 task_data.test.y[keep].astype(np.int64),
+                                 np.full(len(keep), third_party_badnets.TARGET, np.int64),
+                                 False, keep)
+    report = defenses.ReportOnly((task_data.test.x, task_data.test.y), stamped)
+    clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
+    for name in FLAGS.defenses:
+        if (arch, seed, name) in done:
+            continue
+        try:
+            result = defenses.run_defense(name, model, defender, seed=seed,
+                                          tolerance=FLAGS.tolerance, evaluation=report)
+        except Exception as error:  # noqa: BLE001  (recorded: "cannot run" is a result)
+            sink({"arch": arch, "seed": seed, "defense": name, "error": f"{error}"[:300]})
+            continue
+        with selecting():
+            change = output_change(model, result.model, clean_x)
+        details = result.details
+        sink({"arch": arch, "seed": seed, "defense": name, "output_change": change,
+              **{k: float(v) for k, v in result.summary().items()},
+              "pruned_count": details.get("pruned_count",
+                                          details.get("pruning", {}).get("pruned_count"))})
+
+
+def summarise(rows: list[dict]) -> dict:
+    from fineprune_tf import defenses
+
+    class Holdout:
+        def __init__(self, holdout_acc):
+            self.holdout_acc = holdout_acc
+
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((row["arch"], row["seed"]), {})[row["defense"]] = row
+    choices = []
+    for (arch, seed), by_name in sorted(groups.items()):
+        base = by_name.get("none")
+        ran = {n: r for n, r in by_name.items() if n != "none" and "error" not in r}
+        if base is None or set(by_name) != set(FLAGS.defenses):
+            continue
+        for row in ran.values():
+            row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
+            row["der"] = defenses.der(base, row)
+        name, why, _ = defenses.choose({n: Holdout(r["holdout_acc"]) for n, r in ran.items()},
+                                       base["holdout_acc"], tolerance=FLAGS.tolerance,
+                                       changes={n: r["output_change"] for n, r in ran.items()})
+        chosen = ran[name]
+        choices.append({"arch": arch, "seed": seed, "chosen": name, "why": why,
+                        "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
+                        "clean_drop": chosen["clean_drop"],
+                        "met": bool(chosen["asr"] <= ASR_TARGET
+                                    and chosen["clean_drop"] <= DROP_TARGET)})
+    return {"choices": choices}
+
+
+def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
+    lines = ["# Defenses on third-party BadNets models (issue 11)", "",
+             f"Written by `python -m scripts.third_party_eval` on {meta['machine']}; task "
+             f"{meta['task']}, seeds {meta['seeds']}.  Models trained by "
+             "`scripts/third_party_badnets.py` (numpy + Keras only), converted with "
+             "`fineprune_tf.convert`; every choice from the clean validation split; clean "
+             "accuracy and ASR on the test split (report only).", "",
+             "| arch | seed | defense | clean acc | ASR | clean drop (pts) | DER | output change "
+             "| pruned | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["arch"], r["seed"], r["defense"])):
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | cannot run: "
+                         f"{r['error']} | | | | | | |")
+            continue
+        lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | {r['clean_acc']:.3f} | "
+                     f"{r['asr']:.3f} | {r.get('clean_drop', 0.0):.1f} | "
+                     f"{r.get('der', 0.5):.3f} | {r['output_change']:.3f} | "
+                     f"{r['pruned_count']} | {r['seconds']:.1f} |")
+    lines += ["", f"## The protocol's choice; target ASR <= {ASR_TARGET}, <= {DROP_TARGET} "
+                  "points lost", "", "| arch | seed | chosen | clean acc | ASR | clean drop | "
+                  "met | why |", "|---|---|---|---|---|---|---|---|"]
+    for c in summary["choices"]:
+        lines.append(f"| {c['arch']} | {c['seed']} | {c['chosen']} | {c['clean_acc']:.3f} | "
+                     f"{c['asr']:.3f} | {c['clean_drop']:.1f} | "
+                     f"{'yes' if c['met'] else 'NO'} | {c['why']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    del argv
+    from fineprune_tf import defenses, reporting
+
+    unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
+    if unknown or "none" not in FLAGS.defenses:
+        print(f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
+              f"unknown: {unknown}", file=sys.stderr)
+        return 2
+    bad_arch = [a for a in FLAGS.archs if a not in ("cnn", "mobilenetv2")]
+    if bad_arch:
+        print(f"error: unknown archs {bad_arch}; expected cnn, mobilenetv2", file=sys.stderr)
+        return 2
+    cache_dir = pathlib.Path(FLAGS.cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rows_path = cache_dir / "third_party_rows.jsonl"
+    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
+        if rows_path.exists() else []
+    done = {(r["arch"], r["seed"], r["defense"]) for r in rows}
+
+    def sink(row):
+        rows.append(row)
+        with rows_path.open("a") as stream:
+            stream.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+    seeds = [int(s) for s in FLAGS.seeds]
+    for arch in FLAGS.archs if not FLAGS.report_only else ():
+        for seed in seeds:
+            run_model(arch, seed, cache_dir, done, sink)
+    rows = [r for r in {(r["arch"], r["seed"], r["defense"]): r for r in rows}.values()
+            if r["arch"] in FLAGS.archs and r["seed"] in seeds and r["defense"] in FLAGS.defenses]
+    summary = summarise(rows)
+    meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+            "task": FLAGS.task, "seeds": seeds}
+    output = pathlib.Path(FLAGS.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    reporting.atomic_write_json(output / "third_party.json",
+                                {"meta": meta, "rows": rows, **summary})
+    reporting.atomic_write_text(output / "third_party.md", markdown(rows, summary, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
