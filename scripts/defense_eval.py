@@ -46,15 +46,16 @@ flags.DEFINE_bool("report_only", False, "Only summarise the rows already measure
 
 ASR_TARGET, DROP_TARGET, FP_SPEECH_TARGET = 0.05, 2.0, 0.10
 # Rows measured with an older library rule are kept in the rows file but not reused: 2 = the
-# fine-tuning learning-rate rule and the protocol's output-change choice (this round).
-ROW_VERSION = 2
+# fine-tuning learning-rate rule and the protocol's change-preferring choice (this round); 3 = the
+# weight distance recorded too.
+ROW_VERSION = 3
 
 
 def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> None:
     """Every defense on one cached model; one row per defense."""
     from fineprune_tf import defenses
     from fineprune_tf.defenses.guard import selecting
-    from fineprune_tf.defenses.protocol import output_change
+    from fineprune_tf.defenses.protocol import output_change, weight_change
     from scripts import model_cache
 
     data = model_cache.bundle(task, seed)
@@ -62,6 +63,8 @@ def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> 
     defender = defenses.DefenderData(*data.validation, seed=seed)
     report = defenses.ReportOnly(data.test, data.backdoor_test)
     clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
+    defended_dir = pathlib.Path(cache_dir) / "defended"
+    defended_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         key = (task, kind, seed, name)
         if key in done:
@@ -71,9 +74,12 @@ def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> 
         details = result.details
         with selecting():
             change = output_change(model, result.model, clean_x)
+        # Kept so that any later clean-data measure can be computed without re-running.
+        result.model.save(defended_dir / f"{task}_{kind}_{seed}_{name}.keras")
         tuning = details.get("fine_tuning", details)
         sink({"task": task, "kind": kind, "seed": seed, "defense": name,
               "version": ROW_VERSION, "output_change": change,
+              "weight_change": weight_change(model, result.model),
               "learning_rate": tuning.get("learning_rate"),
               **{k: float(v) for k, v in result.summary().items()},
               "pruned_count": details.get("pruned_count",
@@ -102,15 +108,23 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
             row["der"] = defenses.der(base, row) if kind != "clean" else float("nan")
             row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
         candidates = {n: _Holdout(r["holdout_acc"]) for n, r in by_name.items() if n != "none"}
-        changes = {n: r["output_change"] for n, r in by_name.items() if n != "none"}
+        changes = {n: r["weight_change"] for n, r in by_name.items() if n != "none"}
         if set(by_name) != set(FLAGS.defenses):
             incomplete.append(f"{task}/{kind} seed {seed}: missing "
                               f"{sorted(set(FLAGS.defenses) - set(by_name))}")
             continue  # Incomplete: the protocol chooses among every requested defense only.
         name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance,
                                        changes=changes)
+        others = {rule: defenses.choose(
+            candidates, base["holdout_acc"], tolerance=tolerance,
+            changes=None if rule == "priority" else {
+                n: r["output_change"] for n, r in by_name.items() if n != "none"})[0]
+            for rule in ("priority", "output_change")}
         chosen = by_name[name]
         choices.append({"task": task, "kind": kind, "seed": seed, "chosen": name, "why": why,
+                        "other_rules": {rule: {"chosen": n, "asr": by_name[n]["asr"],
+                                               "clean_drop": by_name[n]["clean_drop"]}
+                                        for rule, n in others.items()},
                         "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
                         "clean_drop": chosen["clean_drop"], "base_asr": base["asr"],
                         "base_clean_acc": base["clean_acc"],
@@ -124,7 +138,8 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
         table.append({"task": task, "kind": kind, "defense": name, "seeds": len(cell_rows),
                       **{k: _mean_sd([r[k] for r in cell_rows])
                          for k in ("clean_acc", "asr", "robust_acc", "der", "clean_drop",
-                                   "holdout_acc", "output_change", "seconds", "forward_passes",
+                                   "holdout_acc", "output_change", "weight_change", "seconds",
+                                   "forward_passes",
                                    "backward_passes")}})
     return {"choices": choices, "table": table, "incomplete": incomplete}
 
@@ -145,30 +160,35 @@ def markdown(summary: dict, meta: dict) -> str:
              f"{meta['seeds']} (never-backdoored models: {meta['clean_seeds']}); tolerance "
              f"{meta['tolerance']} points.  Every threshold, u, step count and learning rate "
              "comes from the defender's clean validation split (80% fit / 20% holdout); the "
-             "test split and its triggered copy only report.  Output change = mean total "
-             "variation between the undefended and defended models' class probabilities on the "
-             "defender's clean inputs (what the protocol prefers, within the holdout "
-             "budget).  Mean ± sd over seeds.  Passes = examples through the network "
+             "test split and its triggered copy only report.  Weight change = relative L2 "
+             "distance of the effective weights from the undefended model's (what the protocol "
+             "prefers within the holdout budget); output change = mean total variation of the "
+             "class probabilities on the defender's clean inputs (the first, rejected, "
+             "measure).  Mean ± sd over seeds.  Passes = examples through the network "
              "(forward / backward).", "",
              "| task | model | defense | clean acc | ASR | robust acc | DER | clean drop (pts) "
-             "| output change | seconds | forward / backward passes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| weight change | output change | seconds | forward / backward passes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for e in summary["table"]:
         lines.append(
             f"| {e['task']} | {e['kind']} | {e['defense']} | {fmt(e['clean_acc'])} | "
             f"{fmt(e['asr'])} | {fmt(e['robust_acc'])} | {fmt(e['der'])} | "
-            f"{fmt(e['clean_drop'], 1)} | {fmt(e['output_change'])} | "
+            f"{fmt(e['clean_drop'], 1)} | {fmt(e['weight_change'])} | "
+            f"{fmt(e['output_change'])} | "
             f"{e['seconds'][0]:.1f} | "
             f"{e['forward_passes'][0]:.3g} / {e['backward_passes'][0]:.3g} |")
     lines += ["", "## The protocol's choice (clean holdout only) and the Targets", "",
               f"Target: ASR <= {ASR_TARGET} with <= {DROP_TARGET} points of clean accuracy lost.",
-              "", "| task | model | seed | chosen | clean acc | ASR | clean drop | met | why |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "", "| task | model | seed | chosen | clean acc | ASR | clean drop | met | "
+              "other clean-data rules: priority / output change (ASR, drop) | why |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for c in summary["choices"]:
         lines.append(f"| {c['task']} | {c['kind']} | {c['seed']} | {c['chosen']} | "
                      f"{c['clean_acc']:.3f} | {c['asr']:.3f} | {c['clean_drop']:.1f} | "
                      f"{ {True: 'yes', False: 'NO', None: 'n/a (clean model)'}[c['met']]} | "
-                     f"{c['why']} |")
+                     + " / ".join(f"{o['chosen']} ({o['asr']:.3f}, {o['clean_drop']:.1f})"
+                                  for o in c["other_rules"].values())
+                     + f" | {c['why']} |")
     if summary["incomplete"]:
         lines += ["", "Not measured (no protocol choice for these): "
                   + "; ".join(summary["incomplete"]) + "."]

