@@ -38,6 +38,7 @@ flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumabl
 flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
 
 ASR_TARGET, DROP_TARGET = 0.10, 2.0
+ROW_VERSION = 2  # 2: weight_change recorded (the protocol's measure) and the model saved.
 
 
 def backdoored_model(task_data, arch: str, seed: int, cache_dir: pathlib.Path):
@@ -57,7 +58,7 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
     import fineprune_tf as fp
     from fineprune_tf import data, defenses, poison
     from fineprune_tf.defenses.guard import selecting
-    from fineprune_tf.defenses.protocol import output_change
+    from fineprune_tf.defenses.protocol import output_change, weight_change
     from scripts import third_party_badnets
 
     task_data = data.load(FLAGS.task, seed=seed)
@@ -70,6 +71,8 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
                                  False, keep)
     report = defenses.ReportOnly((task_data.test.x, task_data.test.y), stamped)
     clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
+    defended_dir = cache_dir / "defended"
+    defended_dir.mkdir(parents=True, exist_ok=True)
     for name in FLAGS.defenses:
         if (arch, seed, name) in done:
             continue
@@ -81,8 +84,10 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
             continue
         with selecting():
             change = output_change(model, result.model, clean_x)
+        result.model.save(defended_dir / f"third_party_{arch}_{seed}_{name}.keras")
         details = result.details
-        sink({"arch": arch, "seed": seed, "defense": name, "output_change": change,
+        sink({"arch": arch, "seed": seed, "defense": name, "version": ROW_VERSION,
+              "output_change": change, "weight_change": weight_change(model, result.model),
               **{k: float(v) for k, v in result.summary().items()},
               "pruned_count": details.get("pruned_count",
                                           details.get("pruning", {}).get("pruned_count"))})
@@ -109,7 +114,7 @@ def summarise(rows: list[dict]) -> dict:
             row["der"] = defenses.der(base, row)
         name, why, _ = defenses.choose({n: Holdout(r["holdout_acc"]) for n, r in ran.items()},
                                        base["holdout_acc"], tolerance=FLAGS.tolerance,
-                                       changes={n: r["output_change"] for n, r in ran.items()})
+                                       changes={n: r["weight_change"] for n, r in ran.items()})
         chosen = ran[name]
         choices.append({"arch": arch, "seed": seed, "chosen": name, "why": why,
                         "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
@@ -126,16 +131,18 @@ def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
              "`scripts/third_party_badnets.py` (numpy + Keras only), converted with "
              "`fineprune_tf.convert`; every choice from the clean validation split; clean "
              "accuracy and ASR on the test split (report only).", "",
-             "| arch | seed | defense | clean acc | ASR | clean drop (pts) | DER | output change "
-             "| pruned | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| arch | seed | defense | clean acc | ASR | clean drop (pts) | DER | weight change "
+             "| output change | pruned | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["arch"], r["seed"], r["defense"])):
         if "error" in r:
             lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | cannot run: "
-                         f"{r['error']} | | | | | | |")
+                         f"{r['error']} | | | | | | | |")
             continue
         lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | {r['clean_acc']:.3f} | "
                      f"{r['asr']:.3f} | {r.get('clean_drop', 0.0):.1f} | "
-                     f"{r.get('der', 0.5):.3f} | {r['output_change']:.3f} | "
+                     f"{r.get('der', 0.5):.3f} | {r['weight_change']:.3f} | "
+                     f"{r['output_change']:.3f} | "
                      f"{r['pruned_count']} | {r['seconds']:.1f} |")
     lines += ["", f"## The protocol's choice; target ASR <= {ASR_TARGET}, <= {DROP_TARGET} "
                   "points lost", "", "| arch | seed | chosen | clean acc | ASR | clean drop | "
@@ -165,6 +172,7 @@ def main(argv: list[str]) -> int:
     rows_path = cache_dir / "third_party_rows.jsonl"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
         if rows_path.exists() else []
+    rows = [r for r in rows if r.get("version") == ROW_VERSION]
     done = {(r["arch"], r["seed"], r["defense"]) for r in rows}
 
     def sink(row):
