@@ -8,8 +8,10 @@ cached backdoored model (``scripts.model_cache``), the defender's clean validati
 ``DefenderData`` (80% fit / 20% holdout), and every defense of ``fineprune_tf.defenses.REGISTRY``
 with its clean-data choices.  Reported on the test split (``ReportOnly``, read after the
 choices): clean accuracy, ASR, robust accuracy, DER against the undefended model, seconds and
-example forward/backward passes; then the protocol's choice (``defenses.choose``: clean
-holdout only) and whether the Targets are met:
+example forward/backward passes, the weight change (``protocol.weight_change``, what the
+protocol prefers) and the clean-output change; then the protocol's choice (``defenses.choose``:
+clean holdout and weight change only; the fixed-priority and output-change rules' picks are
+listed beside it) and whether the Targets are met:
 
 * the protocol's choice reaches ASR <= 0.05 losing <= 2 points of clean test accuracy;
 * fine-pruning reaches ASR <= 0.10 on the speech baseline attack.
@@ -18,7 +20,10 @@ Models that were never backdoored (``clean`` in the cache, ``--clean_seeds``) go
 same defenses: the clean accuracy each costs.
 
 Writes ``defense_eval.json`` and ``defense_eval.md``; rows are appended to
-``<cache_dir>/defense_eval_rows.jsonl`` as they finish, so an interrupted run resumes.
+``<cache_dir>/defense_eval_rows.jsonl`` as they finish, so an interrupted run resumes (rows of
+an older ``ROW_VERSION`` are ignored), and every defended model is saved under
+``<cache_dir>/defended/``.  Face: ``--models=face/baseline --clean_seeds=`` (the model is
+trained into the cache on first use).
 """
 
 from __future__ import annotations
