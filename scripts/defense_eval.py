@@ -252,6 +252,9 @@ def main(argv: list[str]) -> int:
     rows = [r for r in unique.values() if (r["task"], r["kind"], r["seed"]) in wanted
             and r["defense"] in FLAGS.defenses]
     summary = evaluate_rows(rows, FLAGS.tolerance)
+    measured = {(r["task"], r["kind"], r["seed"]) for r in rows}
+    summary["incomplete"] += [f"{task}/{kind} seed {seed}: nothing measured"
+                              for task, kind, seed in plan if (task, kind, seed) not in measured]
     meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
             "seeds": seeds, "clean_seeds": clean_seeds, "tolerance": FLAGS.tolerance,
             "seconds": time.perf_counter() - start}
