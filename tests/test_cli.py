@@ -75,6 +75,17 @@ def test_generated_flags_parse_validate_and_rename():
         cli_flags.from_flags(FineTuneSettings, flag_values=values, **naming)
 
 
+def test_tuple_fields_are_comma_separated_list_flags():
+    values = flags.FlagValues()
+    cli_flags.define_flags(FineTuneSettings, prefix="fine_tune_", flag_values=values)
+    values(["prog", "--fine_tune_learning_rates=0.001,1e-2"])
+    settings = cli_flags.from_flags(FineTuneSettings, prefix="fine_tune_", flag_values=values)
+    assert settings.learning_rates == (0.001, 0.01)
+    assert values["fine_tune_learning_rates"].default == FineTuneSettings.learning_rates
+    with pytest.raises(flags.IllegalFlagValueError, match="comma-separated float"):
+        values["fine_tune_learning_rates"].parse("0.001,fast")
+
+
 def test_fine_prune_command_has_a_flag_for_every_setting_and_the_old_names():
     from fineprune_tf.cli import fine_prune
 

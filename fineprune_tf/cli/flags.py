@@ -8,7 +8,8 @@ and help live in one place (the dataclass).
     settings = from_flags(defenses.FineTuneSettings, prefix="fine_tune_", ...)
 
 A field's flag is ``names[field]`` if given, else ``prefix + field``; its type comes from the
-annotation (``bool``, ``int``, ``float``, ``str``, each optionally ``| None``), its default
+annotation (``bool``, ``int``, ``float``, ``str``, each optionally ``| None``, or a
+``tuple[float, ...]`` given as a comma-separated list), its default
 from the dataclass, its help from the ``Attributes:`` section of the class docstring.  Values
 are checked by the class's own ``validate()`` when :func:`from_flags` builds it.
 """
@@ -30,15 +31,43 @@ _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFI
            str: flags.DEFINE_string}
 
 
-def _base_type(annotation: Any) -> type:
-    """``int`` for ``int`` and ``int | None``; TypeError for anything else."""
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """``(int, False)`` for ``int`` and ``int | None``; ``(float, True)`` for
+    ``tuple[float, ...]`` (a comma-separated list flag); TypeError for anything else."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
             annotation = args[0]
+    sequence = typing.get_origin(annotation) is tuple
+    if sequence:
+        args = typing.get_args(annotation)
+        if len(args) != 2 or args[1] is not Ellipsis or args[0] not in (int, float, str):
+            raise TypeError(f"no flag type for {annotation!r}. Received: a field of that type")
+        annotation = args[0]
     if annotation not in _DEFINE:
         raise TypeError(f"no flag type for {annotation!r}. Received: a field of that type")
-    return annotation
+    return annotation, sequence
+
+
+def _define_sequence(kind: type, flag: str, default: Any, text: str,
+                     flag_values: flags.FlagValues) -> None:
+    """A comma-separated flag whose items parse as ``kind`` (e.g. ``--rates=1e-3,3e-3``)."""
+    parser = flags.ListParser()
+
+    class _Items(flags.ArgumentParser):
+        def parse(self, argument):
+            items = parser.parse(argument) if isinstance(argument, str) else list(argument)
+            try:
+                return tuple(kind(item) for item in items)
+            except ValueError as error:
+                raise ValueError(f"expected comma-separated {kind.__name__} values. "
+                                 f"Received: {argument!r}") from error
+
+        def flag_type(self):
+            return f"comma-separated list of {kind.__name__}"
+
+    flags.DEFINE(_Items(), flag, default, text, flag_values=flag_values,
+                 serializer=flags.CsvListSerializer(","))
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -93,12 +122,15 @@ def define_flags(cls: type, prefix: str = "", names: Mapping[str, str] | None = 
     instance = cls()
     mapping = flag_names(cls, prefix, names, skip)
     for field, flag in mapping.items():
-        kind = _base_type(hints[field])
+        kind, sequence = _base_type(hints[field])
         default = (defaults or {}).get(field, getattr(instance, field))
         # The first sentence: the docstring says the rest.
         text = re.split(r"(?<=[.;])\s", helps.get(field, ""), maxsplit=1)[0] or field
-        _DEFINE[kind](flag, default, f"{text} ({cls.__name__}.{field})",
-                      flag_values=flag_values)
+        text = f"{text} ({cls.__name__}.{field})"
+        if sequence:
+            _define_sequence(kind, flag, default, text, flag_values)
+        else:
+            _DEFINE[kind](flag, default, text, flag_values=flag_values)
     return mapping
 
 
