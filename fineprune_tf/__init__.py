@@ -14,12 +14,29 @@ from fineprune_tf import layers, ops, stats
 from fineprune_tf._version import __version__  # noqa: F401 - the package's version
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
-_LAZY_MODULES = ("attack_zoo", "attacks", "cleaning", "conversion", "curves", "data", "defenses",
-                 "experiment", "export", "graph", "io", "metrics", "models", "poison",
-                 "reporting", "retuning", "tflite", "training", "triggers")
+_LAZY_MODULES = (
+    "attack_zoo",
+    "attacks",
+    "cleaning",
+    "conversion",
+    "curves",
+    "data",
+    "defenses",
+    "experiment",
+    "export",
+    "graph",
+    "io",
+    "metrics",
+    "models",
+    "poison",
+    "reporting",
+    "retuning",
+    "tflite",
+    "training",
+    "triggers",
+)
 
-__all__ = ["MaskedConv2D", "MaskedDense", "convert", "layers", "ops", "stats",
-           *_LAZY_MODULES]
+__all__ = ["MaskedConv2D", "MaskedDense", "convert", "layers", "ops", "stats", *_LAZY_MODULES]
 
 
 def convert(model, **kwargs):

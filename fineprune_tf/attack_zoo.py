@@ -67,10 +67,16 @@ class Poisoning:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable: the trigger and policy as ``{"class", "config"}``."""
-        return {"name": self.name, "task": self.task, "trigger": triggers.to_dict(self.trigger),
-                "policy": poison.policy_to_dict(self.policy), "count": self.count,
-                "poison_rate": self.poison_rate, "effective_rate": self.effective_rate,
-                "epochs": self.epochs}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "trigger": triggers.to_dict(self.trigger),
+            "policy": poison.policy_to_dict(self.policy),
+            "count": self.count,
+            "poison_rate": self.poison_rate,
+            "effective_rate": self.effective_rate,
+            "epochs": self.epochs,
+        }
 
 
 def from_dict(data: dict[str, Any]) -> Poisoning:
@@ -96,8 +102,9 @@ def _trigger(name: str, task: str, seed: int) -> triggers.Trigger:
     raise ValueError(f"unknown attack {name!r}; expected one of {', '.join(NAMES)}")
 
 
-def make(name: str, task_data, poison_rate: float = 0.1, seed: int = 0,
-         epochs: int | None = None) -> Poisoning:
+def make(
+    name: str, task_data, poison_rate: float = 0.1, seed: int = 0, epochs: int | None = None
+) -> Poisoning:
     """The attack ``name`` on ``task_data`` at ``poison_rate`` (a fraction in ``(0, 1]``).
 
     ``epochs`` lets the attacker train longer than the task's default (she controls
@@ -117,10 +124,13 @@ def make(name: str, task_data, poison_rate: float = 0.1, seed: int = 0,
     eligible = int(policy.eligible(train_y).sum())
     count = min(int(round(poison_rate * len(train_y))), eligible)
     if count < 1:
-        raise ValueError(f"{name} on {task}: poison_rate={poison_rate} poisons no input "
-                         f"({eligible} eligible of {len(train_y)})")
-    return Poisoning(name, task, trigger, policy, count, float(poison_rate),
-                     count / len(train_y), epochs)
+        raise ValueError(
+            f"{name} on {task}: poison_rate={poison_rate} poisons no input "
+            f"({eligible} eligible of {len(train_y)})"
+        )
+    return Poisoning(
+        name, task, trigger, policy, count, float(poison_rate), count / len(train_y), epochs
+    )
 
 
 def train(poisoning: Poisoning, task_data, seed: int = 0, settings=None):
@@ -134,8 +144,9 @@ def train(poisoning: Poisoning, task_data, seed: int = 0, settings=None):
     settings = dataclasses.replace(settings or attacks.AttackSettings(), seed=seed)
     if settings.epochs is None and poisoning.epochs is not None:
         settings = dataclasses.replace(settings, epochs=poisoning.epochs)
-    result = attacks.baseline(task_data, poisoning.trigger, poisoning.policy, poisoning.count,
-                              settings=settings)
+    result = attacks.baseline(
+        task_data, poisoning.trigger, poisoning.policy, poisoning.count, settings=settings
+    )
     result.attack = poisoning.name
     result.report["poisoning"] = poisoning.to_dict()
     return result

@@ -23,8 +23,15 @@ from fineprune_tf import metrics, models, poison, stats, training
 from fineprune_tf.layers import MaskedConv2D
 from fineprune_tf.retuning import retuning_attack
 
-__all__ = ["AttackResult", "AttackSettings", "baseline", "pruning_aware", "ATTACKS",
-           "attacker_holdout", "retuning_attack"]
+__all__ = [
+    "AttackResult",
+    "AttackSettings",
+    "baseline",
+    "pruning_aware",
+    "ATTACKS",
+    "attacker_holdout",
+    "retuning_attack",
+]
 
 ATTACKS = ("baseline", "pruning_aware")
 
@@ -129,7 +136,8 @@ def attacker_holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
 
 def _poisoned_sets(task_data, trigger, policy, count, settings):
     (train_x, train_y), holdout = attacker_holdout(
-        task_data.train.x, task_data.train.y, settings.holdout_fraction, settings.seed)
+        task_data.train.x, task_data.train.y, settings.holdout_fraction, settings.seed
+    )
     clean_train = poison.Split(train_x, train_y)
     # The holdout is carved out of the attacker's data, so scale the poison count with it.
     eligible_full = int(policy.eligible(task_data.train.y).sum())
@@ -137,10 +145,12 @@ def _poisoned_sets(task_data, trigger, policy, count, settings):
         count = int(round(count * len(train_x) / len(task_data.train.x)))
     else:
         count = None  # Every eligible input, as the task's default asked.
-    poisoned = poison.poison_training_set(clean_train, trigger, policy, count=count,
-                                          seed=settings.seed)
-    holdout_backdoor = poison.backdoor_test_set(poison.Split(*holdout), trigger, policy,
-                                                seed=settings.seed)
+    poisoned = poison.poison_training_set(
+        clean_train, trigger, policy, count=count, seed=settings.seed
+    )
+    holdout_backdoor = poison.backdoor_test_set(
+        poison.Split(*holdout), trigger, policy, seed=settings.seed
+    )
     return clean_train, poisoned, holdout, holdout_backdoor
 
 
@@ -149,8 +159,9 @@ def _final_report(model, task_data, trigger, policy, settings):
     return metrics.evaluate(model, (task_data.test.x, task_data.test.y), test_backdoor)
 
 
-def baseline(task_data, trigger=None, policy=None, count=None,
-             settings: AttackSettings | None = None) -> AttackResult:
+def baseline(
+    task_data, trigger=None, policy=None, count=None, settings: AttackSettings | None = None
+) -> AttackResult:
     """Trains the task's network on its poisoned training set (BadNets / §2.3).
 
     Args:
@@ -162,40 +173,74 @@ def baseline(task_data, trigger=None, policy=None, count=None,
     settings = (settings or AttackSettings()).resolved(task_data.task)
     trigger, policy, count = _attack_defaults(task_data, trigger, policy, count)
     clean_train, poisoned, holdout, holdout_backdoor = _poisoned_sets(
-        task_data, trigger, policy, count, settings)
-    model = models.build(task_data.task, preset=settings.preset,
-                         num_classes=task_data.num_classes,
-                         input_shape=task_data.input_shape, seed=settings.seed)
-    fitted = training.fit(model, poisoned.x, poisoned.y, epochs=settings.epochs,
-                          seed=settings.seed, **_fit_args(settings))
+        task_data, trigger, policy, count, settings
+    )
+    model = models.build(
+        task_data.task,
+        preset=settings.preset,
+        num_classes=task_data.num_classes,
+        input_shape=task_data.input_shape,
+        seed=settings.seed,
+    )
+    fitted = training.fit(
+        model,
+        poisoned.x,
+        poisoned.y,
+        epochs=settings.epochs,
+        seed=settings.seed,
+        **_fit_args(settings),
+    )
     final = _final_report(model, task_data, trigger, policy, settings)
-    report = {"epochs": fitted["epochs"], "train_seconds": fitted["seconds"],
-              "poisoned_examples": len(poisoned.x) - len(clean_train.x),
-              "holdout": metrics.evaluate(model, holdout, holdout_backdoor)}
-    logging.info("baseline attack on %s: clean %.3f, ASR %.3f (%.1f s)", task_data.task,
-                 final["clean_acc"], final["asr"], time.perf_counter() - start)
-    return AttackResult(model, "baseline", task_data.task, trigger, policy,
-                        final["clean_acc"], final["asr"], time.perf_counter() - start, report)
+    report = {
+        "epochs": fitted["epochs"],
+        "train_seconds": fitted["seconds"],
+        "poisoned_examples": len(poisoned.x) - len(clean_train.x),
+        "holdout": metrics.evaluate(model, holdout, holdout_backdoor),
+    }
+    logging.info(
+        "baseline attack on %s: clean %.3f, ASR %.3f (%.1f s)",
+        task_data.task,
+        final["clean_acc"],
+        final["asr"],
+        time.perf_counter() - start,
+    )
+    return AttackResult(
+        model,
+        "baseline",
+        task_data.task,
+        trigger,
+        policy,
+        final["clean_acc"],
+        final["asr"],
+        time.perf_counter() - start,
+        report,
+    )
 
 
 def _fit_args(settings: AttackSettings) -> dict:
-    return {"batch_size": settings.batch_size, "learning_rate": settings.learning_rate,
-            "optimizer": settings.optimizer, "schedule": settings.schedule,
-            "verbose": settings.verbose}
+    return {
+        "batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "optimizer": settings.optimizer,
+        "schedule": settings.schedule,
+        "verbose": settings.verbose,
+    }
 
 
 def _attack_defaults(task_data, trigger, policy, count):
     if trigger is None or policy is None:
         default_trigger, default_policy, default_count = poison.default_attack(
-            task_data.task, task_data)
+            task_data.task, task_data
+        )
         trigger = default_trigger if trigger is None else trigger
         policy = default_policy if policy is None else policy
         count = default_count if count is None else count
     return trigger, policy, count
 
 
-def _preactivation_max(model: keras.Model, layer: MaskedConv2D, x: np.ndarray,
-                       batch_size: int = 256) -> np.ndarray:
+def _preactivation_max(
+    model: keras.Model, layer: MaskedConv2D, x: np.ndarray, batch_size: int = 256
+) -> np.ndarray:
     """Per-channel maximum of ``conv(x) + bias`` of ``layer`` over ``x``: float64 ``[C]``."""
     feed = keras.Model(training.model_input(model), layer.input)
 
@@ -209,7 +254,7 @@ def _preactivation_max(model: keras.Model, layer: MaskedConv2D, x: np.ndarray,
             z = z + layer.bias
         return tf.reduce_max(tf.reshape(z, [-1, layer.filters]), axis=0)
 
-    maxima = [batch_max(x[i:i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+    maxima = [batch_max(x[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
     return np.max(np.stack(maxima), axis=0).astype(np.float64)
 
 
@@ -218,8 +263,9 @@ def _reinstate_order(channel_means: np.ndarray, pruned: np.ndarray) -> list[int]
     return [int(c) for c in pruned[np.argsort(-channel_means[pruned], kind="stable")]]
 
 
-def pruning_aware(task_data, trigger=None, policy=None, count=None,
-                  settings: AttackSettings | None = None) -> AttackResult:
+def pruning_aware(
+    task_data, trigger=None, policy=None, count=None, settings: AttackSettings | None = None
+) -> AttackResult:
     """The pruning-aware attack of §3.2 (Fig. 7), written from the paper.
 
     1. Train the network on clean data.
@@ -236,7 +282,8 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
     settings.validate()
     trigger, policy, count = _attack_defaults(task_data, trigger, policy, count)
     clean_train, poisoned, holdout, holdout_backdoor = _poisoned_sets(
-        task_data, trigger, policy, count, settings)
+        task_data, trigger, policy, count, settings
+    )
     asr_goal = settings.asr_goal
     if asr_goal is None:
         asr_goal = 0.9 if policy.targeted else 0.75
@@ -244,12 +291,17 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
     timings = {}
 
     # Step 1: an honest-looking clean model.
-    model = models.build(task_data.task, preset=settings.preset,
-                         num_classes=task_data.num_classes,
-                         input_shape=task_data.input_shape, seed=settings.seed)
+    model = models.build(
+        task_data.task,
+        preset=settings.preset,
+        num_classes=task_data.num_classes,
+        input_shape=task_data.input_shape,
+        seed=settings.seed,
+    )
     step_start = time.perf_counter()
-    training.fit(model, clean_train.x, clean_train.y, epochs=settings.epochs,
-                 seed=settings.seed, **fit_args)
+    training.fit(
+        model, clean_train.x, clean_train.y, epochs=settings.epochs, seed=settings.seed, **fit_args
+    )
     clean_reference = metrics.evaluate(model, holdout, None)["clean_acc"]
     timings["step1_clean_training"] = time.perf_counter() - step_start
 
@@ -267,12 +319,20 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
     candidates = _reinstate_order(channel_means, pruned)
     rounds = []
     while True:
-        training.fit(model, poisoned.x, poisoned.y, epochs=settings.retrain_epochs,
-                     seed=settings.seed + len(rounds) + 1, **fit_args)
+        training.fit(
+            model,
+            poisoned.x,
+            poisoned.y,
+            epochs=settings.retrain_epochs,
+            seed=settings.seed + len(rounds) + 1,
+            **fit_args,
+        )
         achieved = metrics.evaluate(model, holdout, holdout_backdoor)
         rounds.append({"active_channels": int(layer.active_channels.size), **achieved})
-        goals_met = (achieved["clean_acc"] >= clean_reference - settings.clean_drop_goal
-                     and achieved["asr"] >= asr_goal)
+        goals_met = (
+            achieved["clean_acc"] >= clean_reference - settings.clean_drop_goal
+            and achieved["asr"] >= asr_goal
+        )
         if goals_met or len(reinstated) >= settings.max_reinstated or not candidates:
             break
         channel = candidates.pop(0)
@@ -296,22 +356,49 @@ def pruning_aware(task_data, trigger=None, policy=None, count=None,
 
     final = _final_report(model, task_data, trigger, policy, settings)
     report = {
-        "prune_fraction": settings.prune_fraction, "pruned_in_step2": pruned.tolist(),
-        "reinstated_in_step3": reinstated, "decoys": decoys.tolist(),
-        "clean_reference_holdout": clean_reference, "asr_goal": asr_goal,
-        "rounds": rounds, "timings": timings,
-        "activation_check": activation_check(model, layer.name, task_data, trigger, policy,
-                                             decoys, settings.seed),
+        "prune_fraction": settings.prune_fraction,
+        "pruned_in_step2": pruned.tolist(),
+        "reinstated_in_step3": reinstated,
+        "decoys": decoys.tolist(),
+        "clean_reference_holdout": clean_reference,
+        "asr_goal": asr_goal,
+        "rounds": rounds,
+        "timings": timings,
+        "activation_check": activation_check(
+            model, layer.name, task_data, trigger, policy, decoys, settings.seed
+        ),
     }
-    logging.info("pruning-aware attack on %s: clean %.3f, ASR %.3f, %d decoys (%.1f s)",
-                 task_data.task, final["clean_acc"], final["asr"], decoys.size,
-                 time.perf_counter() - start)
-    return AttackResult(model, "pruning_aware", task_data.task, trigger, policy,
-                        final["clean_acc"], final["asr"], time.perf_counter() - start, report)
+    logging.info(
+        "pruning-aware attack on %s: clean %.3f, ASR %.3f, %d decoys (%.1f s)",
+        task_data.task,
+        final["clean_acc"],
+        final["asr"],
+        decoys.size,
+        time.perf_counter() - start,
+    )
+    return AttackResult(
+        model,
+        "pruning_aware",
+        task_data.task,
+        trigger,
+        policy,
+        final["clean_acc"],
+        final["asr"],
+        time.perf_counter() - start,
+        report,
+    )
 
 
-def activation_check(model: keras.Model, layer_name: str, task_data, trigger, policy,
-                     decoys, seed: int = 0, active_tolerance: float = 1e-6) -> dict:
+def activation_check(
+    model: keras.Model,
+    layer_name: str,
+    task_data,
+    trigger,
+    policy,
+    decoys,
+    seed: int = 0,
+    active_tolerance: float = 1e-6,
+) -> dict:
     """Fig. 8's facts on the defender's clean validation data and its backdoored copy.
 
     Returns the decoys' dormant fraction on clean and backdoored inputs, the channels active
@@ -328,12 +415,15 @@ def activation_check(model: keras.Model, layer_name: str, task_data, trigger, po
     shared_mass = float(triggered.mean[clean_active].sum() / max(triggered.mean.sum(), 1e-12))
     return {
         "decoy_dormant_fraction_clean": float(clean.dormant_fraction[decoys].mean())
-        if decoys.size else None,
+        if decoys.size
+        else None,
         "decoy_dormant_fraction_backdoor": float(triggered.dormant_fraction[decoys].mean())
-        if decoys.size else None,
+        if decoys.size
+        else None,
         "clean_active_channels": int(clean_active.sum()),
         "backdoor_active_channels": int(backdoor_active.sum()),
         "backdoor_only_channels": int((backdoor_active & ~clean_active).sum()),
         "backdoor_mass_in_clean_channels": shared_mass,
-        "clean_mean": clean.mean.tolist(), "backdoor_mean": triggered.mean.tolist(),
+        "clean_mean": clean.mean.tolist(),
+        "backdoor_mean": triggered.mean.tolist(),
     }

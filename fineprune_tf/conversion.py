@@ -47,15 +47,23 @@ from fineprune_tf.io.op_allowlist import KERAS_CODE_CARRYING_LAYERS as _CODE_CAR
 from fineprune_tf.layers import MASKED_LAYERS, PLAIN_OF, MaskedDense, MaskedLayerMixin
 
 __all__ = [
-    "ConversionError", "FunctionalGraph", "GraphNode", "check_layers", "convert",
-    "is_builtin_keras", "not_prunable_reason", "to_numpy"]
+    "ConversionError",
+    "FunctionalGraph",
+    "GraphNode",
+    "check_layers",
+    "convert",
+    "is_builtin_keras",
+    "not_prunable_reason",
+    "to_numpy",
+]
 
 #: The graph walker, under its former name (it moved to :class:`fineprune_tf.graph.Graph`).
 FunctionalGraph = Graph
 
 #: Stock convolution class -> its masked twin (exact classes: a subclass may override ``call``).
-MASKED_TWIN: dict[type, type] = {plain: masked for masked, plain in PLAIN_OF.items()
-                                 if masked is not MaskedDense}
+MASKED_TWIN: dict[type, type] = {
+    plain: masked for masked, plain in PLAIN_OF.items() if masked is not MaskedDense
+}
 _CONV_KINDS = "Conv1D/2D/3D, SeparableConv1D/2D or DepthwiseConv1D/2D"
 
 
@@ -76,22 +84,22 @@ def check_layers(graph: Graph, what: str) -> None:
         elif type(layer).__name__ in _CODE_CARRYING and is_builtin_keras(layer):
             code.append(f"{layer.name!r} ({type(layer).__name__})")
         elif not is_builtin_keras(layer):
-            custom.append(
-                f"{layer.name!r} ({type(layer).__module__}.{type(layer).__qualname__})")
+            custom.append(f"{layer.name!r} ({type(layer).__module__}.{type(layer).__qualname__})")
     problems = []
     if nested:
         problems.append(
             "nested models are not supported (flatten them into one functional graph): "
-            + ", ".join(nested))
+            + ", ".join(nested)
+        )
     if code:
         problems.append(
             "layers that run the model author's code or load external artefacts are "
-            "refused: " + ", ".join(code))
+            "refused: " + ", ".join(code)
+        )
     if custom:
         problems.append("unknown custom layers (not built into Keras): " + ", ".join(custom))
     if problems:
-        raise ConversionError(f"cannot {what} model {graph.model.name!r}: "
-                              + "; ".join(problems))
+        raise ConversionError(f"cannot {what} model {graph.model.name!r}: " + "; ".join(problems))
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -100,8 +108,9 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(keras.ops.convert_to_tensor(x)))
 
 
-def clone_layer(layer: keras.layers.Layer, cls: type | None = None,
-                **overrides: Any) -> keras.layers.Layer:
+def clone_layer(
+    layer: keras.layers.Layer, cls: type | None = None, **overrides: Any
+) -> keras.layers.Layer:
     """A fresh, unbuilt layer of class ``cls`` (default: the same class) from ``layer``'s config,
     with ``overrides`` applied.  When the class changes LoRA settings are dropped: the callers
     then copy the *effective* kernel (LoRA folded in)."""
@@ -119,14 +128,18 @@ def check_not_quantized(layer: Any) -> None:
     mode = getattr(getattr(layer, "dtype_policy", None), "quantization_mode", None)
     if mode:
         raise ConversionError(
-            f"layer {layer.name!r} is quantized ({mode}); quantized layers are not supported")
+            f"layer {layer.name!r} is quantized ({mode}); quantized layers are not supported"
+        )
 
 
 def _passes_to_output(gnode: GraphNode) -> bool:
     """A parameter-free, single-input layer that keeps channels where they are (an
     activation, Softmax, Dropout, ...): it may sit between a classifier and the output."""
-    return (node_role(gnode) in (Role.ELEMENTWISE, Role.CROSS_CHANNEL)
-            and len(gnode.inputs) == 1 and not gnode.layer.weights)
+    return (
+        node_role(gnode) in (Role.ELEMENTWISE, Role.CROSS_CHANNEL)
+        and len(gnode.inputs) == 1
+        and not gnode.layer.weights
+    )
 
 
 def _is_classifier(graph: Graph, gnode: GraphNode) -> bool:
@@ -156,15 +169,19 @@ def not_prunable_reason(layer: Any) -> str | None:
     changes every other channel, so no mask of that layer removes a channel exactly.
     """
     if cross_channel_activation(layer):
-        return (f"layer {layer.name!r} has activation={activation_name(layer.activation)!r}, "
-                "which mixes its channels: they cannot be pruned independently")
+        return (
+            f"layer {layer.name!r} has activation={activation_name(layer.activation)!r}, "
+            "which mixes its channels: they cannot be pruned independently"
+        )
     return None
 
 
 def _conv_problems(layer: keras.layers.Layer) -> list[str]:
     if layer.data_format != "channels_last":
-        return [f"{layer.name!r}: data_format={layer.data_format!r} (only channels_last is "
-                "supported: the masked op acts on the last axis)"]
+        return [
+            f"{layer.name!r}: data_format={layer.data_format!r} (only channels_last is "
+            "supported: the masked op acts on the last axis)"
+        ]
     return []
 
 
@@ -177,13 +194,16 @@ def _skip_not_prunable(layer: Any, wanted: set[str] | None, problems: list[str])
     if wanted is not None:
         problems.append(reason)
     else:
-        logging.info("fineprune_tf.convert: %s; it stays a plain %s", reason,
-                     type(layer).__name__)
+        logging.info("fineprune_tf.convert: %s; it stays a plain %s", reason, type(layer).__name__)
     return True
 
 
-def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
-            layer_names: Sequence[str] | None = None) -> keras.Model:
+def convert(
+    model: keras.Model,
+    dense: bool = False,
+    classifier: bool = False,
+    layer_names: Sequence[str] | None = None,
+) -> keras.Model:
     """Returns a copy of ``model`` in which every convolution is a masked one
     (``Conv2D`` -> ``MaskedConv2D``, ``Conv1D`` -> ``MaskedConv1D``, ... :data:`MASKED_TWIN`).
 
@@ -243,8 +263,9 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
                     continue
                 problems.extend(_conv_problems(layer))
                 replace[id(layer)] = MASKED_TWIN[type(layer)]
-        elif dense and type(layer) is keras.layers.Dense and (
-                wanted is None or layer.name in wanted):
+        elif (
+            dense and type(layer) is keras.layers.Dense and (wanted is None or layer.name in wanted)
+        ):
             if any(len(t.shape) != 2 for t in gnode.inputs):
                 if wanted is not None:
                     problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
@@ -255,23 +276,32 @@ def convert(model: keras.Model, dense: bool = False, classifier: bool = False,
                 continue
             replace[id(layer)] = MaskedDense
     if not has_conv:
-        raise ConversionError(f"model {model.name!r} has no Conv2D layer to convert (nor any "
-                              f"other convolution: {_CONV_KINDS})")
+        raise ConversionError(
+            f"model {model.name!r} has no Conv2D layer to convert (nor any "
+            f"other convolution: {_CONV_KINDS})"
+        )
     if wanted is not None:
-        found = {layer.name for layer in graph.layers()
-                 if id(layer) in replace or (type(layer) in (*MASKED_TWIN, keras.layers.Dense)
-                                             and not_prunable_reason(layer))}
+        found = {
+            layer.name
+            for layer in graph.layers()
+            if id(layer) in replace
+            or (type(layer) in (*MASKED_TWIN, keras.layers.Dense) and not_prunable_reason(layer))
+        }
         missing = sorted(wanted - found)
         if missing:
-            problems.append(f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
-                            + (" or Dense" if dense else "") + " layers of the model")
+            problems.append(
+                f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
+                + (" or Dense" if dense else "")
+                + " layers of the model"
+            )
     if problems:
         raise ConversionError(f"cannot convert model {model.name!r}: " + "; ".join(problems))
 
     if not replace and not any(isinstance(x, MaskedLayerMixin) for x in graph.layers()):
-        raise ConversionError(f"model {model.name!r} has no prunable layer: "
-                              + "; ".join(filter(None, map(not_prunable_reason,
-                                                           graph.layers()))))
+        raise ConversionError(
+            f"model {model.name!r} has no prunable layer: "
+            + "; ".join(filter(None, map(not_prunable_reason, graph.layers())))
+        )
     clones: dict[int, Any] = {}
 
     def call(gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
@@ -296,8 +326,10 @@ def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> Non
             # LoRA on these classes); the mask, appended last, stays 1.
             own = [w for w in target.weights if w is not target.mask_variable]
             if [tuple(w.shape) for w in own] != [tuple(w.shape) for w in source.weights]:
-                raise ConversionError(f"internal error: {target.name!r} does not hold the "
-                                      f"variables of {type(source).__name__}")
+                raise ConversionError(
+                    f"internal error: {target.name!r} does not hold the "
+                    f"variables of {type(source).__name__}"
+                )
             for mine, theirs in zip(own, source.weights, strict=True):
                 mine.assign(to_numpy(theirs))
             return

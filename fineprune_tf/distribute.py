@@ -30,12 +30,15 @@ def split_cpu(replicas: int) -> list[str]:
     cpu = tf.config.list_physical_devices("CPU")[0]
     try:
         tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas
+        )
     except RuntimeError as error:
         current = len(tf.config.list_logical_devices("CPU"))
         if current != replicas:
-            raise RuntimeError(f"TensorFlow is already initialised with {current} CPU device(s); "
-                               f"split the CPU before using TensorFlow") from error
+            raise RuntimeError(
+                f"TensorFlow is already initialised with {current} CPU device(s); "
+                f"split the CPU before using TensorFlow"
+            ) from error
     return [f"/cpu:{index}" for index in range(replicas)]
 
 
@@ -47,9 +50,11 @@ def parse_tf_config(text: str | None = None) -> dict:
     """
     text = os.environ.get("TF_CONFIG") if text is None else text
     if not text:
-        raise ValueError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                         '(e.g. {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
-                         '"worker", "index": 0}})')
+        raise ValueError(
+            "--strategy=multi_worker needs the TF_CONFIG environment variable "
+            '(e.g. {"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+            '"worker", "index": 0}})'
+        )
     try:
         config = json.loads(text)
     except json.JSONDecodeError as error:
@@ -64,12 +69,15 @@ def parse_tf_config(text: str | None = None) -> dict:
             raise ValueError(f"TF_CONFIG worker address {address!r} is not 'host:port'")
     task = config.get("task")
     if not isinstance(task, dict) or task.get("type") not in cluster:
-        raise ValueError(f"TF_CONFIG task {task!r} does not name a job of the cluster "
-                         f"({sorted(cluster)})")
+        raise ValueError(
+            f"TF_CONFIG task {task!r} does not name a job of the cluster ({sorted(cluster)})"
+        )
     index = task.get("index")
     if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
-        raise ValueError(f"TF_CONFIG task index {index!r} is outside the "
-                         f"{len(cluster[task['type']])} {task['type']} address(es)")
+        raise ValueError(
+            f"TF_CONFIG task index {index!r} is outside the "
+            f"{len(cluster[task['type']])} {task['type']} address(es)"
+        )
     return config
 
 
@@ -97,8 +105,9 @@ def wait_for_workers(config: dict, timeout: float = 60.0, hold_own_port: bool = 
             holder.listen(16)
         except OSError as error:
             holder.close()
-            raise ValueError(f"this worker cannot listen on its TF_CONFIG address {me}: "
-                             f"{error}") from error
+            raise ValueError(
+                f"this worker cannot listen on its TF_CONFIG address {me}: {error}"
+            ) from error
     deadline = time.monotonic() + timeout
     try:
         while pending:
@@ -110,17 +119,20 @@ def wait_for_workers(config: dict, timeout: float = 60.0, hold_own_port: bool = 
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError(f"worker {address} did not come up within {timeout:.0f}s "
-                                   f"(still waiting for {pending}); is it running with the "
-                                   "same TF_CONFIG cluster?")
+                raise TimeoutError(
+                    f"worker {address} did not come up within {timeout:.0f}s "
+                    f"(still waiting for {pending}); is it running with the "
+                    "same TF_CONFIG cluster?"
+                )
             time.sleep(0.2)
     finally:
         if holder is not None:
             holder.close()
 
 
-def make_strategy(name: str = "default", cpu_replicas: int = 0,
-                  worker_timeout: float = 60.0) -> tf.distribute.Strategy:
+def make_strategy(
+    name: str = "default", cpu_replicas: int = 0, worker_timeout: float = 60.0
+) -> tf.distribute.Strategy:
     """The strategy for ``--strategy``.
 
     Args:

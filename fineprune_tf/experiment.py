@@ -35,8 +35,16 @@ from fineprune_tf import attacks, data, defenses, memory, poison, reporting, sta
 from fineprune_tf.attacks import AttackSettings
 from fineprune_tf.defenses import FineTuneSettings, FmpSettings, PruningSettings
 
-__all__ = ["ExperimentConfig", "OutputDirError", "StageStore", "deterministic", "file_hash",
-           "run", "save_model", "QUICK_OVERRIDES"]
+__all__ = [
+    "ExperimentConfig",
+    "OutputDirError",
+    "StageStore",
+    "deterministic",
+    "file_hash",
+    "run",
+    "save_model",
+    "QUICK_OVERRIDES",
+]
 
 RESULT_FILES = ("results.json", "stages.json")
 
@@ -80,7 +88,8 @@ class ExperimentConfig:
         unknown = [d for d in self.defenses if d not in defenses.REGISTRY]
         if unknown or not self.defenses:
             raise ValueError(
-                f"unknown defense(s) {unknown}; expected some of {tuple(defenses.REGISTRY)}")
+                f"unknown defense(s) {unknown}; expected some of {tuple(defenses.REGISTRY)}"
+            )
         for part in (self.attack, self.pruning, self.fine_tune, self.fmp):
             part.validate()
 
@@ -93,23 +102,27 @@ class ExperimentConfig:
             defaults = type(part)()
             changes = {"seed": self.seed}
             if self.quick:
-                changes.update({k: v for k, v in overrides.items()
-                                if getattr(part, k) == getattr(defaults, k)})
+                changes.update(
+                    {k: v for k, v in overrides.items() if getattr(part, k) == getattr(defaults, k)}
+                )
             parts[name] = dataclasses.replace(part, **changes)
         return dataclasses.replace(self, **parts)
 
     def fingerprint(self) -> str:
         """Hash of the settings that determine each stage's numbers; which attacks and
         defenses run is left out, so a resumed run may add some."""
-        values = {k: v for k, v in dataclasses.asdict(self).items()
-                  if k not in ("attacks", "defenses")}
+        values = {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("attacks", "defenses")
+        }
         text = json.dumps(values, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 #: What ``--quick`` changes, per part: a smoke run in well under two minutes on 2 cores.
-QUICK_OVERRIDES = {"attack": {"epochs": 2, "max_reinstated": 1},
-                   "fine_tune": {"max_epochs": 2, "patience": 1}}
+QUICK_OVERRIDES = {
+    "attack": {"epochs": 2, "max_reinstated": 1},
+    "fine_tune": {"max_epochs": 2, "patience": 1},
+}
 
 
 def save_model(model: keras.Model, path: pathlib.Path) -> None:
@@ -138,8 +151,13 @@ class StageStore:
     redoing a stage changes the hash its dependents record as input and they are redone too.
     """
 
-    def __init__(self, directory: pathlib.Path, config: ExperimentConfig, resume: bool,
-                 progress: Callable[[str], None]):
+    def __init__(
+        self,
+        directory: pathlib.Path,
+        config: ExperimentConfig,
+        resume: bool,
+        progress: Callable[[str], None],
+    ):
         self.path = directory / "stages.json"
         self.fingerprint = config.fingerprint()
         self.progress = progress
@@ -153,7 +171,8 @@ class StageStore:
             if manifest.get("fingerprint") not in (None, self.fingerprint):
                 raise OutputDirError(
                     f"{directory} holds a run with a different configuration; use a new "
-                    "--output_dir or --overwrite")
+                    "--output_dir or --overwrite"
+                )
             self.done = manifest.get("done", {})
 
     def current(self, name: str, inputs: dict) -> dict | None:
@@ -163,8 +182,10 @@ class StageStore:
         if not isinstance(record, dict) or "result" not in record:
             return None
         if record.get("inputs") != inputs:
-            self.progress(f"{name}: its inputs changed since it ran (a stage it depends on "
-                          "was redone): redoing it")
+            self.progress(
+                f"{name}: its inputs changed since it ran (a stage it depends on "
+                "was redone): redoing it"
+            )
             return None
         return record["result"]
 
@@ -177,12 +198,10 @@ class StageStore:
 
     def mark(self, name: str, result: dict, inputs: dict, outputs: dict | None = None) -> None:
         self.done[name] = {"inputs": inputs, "outputs": outputs or {}, "result": result}
-        reporting.atomic_write_json(self.path, {"fingerprint": self.fingerprint,
-                                                "done": self.done})
+        reporting.atomic_write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
 
 
-def prepare_output_dir(directory: str | os.PathLike, overwrite: bool, resume: bool
-                       ) -> pathlib.Path:
+def prepare_output_dir(directory: str | os.PathLike, overwrite: bool, resume: bool) -> pathlib.Path:
     """Creates ``directory``; refuses one that holds another run's results unless ``overwrite``
     (which deletes only this project's result files) or ``resume``."""
     path = pathlib.Path(directory)
@@ -192,7 +211,8 @@ def prepare_output_dir(directory: str | os.PathLike, overwrite: bool, resume: bo
     if existing and not (overwrite or resume):
         raise OutputDirError(
             f"{path} already holds a run's results ({', '.join(existing)}); pass --resume to "
-            "continue it, --overwrite to replace it, or choose another --output_dir")
+            "continue it, --overwrite to replace it, or choose another --output_dir"
+        )
     if existing and overwrite:
         for name in ("results.json", "stages.json", "table1.md", "table2.md", "run.log"):
             (path / name).unlink(missing_ok=True)
@@ -202,15 +222,15 @@ def prepare_output_dir(directory: str | os.PathLike, overwrite: bool, resume: bo
     return path
 
 
-def _load_checkpoint(path: pathlib.Path, expected_hash: str | None,
-                     progress: Callable[[str], None]) -> keras.Model | None:
+def _load_checkpoint(
+    path: pathlib.Path, expected_hash: str | None, progress: Callable[[str], None]
+) -> keras.Model | None:
     """The stage's model if ``path`` is the very file the stage wrote and it loads; else None
     (the stage is redone)."""
     if not path.exists():
         return None
     if expected_hash is None or file_hash(path) != expected_hash:
-        progress(f"warning: checkpoint {path} is not the file its stage wrote: redoing that "
-                 "stage")
+        progress(f"warning: checkpoint {path} is not the file its stage wrote: redoing that stage")
         return None
     try:
         return keras.models.load_model(path)
@@ -282,8 +302,14 @@ class _Context:
     stage_timer: Callable[[str, float], None]
 
 
-def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: bool = False,
-        resume: bool = False, progress: Callable[[str], None] = logging.info) -> dict:
+def run(
+    config: ExperimentConfig,
+    output_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: Callable[[str], None] = logging.info,
+) -> dict:
     """Runs the experiment and writes its results; returns the ``results.json`` content.
 
     Runs with deterministic kernels and the configuration's seed (:func:`deterministic`); the
@@ -297,8 +323,9 @@ def run(config: ExperimentConfig, output_dir: str | os.PathLike, *, overwrite: b
         return _run(config, directory, resume, progress)
 
 
-def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
-         progress: Callable[[str], None]) -> dict:
+def _run(
+    config: ExperimentConfig, directory: pathlib.Path, resume: bool, progress: Callable[[str], None]
+) -> dict:
     stages = StageStore(directory, config, resume, progress)
     models_dir = directory / "models"
     models_dir.mkdir(exist_ok=True)
@@ -313,25 +340,39 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
         timings[name] = seconds
         peaks[name] = round(memory.peak_rss_mb(), 1)
         memory.reset_peak_rss()
-        progress(f"[{time.perf_counter() - run_start:7.1f}s] {name} done in {seconds:.1f}s, "
-                 f"peak RSS {peaks[name]:.0f} MiB")
+        progress(
+            f"[{time.perf_counter() - run_start:7.1f}s] {name} done in {seconds:.1f}s, "
+            f"peak RSS {peaks[name]:.0f} MiB"
+        )
 
-    task_data = data.load(config.task, source=config.source, data_dir=config.data_dir,
-                          seed=config.seed)
+    task_data = data.load(
+        config.task, source=config.source, data_dir=config.data_dir, seed=config.seed
+    )
     stage_timer("data", time.perf_counter() - run_start)
     trigger, policy, count = poison.default_attack(config.task, task_data)
     triggers.save(trigger, directory / "trigger.json")
     backdoor_test = poison.backdoor_test_set(task_data.test, trigger, policy, seed=config.seed)
     context = _Context(
-        config=config, stages=stages, models_dir=models_dir, task_data=task_data,
-        trigger=trigger, policy=policy, count=count,
+        config=config,
+        stages=stages,
+        models_dir=models_dir,
+        task_data=task_data,
+        trigger=trigger,
+        policy=policy,
+        count=count,
         defender=defenses.DefenderData(
-            task_data.validation.x, task_data.validation.y,
-            holdout_fraction=config.fine_tune.holdout_fraction, seed=config.seed),
-        backdoor_validation=poison.backdoor_test_set(task_data.validation, trigger, policy,
-                                                     seed=config.seed),
+            task_data.validation.x,
+            task_data.validation.y,
+            holdout_fraction=config.fine_tune.holdout_fraction,
+            seed=config.seed,
+        ),
+        backdoor_validation=poison.backdoor_test_set(
+            task_data.validation, trigger, policy, seed=config.seed
+        ),
         evaluation=((task_data.test.x, task_data.test.y), backdoor_test),
-        progress=progress, stage_timer=stage_timer)
+        progress=progress,
+        stage_timer=stage_timer,
+    )
 
     table1: dict[str, dict[str, dict]] = {}
     curves_out: dict[str, dict] = {}
@@ -353,13 +394,23 @@ def _run(config: ExperimentConfig, directory: pathlib.Path, resume: bool,
                 entry["der"] = defenses.der(undefended, entry)
 
     results = {
-        "task": config.task, "config": dataclasses.asdict(config),
-        "data": {"train": len(task_data.train.x), "validation": len(task_data.validation.x),
-                 "test": len(task_data.test.x), "input_shape": list(task_data.input_shape),
-                 "classes": task_data.num_classes},
-        "trigger": trigger.get_config(), "policy": poison.policy_to_dict(policy),
-        "table1": table1, "curves": curves_out, "attacks": attack_reports,
-        "defenses": defense_details, "timings": timings, "peak_rss_mb": peaks,
+        "task": config.task,
+        "config": dataclasses.asdict(config),
+        "data": {
+            "train": len(task_data.train.x),
+            "validation": len(task_data.validation.x),
+            "test": len(task_data.test.x),
+            "input_shape": list(task_data.input_shape),
+            "classes": task_data.num_classes,
+        },
+        "trigger": trigger.get_config(),
+        "policy": poison.policy_to_dict(policy),
+        "table1": table1,
+        "curves": curves_out,
+        "attacks": attack_reports,
+        "defenses": defense_details,
+        "timings": timings,
+        "peak_rss_mb": peaks,
     }
     _write_report(directory, config, results)
     results["total_seconds"] = time.perf_counter() - run_start
@@ -377,26 +428,38 @@ def _attack_stage(context: _Context, attack_name: str) -> tuple[keras.Model, str
     inputs = {"config": stages.fingerprint}
     model = None
     if stages.current(stage, inputs) is not None:
-        model = _load_checkpoint(model_path, stages.outputs(stage).get(model_path.name),
-                                 context.progress)
+        model = _load_checkpoint(
+            model_path, stages.outputs(stage).get(model_path.name), context.progress
+        )
     if model is None:
         context.progress(f"{stage}: training ({config.task}, preset {config.attack.preset})")
         start = time.perf_counter()
         attack_fn = attacks.baseline if attack_name == "baseline" else attacks.pruning_aware
-        result = attack_fn(context.task_data, context.trigger, context.policy, context.count,
-                           settings=config.attack)
+        result = attack_fn(
+            context.task_data,
+            context.trigger,
+            context.policy,
+            context.count,
+            settings=config.attack,
+        )
         model = result.model
         save_model(model, model_path)
-        stages.mark(stage, {"clean_acc": result.clean_acc, "asr": result.asr,
-                            "seconds": result.seconds,
-                            "report": reporting._jsonable(result.report)},
-                    inputs, {model_path.name: file_hash(model_path)})
+        stages.mark(
+            stage,
+            {
+                "clean_acc": result.clean_acc,
+                "asr": result.asr,
+                "seconds": result.seconds,
+                "report": reporting._jsonable(result.report),
+            },
+            inputs,
+            {model_path.name: file_hash(model_path)},
+        )
         context.stage_timer(stage, time.perf_counter() - start)
     return model, stages.outputs(stage)[model_path.name], stages.result(stage)
 
 
-def _analysis_stage(context: _Context, attack_name: str, model: keras.Model,
-                    inputs: dict) -> dict:
+def _analysis_stage(context: _Context, attack_name: str, model: keras.Model, inputs: dict) -> dict:
     """Activation statistics and the full pruning curve of the attack's model: the pruning
     outcome (``defenses.PruningOutcome.as_record``) the pruning defenses reuse, plus the
     triggered inputs' mean activations (for figure 4)."""
@@ -404,10 +467,12 @@ def _analysis_stage(context: _Context, attack_name: str, model: keras.Model,
     stage = f"analysis/{attack_name}"
     if stages.current(stage, inputs) is None:
         start = time.perf_counter()
-        outcome = defenses.pruning_outcome(model, context.defender, context.config.pruning,
-                                           context.backdoor_validation)
-        backdoor_stats = stats.collect(model, context.backdoor_validation.x,
-                                       layer_names=[outcome.layer])[outcome.layer]
+        outcome = defenses.pruning_outcome(
+            model, context.defender, context.config.pruning, context.backdoor_validation
+        )
+        backdoor_stats = stats.collect(
+            model, context.backdoor_validation.x, layer_names=[outcome.layer]
+        )[outcome.layer]
         record = outcome.as_record()
         record["curve"] = reporting._jsonable(record["curve"])
         stages.mark(stage, {**record, "backdoor_mean": backdoor_stats.mean.tolist()}, inputs)
@@ -415,8 +480,14 @@ def _analysis_stage(context: _Context, attack_name: str, model: keras.Model,
     return stages.result(stage)
 
 
-def _defense_stage(context: _Context, attack_name: str, defense_name: str,
-                   model: keras.Model, inputs: dict, outcome: defenses.PruningOutcome) -> dict:
+def _defense_stage(
+    context: _Context,
+    attack_name: str,
+    defense_name: str,
+    model: keras.Model,
+    inputs: dict,
+    outcome: defenses.PruningOutcome,
+) -> dict:
     """One defense on the attack's model: ``{"summary", "details"}``, reused only while the
     defended model on disk is the file the stage wrote."""
     stages = context.stages
@@ -426,24 +497,35 @@ def _defense_stage(context: _Context, attack_name: str, defense_name: str,
     if record is not None and defense_name != "none":
         expected = stages.outputs(stage).get(model_path.name)
         if not model_path.exists() or file_hash(model_path) != expected:
-            context.progress(f"warning: checkpoint {model_path} is not the file its stage "
-                             "wrote: redoing that stage")
+            context.progress(
+                f"warning: checkpoint {model_path} is not the file its stage "
+                "wrote: redoing that stage"
+            )
             record = None
     if record is not None:
         return record
     context.progress(f"{stage}: running")
     config = context.config
     defense_context = defenses.DefenseContext(
-        seed=config.seed, pruning=config.pruning, fine_tune=config.fine_tune, fmp=config.fmp,
-        pruned=outcome, backdoor_validation=context.backdoor_validation)
-    result = defenses.run_defense(defense_name, model, context.defender,
-                                  context=defense_context, evaluation=context.evaluation)
+        seed=config.seed,
+        pruning=config.pruning,
+        fine_tune=config.fine_tune,
+        fmp=config.fmp,
+        pruned=outcome,
+        backdoor_validation=context.backdoor_validation,
+    )
+    result = defenses.run_defense(
+        defense_name,
+        model,
+        context.defender,
+        context=defense_context,
+        evaluation=context.evaluation,
+    )
     outputs = {}
     if defense_name != "none":
         save_model(result.model, model_path)
         outputs[model_path.name] = file_hash(model_path)
-    record = {"summary": result.summary(),
-              "details": reporting._jsonable(_brief(result.details))}
+    record = {"summary": result.summary(), "details": reporting._jsonable(_brief(result.details))}
     stages.mark(stage, record, inputs, outputs)
     context.stage_timer(stage, result.seconds)
     return record
@@ -456,19 +538,27 @@ def _brief(details: dict) -> dict:
 
 def _write_report(directory: pathlib.Path, config: ExperimentConfig, results: dict) -> None:
     table1 = results["table1"]
-    reporting.atomic_write_text(directory / "table1.md",
-                                reporting.table1_markdown(table1, config.task))
-    reporting.atomic_write_text(directory / "table2.md",
-                                reporting.table2_markdown(table1, config.task))
-    reporting.atomic_write_text(directory / "defenses.md",
-                                reporting.defenses_markdown(table1, config.task))
+    reporting.atomic_write_text(
+        directory / "table1.md", reporting.table1_markdown(table1, config.task)
+    )
+    reporting.atomic_write_text(
+        directory / "table2.md", reporting.table2_markdown(table1, config.task)
+    )
+    reporting.atomic_write_text(
+        directory / "defenses.md", reporting.defenses_markdown(table1, config.task)
+    )
     for attack_name, analysis in results["curves"].items():
         pruning = results["defenses"].get(f"{attack_name}/pruning") or {}
         reporting.plot_pruning_curve(
-            analysis["curve"], analysis["channels"], directory / f"fig6_{attack_name}.png",
+            analysis["curve"],
+            analysis["channels"],
+            directory / f"fig6_{attack_name}.png",
             title=f"{config.task}: {reporting.ATTACK_TITLES[attack_name]}",
-            stop=pruning.get("pruned_count"))
+            stop=pruning.get("pruned_count"),
+        )
         reporting.plot_activations(
-            analysis["clean_mean"], analysis["backdoor_mean"],
+            analysis["clean_mean"],
+            analysis["backdoor_mean"],
             directory / f"fig4_{attack_name}.png",
-            title=f"{config.task} {analysis['layer']}: {reporting.ATTACK_TITLES[attack_name]}")
+            title=f"{config.task} {analysis['layer']}: {reporting.ATTACK_TITLES[attack_name]}",
+        )

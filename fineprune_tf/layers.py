@@ -27,10 +27,22 @@ from keras import activations, ops
 from fineprune_tf import ops as fp_ops
 from fineprune_tf.activations import activation_name, cross_channel_activation
 
-__all__ = ["MASKED_CONVOLUTIONS", "MASKED_LAYERS", "PLAIN_OF", "MaskedConv1D", "MaskedConv2D",
-           "MaskedConv3D", "MaskedDense", "MaskedDepthwiseConv1D", "MaskedDepthwiseConv2D",
-           "MaskedLayerMixin", "MaskedSeparableConv1D", "MaskedSeparableConv2D", "StatsSink",
-           "masked_layers"]
+__all__ = [
+    "MASKED_CONVOLUTIONS",
+    "MASKED_LAYERS",
+    "PLAIN_OF",
+    "MaskedConv1D",
+    "MaskedConv2D",
+    "MaskedConv3D",
+    "MaskedDense",
+    "MaskedDepthwiseConv1D",
+    "MaskedDepthwiseConv2D",
+    "MaskedLayerMixin",
+    "MaskedSeparableConv1D",
+    "MaskedSeparableConv2D",
+    "StatsSink",
+    "masked_layers",
+]
 
 # Activations the masking applies itself; any other activation runs before a "linear" masking.
 _FUSED = {activations.relu: "relu", activations.linear: "linear"}
@@ -55,18 +67,25 @@ def _masked_activation(z, mask, activation: str, compute_stats: bool):
     """
     mask = ops.stop_gradient(ops.cast(mask, z.dtype))
     if keras.backend.backend() == "tensorflow":
-        result = fp_ops.masked_activation(z, mask, activation=activation,
-                                          compute_stats=compute_stats)
-        stats = (result.channel_sum, result.channel_sum_sq,
-                 ops.cast(result.positive_count, "float32"))
+        result = fp_ops.masked_activation(
+            z, mask, activation=activation, compute_stats=compute_stats
+        )
+        stats = (
+            result.channel_sum,
+            result.channel_sum_sq,
+            ops.cast(result.positive_count, "float32"),
+        )
         return result.y, stats if compute_stats else None
     activated = ops.relu(z) if activation == "relu" else z
     y = activated * mask
     if not compute_stats:
         return y, None
     flat = ops.reshape(ops.cast(ops.stop_gradient(activated), "float32"), (-1, z.shape[-1]))
-    return y, (ops.sum(flat, axis=0), ops.sum(ops.square(flat), axis=0),
-               ops.sum(ops.cast(flat > 0, "float32"), axis=0))
+    return y, (
+        ops.sum(flat, axis=0),
+        ops.sum(ops.square(flat), axis=0),
+        ops.sum(ops.cast(flat > 0, "float32"), axis=0),
+    )
 
 
 class MaskedLayerMixin:
@@ -74,8 +93,8 @@ class MaskedLayerMixin:
 
     def _build_mask(self, channels: int) -> None:
         self._mask = self.add_weight(
-            name="mask", shape=(channels,), initializer="ones", trainable=False,
-            dtype=self.dtype)
+            name="mask", shape=(channels,), initializer="ones", trainable=False, dtype=self.dtype
+        )
         self._stats_sink = None
 
     def _masked_output(self, outputs):
@@ -129,7 +148,8 @@ class MaskedLayerMixin:
         if mask.shape != (self.channels,):
             raise ValueError(
                 f"{self.name}: mask has {mask.shape[0]} entries, the layer has "
-                f"{self.channels} channels")
+                f"{self.channels} channels"
+            )
         self._mask.assign(mask.astype(self._mask.dtype))
 
     @property
@@ -145,12 +165,14 @@ class MaskedLayerMixin:
     def _channel_indices(self, channels) -> np.ndarray:
         if isinstance(channels, (int, np.integer)):
             channels = [channels]
-        indices = np.asarray(list(channels) if isinstance(channels, Iterable) else channels,
-                             dtype=np.int64).reshape(-1)
+        indices = np.asarray(
+            list(channels) if isinstance(channels, Iterable) else channels, dtype=np.int64
+        ).reshape(-1)
         bad = indices[(indices < 0) | (indices >= self.channels)]
         if bad.size:
             raise ValueError(
-                f"{self.name}: channel indices {bad.tolist()} are outside [0, {self.channels})")
+                f"{self.name}: channel indices {bad.tolist()} are outside [0, {self.channels})"
+            )
         return indices
 
     def prune(self, channels) -> None:
@@ -163,7 +185,8 @@ class MaskedLayerMixin:
         if cross_channel_activation(self):
             raise ValueError(
                 f"{self.name}: activation={activation_name(self.activation)!r} mixes the "
-                "layer's channels, so they cannot be pruned independently")
+                "layer's channels, so they cannot be pruned independently"
+            )
         mask = self.mask
         mask[self._channel_indices(channels)] = 0.0
         self.set_mask(mask)
@@ -196,8 +219,8 @@ class MaskedLayerMixin:
     def _check_supported(self) -> None:
         if getattr(self, "lora_rank", None):
             raise ValueError(
-                f"{type(self).__name__} does not support LoRA. Received: "
-                f"lora_rank={self.lora_rank}")
+                f"{type(self).__name__} does not support LoRA. Received: lora_rank={self.lora_rank}"
+            )
         # Said explicitly because Keras' "auto" jit choice trusts it: the layer is XLA-safe on
         # every backend (TensorFlow switches to the composite inside an XLA cluster).
         self.supports_jit = True
@@ -215,7 +238,8 @@ class _MaskedConvMixin(MaskedLayerMixin):
         if self.data_format != "channels_last":
             raise ValueError(
                 f"{type(self).__name__} supports data_format='channels_last' only. Received: "
-                f"data_format={self.data_format!r}")
+                f"data_format={self.data_format!r}"
+            )
         self._check_supported()
 
     def build(self, input_shape):
@@ -246,8 +270,14 @@ class MaskedConv1D(_MaskedConvMixin, keras.layers.Conv1D):
             left = self.dilation_rate[0] * (self.kernel_size[0] - 1)
             inputs = ops.pad(inputs, [[0, 0], [left, 0], [0, 0]])
             padding = "valid"
-        return ops.conv(inputs, self.kernel, strides=list(self.strides), padding=padding,
-                        dilation_rate=self.dilation_rate, data_format=self.data_format)
+        return ops.conv(
+            inputs,
+            self.kernel,
+            strides=list(self.strides),
+            padding=padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")
@@ -270,9 +300,14 @@ class _SeparableLinear:
 
     def _linear(self, inputs):
         return ops.separable_conv(
-            inputs, self.depthwise_kernel, self.pointwise_kernel, strides=self.strides,
-            padding=self.padding, dilation_rate=self.dilation_rate,
-            data_format=self.data_format)
+            inputs,
+            self.depthwise_kernel,
+            self.pointwise_kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")
@@ -295,8 +330,13 @@ class _DepthwiseLinear:
 
     def _linear(self, inputs):
         return ops.depthwise_conv(
-            inputs, self.kernel, strides=self.strides, padding=self.padding,
-            dilation_rate=self.dilation_rate, data_format=self.data_format)
+            inputs,
+            self.kernel,
+            strides=self.strides,
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format=self.data_format,
+        )
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")
@@ -327,7 +367,8 @@ class MaskedDense(MaskedLayerMixin, keras.layers.Dense):
         if len(input_shape) != 2:
             raise ValueError(
                 "MaskedDense expects a rank-2 input [N, D]. Received: "
-                f"input_shape={tuple(input_shape)}")
+                f"input_shape={tuple(input_shape)}"
+            )
         super().build(input_shape)
         self._build_mask(self.units)
 
@@ -360,5 +401,8 @@ def masked_layers(model: keras.Model) -> list[MaskedLayerMixin]:
     """All masked layers of ``model`` (nested models included), in ``model.layers`` order."""
     from fineprune_tf.graph import _keras_compat  # graph imports this module: import late.
 
-    return [layer for layer in _keras_compat.flatten_layers(model)
-            if isinstance(layer, MaskedLayerMixin)]
+    return [
+        layer
+        for layer in _keras_compat.flatten_layers(model)
+        if isinstance(layer, MaskedLayerMixin)
+    ]

@@ -35,8 +35,17 @@ import numpy as np
 
 from fineprune_tf import attack_zoo, data, poison, reporting
 
-__all__ = ["Settings", "Grid", "Cell", "ModelCache", "TaskContext", "run", "run_cell",
-           "load_rows", "SettingsMismatchError"]
+__all__ = [
+    "Settings",
+    "Grid",
+    "Cell",
+    "ModelCache",
+    "TaskContext",
+    "run",
+    "run_cell",
+    "load_rows",
+    "SettingsMismatchError",
+]
 
 FORMAT_VERSION = 1
 
@@ -78,8 +87,13 @@ class Settings:
     def quick(cls) -> Settings:
         """CI smoke settings: a short-trained mnist model (3 of its 5 epochs: BadNets
         still reaches ASR > 0.9), a 300-example report and a 10-step retuning attack."""
-        return cls(epochs={"mnist": 3, "speech": 4, "traffic": 1}, test_limit=300,
-                   retune_steps=10, retune_samples=100, retune_poisoned=5)
+        return cls(
+            epochs={"mnist": 3, "speech": 4, "traffic": 1},
+            test_limit=300,
+            retune_steps=10,
+            retune_samples=100,
+            retune_poisoned=5,
+        )
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -102,8 +116,7 @@ class Cell:
     defense: str
 
     def key(self, settings: Settings) -> str:
-        return (f"{self.task}/{self.attack}/seed{self.seed}/{self.defense}/"
-                f"{settings.digest()}")
+        return f"{self.task}/{self.attack}/seed{self.seed}/{self.defense}/{settings.digest()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,8 +133,12 @@ class Grid:
     def default(cls) -> Grid:
         from fineprune_tf.defenses import REGISTRY
 
-        return cls(tuple(t for t in data.TASKS if t != "face"), attack_zoo.NAMES,
-                   tuple(REGISTRY), (0, 1, 2))
+        return cls(
+            tuple(t for t in data.TASKS if t != "face"),
+            attack_zoo.NAMES,
+            tuple(REGISTRY),
+            (0, 1, 2),
+        )
 
     @classmethod
     def quick(cls) -> Grid:
@@ -130,13 +147,17 @@ class Grid:
     def validate(self) -> None:
         from fineprune_tf.defenses import REGISTRY
 
-        for values, known, name in ((self.tasks, data.TASKS, "tasks"),
-                                    (self.attacks, attack_zoo.NAMES, "attacks"),
-                                    (self.defenses, tuple(REGISTRY), "defenses")):
+        for values, known, name in (
+            (self.tasks, data.TASKS, "tasks"),
+            (self.attacks, attack_zoo.NAMES, "attacks"),
+            (self.defenses, tuple(REGISTRY), "defenses"),
+        ):
             unknown = [v for v in values if v not in known]
             if unknown or not values:
-                raise ValueError(f"{name} must be a non-empty subset of {list(known)}. "
-                                 f"Received: {name}={list(values)}")
+                raise ValueError(
+                    f"{name} must be a non-empty subset of {list(known)}. "
+                    f"Received: {name}={list(values)}"
+                )
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative integers. Received: {self.seeds}")
 
@@ -161,14 +182,22 @@ class TaskContext:
         task_data = data.load(task, seed=seed)
         if settings.train_limit:
             train = task_data.train
-            task_data = dataclasses.replace(task_data, train=poison.Split(
-                train.x[:settings.train_limit], train.y[:settings.train_limit]))
+            task_data = dataclasses.replace(
+                task_data,
+                train=poison.Split(
+                    train.x[: settings.train_limit], train.y[: settings.train_limit]
+                ),
+            )
         test = task_data.test
         limit = settings.test_limit or len(test.y)
-        task_data = dataclasses.replace(task_data,
-                                        test=poison.Split(test.x[:limit], test.y[:limit]))
-        return cls(task_data, (task_data.validation.x, task_data.validation.y),
-                   (task_data.test.x, task_data.test.y))
+        task_data = dataclasses.replace(
+            task_data, test=poison.Split(test.x[:limit], test.y[:limit])
+        )
+        return cls(
+            task_data,
+            (task_data.validation.x, task_data.validation.y),
+            (task_data.test.x, task_data.test.y),
+        )
 
 
 class ModelCache:
@@ -184,8 +213,7 @@ class ModelCache:
         stem = self.directory / f"{task}_{attack}_seed{seed}_{digest}"
         return stem.with_suffix(".keras"), stem.with_suffix(".json")
 
-    def get(self, task: str, attack: str, seed: int, settings: Settings,
-            context: TaskContext):
+    def get(self, task: str, attack: str, seed: int, settings: Settings, context: TaskContext):
         """``(model, poisoning, info)``, training and saving the model when it is missing."""
         import keras
 
@@ -195,22 +223,30 @@ class ModelCache:
         model_path, info_path = self._paths(task, attack, seed, settings)
         poisoning = attack_zoo.make(attack, context.task_data, settings.poison_rate, seed=seed)
         if model_path.exists() and info_path.exists():
-            return keras.models.load_model(model_path), poisoning, json.loads(
-                info_path.read_text())
+            return keras.models.load_model(model_path), poisoning, json.loads(info_path.read_text())
         self.directory.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         attack_settings = attacks.AttackSettings(epochs=settings.epochs.get(task), seed=seed)
-        result = attack_zoo.train(poisoning, context.task_data, seed=seed,
-                                  settings=attack_settings)
-        info = {"poisoning": poisoning.to_dict(), "train_seconds": time.perf_counter() - start,
-                "epochs": result.report["epochs"], "settings": settings.to_dict()}
+        result = attack_zoo.train(poisoning, context.task_data, seed=seed, settings=attack_settings)
+        info = {
+            "poisoning": poisoning.to_dict(),
+            "train_seconds": time.perf_counter() - start,
+            "epochs": result.report["epochs"],
+            "settings": settings.to_dict(),
+        }
         save_model(result.model, model_path)
         reporting.atomic_write_json(info_path, info)
         return result.model, poisoning, info
 
 
-def run_cell(cell: Cell, model, poisoning, context: TaskContext, settings: Settings,
-             undefended: dict | None = None) -> dict:
+def run_cell(
+    cell: Cell,
+    model,
+    poisoning,
+    context: TaskContext,
+    settings: Settings,
+    undefended: dict | None = None,
+) -> dict:
     """Runs one defense and the retuning attack after it; returns the cell's JSON row.
 
     ``undefended``: the attacked model's ``metrics.evaluate`` numbers on the test split when
@@ -226,27 +262,45 @@ def run_cell(cell: Cell, model, poisoning, context: TaskContext, settings: Setti
 
     task_data = context.task_data
     defender = DefenderData(*context.validation, seed=cell.seed)
-    backdoor = poison.backdoor_test_set(task_data.test, poisoning.trigger, poisoning.policy,
-                                        seed=cell.seed)
+    backdoor = poison.backdoor_test_set(
+        task_data.test, poisoning.trigger, poisoning.policy, seed=cell.seed
+    )
     report = ReportOnly(context.test, backdoor)
     with selecting():  # the whole defense: reading `report` here raises SelectionLeakError
         base_holdout = holdout_accuracy(model, defender.holdout)
-        result = run_defense(cell.defense, model, defender, seed=cell.seed,
-                             tolerance=settings.tolerance, evaluation=None)
+        result = run_defense(
+            cell.defense,
+            model,
+            defender,
+            seed=cell.seed,
+            tolerance=settings.tolerance,
+            evaluation=None,
+        )
     finish(result, report)
     if undefended is None:
         clean, backdoor_set = report.open()
         undefended = metrics.evaluate(model, clean, backdoor_set)
     retuned = retuning.retuning_attack(
-        result.model, task_data, poisoning.trigger, poisoning.policy,
-        steps=settings.retune_steps, samples=settings.retune_samples,
-        poisoned=settings.retune_poisoned, seed=cell.seed,
-        before={"clean_acc": result.clean_acc, "asr": result.asr,
-                "robust_acc": result.robust_acc})
-    return {**dataclasses.asdict(cell), "key": cell.key(settings), **result.summary(),
-            "undefended": undefended, "undefended_holdout_acc": base_holdout,
-            "retuned_asr": retuned["after"]["asr"], "retune_seconds": retuned["seconds"],
-            "details_why": str(result.details.get("why", ""))[:300]}
+        result.model,
+        task_data,
+        poisoning.trigger,
+        poisoning.policy,
+        steps=settings.retune_steps,
+        samples=settings.retune_samples,
+        poisoned=settings.retune_poisoned,
+        seed=cell.seed,
+        before={"clean_acc": result.clean_acc, "asr": result.asr, "robust_acc": result.robust_acc},
+    )
+    return {
+        **dataclasses.asdict(cell),
+        "key": cell.key(settings),
+        **result.summary(),
+        "undefended": undefended,
+        "undefended_holdout_acc": base_holdout,
+        "retuned_asr": retuned["after"]["asr"],
+        "retune_seconds": retuned["seconds"],
+        "details_why": str(result.details.get("why", ""))[:300],
+    }
 
 
 def load_rows(output_dir: str | pathlib.Path, settings: Settings) -> list[dict]:
@@ -262,16 +316,23 @@ def load_rows(output_dir: str | pathlib.Path, settings: Settings) -> list[dict]:
     if stored.get("settings") != json.loads(json.dumps(settings.to_dict())):
         raise SettingsMismatchError(
             f"{path} was computed with other settings ({stored.get('settings')}); use another "
-            f"--output_dir or --overwrite")
+            f"--output_dir or --overwrite"
+        )
     return list(stored.get("rows", []))
 
 
-def run(grid: Grid, settings: Settings, output_dir: str | pathlib.Path, *,
-        cache_dir: str | pathlib.Path | None = None, overwrite: bool = False,
-        budget_seconds: float | None = None,
-        on_cell: Callable[[int, int, Cell, bool], None] | None = None,
-        write: Callable[[pathlib.Path, list[dict], dict], None] | None = None,
-        meta: dict | None = None) -> list[dict]:
+def run(
+    grid: Grid,
+    settings: Settings,
+    output_dir: str | pathlib.Path,
+    *,
+    cache_dir: str | pathlib.Path | None = None,
+    overwrite: bool = False,
+    budget_seconds: float | None = None,
+    on_cell: Callable[[int, int, Cell, bool], None] | None = None,
+    write: Callable[[pathlib.Path, list[dict], dict], None] | None = None,
+    meta: dict | None = None,
+) -> list[dict]:
     """Runs every cell of ``grid`` not already in ``output_dir/leaderboard.json``.
 
     Args:
@@ -293,23 +354,26 @@ def run(grid: Grid, settings: Settings, output_dir: str | pathlib.Path, *,
     cache = ModelCache(cache_dir or output_dir / "models")
     meta = meta if meta is not None else {}
     cells = list(grid.cells())
-    meta.update(settings=settings.to_dict(), grid=dataclasses.asdict(grid),
-                cells_total=len(cells))
+    meta.update(settings=settings.to_dict(), grid=dataclasses.asdict(grid), cells_total=len(cells))
     write = write or _write_json
     context_key, context, attacked_key, attacked = None, None, None, None
     for index, cell in enumerate(cells):
         computed = cell.key(settings) not in done
-        if computed and budget_seconds is not None and (
-                time.perf_counter() - start > budget_seconds):
+        if (
+            computed
+            and budget_seconds is not None
+            and (time.perf_counter() - start > budget_seconds)
+        ):
             break
         if computed:
             if context_key != (cell.task, cell.seed):
-                context_key, context = (cell.task, cell.seed), TaskContext.load(
-                    cell.task, cell.seed, settings)
+                context_key, context = (
+                    (cell.task, cell.seed),
+                    TaskContext.load(cell.task, cell.seed, settings),
+                )
             if attacked_key != (cell.task, cell.attack, cell.seed):
                 attacked_key = (cell.task, cell.attack, cell.seed)
-                attacked = (*cache.get(cell.task, cell.attack, cell.seed, settings, context),
-                            None)
+                attacked = (*cache.get(cell.task, cell.attack, cell.seed, settings, context), None)
             model, poisoning, info, undefended = attacked
             row = run_cell(cell, model, poisoning, context, settings, undefended)
             attacked = (model, poisoning, info, row["undefended"])
@@ -325,6 +389,6 @@ def run(grid: Grid, settings: Settings, output_dir: str | pathlib.Path, *,
 
 
 def _write_json(output_dir: pathlib.Path, rows: list[dict], meta: dict) -> None:
-    reporting.atomic_write_json(output_dir / "leaderboard.json",
-                                {**meta, "format": FORMAT_VERSION, "rows": rows})
-
+    reporting.atomic_write_json(
+        output_dir / "leaderboard.json", {**meta, "format": FORMAT_VERSION, "rows": rows}
+    )

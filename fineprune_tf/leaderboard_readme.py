@@ -45,14 +45,23 @@ def _fine_prune(runs: list[dict]) -> list[dict]:
             for attack, row in run["table1"].items():
                 for defense, entry in row.items():
                     cells.setdefault((attack, defense), []).append(entry)
-        tasks.append({
-            "task": task, "seeds": sorted(r["config"]["seed"] for r in members),
-            "quick": any(r["config"].get("quick") for r in members),
-            "machine": members[0].get("machine"),
-            "wall_seconds": [round(r.get("total_seconds", 0.0), 1) for r in members],
-            "rows": [{"attack": a, "defense": d,
-                      **{m: _mean_sd([e.get(m) for e in entries]) for m in _MEASURES}}
-                     for (a, d), entries in cells.items()]})
+        tasks.append(
+            {
+                "task": task,
+                "seeds": sorted(r["config"]["seed"] for r in members),
+                "quick": any(r["config"].get("quick") for r in members),
+                "machine": members[0].get("machine"),
+                "wall_seconds": [round(r.get("total_seconds", 0.0), 1) for r in members],
+                "rows": [
+                    {
+                        "attack": a,
+                        "defense": d,
+                        **{m: _mean_sd([e.get(m) for e in entries]) for m in _MEASURES},
+                    }
+                    for (a, d), entries in cells.items()
+                ],
+            }
+        )
     return tasks
 
 
@@ -66,21 +75,24 @@ def collect(run_dirs: Sequence[str | pathlib.Path]) -> dict:
     for directory in map(pathlib.Path, run_dirs):
         if (directory / "leaderboard.json").exists():
             stored = json.loads((directory / "leaderboard.json").read_text())
-            boards.append({
-                "source": directory.name, "machine": stored.get("machine"),
-                "quick": stored.get("quick", False),
-                "wall_seconds": round(stored.get("wall_seconds", 0.0), 1),
-                "cells_missing": stored.get("cells_missing", 0),
-                "settings": stored.get("settings"),
-                "summary": leaderboard_report.summarize(
-                    stored["rows"], stored.get("grid", {}).get("defenses"))})
+            boards.append(
+                {
+                    "source": directory.name,
+                    "machine": stored.get("machine"),
+                    "quick": stored.get("quick", False),
+                    "wall_seconds": round(stored.get("wall_seconds", 0.0), 1),
+                    "cells_missing": stored.get("cells_missing", 0),
+                    "settings": stored.get("settings"),
+                    "summary": leaderboard_report.summarize(
+                        stored["rows"], stored.get("grid", {}).get("defenses")
+                    ),
+                }
+            )
         elif (directory / "results.json").exists():
             fine_prune.append(json.loads((directory / "results.json").read_text()))
         else:
-            raise FileNotFoundError(f"{directory} holds neither results.json nor "
-                                    f"leaderboard.json")
-    return {"format": FORMAT_VERSION, "fine_prune": _fine_prune(fine_prune),
-            "leaderboards": boards}
+            raise FileNotFoundError(f"{directory} holds neither results.json nor leaderboard.json")
+    return {"format": FORMAT_VERSION, "fine_prune": _fine_prune(fine_prune), "leaderboards": boards}
 
 
 def _fmt(pair, digits: int = 3) -> str:
@@ -91,40 +103,59 @@ def _fmt(pair, digits: int = 3) -> str:
 def _machine(machine: dict | None) -> str:
     if not machine:
         return "machine not recorded in the run's file"
-    return (f"{machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
-            f"TensorFlow {machine.get('tensorflow', '?')}")
+    return (
+        f"{machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
+        f"TensorFlow {machine.get('tensorflow', '?')}"
+    )
 
 
 def _render_fine_prune(task: dict) -> list[str]:
     run = "scripts.fine_prune --task=" + task["task"] + (" --quick" if task["quick"] else "")
-    lines = [f"`python -m {run}`, seeds {task['seeds']}, wall time "
-             f"{', '.join(f'{s:.0f} s' for s in task['wall_seconds'])} "
-             f"({_machine(task['machine'])}). Mean ± sd over the seeds.", "",
-             "| attack | defense | clean acc | ASR | DER | seconds |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"`python -m {run}`, seeds {task['seeds']}, wall time "
+        f"{', '.join(f'{s:.0f} s' for s in task['wall_seconds'])} "
+        f"({_machine(task['machine'])}). Mean ± sd over the seeds.",
+        "",
+        "| attack | defense | clean acc | ASR | DER | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in task["rows"]:
-        lines.append(f"| {row['attack']} | {row['defense']} | {_fmt(row['clean_acc'])} | "
-                     f"{_fmt(row['asr'])} | {_fmt(row['der'])} | "
-                     f"{_fmt(row['seconds'], 1)} |")
+        lines.append(
+            f"| {row['attack']} | {row['defense']} | {_fmt(row['clean_acc'])} | "
+            f"{_fmt(row['asr'])} | {_fmt(row['der'])} | "
+            f"{_fmt(row['seconds'], 1)} |"
+        )
     return lines + [""]
 
 
 def _render_board(board: dict) -> list[str]:
     seeds = sorted({s for e in board["summary"] for s in e["seeds"]})
-    note = (f" **Incomplete: {board['cells_missing']} cells not run.**"
-            if board["cells_missing"] else "")
-    lines = [f"`python -m scripts.leaderboard{' --quick' if board['quick'] else ''}` "
-             f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
-             f"min ({_machine(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
-             "the defense chosen from clean holdout accuracy only.", "",
-             "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | "
-             "seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    note = (
+        f" **Incomplete: {board['cells_missing']} cells not run.**"
+        if board["cells_missing"]
+        else ""
+    )
+    lines = [
+        f"`python -m scripts.leaderboard{' --quick' if board['quick'] else ''}` "
+        f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
+        f"min ({_machine(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
+        "the defense chosen from clean holdout accuracy only.",
+        "",
+        "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in board["summary"]:
         name = e["defense"]
         if name == leaderboard_report.PROTOCOL:
             name = "protocol (" + ", ".join(f"{k} {v}" for k, v in e["chosen"].items()) + ")"
-        lines.append(f"| {e['task']} | {e['attack']} | {name} | " + " | ".join(
-            _fmt((e[m], e[m + "_sd"]), 1 if m == "seconds" else 3)
-            for m in leaderboard_report.MEASURES) + " |")
+        lines.append(
+            f"| {e['task']} | {e['attack']} | {name} | "
+            + " | ".join(
+                _fmt((e[m], e[m + "_sd"]), 1 if m == "seconds" else 3)
+                for m in leaderboard_report.MEASURES
+            )
+            + " |"
+        )
     return lines + [""]
 
 

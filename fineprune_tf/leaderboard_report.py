@@ -51,19 +51,22 @@ def protocol_rows(rows: Sequence[dict], defenses: Sequence[str] | None = None) -
         if row["defense"] != "none":
             key = (row["task"], row["attack"], row["seed"])
             groups.setdefault(key, {})[row["defense"]] = row
-    expected = ({name for members in groups.values() for name in members} if defenses is None
-                else set(defenses) - {"none"})
+    expected = (
+        {name for members in groups.values() for name in members}
+        if defenses is None
+        else set(defenses) - {"none"}
+    )
     chosen_rows = []
     for members in groups.values():
         if set(members) != expected:  # a seed still running: its choice is not final
             continue
         # choose() reads only .holdout_acc, inside guard.selecting().
-        results = {name: types.SimpleNamespace(holdout_acc=r["holdout_acc"])
-                   for name, r in members.items()}
+        results = {
+            name: types.SimpleNamespace(holdout_acc=r["holdout_acc"]) for name, r in members.items()
+        }
         base = next(iter(members.values()))["undefended_holdout_acc"]
         name, why, _ = choose(results, base)
-        chosen_rows.append({**members[name], "defense": PROTOCOL, "chosen": name,
-                            "why": why})
+        chosen_rows.append({**members[name], "defense": PROTOCOL, "chosen": name, "why": why})
     return chosen_rows
 
 
@@ -78,8 +81,12 @@ def summarize(rows: Sequence[dict], defenses: Sequence[str] | None = None) -> li
         groups.setdefault((row["task"], row["attack"], row["defense"]), []).append(row)
     summary = []
     for (task, attack, defense), members in sorted(groups.items(), key=_order):
-        entry = {"task": task, "attack": attack, "defense": defense,
-                 "seeds": sorted(r["seed"] for r in members)}
+        entry = {
+            "task": task,
+            "attack": attack,
+            "defense": defense,
+            "seeds": sorted(r["seed"] for r in members),
+        }
         for measure in MEASURES:
             entry[measure], entry[measure + "_sd"] = _mean_sd([r.get(measure) for r in members])
         if defense == PROTOCOL:
@@ -126,16 +133,18 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         "2024) on the defended model. `protocol`: the defense `defenses.choose` picks from clean "
         "holdout accuracy (times chosen in brackets). Seconds: the defense alone.",
         "",
-        "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | "
-        "seconds |",
+        "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in summary:
         name = e["defense"]
         if name == PROTOCOL:
             name = "**protocol** (" + ", ".join(f"{k} {v}" for k, v in e["chosen"].items()) + ")"
-        lines.append(f"| {e['task']} | {e['attack']} | {name} | "
-                     + " | ".join(_fmt(e, m) for m in MEASURES) + " |")
+        lines.append(
+            f"| {e['task']} | {e['attack']} | {name} | "
+            + " | ".join(_fmt(e, m) for m in MEASURES)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -143,9 +152,12 @@ def _completeness(meta: dict) -> list[str]:
     missing, total = meta.get("cells_missing"), meta.get("cells_total")
     if not missing:
         return []
-    return [f"**Incomplete: {missing} of {total} cells not run yet** (stopped by the "
-            f"{meta.get('budget_minutes', 0):g}-minute budget; the same command continues). "
-            "Means are over the seeds finished.", ""]
+    return [
+        f"**Incomplete: {missing} of {total} cells not run yet** (stopped by the "
+        f"{meta.get('budget_minutes', 0):g}-minute budget; the same command continues). "
+        "Means are over the seeds finished.",
+        "",
+    ]
 
 
 def heatmap(summary: Sequence[dict], task: str, path: str | pathlib.Path) -> None:
@@ -169,8 +181,15 @@ def heatmap(summary: Sequence[dict], task: str, path: str | pathlib.Path) -> Non
     for i in range(len(attacks)):
         for j in range(len(names)):
             if not np.isnan(grid[i, j]):
-                axes.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
-                          color="white" if grid[i, j] < 0.6 else "black", fontsize=8)
+                axes.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if grid[i, j] < 0.6 else "black",
+                    fontsize=8,
+                )
     axes.set_title(f"{task}: DER (mean over seeds)")
     figure.colorbar(image, ax=axes, fraction=0.04)
     figure.tight_layout()
@@ -180,17 +199,19 @@ def heatmap(summary: Sequence[dict], task: str, path: str | pathlib.Path) -> Non
     reporting.atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_all(output_dir: str | pathlib.Path, rows: list[dict], meta: dict, *,
-              figures: bool = True) -> list[dict]:
+def write_all(
+    output_dir: str | pathlib.Path, rows: list[dict], meta: dict, *, figures: bool = True
+) -> list[dict]:
     """Writes leaderboard.json (rows, summary, meta), leaderboard.md and, when ``figures``,
     der_<task>.png; returns the summary."""
     from fineprune_tf.leaderboard import FORMAT_VERSION
 
     output_dir = pathlib.Path(output_dir)
     summary = summarize(rows, meta.get("grid", {}).get("defenses"))
-    reporting.atomic_write_json(output_dir / "leaderboard.json",
-                                {**meta, "format": FORMAT_VERSION, "rows": rows,
-                                 "summary": summary})
+    reporting.atomic_write_json(
+        output_dir / "leaderboard.json",
+        {**meta, "format": FORMAT_VERSION, "rows": rows, "summary": summary},
+    )
     reporting.atomic_write_text(output_dir / "leaderboard.md", markdown(summary, meta))
     if figures:
         for task in sorted({e["task"] for e in summary}):

@@ -61,9 +61,14 @@ def robust_accuracy(pred_backdoor: Any, y_true: Any) -> float:
     return float(np.mean(pred_backdoor == y_true))
 
 
-def attack_success_rate(pred_backdoor: Any, y_attacker: Any = None, targeted: bool = True,
-                        pred_clean: Any = None, y_true: Any = None,
-                        clean_acc: float | None = None) -> float:
+def attack_success_rate(
+    pred_backdoor: Any,
+    y_attacker: Any = None,
+    targeted: bool = True,
+    pred_clean: Any = None,
+    y_true: Any = None,
+    clean_acc: float | None = None,
+) -> float:
     """Backdoor attack success rate.
 
     Args:
@@ -87,21 +92,23 @@ def attack_success_rate(pred_backdoor: Any, y_attacker: Any = None, targeted: bo
     if targeted:
         if y_attacker is None:
             raise ValueError("targeted attack_success_rate needs y_attacker")
-        pred_backdoor, y_attacker = _pair(pred_backdoor, y_attacker, "pred_backdoor",
-                                          "y_attacker")
+        pred_backdoor, y_attacker = _pair(pred_backdoor, y_attacker, "pred_backdoor", "y_attacker")
         if y_true is not None:
             _, y_true = _pair(pred_backdoor, y_true, "pred_backdoor", "y_true")
             keep = y_true != y_attacker
             if not np.any(keep):
                 raise ValueError(
                     "every backdoored input's true label equals the attacker's label; the "
-                    "targeted ASR is undefined")
+                    "targeted ASR is undefined"
+                )
             pred_backdoor, y_attacker = pred_backdoor[keep], y_attacker[keep]
         return float(np.mean(pred_backdoor == y_attacker))
 
     if y_true is None:
-        raise ValueError("untargeted attack_success_rate needs y_true (A_backdoor uses the "
-                         "backdoored inputs' true labels)")
+        raise ValueError(
+            "untargeted attack_success_rate needs y_true (A_backdoor uses the "
+            "backdoored inputs' true labels)"
+        )
     a_backdoor = robust_accuracy(pred_backdoor, y_true)
     if clean_acc is None:
         if pred_clean is None:
@@ -132,8 +139,10 @@ def predict_labels(model: keras.Model, x: Any, batch_size: int = 256) -> np.ndar
     # compiled model and traces it twice (full and short last batch), which is what filled the
     # logs with "triggered tf.function retracing"; eager calls give the same numbers and are
     # faster on these small evaluation sets (0.67 s vs 1.71 s for 750 MNIST digits).
-    labels = [np.argmax(np.asarray(model(x[i:i + batch_size], training=False)), axis=-1)
-              for i in range(0, len(x), batch_size)]
+    labels = [
+        np.argmax(np.asarray(model(x[i : i + batch_size], training=False)), axis=-1)
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(labels).astype(np.int64)
 
 
@@ -146,13 +155,16 @@ def backdoor_field(obj: Any, name: str, default: Any = ...) -> Any:
     elif hasattr(obj, name):
         return getattr(obj, name)
     if default is ...:
-        raise TypeError(f"backdoor set {type(obj).__name__} has no field {name!r} (expected "
-                        ".x, .y_true, .y_attacker, .targeted)")
+        raise TypeError(
+            f"backdoor set {type(obj).__name__} has no field {name!r} (expected "
+            ".x, .y_true, .y_attacker, .targeted)"
+        )
     return default
 
 
-def evaluate(model: keras.Model, clean: tuple[Any, Any], backdoor: Any = None,
-             batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: keras.Model, clean: tuple[Any, Any], backdoor: Any = None, batch_size: int = 256
+) -> dict[str, float]:
     """Clean accuracy, attack success rate and robust accuracy of ``model``.
 
     Args:
@@ -173,6 +185,7 @@ def evaluate(model: keras.Model, clean: tuple[Any, Any], backdoor: Any = None,
     y_true = backdoor_field(backdoor, "y_true")
     y_attacker = backdoor_field(backdoor, "y_attacker", None)
     pred = predict_labels(model, backdoor_field(backdoor, "x"), batch_size)
-    asr = attack_success_rate(pred, y_attacker, targeted=targeted, y_true=y_true,
-                              clean_acc=clean_acc)
+    asr = attack_success_rate(
+        pred, y_attacker, targeted=targeted, y_true=y_true, clean_acc=clean_acc
+    )
     return dict(clean_acc=clean_acc, asr=asr, robust_acc=robust_accuracy(pred, y_true))

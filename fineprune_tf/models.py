@@ -80,11 +80,19 @@ PRESETS = ("paper", "cpu")
 #: The layer whose channels the paper prunes (§3.1: the last convolutional layer of the shared
 #: trunk; for DeepID that is conv3, which feeds both conv4 and the DeepID layer).
 PRUNED_LAYER: dict[str, str] = {
-    "face": "conv3", "speech": "conv5", "traffic": "conv5", "mnist": "conv2"}
+    "face": "conv3",
+    "speech": "conv5",
+    "traffic": "conv5",
+    "mnist": "conv2",
+}
 
 #: Name of the softmax classifier layer per task.
 CLASSIFIER_LAYER: dict[str, str] = {
-    "face": "softmax", "speech": "fc8", "traffic": "fc8", "mnist": "fc2"}
+    "face": "softmax",
+    "speech": "fc8",
+    "traffic": "fc8",
+    "mnist": "fc2",
+}
 
 
 @dataclass(frozen=True)
@@ -127,41 +135,78 @@ class Architecture:
 
 
 def _c(name, filters, kernel, strides=1, padding="valid") -> ConvSpec:
-    return ConvSpec(name, filters, (kernel, kernel) if isinstance(kernel, int) else kernel,
-                    strides, padding)
+    return ConvSpec(
+        name, filters, (kernel, kernel) if isinstance(kernel, int) else kernel, strides, padding
+    )
 
 
 # Paper presets: the published tables.
 _PAPER: dict[str, Architecture] = {
     "face": Architecture(
         family="deepid",
-        trunk=(_c("conv1", 20, 4), PoolSpec("pool1", 2, 2), _c("conv2", 40, 3),
-               PoolSpec("pool2", 2, 2), _c("conv3", 60, 3), PoolSpec("pool3", 2, 2)),
+        trunk=(
+            _c("conv1", 20, 4),
+            PoolSpec("pool1", 2, 2),
+            _c("conv2", 40, 3),
+            PoolSpec("pool2", 2, 2),
+            _c("conv3", 60, 3),
+            PoolSpec("pool3", 2, 2),
+        ),
         branch=_c("conv4", 80, 2),
-        hidden=(("deepid", 160),), classifier="softmax",
-        input_shape=(55, 47, 3), num_classes=1283),
+        hidden=(("deepid", 160),),
+        classifier="softmax",
+        input_shape=(55, 47, 3),
+        num_classes=1283,
+    ),
     "speech": Architecture(
         family="alexnet",
-        trunk=(_c("conv1", 96, 11, 4), PoolSpec("pool1", 3, 2), _c("conv2", 256, 5, padding="same"),
-               PoolSpec("pool2", 3, 2), _c("conv3", 384, 3, padding="same"),
-               _c("conv4", 384, 3, padding="same"), _c("conv5", 256, 3, padding="same"),
-               PoolSpec("pool5", 3, 2)),
-        hidden=(("fc6", 4096), ("fc7", 4096)), classifier="fc8", dropout=0.5,
-        input_shape=(227, 227, 1), num_classes=10),
+        trunk=(
+            _c("conv1", 96, 11, 4),
+            PoolSpec("pool1", 3, 2),
+            _c("conv2", 256, 5, padding="same"),
+            PoolSpec("pool2", 3, 2),
+            _c("conv3", 384, 3, padding="same"),
+            _c("conv4", 384, 3, padding="same"),
+            _c("conv5", 256, 3, padding="same"),
+            PoolSpec("pool5", 3, 2),
+        ),
+        hidden=(("fc6", 4096), ("fc7", 4096)),
+        classifier="fc8",
+        dropout=0.5,
+        input_shape=(227, 227, 1),
+        num_classes=10,
+    ),
     "traffic": Architecture(
         family="zf_frcnn",
-        trunk=(_c("conv1", 96, 7, 2, "same"), PoolSpec("pool1", 3, 2, "same"),
-               _c("conv2", 256, 5, 2, "same"), PoolSpec("pool2", 3, 2, "same"),
-               _c("conv3", 384, 3, padding="same"), _c("conv4", 384, 3, padding="same"),
-               _c("conv5", 256, 3, padding="same"), PoolSpec("pool5", 3, 2)),
-        hidden=(("fc6", 4096), ("fc7", 4096)), classifier="fc8", dropout=0.5,
-        input_shape=(224, 224, 3), num_classes=3),
+        trunk=(
+            _c("conv1", 96, 7, 2, "same"),
+            PoolSpec("pool1", 3, 2, "same"),
+            _c("conv2", 256, 5, 2, "same"),
+            PoolSpec("pool2", 3, 2, "same"),
+            _c("conv3", 384, 3, padding="same"),
+            _c("conv4", 384, 3, padding="same"),
+            _c("conv5", 256, 3, padding="same"),
+            PoolSpec("pool5", 3, 2),
+        ),
+        hidden=(("fc6", 4096), ("fc7", 4096)),
+        classifier="fc8",
+        dropout=0.5,
+        input_shape=(224, 224, 3),
+        num_classes=3,
+    ),
     "mnist": Architecture(
         family="badnets_mnist",
-        trunk=(_c("conv1", 16, 5), PoolSpec("pool1", 2, 2), _c("conv2", 32, 5),
-               PoolSpec("pool2", 2, 2)),
-        hidden=(("fc1", 512),), classifier="fc2",
-        input_shape=(28, 28, 1), num_classes=10),
+        trunk=(
+            _c("conv1", 16, 5),
+            PoolSpec("pool1", 2, 2),
+            _c("conv2", 32, 5),
+            PoolSpec("pool2", 2, 2),
+        ),
+        hidden=(("fc1", 512),),
+        classifier="fc2",
+        input_shape=(28, 28, 1),
+        num_classes=10,
+    ),
 }
 
 # CPU presets: same names and graph, sized for the default data of fineprune_tf.data.
@@ -174,25 +219,45 @@ _CPU: dict[str, Architecture] = {
     # (32x13 -> conv1 16x7 -> pool1 8x4 -> pool2 4x2 -> pool5 2x1).
     "speech": Architecture(
         family="alexnet",
-        trunk=(_c("conv1", 32, 5, 2, "same"), PoolSpec("pool1", 3, 2, "same"),
-               _c("conv2", 64, 5, padding="same"), PoolSpec("pool2", 3, 2, "same"),
-               _c("conv3", 96, 3, padding="same"), _c("conv4", 96, 3, padding="same"),
-               _c("conv5", 64, 3, padding="same"), PoolSpec("pool5", 3, 2, "same")),
+        trunk=(
+            _c("conv1", 32, 5, 2, "same"),
+            PoolSpec("pool1", 3, 2, "same"),
+            _c("conv2", 64, 5, padding="same"),
+            PoolSpec("pool2", 3, 2, "same"),
+            _c("conv3", 96, 3, padding="same"),
+            _c("conv4", 96, 3, padding="same"),
+            _c("conv5", 64, 3, padding="same"),
+            PoolSpec("pool5", 3, 2, "same"),
+        ),
         # Dropout layers kept (same graph as AlexNet) but off: with 10 % poisoned inputs and the
         # all-to-all policy, dropout 0.3 left the test ASR at ~0.82 after 20 epochs, vs ~0.9.
-        hidden=(("fc6", 256), ("fc7", 256)), classifier="fc8", dropout=0.0,
-        input_shape=(32, 13, 1), num_classes=10),
+        hidden=(("fc6", 256), ("fc7", 256)),
+        classifier="fc8",
+        dropout=0.0,
+        input_shape=(32, 13, 1),
+        num_classes=10,
+    ),
     # 32x32 crops: ZF's kernels and strides unchanged, with Caffe's padded pools ("same"):
     # 32 -> conv1 16 -> pool1 8 -> conv2 4 -> pool2 2 -> conv3-5 2 -> pool5 1; only the widths
     # shrink.  The unpadded 3x3/2 pool5 of the paper preset would collapse a 2x2 map.
     "traffic": Architecture(
         family="zf_frcnn",
-        trunk=(_c("conv1", 32, 7, 2, "same"), PoolSpec("pool1", 3, 2, "same"),
-               _c("conv2", 64, 5, 2, "same"), PoolSpec("pool2", 3, 2, "same"),
-               _c("conv3", 96, 3, padding="same"), _c("conv4", 96, 3, padding="same"),
-               _c("conv5", 64, 3, padding="same"), PoolSpec("pool5", 3, 2, "same")),
-        hidden=(("fc6", 128), ("fc7", 128)), classifier="fc8", dropout=0.3,
-        input_shape=(32, 32, 3), num_classes=3),
+        trunk=(
+            _c("conv1", 32, 7, 2, "same"),
+            PoolSpec("pool1", 3, 2, "same"),
+            _c("conv2", 64, 5, 2, "same"),
+            PoolSpec("pool2", 3, 2, "same"),
+            _c("conv3", 96, 3, padding="same"),
+            _c("conv4", 96, 3, padding="same"),
+            _c("conv5", 64, 3, padding="same"),
+            PoolSpec("pool5", 3, 2, "same"),
+        ),
+        hidden=(("fc6", 128), ("fc7", 128)),
+        classifier="fc8",
+        dropout=0.3,
+        input_shape=(32, 32, 3),
+        num_classes=3,
+    ),
     # BadNets' MNIST CNN trains in seconds as published.
     "mnist": _PAPER["mnist"],
 }
@@ -220,8 +285,9 @@ def _out_size(size: int, kernel: int, strides: int, padding: str) -> int:
     return (size - kernel) // strides + 1
 
 
-def _spatial_shapes(arch: Architecture, input_shape: tuple[int, int, int],
-                    where: str) -> dict[str, tuple[int, int]]:
+def _spatial_shapes(
+    arch: Architecture, input_shape: tuple[int, int, int], where: str
+) -> dict[str, tuple[int, int]]:
     """Output (H, W) of every spatial layer; raises if a layer's output would be empty."""
     h, w = input_shape[:2]
     shapes: dict[str, tuple[int, int]] = {}
@@ -237,7 +303,8 @@ def _spatial_shapes(arch: Architecture, input_shape: tuple[int, int, int],
             raise ValueError(
                 f"{where}: input shape {tuple(input_shape)} is too small: layer {spec.name!r} "
                 f"({kh}x{kw}/{s}, padding {spec.padding!r}) would map its {h}x{w} input to "
-                f"{oh}x{ow}. Use a larger input or the other preset.")
+                f"{oh}x{ow}. Use a larger input or the other preset."
+            )
         shapes[spec.name] = (oh, ow)
         return oh, ow
 
@@ -257,9 +324,13 @@ def _layer_seeds(seed: int | None, count: int) -> list[int | None]:
     return [int(s) & 0x7FFFFFFF for s in states]
 
 
-def build(task: str, preset: str = "cpu", num_classes: int | None = None,
-          input_shape: tuple[int, int, int] | None = None,
-          seed: int | None = None) -> keras.Model:
+def build(
+    task: str,
+    preset: str = "cpu",
+    num_classes: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+    seed: int | None = None,
+) -> keras.Model:
     """Builds the functional Keras model for ``task``.
 
     Args:
@@ -286,9 +357,11 @@ def build(task: str, preset: str = "cpu", num_classes: int | None = None,
         input_shape = arch.input_shape
     input_shape = tuple(input_shape)
     if len(input_shape) != 3 or not all(
-            isinstance(d, (int, np.integer)) and d > 0 for d in input_shape):
+        isinstance(d, (int, np.integer)) and d > 0 for d in input_shape
+    ):
         raise ValueError(
-            f"{where}: input_shape must be 3 positive integers (H, W, C), got {input_shape}")
+            f"{where}: input_shape must be 3 positive integers (H, W, C), got {input_shape}"
+        )
     input_shape = tuple(int(d) for d in input_shape)
     if num_classes is None:
         num_classes = arch.num_classes
@@ -302,9 +375,14 @@ def build(task: str, preset: str = "cpu", num_classes: int | None = None,
 
     def conv(spec: ConvSpec) -> MaskedConv2D:
         return MaskedConv2D(
-            spec.filters, spec.kernel, strides=spec.strides, padding=spec.padding,
-            activation="relu", kernel_initializer=keras.initializers.HeUniform(next(seeds)),
-            name=spec.name)
+            spec.filters,
+            spec.kernel,
+            strides=spec.strides,
+            padding=spec.padding,
+            activation="relu",
+            kernel_initializer=keras.initializers.HeUniform(next(seeds)),
+            name=spec.name,
+        )
 
     inputs = keras.Input(shape=input_shape, name="input")
     x = inputs
@@ -312,27 +390,39 @@ def build(task: str, preset: str = "cpu", num_classes: int | None = None,
         if isinstance(spec, ConvSpec):
             x = conv(spec)(x)
         else:
-            x = keras.layers.MaxPooling2D(spec.size, spec.strides, padding=spec.padding,
-                                          name=spec.name)(x)
+            x = keras.layers.MaxPooling2D(
+                spec.size, spec.strides, padding=spec.padding, name=spec.name
+            )(x)
     if arch.branch is not None:
         # DeepID: the last pool feeds both the branch conv and, directly, the DeepID layer, so
         # the 160-unit layer sees two scales of features (Sun et al. 2014, Fig. 1).
         branch = conv(arch.branch)(x)
-        x = keras.layers.Concatenate(name="concat")([
-            keras.layers.Flatten(name=f"flatten_{arch.trunk[-1].name}")(x),
-            keras.layers.Flatten(name=f"flatten_{arch.branch.name}")(branch)])
+        x = keras.layers.Concatenate(name="concat")(
+            [
+                keras.layers.Flatten(name=f"flatten_{arch.trunk[-1].name}")(x),
+                keras.layers.Flatten(name=f"flatten_{arch.branch.name}")(branch),
+            ]
+        )
     else:
         x = keras.layers.Flatten(name="flatten")(x)
     for name, units in arch.hidden:
-        x = MaskedDense(units, activation="relu", name=name,
-                        kernel_initializer=keras.initializers.HeUniform(next(seeds)))(x)
+        x = MaskedDense(
+            units,
+            activation="relu",
+            name=name,
+            kernel_initializer=keras.initializers.HeUniform(next(seeds)),
+        )(x)
         dropout_seed = next(seeds)
         if arch.dropout is not None:
-            x = keras.layers.Dropout(arch.dropout, seed=dropout_seed,
-                                     name=f"drop{name.removeprefix('fc')}")(x)
+            x = keras.layers.Dropout(
+                arch.dropout, seed=dropout_seed, name=f"drop{name.removeprefix('fc')}"
+            )(x)
     outputs = keras.layers.Dense(
-        int(num_classes), activation="softmax", name=arch.classifier,
-        kernel_initializer=keras.initializers.GlorotUniform(next(seeds)))(x)
+        int(num_classes),
+        activation="softmax",
+        name=arch.classifier,
+        kernel_initializer=keras.initializers.GlorotUniform(next(seeds)),
+    )(x)
     return keras.Model(inputs, outputs, name=f"{task}_{preset}")
 
 
@@ -349,9 +439,13 @@ def _candidate_convs(graph: Graph) -> list:
     once, channels_last, not grouped, no cross-channel activation (softmax, ...)."""
     found = []
     for layer in graph.layers():
-        if (isinstance(layer, keras.layers.Conv2D) and graph.calls_per_layer[id(layer)] == 1
-                and layer.data_format == "channels_last" and layer.groups == 1
-                and not cross_channel_activation(layer)):
+        if (
+            isinstance(layer, keras.layers.Conv2D)
+            and graph.calls_per_layer[id(layer)] == 1
+            and layer.data_format == "channels_last"
+            and layer.groups == 1
+            and not cross_channel_activation(layer)
+        ):
             found.append(layer)
     return found
 
@@ -391,25 +485,33 @@ def default_layer(model: keras.Model) -> LayerChoice:
     if not usable:
         raise ValueError(
             f"model {model.name!r} has no prunable Conv2D layer before its classifier"
-            + (f" (the classifier convs {[c.name for c in heads]} are not pruned)"
-               if heads else " (grouped, shared, channels_first or softmax convs only)"))
+            + (
+                f" (the classifier convs {[c.name for c in heads]} are not pruned)"
+                if heads
+                else " (grouped, shared, channels_first or softmax convs only)"
+            )
+        )
     nearest = min(distance[id(c)] for c in usable)
     closest = [c for c in usable if distance[id(c)] == nearest]
     merges = graph.distances_to_outputs(
-        lambda g: int(node_role(g) is Role.ELEMENTWISE and len(g.inputs) > 1))
+        lambda g: int(node_role(g) is Role.ELEMENTWISE and len(g.inputs) > 1)
+    )
     unsummed = {id(g.layer) for g in graph.nodes if merges.get(g.index) == 0}
     trunk = [c for c in closest if id(c) in unsummed and graph.on_every_path(c)]
     chosen = (trunk or closest)[-1]
-    reason = (f"{chosen.name!r} ({chosen.filters} channels) is the last prunable conv before "
-              f"the classifier: {nearest} weighted layer{'s' if nearest != 1 else ''} from "
-              "the output")
+    reason = (
+        f"{chosen.name!r} ({chosen.filters} channels) is the last prunable conv before "
+        f"the classifier: {nearest} weighted layer{'s' if nearest != 1 else ''} from "
+        "the output"
+    )
     if trunk:
         reason += ", on every input-to-output path"
     elif len(closest) > 1:
         reason += f", the last of {len(closest)} at that distance"
     if heads:
         reason += f"; not the classifier conv{'s' if len(heads) > 1 else ''} " + ", ".join(
-            f"{c.name!r} ({c.filters} channels)" for c in heads)
+            f"{c.name!r} ({c.filters} channels)" for c in heads
+        )
     return LayerChoice(chosen.name, reason)
 
 
@@ -429,7 +531,8 @@ def pruned_layer(model: keras.Model, task: str | None = None) -> MaskedConv2D:
         if task not in PRUNED_LAYER:
             raise ValueError(
                 f"cannot infer the task from model name {model.name!r}; pass task= one of "
-                f"{', '.join(TASKS)}")
+                f"{', '.join(TASKS)}"
+            )
     elif task not in PRUNED_LAYER:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     layer = model.get_layer(PRUNED_LAYER[task])

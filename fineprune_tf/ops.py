@@ -32,9 +32,18 @@ from typing import NamedTuple
 import tensorflow as tf
 from absl import logging
 
-__all__ = ["ACTIVATIONS", "RANKS", "MaskedActivationResult", "backend", "built_with_cuda",
-           "composite_masked_activation", "in_saved_model_save", "in_xla_context",
-           "masked_activation", "reference_masked_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "RANKS",
+    "MaskedActivationResult",
+    "backend",
+    "built_with_cuda",
+    "composite_masked_activation",
+    "in_saved_model_save",
+    "in_xla_context",
+    "masked_activation",
+    "reference_masked_activation",
+]
 
 ACTIVATIONS = ("relu", "linear")
 #: Ranks of ``z`` the op takes: every axis but the last is flattened into rows, in the C++ and
@@ -72,14 +81,16 @@ def _load_library():
     if not path.exists():
         logging.warning(
             "fineprune_tf: compiled op library %s not found (the install could not build it); "
-            "using the pure TensorFlow fallback.", path)
+            "using the pure TensorFlow fallback.",
+            path,
+        )
         return None, "tensorflow"
     try:
         module = tf.load_op_library(str(path))
     except (tf.errors.NotFoundError, OSError) as error:
         logging.warning(
-            "fineprune_tf: could not load %s (%s); using the pure TensorFlow fallback.",
-            path, error)
+            "fineprune_tf: could not load %s (%s); using the pure TensorFlow fallback.", path, error
+        )
         return None, "tensorflow"
     return module, "compiled"
 
@@ -117,15 +128,18 @@ def _check_inputs(z: tf.Tensor, mask: tf.Tensor, activation: str) -> None:
         raise TypeError(f"z must be a floating tensor, got dtype {z.dtype.name}")
     rank = z.shape.rank
     if rank is not None and rank not in RANKS:
-        raise ValueError("z must have rank 2 to 5 ([N, C], [N, W, C], [N, H, W, C] or "
-                         f"[N, D, H, W, C]); got shape {z.shape}")
+        raise ValueError(
+            "z must have rank 2 to 5 ([N, C], [N, W, C], [N, H, W, C] or "
+            f"[N, D, H, W, C]); got shape {z.shape}"
+        )
     channels = z.shape[-1] if rank else None
     if mask.shape.rank not in (None, 1):
         raise ValueError(f"mask must have shape [C]; got shape {mask.shape}")
     if channels is not None and mask.shape.rank == 1 and mask.shape[0] not in (None, channels):
         raise ValueError(
             f"mask length {mask.shape[0]} does not match the {channels} channels of z "
-            f"(z shape {z.shape})")
+            f"(z shape {z.shape})"
+        )
 
 
 # The two questions below have no public TensorFlow API; these functions are the module's only
@@ -158,8 +172,9 @@ def in_saved_model_save() -> bool:
     return bool(save_context.in_save_context())
 
 
-def masked_activation(z, mask, activation: str = "relu",
-                      compute_stats: bool = True) -> MaskedActivationResult:
+def masked_activation(
+    z, mask, activation: str = "relu", compute_stats: bool = True
+) -> MaskedActivationResult:
     """Applies ``act(z) * mask`` and returns per-channel statistics of ``act(z)``.
 
     Uses the compiled op when it is loaded and ``z`` is float32 or float16, except inside an XLA
@@ -179,13 +194,17 @@ def masked_activation(z, mask, activation: str = "relu",
     _check_inputs(z, mask, activation)
     use_op = _MODULE is not None and z.dtype in (tf.float32, tf.float16)
     if not in_xla_context() and not in_saved_model_save() and use_op:
-        return MaskedActivationResult(*_MODULE.fineprune_masked_activation(
-            z=z, mask=mask, activation=activation, compute_stats=compute_stats))
+        return MaskedActivationResult(
+            *_MODULE.fineprune_masked_activation(
+                z=z, mask=mask, activation=activation, compute_stats=compute_stats
+            )
+        )
     return composite_masked_activation(z, mask, activation, compute_stats)
 
 
-def composite_masked_activation(z, mask, activation: str = "relu",
-                                compute_stats: bool = True) -> MaskedActivationResult:
+def composite_masked_activation(
+    z, mask, activation: str = "relu", compute_stats: bool = True
+) -> MaskedActivationResult:
     """The fast pure-TensorFlow path: plain ops that XLA and Grappler fuse.
 
     One reshape to ``[-1, C]``, float32 reductions (the positive count is summed as float32,
@@ -206,8 +225,11 @@ def composite_masked_activation(z, mask, activation: str = "relu",
     flat = tf.reshape(tf.cast(tf.stop_gradient(activated), tf.float32), [-1, channels])
     positive = tf.reduce_sum(tf.cast(flat > 0, tf.float32), axis=0)
     return MaskedActivationResult(
-        y, tf.reduce_sum(flat, axis=0), tf.reduce_sum(tf.square(flat), axis=0),
-        tf.cast(positive, tf.int64))
+        y,
+        tf.reduce_sum(flat, axis=0),
+        tf.reduce_sum(tf.square(flat), axis=0),
+        tf.cast(positive, tf.int64),
+    )
 
 
 def _activation_grad(z: tf.Tensor, activation: str) -> tf.Tensor:
@@ -216,8 +238,9 @@ def _activation_grad(z: tf.Tensor, activation: str) -> tf.Tensor:
     return tf.ones_like(z)
 
 
-def reference_masked_activation(z, mask, activation: str = "relu",
-                                compute_stats: bool = True) -> MaskedActivationResult:
+def reference_masked_activation(
+    z, mask, activation: str = "relu", compute_stats: bool = True
+) -> MaskedActivationResult:
     """The slow, literal pure-TensorFlow definition, kept for equality tests only.
 
     int64 counts, a run-time shape assertion and an explicit custom gradient spell out the
@@ -228,8 +251,10 @@ def reference_masked_activation(z, mask, activation: str = "relu",
     mask = tf.cast(tf.convert_to_tensor(mask), z.dtype)
     _check_inputs(z, mask, activation)
     tf.debugging.assert_equal(
-        tf.shape(mask)[0], tf.shape(z)[-1],
-        message="mask length does not match the channel count of z")
+        tf.shape(mask)[0],
+        tf.shape(z)[-1],
+        message="mask length does not match the channel count of z",
+    )
 
     @tf.custom_gradient
     def forward(z, mask):
@@ -262,5 +287,6 @@ if _MODULE is not None:
     def _masked_activation_grad(op, dy, *unused_stat_grads):
         """Statistics outputs carry no gradient; the mask is not differentiated."""
         dz = _MODULE.fineprune_masked_activation_grad(
-            dy=dy, z=op.inputs[0], mask=op.inputs[1], activation=op.get_attr("activation"))
+            dy=dy, z=op.inputs[0], mask=op.inputs[1], activation=op.get_attr("activation")
+        )
         return [dz, None]

@@ -283,16 +283,20 @@ def poison_training_set(
     the trigger's :meth:`~fineprune_tf.triggers.Trigger.training_extras` (WaNet's noise-mode
     copies, true labels) are appended before the shuffle.
     """
-    poisoned, sources = make_poisoned_copies(clean, trigger, policy, count, rate, seed,
-                                             triggered_x)
+    poisoned, sources = make_poisoned_copies(clean, trigger, policy, count, rate, seed, triggered_x)
     keep = np.ones(len(clean.y), bool)
     if policy.replaces_sources:
         keep[sources] = False
     parts_x = [np.asarray(clean.x, np.float32)[keep], poisoned.x]
     parts_y = [_labels(clean.y)[keep], poisoned.y]
     # Correctly labelled extras some attacks add beside the poison (WaNet's noise mode).
-    extras = None if trigger is None else trigger.training_extras(
-        clean.x, _labels(clean.y), len(poisoned.y), np.random.default_rng([seed, 2]))
+    extras = (
+        None
+        if trigger is None
+        else trigger.training_extras(
+            clean.x, _labels(clean.y), len(poisoned.y), np.random.default_rng([seed, 2])
+        )
+    )
     if extras is not None:
         parts_x.append(np.asarray(extras[0], np.float32))
         parts_y.append(_labels(extras[1]))

@@ -15,14 +15,14 @@ __all__ = ["SCHEDULES", "compile_model", "default_training", "make_optimizer"]
 # baseline attack), 2 CPU cores: each run reaches its plateau of clean accuracy and ASR.  The
 # cosine decay matters for speech: with a constant rate its all-to-all ASR oscillates 0.6-0.9.
 _TRAINING: dict[str, dict] = {
-    "face": dict(epochs=25, batch_size=32, learning_rate=1e-3, optimizer="adam",
-                 schedule="cosine"),
-    "speech": dict(epochs=20, batch_size=64, learning_rate=2e-3, optimizer="adam",
-                   schedule="cosine"),
-    "traffic": dict(epochs=4, batch_size=64, learning_rate=1e-3, optimizer="adam",
-                    schedule="cosine"),
-    "mnist": dict(epochs=5, batch_size=64, learning_rate=1e-3, optimizer="adam",
-                  schedule="cosine"),
+    "face": dict(epochs=25, batch_size=32, learning_rate=1e-3, optimizer="adam", schedule="cosine"),
+    "speech": dict(
+        epochs=20, batch_size=64, learning_rate=2e-3, optimizer="adam", schedule="cosine"
+    ),
+    "traffic": dict(
+        epochs=4, batch_size=64, learning_rate=1e-3, optimizer="adam", schedule="cosine"
+    ),
+    "mnist": dict(epochs=5, batch_size=64, learning_rate=1e-3, optimizer="adam", schedule="cosine"),
 }
 SCHEDULES = ("constant", "cosine")
 
@@ -41,8 +41,9 @@ def default_training(task: str) -> dict:
     return dict(_TRAINING[task])
 
 
-def make_optimizer(name: str, learning_rate: float,
-                   decay_steps: int | None = None) -> keras.optimizers.Optimizer:
+def make_optimizer(
+    name: str, learning_rate: float, decay_steps: int | None = None
+) -> keras.optimizers.Optimizer:
     """``"adam"``, ``"sgd"`` (momentum 0.9) or ``"rmsprop"``; with ``decay_steps`` the rate
     follows a cosine decay from ``learning_rate`` to 0 over that many steps."""
     factories = {
@@ -60,8 +61,9 @@ def make_optimizer(name: str, learning_rate: float,
     return factories[name](rate)
 
 
-def compile_model(model: keras.Model, task: str, train_size: int | None = None,
-                  **overrides) -> keras.Model:
+def compile_model(
+    model: keras.Model, task: str, train_size: int | None = None, **overrides
+) -> keras.Model:
     """Compiles ``model`` for training on integer labels ``[N]`` (sparse categorical
     cross-entropy, accuracy metric) with :func:`default_training`'s optimizer for ``task``.
 
@@ -75,8 +77,9 @@ def compile_model(model: keras.Model, task: str, train_size: int | None = None,
         raise TypeError(f"unknown training settings {sorted(unknown)}; expected {sorted(config)}")
     config.update(overrides)
     if config["schedule"] not in SCHEDULES:
-        raise ValueError(f"unknown schedule {config['schedule']!r}; expected one of "
-                         f"{', '.join(SCHEDULES)}")
+        raise ValueError(
+            f"unknown schedule {config['schedule']!r}; expected one of {', '.join(SCHEDULES)}"
+        )
     decay_steps = None
     if config["schedule"] == "cosine":
         if train_size is None:
@@ -84,5 +87,7 @@ def compile_model(model: keras.Model, task: str, train_size: int | None = None,
         decay_steps = config["epochs"] * math.ceil(train_size / config["batch_size"])
     model.compile(
         optimizer=make_optimizer(config["optimizer"], config["learning_rate"], decay_steps),
-        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     return model

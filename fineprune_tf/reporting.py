@@ -17,12 +17,25 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "atomic_write_json", "table1_markdown", "table2_markdown",
-           "plot_pruning_curve", "plot_activations", "ATTACK_TITLES", "DEFENSE_TITLES"]
+__all__ = [
+    "atomic_write_text",
+    "atomic_write_json",
+    "table1_markdown",
+    "table2_markdown",
+    "plot_pruning_curve",
+    "plot_activations",
+    "ATTACK_TITLES",
+    "DEFENSE_TITLES",
+]
 
 ATTACK_TITLES = {"baseline": "Baseline Attack", "pruning_aware": "Pruning Aware Attack"}
-DEFENSE_TITLES = {"none": "None", "pruning": "Pruning", "fine_tuning": "Fine-Tuning",
-                  "fine_pruning": "Fine-Pruning", "fmp": "FMP"}
+DEFENSE_TITLES = {
+    "none": "None",
+    "pruning": "Pruning",
+    "fine_tuning": "Fine-Tuning",
+    "fine_pruning": "Fine-Pruning",
+    "fmp": "FMP",
+}
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -70,35 +83,49 @@ def atomic_write_json(path: str | os.PathLike, data) -> None:
 def _cell(entry: Mapping | None) -> str:
     if not entry:
         return "—"
+
     def fmt(v):
         return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
     return f"cl: {fmt(entry.get('clean_acc'))} bd: {fmt(entry.get('asr'))}"
 
 
-def table1_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str,
-                    defenses: Sequence[str] | None = None) -> str:
+def table1_markdown(
+    table1: Mapping[str, Mapping[str, Mapping]], task: str, defenses: Sequence[str] | None = None
+) -> str:
     """Table 1 in the paper's layout: one row for ``task``, a column group per attack.
 
     ``table1[attack][defense] = {"clean_acc", "asr", "robust_acc", "seconds"}``.
     """
     attacks = [a for a in ATTACK_TITLES if a in table1]
-    defenses = list(defenses or [d for d in DEFENSE_TITLES
-                                 if any(d in table1[a] for a in attacks)])
-    header = ["Neural Network"] + [f"{ATTACK_TITLES[a]}: {DEFENSE_TITLES[d]}"
-                                   for a in attacks for d in defenses]
+    defenses = list(defenses or [d for d in DEFENSE_TITLES if any(d in table1[a] for a in attacks)])
+    header = ["Neural Network"] + [
+        f"{ATTACK_TITLES[a]}: {DEFENSE_TITLES[d]}" for a in attacks for d in defenses
+    ]
     row = [task] + [_cell(table1[a].get(d)) for a in attacks for d in defenses]
     robust = ["robust accuracy"] + [
-        "n/a" if not table1[a].get(d) or table1[a][d].get("robust_acc") is None
-        else f"{table1[a][d]['robust_acc']:.3f}" for a in attacks for d in defenses]
+        "n/a"
+        if not table1[a].get(d) or table1[a][d].get("robust_acc") is None
+        else f"{table1[a][d]['robust_acc']:.3f}"
+        for a in attacks
+        for d in defenses
+    ]
     seconds = ["defense seconds"] + [
         "n/a" if not table1[a].get(d) else f"{table1[a][d].get('seconds', 0.0):.1f}"
-        for a in attacks for d in defenses]
+        for a in attacks
+        for d in defenses
+    ]
     lines = [
         "**Table 1.** Classification accuracy on clean inputs (cl) and backdoor attack success "
-        "rate (bd) per attack and defender strategy.", "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-        "| " + " | ".join(row) + " |", "| " + " | ".join(robust) + " |",
-        "| " + " | ".join(seconds) + " |", ""]
+        "rate (bd) per attack and defender strategy.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        "| " + " | ".join(row) + " |",
+        "| " + " | ".join(robust) + " |",
+        "| " + " | ".join(seconds) + " |",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -109,23 +136,30 @@ def defenses_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str) ->
     ``table1[attack][defense]`` entries carry ``der`` (written by the experiment from
     :func:`fineprune_tf.defenses.der`) when the attack has a ``none`` row.
     """
-    def fmt(value, spec=".3f"):
-        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
-            else format(value, spec)
 
-    lines = [f"**Defenses on {task}.** Clean accuracy, attack success rate (ASR), robust "
-             "accuracy and DER = [max(0, dASR) - max(0, dACC) + 1] / 2 against the undefended "
-             "model; cost in seconds and examples through the network (forward / backward).", "",
-             "| attack | defense | clean acc | ASR | robust acc | DER | seconds "
-             "| passes (fwd / bwd) |",
-             "|---|---|---|---|---|---|---|---|"]
+    def fmt(value, spec=".3f"):
+        return (
+            "n/a"
+            if value is None or (isinstance(value, float) and math.isnan(value))
+            else format(value, spec)
+        )
+
+    lines = [
+        f"**Defenses on {task}.** Clean accuracy, attack success rate (ASR), robust "
+        "accuracy and DER = [max(0, dASR) - max(0, dACC) + 1] / 2 against the undefended "
+        "model; cost in seconds and examples through the network (forward / backward).",
+        "",
+        "| attack | defense | clean acc | ASR | robust acc | DER | seconds | passes (fwd / bwd) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for attack in [a for a in ATTACK_TITLES if a in table1]:
         for name, entry in table1[attack].items():
             lines.append(
                 f"| {ATTACK_TITLES[attack]} | {name} | {fmt(entry.get('clean_acc'))} | "
                 f"{fmt(entry.get('asr'))} | {fmt(entry.get('robust_acc'))} | "
                 f"{fmt(entry.get('der'))} | {fmt(entry.get('seconds'), '.1f')} | "
-                f"{entry.get('forward_passes', 0):,} / {entry.get('backward_passes', 0):,} |")
+                f"{entry.get('forward_passes', 0):,} / {entry.get('backward_passes', 0):,} |"
+            )
     return "\n".join(lines + [""])
 
 
@@ -136,20 +170,28 @@ def utility(entry: Mapping | None) -> float:
     return float(entry["clean_acc"]) - float(entry["asr"])
 
 
-def table2_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str,
-                    defenses: Sequence[str] = ("fine_tuning", "fine_pruning")) -> str:
+def table2_markdown(
+    table1: Mapping[str, Mapping[str, Mapping]],
+    task: str,
+    defenses: Sequence[str] = ("fine_tuning", "fine_pruning"),
+) -> str:
     """Table 2: the defender's utility matrix, defender strategies x attacker strategies."""
     attacks = [a for a in ATTACK_TITLES if a in table1]
     defenses = [d for d in defenses if any(d in table1[a] for a in attacks)]
-    lines = [f"**Table 2.** Defender's utility matrix for the {task} attack (clean accuracy "
-             "minus attack success rate).", "",
-             "| Defender strategy | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |",
-             "|---|" + "---|" * len(attacks)]
+    lines = [
+        f"**Table 2.** Defender's utility matrix for the {task} attack (clean accuracy "
+        "minus attack success rate).",
+        "",
+        "| Defender strategy | " + " | ".join(ATTACK_TITLES[a] for a in attacks) + " |",
+        "|---|" + "---|" * len(attacks),
+    ]
     for defense in defenses:
         values = [utility(table1[a].get(defense)) for a in attacks]
-        lines.append(f"| {DEFENSE_TITLES[defense]} | "
-                     + " | ".join("n/a" if math.isnan(v) else f"{v:.3f}" for v in values)
-                     + " |")
+        lines.append(
+            f"| {DEFENSE_TITLES[defense]} | "
+            + " | ".join("n/a" if math.isnan(v) else f"{v:.3f}" for v in values)
+            + " |"
+        )
     best = {}
     for attack in attacks:
         scores = {d: utility(table1[attack].get(d)) for d in defenses}
@@ -157,8 +199,10 @@ def table2_markdown(table1: Mapping[str, Mapping[str, Mapping]], task: str,
         if scores:
             best[attack] = max(scores, key=scores.get)
     lines.append("")
-    lines.extend(f"Best response to the {ATTACK_TITLES[a].lower()}: {DEFENSE_TITLES[d]}."
-                 for a, d in best.items())
+    lines.extend(
+        f"Best response to the {ATTACK_TITLES[a].lower()}: {DEFENSE_TITLES[d]}."
+        for a, d in best.items()
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -179,8 +223,9 @@ def _save_figure(figure, path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_pruning_curve(curve: Mapping, channels: int, path: str | os.PathLike,
-                       title: str = "", stop: int | None = None) -> None:
+def plot_pruning_curve(
+    curve: Mapping, channels: int, path: str | os.PathLike, title: str = "", stop: int | None = None
+) -> None:
     """Fig. 6: clean accuracy and ASR (y, fraction) against the fraction of channels pruned.
 
     ``curve`` has ``clean_acc`` and ``asr`` lists indexed by the number of pruned channels
@@ -193,11 +238,11 @@ def plot_pruning_curve(curve: Mapping, channels: int, path: str | os.PathLike,
     figure, axis = plt.subplots(figsize=(5.0, 3.4))
     axis.plot(fraction, clean, label="Clean Classification Accuracy", color="tab:blue")
     if asr.size and not np.all(np.isnan(asr)):
-        axis.plot(fraction, asr, label="Backdoor Attack Success", color="tab:red",
-                  linestyle="--")
+        axis.plot(fraction, asr, label="Backdoor Attack Success", color="tab:red", linestyle="--")
     if stop is not None:
-        axis.axvline(stop / float(channels), color="gray", linestyle=":",
-                     label="4% accuracy-drop stop")
+        axis.axvline(
+            stop / float(channels), color="gray", linestyle=":", label="4% accuracy-drop stop"
+        )
     axis.set_xlabel("Fraction of Neurons Pruned")
     axis.set_ylabel("Rate")
     axis.set_ylim(-0.02, 1.02)
@@ -208,8 +253,12 @@ def plot_pruning_curve(curve: Mapping, channels: int, path: str | os.PathLike,
     plt.close(figure)
 
 
-def plot_activations(clean_mean: Sequence[float], backdoor_mean: Sequence[float],
-                     path: str | os.PathLike, title: str = "") -> None:
+def plot_activations(
+    clean_mean: Sequence[float],
+    backdoor_mean: Sequence[float],
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
     """Fig. 4/8: mean activation of every channel of the last conv layer for clean and
     backdoored inputs, as two heat-map strips sharing one colour scale."""
     plt = _pyplot()
@@ -220,13 +269,15 @@ def plot_activations(clean_mean: Sequence[float], backdoor_mean: Sequence[float]
 
     def grid(values):
         padded = np.full(rows * columns, np.nan)
-        padded[:values.size] = values
+        padded[: values.size] = values
         return padded.reshape(rows, columns)
 
     top = max(float(np.nanmax(clean)), float(np.nanmax(backdoor)), 1e-12)
     figure, axes = plt.subplots(1, 2, figsize=(7.5, 3.6))
-    for axis, values, name in ((axes[0], clean, "(a) Clean Activations"),
-                               (axes[1], backdoor, "(b) Backdoor Activations")):
+    for axis, values, name in (
+        (axes[0], clean, "(a) Clean Activations"),
+        (axes[1], backdoor, "(b) Backdoor Activations"),
+    ):
         image = axis.imshow(grid(values), cmap="viridis", vmin=0.0, vmax=top)
         axis.set_title(name, fontsize=9)
         axis.set_xticks([])

@@ -31,8 +31,9 @@ from fineprune_tf import metrics, models, poison
 __all__ = ["retuning_attack", "retuning_set"]
 
 
-def retuning_set(task_data, trigger, policy, samples: int = 200, poisoned: int = 10,
-                 seed: int = 0) -> poison.Split:
+def retuning_set(
+    task_data, trigger, policy, samples: int = 200, poisoned: int = 10, seed: int = 0
+) -> poison.Split:
     """``samples`` inputs of the attacker's training split, ``poisoned`` of them replaced by
     triggered copies with the policy's labels; shuffled. x float32 ``[samples, ...]``."""
     train = task_data.train
@@ -43,8 +44,9 @@ def retuning_set(task_data, trigger, policy, samples: int = 200, poisoned: int =
     rng = np.random.default_rng([seed, 3])
     chosen = np.sort(rng.choice(len(train.y), size=samples, replace=False))
     subset = poison.Split(np.asarray(train.x)[chosen], np.asarray(train.y)[chosen])
-    copies, sources = poison.make_poisoned_copies(subset, trigger, policy, count=poisoned,
-                                                  seed=seed)
+    copies, sources = poison.make_poisoned_copies(
+        subset, trigger, policy, count=poisoned, seed=seed
+    )
     keep = np.ones(samples, bool)
     keep[sources] = False
     x = np.concatenate([np.asarray(subset.x, np.float32)[keep], copies.x])
@@ -59,10 +61,21 @@ def _copy(model: keras.Model) -> keras.Model:
     return clone
 
 
-def retuning_attack(model: keras.Model, task_data, trigger, policy, *, steps: int = 30,
-                    samples: int = 200, poisoned: int = 10, batch_size: int = 32,
-                    learning_rate: float = 1e-3, optimizer: str = "adam",
-                    seed: int = 0, before: dict | None = None) -> dict:
+def retuning_attack(
+    model: keras.Model,
+    task_data,
+    trigger,
+    policy,
+    *,
+    steps: int = 30,
+    samples: int = 200,
+    poisoned: int = 10,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    optimizer: str = "adam",
+    seed: int = 0,
+    before: dict | None = None,
+) -> dict:
     """Re-tunes a copy of ``model`` for ``steps`` steps on a small poisoned/clean mix and
     reports the ASR that comes back.
 
@@ -95,14 +108,24 @@ def retuning_attack(model: keras.Model, task_data, trigger, policy, *, steps: in
     keras.utils.set_random_seed(seed)
     # No XLA: one short fit does not repay its compilation (measured ~3x slower on 2 cores
     # with Keras' jit_compile="auto" than without).
-    copy.compile(optimizer=models.make_optimizer(optimizer, learning_rate),
-                 loss="sparse_categorical_crossentropy", jit_compile=False)
+    copy.compile(
+        optimizer=models.make_optimizer(optimizer, learning_rate),
+        loss="sparse_categorical_crossentropy",
+        jit_compile=False,
+    )
     x, y = _cycled_batches(retune, steps * batch_size, seed)
     copy.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
     after = metrics.evaluate(copy, (test.x, test.y), backdoor)
-    return {"before": before, "after": after, "asr_recovered": after["asr"] - before["asr"],
-            "steps": steps, "samples": samples, "poisoned": poisoned,
-            "learning_rate": learning_rate, "seconds": time.perf_counter() - start}
+    return {
+        "before": before,
+        "after": after,
+        "asr_recovered": after["asr"] - before["asr"],
+        "steps": steps,
+        "samples": samples,
+        "poisoned": poisoned,
+        "learning_rate": learning_rate,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _cycled_batches(split: poison.Split, count: int, seed: int):

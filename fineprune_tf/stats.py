@@ -19,8 +19,7 @@ import tensorflow as tf
 
 from fineprune_tf.layers import MaskedLayerMixin, masked_layers
 
-__all__ = ["BatchStats", "ChannelStats", "StatsCollector", "StatsRecorder", "as_dataset",
-           "collect"]
+__all__ = ["BatchStats", "ChannelStats", "StatsCollector", "StatsRecorder", "as_dataset", "collect"]
 
 
 class StatsRecorder:
@@ -34,9 +33,12 @@ class StatsRecorder:
 
     def __init__(self, channels: int):
         def zeros(shape):
-            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False,
-                               synchronization=tf.VariableSynchronization.ON_READ,
-                               aggregation=tf.VariableAggregation.SUM)
+            return tf.Variable(
+                tf.zeros(shape, tf.float64),
+                trainable=False,
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM,
+            )
 
         self.sum, self.sum_sq, self.positive = (zeros([channels]) for _ in range(3))
         self.entries = zeros([])
@@ -49,9 +51,9 @@ class StatsRecorder:
             variable.assign(tf.zeros_like(variable))
 
     def add(self, channel_sum, channel_sum_sq, positive_count, entries) -> None:
-        for variable, value in zip(self.variables(),
-                                   (channel_sum, channel_sum_sq, positive_count, entries),
-                                   strict=True):
+        for variable, value in zip(
+            self.variables(), (channel_sum, channel_sum_sq, positive_count, entries), strict=True
+        ):
             variable.assign_add(tf.cast(value, tf.float64))
 
 
@@ -67,8 +69,11 @@ class BatchStats:
 
     def add(self, channel_sum, channel_sum_sq, positive_count, entries) -> None:
         values = (channel_sum, channel_sum_sq, positive_count, entries)
-        self._totals = values if self._totals is None else tuple(
-            keras.ops.add(a, b) for a, b in zip(self._totals, values, strict=True))
+        self._totals = (
+            values
+            if self._totals is None
+            else tuple(keras.ops.add(a, b) for a, b in zip(self._totals, values, strict=True))
+        )
 
     def totals(self) -> tuple:
         """``(sum, sum_sq, positive, entries)`` of this forward; raises if the layer never ran."""
@@ -121,7 +126,8 @@ def _select(model: keras.Model, layer_names: Sequence[str] | None) -> list[Maske
     if missing:
         raise ValueError(
             f"no masked layer named {missing} in model {model.name!r}; masked layers: "
-            f"{sorted(by_name)}")
+            f"{sorted(by_name)}"
+        )
     return [by_name[name] for name in layer_names]
 
 
@@ -146,8 +152,12 @@ class StatsCollector:
         model's own ``compile(jit_compile=...)`` choice, False when it is not compiled.
     """
 
-    def __init__(self, model: keras.Model, layer_names: Sequence[str] | None = None,
-                 jit_compile: bool | None = None):
+    def __init__(
+        self,
+        model: keras.Model,
+        layer_names: Sequence[str] | None = None,
+        jit_compile: bool | None = None,
+    ):
         self.model = model
         self.layers = _select(model, layer_names)
         if jit_compile is None:
@@ -157,8 +167,9 @@ class StatsCollector:
         if self._backend == "tensorflow":
             self._strategy = tf.distribute.get_strategy()
             with self._strategy.scope():
-                self._recorders = {layer.name: StatsRecorder(layer.channels)
-                                   for layer in self.layers}
+                self._recorders = {
+                    layer.name: StatsRecorder(layer.channels) for layer in self.layers
+                }
             self._step = self._tensorflow_step()
             self._traced: dict[str, Callable] = {}
         else:
@@ -170,6 +181,7 @@ class StatsCollector:
         The recorders are attached only while the function traces, so the graph it builds (and
         no other, e.g. ``model.predict``'s) updates them.
         """
+
         def replica_step(x):
             with _recording(self.layers, self._recorders):
                 self.model(x, training=False)
@@ -192,12 +204,15 @@ class StatsCollector:
         else:
             signature = tf.nest.map_structure(
                 lambda spec: tf.TensorSpec([None, *spec.shape[1:]], spec.dtype),
-                dataset.element_spec)
+                dataset.element_spec,
+            )
             key = str(signature)
         if key not in self._traced:
-            self._traced[key] = (tf.function(self._step, reduce_retracing=True)
-                                 if signature is None
-                                 else tf.function(self._step, input_signature=[signature]))
+            self._traced[key] = (
+                tf.function(self._step, reduce_retracing=True)
+                if signature is None
+                else tf.function(self._step, input_signature=[signature])
+            )
         return self._traced[key]
 
     def _backend_step(self):
@@ -214,8 +229,11 @@ class StatsCollector:
             import jax
 
             forward = jax.jit(forward)
-        return lambda x: forward([v.value for v in model.trainable_variables],
-                                 [v.value for v in model.non_trainable_variables], x)
+        return lambda x: forward(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            x,
+        )
 
     def collect(self, data, batch_size: int = 128) -> dict[str, ChannelStats]:
         """Runs the model once over ``data`` and returns ``{layer name: ChannelStats}``.
@@ -236,7 +254,8 @@ class StatsCollector:
         if strategy is not self._strategy:
             raise ValueError(
                 "this StatsCollector was built under another tf.distribute strategy; build a new "
-                "one inside the current strategy's scope")
+                "one inside the current strategy's scope"
+            )
         for recorder in self._recorders.values():
             recorder.reset()
         if tf.distribute.has_strategy():
@@ -245,8 +264,10 @@ class StatsCollector:
         step = self._traced_step(dataset)
         for x in dataset:
             step(x)
-        return {name: _replica_sum(strategy, recorder.variables())
-                for name, recorder in self._recorders.items()}
+        return {
+            name: _replica_sum(strategy, recorder.variables())
+            for name, recorder in self._recorders.items()
+        }
 
     def _collect_backend(self, dataset: tf.data.Dataset) -> dict[str, list[np.ndarray]]:
         totals = {layer.name: [0.0, 0.0, 0.0, 0.0] for layer in self.layers}
@@ -254,7 +275,8 @@ class StatsCollector:
             for name, values in self._step(x).items():
                 for index, value in enumerate(values):
                     totals[name][index] = totals[name][index] + np.asarray(
-                        keras.ops.convert_to_numpy(value), np.float64)
+                        keras.ops.convert_to_numpy(value), np.float64
+                    )
         return totals
 
 
@@ -264,13 +286,21 @@ def _channel_stats(total, total_sq, positive, entries) -> ChannelStats:
         raise ValueError("the data set is empty: no statistics were collected")
     mean = np.asarray(total, np.float64) / count
     variance = np.maximum(np.asarray(total_sq, np.float64) / count - mean**2, 0.0)
-    return ChannelStats(mean=mean, std=np.sqrt(variance),
-                        dormant_fraction=1.0 - np.asarray(positive, np.float64) / count,
-                        count=int(count))
+    return ChannelStats(
+        mean=mean,
+        std=np.sqrt(variance),
+        dormant_fraction=1.0 - np.asarray(positive, np.float64) / count,
+        count=int(count),
+    )
 
 
-def collect(model: keras.Model, data, layer_names: Sequence[str] | None = None,
-            batch_size: int = 128, jit_compile: bool | None = None) -> dict[str, ChannelStats]:
+def collect(
+    model: keras.Model,
+    data,
+    layer_names: Sequence[str] | None = None,
+    batch_size: int = 128,
+    jit_compile: bool | None = None,
+) -> dict[str, ChannelStats]:
     """Runs ``model`` once over ``data`` and returns each masked layer's channel statistics.
 
     A one-shot :class:`StatsCollector` (keep one yourself to collect repeatedly without
@@ -301,8 +331,12 @@ def _replica_sum(strategy: tf.distribute.Strategy, variables: list) -> list[np.n
 
         @tf.function
         def all_reduce():
-            return strategy.run(lambda: [context().all_reduce(
-                tf.distribute.ReduceOp.SUM, variable.read_value()) for variable in variables])
+            return strategy.run(
+                lambda: [
+                    context().all_reduce(tf.distribute.ReduceOp.SUM, variable.read_value())
+                    for variable in variables
+                ]
+            )
 
         values = [strategy.experimental_local_results(v)[0] for v in all_reduce()]
     else:

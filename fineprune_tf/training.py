@@ -15,27 +15,45 @@ from fineprune_tf import models
 __all__ = ["fit", "model_fit_orders", "model_input"]
 
 
-def compile_for_training(model: keras.Model, learning_rate: float, optimizer: str = "adam",
-                         decay_steps: int | None = None) -> None:
+def compile_for_training(
+    model: keras.Model,
+    learning_rate: float,
+    optimizer: str = "adam",
+    decay_steps: int | None = None,
+) -> None:
     """Compiles ``model`` for sparse-label classification with a fresh optimizer (a cosine
     learning-rate decay over ``decay_steps`` steps when given)."""
-    model.compile(optimizer=models.make_optimizer(optimizer, learning_rate, decay_steps),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=models.make_optimizer(optimizer, learning_rate, decay_steps),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool,
-             seed: int) -> tf.data.Dataset:
+def _dataset(
+    x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int
+) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int,
-        learning_rate: float, optimizer: str = "adam", schedule: str = "constant",
-        seed: int = 0,
-        validation: tuple[np.ndarray, np.ndarray] | None = None,
-        callbacks: Sequence[keras.callbacks.Callback] = (), verbose: int = 0) -> dict:
+def fit(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    optimizer: str = "adam",
+    schedule: str = "constant",
+    seed: int = 0,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 0,
+) -> dict:
     """Trains ``model`` on ``(x, y)`` (x ``[N, H, W, C]`` float32, y ``[N]`` int labels).
 
     ``schedule="cosine"`` decays the learning rate to 0 over the ``epochs`` (early stopping
@@ -56,18 +74,35 @@ def fit(model: keras.Model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_
     if _in_multi_worker_mode(strategy):
         # Keras 3's model.fit cannot run under MultiWorkerMirroredStrategy
         # (keras-team/keras#20585), so multi-worker runs use TensorFlow's own loop.
-        return _fit_multi_worker(model, strategy, x, y, epochs=epochs, batch_size=batch_size,
-                                 seed=seed, validation=validation, callbacks=callbacks,
-                                 verbose=verbose)
+        return _fit_multi_worker(
+            model,
+            strategy,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            validation=validation,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
     validation_data = None
     if validation is not None:
         validation_data = _dataset(*validation, batch_size=256, shuffle=False, seed=seed)
     start = time.perf_counter()
-    history = model.fit(_dataset(x, y, batch_size, True, seed), epochs=epochs,
-                        validation_data=validation_data, callbacks=list(callbacks), shuffle=False,
-                        verbose=verbose)
-    return {"history": history.history, "seconds": time.perf_counter() - start,
-            "epochs": len(history.history.get("loss", []))}
+    history = model.fit(
+        _dataset(x, y, batch_size, True, seed),
+        epochs=epochs,
+        validation_data=validation_data,
+        callbacks=list(callbacks),
+        shuffle=False,
+        verbose=verbose,
+    )
+    return {
+        "history": history.history,
+        "seconds": time.perf_counter() - start,
+        "epochs": len(history.history.get("loss", [])),
+    }
 
 
 def model_fit_orders(count: int, seed: int, epochs: int) -> list[np.ndarray]:
@@ -82,8 +117,7 @@ def model_fit_orders(count: int, seed: int, epochs: int) -> list[np.ndarray]:
     on other batches than single-device ``model.fit``: the epoch-2 loss drift (0.4687 vs
     0.4547) the developers' notes recorded.
     """
-    draws = tf.data.Dataset.range(count).shuffle(count, seed=seed,
-                                                 reshuffle_each_iteration=True)
+    draws = tf.data.Dataset.range(count).shuffle(count, seed=seed, reshuffle_each_iteration=True)
     orders = []
     for epoch in range(epochs):
         if epoch:
@@ -107,15 +141,23 @@ def _distributed(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset):
     each global batch (DATA sharding; AUTO would try FILE first and warn).
     """
     options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return strategy.experimental_distribute_dataset(dataset.with_options(options))
 
 
-def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: np.ndarray,
-                      y: np.ndarray, *, epochs: int, batch_size: int, seed: int,
-                      validation: tuple[np.ndarray, np.ndarray] | None,
-                      callbacks: Sequence[keras.callbacks.Callback], verbose: int) -> dict:
+def _fit_multi_worker(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    callbacks: Sequence[keras.callbacks.Callback],
+    verbose: int,
+) -> dict:
     """:func:`fit` under a multi-worker strategy: a custom loop on ``strategy.run``.
 
     Same data order, loss, optimizer and learning-rate schedule as ``model.fit``: the model's
@@ -130,8 +172,9 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
     orders = model_fit_orders(len(x), seed, epochs)
     validation_set = None
     if validation is not None:
-        validation_set = _distributed(strategy, _dataset(*validation, batch_size=256,
-                                                         shuffle=False, seed=seed))
+        validation_set = _distributed(
+            strategy, _dataset(*validation, batch_size=256, shuffle=False, seed=seed)
+        )
     optimizer = model.optimizer
     with strategy.scope():
         # Build the slots now, under the scope: building them lazily inside the replica
@@ -142,8 +185,10 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
     def per_example(features, labels, training: bool):
         probabilities = model(features, training=training)
         losses = tf.cast(loss_fn(labels, probabilities), tf.float32)
-        correct = tf.cast(tf.equal(tf.argmax(probabilities, -1, output_type=tf.int64),
-                                   tf.cast(labels, tf.int64)), tf.float32)
+        correct = tf.cast(
+            tf.equal(tf.argmax(probabilities, -1, output_type=tf.int64), tf.cast(labels, tf.int64)),
+            tf.float32,
+        )
         return losses, correct
 
     def replica_train(features, labels, global_size):
@@ -160,8 +205,11 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
 
     def replica_evaluate(features, labels):
         losses, correct = per_example(features, labels, training=False)
-        return (tf.reduce_sum(losses), tf.reduce_sum(correct),
-                tf.cast(tf.shape(losses)[0], tf.float32))
+        return (
+            tf.reduce_sum(losses),
+            tf.reduce_sum(correct),
+            tf.cast(tf.shape(losses)[0], tf.float32),
+        )
 
     def reduce_sum(values):
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
@@ -175,8 +223,14 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
         return reduce_sum(strategy.run(replica_evaluate, args=batch))
 
     callback_list = keras.callbacks.CallbackList(
-        list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
-        verbose=verbose, epochs=epochs, steps=steps)
+        list(callbacks),
+        add_history=True,
+        add_progbar=verbose != 0,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps,
+    )
     model.stop_training = False
     logs: dict[str, float] = {}
     start = time.perf_counter()
@@ -188,18 +242,26 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
         # rather than waiting for the iterator to run out keeps the workers' collectives in
         # step; the last global batch may be short, and its mean divides by its true size.
         order = orders[epoch]
-        iterator = iter(_distributed(strategy, _dataset(x[order], y[order], batch_size,
-                                                        shuffle=False, seed=seed)))
+        iterator = iter(
+            _distributed(
+                strategy, _dataset(x[order], y[order], batch_size, shuffle=False, seed=seed)
+            )
+        )
         for step in range(steps):
             callback_list.on_train_batch_begin(step)
             global_size = min(batch_size, len(x) - step * batch_size)
-            batch_loss, batch_correct = train_step(next(iterator),
-                                                   tf.constant(global_size, tf.int64))
+            batch_loss, batch_correct = train_step(
+                next(iterator), tf.constant(global_size, tf.int64)
+            )
             loss_sum += float(batch_loss)
             correct_sum += float(batch_correct)
             callback_list.on_train_batch_end(
-                step, {"loss": float(batch_loss) / global_size,
-                       "accuracy": float(batch_correct) / global_size})
+                step,
+                {
+                    "loss": float(batch_loss) / global_size,
+                    "accuracy": float(batch_correct) / global_size,
+                },
+            )
         logs = {"loss": loss_sum / len(x), "accuracy": correct_sum / len(x)}
         if validation_set is not None:
             totals = np.zeros(3)
@@ -211,8 +273,11 @@ def _fit_multi_worker(model: keras.Model, strategy: tf.distribute.Strategy, x: n
             break
     callback_list.on_train_end(logs)
     history = model.history.history
-    return {"history": history, "seconds": time.perf_counter() - start,
-            "epochs": len(history.get("loss", []))}
+    return {
+        "history": history,
+        "seconds": time.perf_counter() - start,
+        "epochs": len(history.get("loss", [])),
+    }
 
 
 def model_input(model: keras.Model):

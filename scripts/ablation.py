@@ -55,19 +55,27 @@ flags.DEFINE_bool("report_only", False, "Only summarise the rows already measure
 flags.DEFINE_list("cells", None, "Measure only these cells, as rule:lr:epochs (default: all).")
 
 LEARNING_RATES = (1e-3, 3e-3, 1e-2)
-CELLS = ([("early_stopping", 1e-3, 30)]
-         + [("converge", lr, 30) for lr in LEARNING_RATES] + [("converge", 3e-3, 10)])
+CELLS = (
+    [("early_stopping", 1e-3, 30)]
+    + [("converge", lr, 30) for lr in LEARNING_RATES]
+    + [("converge", 3e-3, 10)]
+)
 RULE_ORDER = ("converge", "last", "early_stopping")
 MEAN_DROP_LIMIT, WORST_TASK_DROP_LIMIT = 1.0, 2.0
 
 
 def _key(row: dict) -> tuple:
-    return (row["task"], row["seed"], row["defense"], row["rule"], row["learning_rate"],
-            row["epochs"])
+    return (
+        row["task"],
+        row["seed"],
+        row["defense"],
+        row["rule"],
+        row["learning_rate"],
+        row["epochs"],
+    )
 
 
-def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink,
-              cells=CELLS) -> None:
+def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink, cells=CELLS) -> None:
     """Every cell of the grid on one (task, seed); appends rows to ``sink``."""
     from fineprune_tf import defenses, metrics
     from scripts import model_cache
@@ -81,21 +89,34 @@ def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink,
     base_holdout = defenses.result.holdout_accuracy(model, defender.holdout)
     pruned = defenses.prune(model, defender, threshold=4.0)
     for defense, (rule, lr, epochs) in itertools.product(("fine_tuning", "fine_pruning"), cells):
-        row = {"task": task, "seed": seed, "defense": defense, "rule": rule,
-               "learning_rate": lr, "epochs": epochs}
+        row = {
+            "task": task,
+            "seed": seed,
+            "defense": defense,
+            "rule": rule,
+            "learning_rate": lr,
+            "epochs": epochs,
+        }
         if _key(row) in done:
             continue
-        settings = defenses.FineTuneSettings(learning_rate=lr, max_epochs=epochs, rule=rule,
-                                             seed=seed)
+        settings = defenses.FineTuneSettings(
+            learning_rate=lr, max_epochs=epochs, rule=rule, seed=seed
+        )
         start_model = model if defense == "fine_tuning" else pruned.model
         result = defenses.fine_tune(start_model, defender, settings=settings, evaluation=report)
         tuned = result.details
-        row.update(clean_acc=result.clean_acc, asr=result.asr, robust_acc=result.robust_acc,
-                   holdout_acc=result.holdout_acc,
-                   holdout_drop=(base_holdout - result.holdout_acc) * 100.0,
-                   base_clean_acc=base["clean_acc"], base_asr=base["asr"],
-                   epochs_run=tuned["epochs"], chosen_epoch=tuned["chosen_epoch"],
-                   seconds=result.seconds + (pruned.seconds if defense == "fine_pruning" else 0))
+        row.update(
+            clean_acc=result.clean_acc,
+            asr=result.asr,
+            robust_acc=result.robust_acc,
+            holdout_acc=result.holdout_acc,
+            holdout_drop=(base_holdout - result.holdout_acc) * 100.0,
+            base_clean_acc=base["clean_acc"],
+            base_asr=base["asr"],
+            epochs_run=tuned["epochs"],
+            chosen_epoch=tuned["chosen_epoch"],
+            seconds=result.seconds + (pruned.seconds if defense == "fine_pruning" else 0),
+        )
         sink(row)
 
 
@@ -113,13 +134,26 @@ def summarise(rows: list[dict]) -> dict:
         cells.setdefault(cell, {}).setdefault(row["task"], []).append(row)
     table = []
     for (defense, rule, lr, epochs), per_task in sorted(cells.items(), key=str):
-        entry = {"defense": defense, "rule": rule, "learning_rate": lr, "epochs": epochs,
-                 "tasks": {}}
+        entry = {
+            "defense": defense,
+            "rule": rule,
+            "learning_rate": lr,
+            "epochs": epochs,
+            "tasks": {},
+        }
         drops = []
         for task, task_rows in per_task.items():
-            stats = {k: _mean_sd([r[k] for r in task_rows])
-                     for k in ("clean_acc", "asr", "holdout_drop", "epochs_run", "chosen_epoch",
-                               "seconds")}
+            stats = {
+                k: _mean_sd([r[k] for r in task_rows])
+                for k in (
+                    "clean_acc",
+                    "asr",
+                    "holdout_drop",
+                    "epochs_run",
+                    "chosen_epoch",
+                    "seconds",
+                )
+            }
             stats["seeds"] = len(task_rows)
             entry["tasks"][task] = stats
             drops.append(stats["holdout_drop"][0])
@@ -139,24 +173,41 @@ def per_model_rule(rows: list[dict]) -> list[dict]:
     code = FineTuneSettings()
     groups: dict = {}
     for row in rows:
-        if row["rule"] == "converge" and row["epochs"] == code.max_epochs \
-                and row["learning_rate"] in code.learning_rates:
+        if (
+            row["rule"] == "converge"
+            and row["epochs"] == code.max_epochs
+            and row["learning_rate"] in code.learning_rates
+        ):
             groups.setdefault((row["task"], row["seed"], row["defense"]), []).append(row)
     chosen = []
     for (task, seed, defense), group in sorted(groups.items()):
         if len(group) != len(code.learning_rates):
             continue  # The rule needs every candidate rate.
         group.sort(key=lambda r: r["learning_rate"])
-        runs = [{"learning_rate": r["learning_rate"], "diverged": r["chosen_epoch"] == 0,
-                 "final_holdout_acc": r["holdout_acc"]} for r in group]
+        runs = [
+            {
+                "learning_rate": r["learning_rate"],
+                "diverged": r["chosen_epoch"] == 0,
+                "final_holdout_acc": r["holdout_acc"],
+            }
+            for r in group
+        ]
         start = group[0]["holdout_acc"] + group[0]["holdout_drop"] / 100.0
         index, why = choose_learning_rate(runs, start, code.rate_tolerance)
         row = group[index]
-        chosen.append({"task": task, "seed": seed, "defense": defense,
-                       "learning_rate": row["learning_rate"], "clean_acc": row["clean_acc"],
-                       "asr": row["asr"], "holdout_drop": row["holdout_drop"],
-                       "clean_drop": (row["base_clean_acc"] - row["clean_acc"]) * 100.0,
-                       "why": why})
+        chosen.append(
+            {
+                "task": task,
+                "seed": seed,
+                "defense": defense,
+                "learning_rate": row["learning_rate"],
+                "clean_acc": row["clean_acc"],
+                "asr": row["asr"],
+                "holdout_drop": row["holdout_drop"],
+                "clean_drop": (row["base_clean_acc"] - row["clean_acc"]) * 100.0,
+                "why": why,
+            }
+        )
     return chosen
 
 
@@ -165,79 +216,113 @@ def choose_default(table: list[dict]) -> dict:
     by_cell: dict = {}
     for entry in table:
         by_cell.setdefault((entry["rule"], entry["learning_rate"], entry["epochs"]), []).append(
-            entry)
+            entry
+        )
     # Only cells measured on every task (and both defenses) may be chosen.
     all_tasks = max(len(e["tasks"]) for e in table)
-    qualifying = [cell for cell, entries in by_cell.items()
-                  if len(entries) == 2 and all(len(e["tasks"]) == all_tasks for e in entries)
-                  and all(
-                      e["mean_holdout_drop"] <= MEAN_DROP_LIMIT + 1e-6
-                      and e["worst_task_holdout_drop"] <= WORST_TASK_DROP_LIMIT + 1e-6
-                      for e in entries)]
+    qualifying = [
+        cell
+        for cell, entries in by_cell.items()
+        if len(entries) == 2
+        and all(len(e["tasks"]) == all_tasks for e in entries)
+        and all(
+            e["mean_holdout_drop"] <= MEAN_DROP_LIMIT + 1e-6
+            and e["worst_task_holdout_drop"] <= WORST_TASK_DROP_LIMIT + 1e-6
+            for e in entries
+        )
+    ]
     if not qualifying:
         return {"cell": None, "why": "no cell kept the clean holdout within the limits"}
     best = max(qualifying, key=lambda c: (c[1], c[2], -RULE_ORDER.index(c[0])))
-    return {"cell": {"rule": best[0], "learning_rate": best[1], "epochs": best[2]},
-            "qualifying": [list(c) for c in qualifying],
-            "why": (f"largest learning rate, then epochs, then rule among the {len(qualifying)} "
-                    f"cells whose clean holdout drop is <= {MEAN_DROP_LIMIT} point on average "
-                    f"and <= {WORST_TASK_DROP_LIMIT} on every task (fine-tuning and "
-                    "fine-pruning), among the cells measured on every task")}
+    return {
+        "cell": {"rule": best[0], "learning_rate": best[1], "epochs": best[2]},
+        "qualifying": [list(c) for c in qualifying],
+        "why": (
+            f"largest learning rate, then epochs, then rule among the {len(qualifying)} "
+            f"cells whose clean holdout drop is <= {MEAN_DROP_LIMIT} point on average "
+            f"and <= {WORST_TASK_DROP_LIMIT} on every task (fine-tuning and "
+            "fine-pruning), among the cells measured on every task"
+        ),
+    }
 
 
 def markdown(summary: dict, meta: dict) -> str:
     def fmt(pair, digits=3):
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
-    lines = ["# Fine-tuning ablation (issue 11, point 1)", "",
-             f"Written by `python -m scripts.ablation` on {meta['machine']}; seeds "
-             f"{meta['seeds']}; {meta['seconds']:.0f} s.  Clean accuracy / ASR on the test split "
-             "(report only), mean ± sd over seeds; holdout drop = clean accuracy points lost on "
-             "the defender's holdout (what the default rule reads).  Epochs: run / chosen.", "",
-             "Grid: `early_stopping` (previous default) at lr 1e-3 / 30 epochs; `converge` at "
-             "lr 1e-3, 3e-3, 1e-2 with a 30-epoch cap and at 3e-3 with a 10-epoch cap (Adam, "
-             "cosine decay); the script's docstring says what was cut and why.", ""]
+    lines = [
+        "# Fine-tuning ablation (issue 11, point 1)",
+        "",
+        f"Written by `python -m scripts.ablation` on {meta['machine']}; seeds "
+        f"{meta['seeds']}; {meta['seconds']:.0f} s.  Clean accuracy / ASR on the test split "
+        "(report only), mean ± sd over seeds; holdout drop = clean accuracy points lost on "
+        "the defender's holdout (what the default rule reads).  Epochs: run / chosen.",
+        "",
+        "Grid: `early_stopping` (previous default) at lr 1e-3 / 30 epochs; `converge` at "
+        "lr 1e-3, 3e-3, 1e-2 with a 30-epoch cap and at 3e-3 with a 10-epoch cap (Adam, "
+        "cosine decay); the script's docstring says what was cut and why.",
+        "",
+    ]
     tasks = sorted({t for e in summary["cells"] for t in e["tasks"]})
     for defense in ("fine_tuning", "fine_pruning"):
-        lines += [f"## {defense}", "",
-                  "| rule | lr | epochs | " + " | ".join(
-                      f"{t} clean / ASR / holdout drop / epochs" for t in tasks) + " |",
-                  "|---|---|---|" + "---|" * len(tasks)]
+        lines += [
+            f"## {defense}",
+            "",
+            "| rule | lr | epochs | "
+            + " | ".join(f"{t} clean / ASR / holdout drop / epochs" for t in tasks)
+            + " |",
+            "|---|---|---|" + "---|" * len(tasks),
+        ]
         for entry in summary["cells"]:
             if entry["defense"] != defense:
                 continue
             cells = []
             for task in tasks:
                 s = entry["tasks"].get(task)
-                cells.append("-" if s is None else
-                             f"{fmt(s['clean_acc'])} / {fmt(s['asr'])} / "
-                             f"{fmt(s['holdout_drop'], 1)} / {s['epochs_run'][0]:.1f} / "
-                             f"{s['chosen_epoch'][0]:.1f}")
-            lines.append(f"| {entry['rule']} | {entry['learning_rate']:g} | {entry['epochs']} | "
-                         + " | ".join(cells) + " |")
+                cells.append(
+                    "-"
+                    if s is None
+                    else f"{fmt(s['clean_acc'])} / {fmt(s['asr'])} / "
+                    f"{fmt(s['holdout_drop'], 1)} / {s['epochs_run'][0]:.1f} / "
+                    f"{s['chosen_epoch'][0]:.1f}"
+                )
+            lines.append(
+                f"| {entry['rule']} | {entry['learning_rate']:g} | {entry['epochs']} | "
+                + " | ".join(cells)
+                + " |"
+            )
         lines.append("")
     default = summary["default"]
     from fineprune_tf.defenses import FineTuneSettings
 
     code = FineTuneSettings()
-    lines += ["## One setting for every model, from clean data (the previous rule)", "",
-              f"Chosen: `{default['cell']}`.  Rule: {default['why']}.  With 100-150 holdout "
-              "examples a 1-2 point budget is 1-3 examples, so this rule prefers the cell whose "
-              "holdout accuracy moves least -- the least-trained one: \"changed nothing\" "
-              "rewarded one level up.  It is no longer the library's rule.", "",
-              "## The library's rule: per model, the largest rate within the budget", "",
-              f"`FineTuneSettings()` tries lr {list(code.learning_rates)} (rule `{code.rule}`, "
-              f"cap {code.max_epochs} epochs) on each model and keeps the LARGEST rate whose run "
-              f"did not diverge and whose clean holdout accuracy is within "
-              f"{code.rate_tolerance} points of the undefended model's "
-              "(`fine_tuning.choose_learning_rate`).  Replayed here on the measured cells "
-              "(clean data decides; test clean accuracy / ASR only report):", "",
-              "| task | seed | defense | kept lr | holdout drop | test clean acc | test clean "
-              "drop | ASR |", "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## One setting for every model, from clean data (the previous rule)",
+        "",
+        f"Chosen: `{default['cell']}`.  Rule: {default['why']}.  With 100-150 holdout "
+        "examples a 1-2 point budget is 1-3 examples, so this rule prefers the cell whose "
+        'holdout accuracy moves least -- the least-trained one: "changed nothing" '
+        "rewarded one level up.  It is no longer the library's rule.",
+        "",
+        "## The library's rule: per model, the largest rate within the budget",
+        "",
+        f"`FineTuneSettings()` tries lr {list(code.learning_rates)} (rule `{code.rule}`, "
+        f"cap {code.max_epochs} epochs) on each model and keeps the LARGEST rate whose run "
+        f"did not diverge and whose clean holdout accuracy is within "
+        f"{code.rate_tolerance} points of the undefended model's "
+        "(`fine_tuning.choose_learning_rate`).  Replayed here on the measured cells "
+        "(clean data decides; test clean accuracy / ASR only report):",
+        "",
+        "| task | seed | defense | kept lr | holdout drop | test clean acc | test clean "
+        "drop | ASR |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in summary["per_model"]:
-        lines.append(f"| {c['task']} | {c['seed']} | {c['defense']} | {c['learning_rate']:g} | "
-                     f"{c['holdout_drop']:.1f} | {c['clean_acc']:.3f} | {c['clean_drop']:.1f} | "
-                     f"{c['asr']:.3f} |")
+        lines.append(
+            f"| {c['task']} | {c['seed']} | {c['defense']} | {c['learning_rate']:g} | "
+            f"{c['holdout_drop']:.1f} | {c['clean_acc']:.3f} | {c['clean_drop']:.1f} | "
+            f"{c['asr']:.3f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -255,8 +340,11 @@ def main(argv: list[str]) -> int:
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows_path = cache_dir / "ablation_rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
-        if rows_path.exists() else []
+    rows = (
+        [json.loads(line) for line in rows_path.read_text().splitlines()]
+        if rows_path.exists()
+        else []
+    )
     done = {_key(r) for r in rows}
     start = time.perf_counter()
     cells = CELLS
@@ -267,22 +355,34 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         with rows_path.open("a") as stream:
             stream.write(json.dumps(row) + "\n")
-        print(f"{row['task']} s{row['seed']} {row['defense']} {row['rule']} "
-              f"lr={row['learning_rate']:g} ep={row['epochs']}: clean {row['clean_acc']:.3f} "
-              f"ASR {row['asr']:.3f} "
-              f"holdout drop {row['holdout_drop']:.1f} epochs {row['epochs_run']}/"
-              f"{row['chosen_epoch']} ({row['seconds']:.1f}s)", flush=True)
+        print(
+            f"{row['task']} s{row['seed']} {row['defense']} {row['rule']} "
+            f"lr={row['learning_rate']:g} ep={row['epochs']}: clean {row['clean_acc']:.3f} "
+            f"ASR {row['asr']:.3f} "
+            f"holdout drop {row['holdout_drop']:.1f} epochs {row['epochs_run']}/"
+            f"{row['chosen_epoch']} ({row['seconds']:.1f}s)",
+            flush=True,
+        )
 
     for seed in seeds if not FLAGS.report_only else ():
         for task in tasks:
             run_cells(task, seed, cache_dir, done, sink, cells)
     grid = set(CELLS)
     rows = list({_key(r): r for r in rows}.values())  # Last measurement of a cell wins.
-    rows = [r for r in rows if r["task"] in tasks and r["seed"] in seeds
-            and (r["rule"], r["learning_rate"], r["epochs"]) in grid]
+    rows = [
+        r
+        for r in rows
+        if r["task"] in tasks
+        and r["seed"] in seeds
+        and (r["rule"], r["learning_rate"], r["epochs"]) in grid
+    ]
     summary = summarise(rows)
-    meta = {"machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-                       "2 shared cores)", "seeds": seeds, "seconds": time.perf_counter() - start}
+    meta = {
+        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+        "2 shared cores)",
+        "seeds": seeds,
+        "seconds": time.perf_counter() - start,
+    }
     output = pathlib.Path(FLAGS.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     reporting.atomic_write_json(output / "ablation.json", {"meta": meta, "rows": rows, **summary})

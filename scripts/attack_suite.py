@@ -47,9 +47,14 @@ def _machine() -> dict:
     import keras
     import tensorflow as tf
 
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__}
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+    }
 
 
 def _cells(seeds, tasks, attacks, rates, low_rates, low_rate_tasks):
@@ -84,14 +89,25 @@ def _run_cell(seed: int, task: str, attack: str, rate: float, cache: dict) -> di
     else:
         poisoning = attack_zoo.make(attack, task_data, rate, seed=seed)
         result = attack_zoo.train(poisoning, task_data, seed=seed, settings=settings)
-        extra = {"count": poisoning.count, "effective_rate": poisoning.effective_rate,
-                 "targeted": poisoning.policy.targeted,
-                 "policy": type(poisoning.policy).__name__,
-                 "trigger": type(poisoning.trigger).__name__}
+        extra = {
+            "count": poisoning.count,
+            "effective_rate": poisoning.effective_rate,
+            "targeted": poisoning.policy.targeted,
+            "policy": type(poisoning.policy).__name__,
+            "trigger": type(poisoning.trigger).__name__,
+        }
         asr = result.asr
-    return {"task": task, "attack": attack, "rate": rate, "seed": seed,
-            "clean_acc": result.clean_acc, "asr": asr, "epochs": result.report["epochs"],
-            "seconds": time.perf_counter() - start, **extra}
+    return {
+        "task": task,
+        "attack": attack,
+        "rate": rate,
+        "seed": seed,
+        "clean_acc": result.clean_acc,
+        "asr": asr,
+        "epochs": result.report["epochs"],
+        "seconds": time.perf_counter() - start,
+        **extra,
+    }
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -115,14 +131,23 @@ def summarize(rows: list[dict]) -> list[dict]:
         acc, acc_sd = _mean_sd([r["clean_acc"] for r in members])
         asr, asr_sd = _mean_sd([r["asr"] for r in members])
         cost, cost_sd = _mean_sd(costs)
-        summary.append({
-            "task": task, "attack": attack, "rate": rate,
-            "effective_rate": members[0]["effective_rate"],
-            "seeds": sorted(r["seed"] for r in members),
-            "clean_acc": acc, "clean_acc_sd": acc_sd, "asr": asr, "asr_sd": asr_sd,
-            "cost_points": cost, "cost_points_sd": cost_sd,
-            "clean_model_acc": _mean_sd([clean[(task, r["seed"])] for r in members])[0],
-            "target_met": bool(asr >= TARGET_ASR and cost <= TARGET_COST_POINTS)})
+        summary.append(
+            {
+                "task": task,
+                "attack": attack,
+                "rate": rate,
+                "effective_rate": members[0]["effective_rate"],
+                "seeds": sorted(r["seed"] for r in members),
+                "clean_acc": acc,
+                "clean_acc_sd": acc_sd,
+                "asr": asr,
+                "asr_sd": asr_sd,
+                "cost_points": cost,
+                "cost_points_sd": cost_sd,
+                "clean_model_acc": _mean_sd([clean[(task, r["seed"])] for r in members])[0],
+                "target_met": bool(asr >= TARGET_ASR and cost <= TARGET_COST_POINTS),
+            }
+        )
     return summary
 
 
@@ -133,8 +158,8 @@ def _markdown(summary: list[dict], meta: dict) -> str:
         f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, "
         f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}. "
         f"Seeds run: {meta['seeds_run']} (asked: {meta['seeds_asked']}"
-        + (f"; cut by the {meta['budget_minutes']:g}-minute budget" if meta["seeds_cut"]
-           else "") + f"). Training and evaluation time {meta['cell_seconds_total'] / 60:.1f} "
+        + (f"; cut by the {meta['budget_minutes']:g}-minute budget" if meta["seeds_cut"] else "")
+        + f"). Training and evaluation time {meta['cell_seconds_total'] / 60:.1f} "
         f"min ({len(summary)} rows).",
         "",
         "Mean ± sd over seeds. Cost = clean accuracy of the same seed's model trained without "
@@ -150,7 +175,8 @@ def _markdown(summary: list[dict], meta: dict) -> str:
             f"| {s['task']} | {s['attack']} | {s['rate']:g} ({s['effective_rate']:.3f}) | "
             f"{s['clean_acc']:.3f} ± {s['clean_acc_sd']:.3f} | {s['asr']:.3f} ± "
             f"{s['asr_sd']:.3f} | {s['cost_points']:.1f} ± {s['cost_points_sd']:.1f} | "
-            f"{'yes' if s['target_met'] else 'no'} |")
+            f"{'yes' if s['target_met'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -159,8 +185,9 @@ def _write(output_dir: pathlib.Path, rows: list[dict], meta: dict) -> None:
 
     summary = summarize(rows)
     meta["cell_seconds_total"] = sum(r["seconds"] for r in rows)  # also across --resume
-    reporting.atomic_write_json(output_dir / "attacks.json",
-                                {"meta": meta, "rows": rows, "summary": summary})
+    reporting.atomic_write_json(
+        output_dir / "attacks.json", {"meta": meta, "rows": rows, "summary": summary}
+    )
     (output_dir / "attacks.md").write_text(_markdown(summary, meta))
 
 
@@ -176,7 +203,8 @@ def main(argv: list[str]) -> int:
     from fineprune_tf import attack_zoo, data
 
     unknown = [t for t in FLAGS.tasks if t not in data.TASKS] + [
-        a for a in FLAGS.attacks if a not in attack_zoo.NAMES]
+        a for a in FLAGS.attacks if a not in attack_zoo.NAMES
+    ]
     if unknown or not all(0 < r <= 1 for r in rates + low_rates):
         print(f"error: unknown task/attack {unknown} or a rate outside (0, 1]", file=sys.stderr)
         return 2
@@ -190,11 +218,16 @@ def main(argv: list[str]) -> int:
     previous = output_dir / "attacks.json"
     rows = json.loads(previous.read_text())["rows"] if FLAGS.resume and previous.exists() else []
     done = {_key(r["seed"], r["task"], r["attack"], r["rate"]) for r in rows}
-    cells = list(_cells(seeds, FLAGS.tasks, FLAGS.attacks, rates, low_rates,
-                        FLAGS.low_rate_tasks))
-    meta = {"machine": _machine(), "seeds_asked": seeds, "seeds_run": [], "seeds_cut": [],
-            "budget_minutes": FLAGS.budget_minutes, "epochs_override": FLAGS.epochs,
-            "seconds": 0.0}
+    cells = list(_cells(seeds, FLAGS.tasks, FLAGS.attacks, rates, low_rates, FLAGS.low_rate_tasks))
+    meta = {
+        "machine": _machine(),
+        "seeds_asked": seeds,
+        "seeds_run": [],
+        "seeds_cut": [],
+        "budget_minutes": FLAGS.budget_minutes,
+        "epochs_override": FLAGS.epochs,
+        "seconds": 0.0,
+    }
     start = time.perf_counter()
     progress = keras.utils.Progbar(len(cells), unit_name="cell", stateful_metrics=["seed"])
     cache: dict = {}

@@ -48,21 +48,28 @@ def main(argv: list[str]) -> int:
         examples = report["poisoned_examples"] + round(len(task_data.train.x) * 0.9)
         targeted = result.policy.targeted
         row = {
-            "task": task, "load_seconds": load_seconds, "epochs": report["epochs"],
-            "train_seconds": report["train_seconds"], "attack_seconds": result.seconds,
+            "task": task,
+            "load_seconds": load_seconds,
+            "epochs": report["epochs"],
+            "train_seconds": report["train_seconds"],
+            "attack_seconds": result.seconds,
             "examples_per_second": examples * report["epochs"] / report["train_seconds"],
-            "clean_acc": result.clean_acc, "asr": result.asr, "targeted": targeted,
+            "clean_acc": result.clean_acc,
+            "asr": result.asr,
+            "targeted": targeted,
             "within_time": result.seconds <= TIME_LIMIT_SECONDS,
             "asr_target_met": (result.asr >= TARGETED_ASR) if targeted else None,
         }
         rows.append(row)
-        print(f"{task:8s} {row['examples_per_second']:7.0f} examples/s  {row['epochs']:3d} "
-              f"epochs  {row['train_seconds']:6.1f} s training ({row['attack_seconds']:.1f} s "
-              f"attack)  clean {row['clean_acc']:.3f}  ASR {row['asr']:.3f} "
-              f"({'targeted' if targeted else 'untargeted'})  "
-              f"time<=3min: {'yes' if row['within_time'] else 'NO'}"
-              + ("" if not targeted else
-                 f"  ASR>=0.9: {'yes' if row['asr_target_met'] else 'NO'}"), flush=True)
+        print(
+            f"{task:8s} {row['examples_per_second']:7.0f} examples/s  {row['epochs']:3d} "
+            f"epochs  {row['train_seconds']:6.1f} s training ({row['attack_seconds']:.1f} s "
+            f"attack)  clean {row['clean_acc']:.3f}  ASR {row['asr']:.3f} "
+            f"({'targeted' if targeted else 'untargeted'})  "
+            f"time<=3min: {'yes' if row['within_time'] else 'NO'}"
+            + ("" if not targeted else f"  ASR>=0.9: {'yes' if row['asr_target_met'] else 'NO'}"),
+            flush=True,
+        )
     if FLAGS.output:
         with open(FLAGS.output, "w") as stream:
             json.dump(rows, stream, indent=2)

@@ -40,10 +40,16 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the backdoored models.")
 flags.DEFINE_list("clean_seeds", ["0"], "Seeds of the never-backdoored models.")
-flags.DEFINE_list("defenses", ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp",
-                               "rnp", "clp"], "Defenses (REGISTRY names).")
-flags.DEFINE_list("models", ["speech/baseline", "speech/pruning_aware", "traffic/baseline",
-                             "mnist/baseline"], "task/attack pairs.")
+flags.DEFINE_list(
+    "defenses",
+    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp", "rnp", "clp"],
+    "Defenses (REGISTRY names).",
+)
+flags.DEFINE_list(
+    "models",
+    ["speech/baseline", "speech/pruning_aware", "traffic/baseline", "mnist/baseline"],
+    "task/attack pairs.",
+)
 flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")
 flags.DEFINE_string("output_dir", "results", "Where defense_eval.md/json go.")
 flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
@@ -74,22 +80,32 @@ def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> 
         key = (task, kind, seed, name)
         if key in done:
             continue
-        result = defenses.run_defense(name, model, defender, seed=seed,
-                                      tolerance=FLAGS.tolerance, evaluation=report)
+        result = defenses.run_defense(
+            name, model, defender, seed=seed, tolerance=FLAGS.tolerance, evaluation=report
+        )
         details = result.details
         with selecting():
             change = output_change(model, result.model, clean_x)
         # Kept so that any later clean-data measure can be computed without re-running.
         result.model.save(defended_dir / f"{task}_{kind}_{seed}_{name}.keras")
         tuning = details.get("fine_tuning", details)
-        sink({"task": task, "kind": kind, "seed": seed, "defense": name,
-              "version": ROW_VERSION, "output_change": change,
-              "weight_change": weight_change(model, result.model),
-              "learning_rate": tuning.get("learning_rate"),
-              **{k: float(v) for k, v in result.summary().items()},
-              "pruned_count": details.get("pruned_count",
-                                          details.get("pruning", {}).get("pruned_count")),
-              "why": details.get("why", details.get("fine_tuning", {}).get("why"))})
+        sink(
+            {
+                "task": task,
+                "kind": kind,
+                "seed": seed,
+                "defense": name,
+                "version": ROW_VERSION,
+                "output_change": change,
+                "weight_change": weight_change(model, result.model),
+                "learning_rate": tuning.get("learning_rate"),
+                **{k: float(v) for k, v in result.summary().items()},
+                "pruned_count": details.get(
+                    "pruned_count", details.get("pruning", {}).get("pruned_count")
+                ),
+                "why": details.get("why", details.get("fine_tuning", {}).get("why")),
+            }
+        )
 
 
 def _mean_sd(values) -> tuple[float, float]:
@@ -115,37 +131,79 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
         candidates = {n: _Holdout(r["holdout_acc"]) for n, r in by_name.items() if n != "none"}
         changes = {n: r["weight_change"] for n, r in by_name.items() if n != "none"}
         if set(by_name) != set(FLAGS.defenses):
-            incomplete.append(f"{task}/{kind} seed {seed}: missing "
-                              f"{sorted(set(FLAGS.defenses) - set(by_name))}")
+            incomplete.append(
+                f"{task}/{kind} seed {seed}: missing {sorted(set(FLAGS.defenses) - set(by_name))}"
+            )
             continue  # Incomplete: the protocol chooses among every requested defense only.
-        name, why, _ = defenses.choose(candidates, base["holdout_acc"], tolerance=tolerance,
-                                       changes=changes)
-        others = {rule: defenses.choose(
-            candidates, base["holdout_acc"], tolerance=tolerance,
-            changes=None if rule == "priority" else {
-                n: r["output_change"] for n, r in by_name.items() if n != "none"})[0]
-            for rule in ("priority", "output_change")}
+        name, why, _ = defenses.choose(
+            candidates, base["holdout_acc"], tolerance=tolerance, changes=changes
+        )
+        others = {
+            rule: defenses.choose(
+                candidates,
+                base["holdout_acc"],
+                tolerance=tolerance,
+                changes=None
+                if rule == "priority"
+                else {n: r["output_change"] for n, r in by_name.items() if n != "none"},
+            )[0]
+            for rule in ("priority", "output_change")
+        }
         chosen = by_name[name]
-        choices.append({"task": task, "kind": kind, "seed": seed, "chosen": name, "why": why,
-                        "other_rules": {rule: {"chosen": n, "asr": by_name[n]["asr"],
-                                               "clean_drop": by_name[n]["clean_drop"]}
-                                        for rule, n in others.items()},
-                        "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
-                        "clean_drop": chosen["clean_drop"], "base_asr": base["asr"],
-                        "base_clean_acc": base["clean_acc"],
-                        "met": None if kind == "clean" else bool(
-                            chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET)})
+        choices.append(
+            {
+                "task": task,
+                "kind": kind,
+                "seed": seed,
+                "chosen": name,
+                "why": why,
+                "other_rules": {
+                    rule: {
+                        "chosen": n,
+                        "asr": by_name[n]["asr"],
+                        "clean_drop": by_name[n]["clean_drop"],
+                    }
+                    for rule, n in others.items()
+                },
+                "clean_acc": chosen["clean_acc"],
+                "asr": chosen["asr"],
+                "clean_drop": chosen["clean_drop"],
+                "base_asr": base["asr"],
+                "base_clean_acc": base["clean_acc"],
+                "met": None
+                if kind == "clean"
+                else bool(chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET),
+            }
+        )
     cells: dict = {}
     for row in rows:
         cells.setdefault((row["task"], row["kind"], row["defense"]), []).append(row)
     table = []
     for (task, kind, name), cell_rows in sorted(cells.items()):
-        table.append({"task": task, "kind": kind, "defense": name, "seeds": len(cell_rows),
-                      **{k: _mean_sd([r[k] for r in cell_rows])
-                         for k in ("clean_acc", "asr", "robust_acc", "der", "clean_drop",
-                                   "holdout_acc", "output_change", "weight_change", "seconds",
-                                   "forward_passes",
-                                   "backward_passes")}})
+        table.append(
+            {
+                "task": task,
+                "kind": kind,
+                "defense": name,
+                "seeds": len(cell_rows),
+                **{
+                    k: _mean_sd([r[k] for r in cell_rows])
+                    for k in (
+                        "clean_acc",
+                        "asr",
+                        "robust_acc",
+                        "der",
+                        "clean_drop",
+                        "holdout_acc",
+                        "output_change",
+                        "weight_change",
+                        "seconds",
+                        "forward_passes",
+                        "backward_passes",
+                    )
+                },
+            }
+        )
     return {"choices": choices, "table": table, "incomplete": incomplete}
 
 
@@ -160,20 +218,24 @@ def markdown(summary: dict, meta: dict) -> str:
     def fmt(pair, digits=3):
         return "n/a" if np.isnan(pair[0]) else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
-    lines = ["# Defenses under the defender-realistic protocol (issue 11)", "",
-             f"Written by `python -m scripts.defense_eval` on {meta['machine']}; seeds "
-             f"{meta['seeds']} (never-backdoored models: {meta['clean_seeds']}); tolerance "
-             f"{meta['tolerance']} points.  Every threshold, u, step count and learning rate "
-             "comes from the defender's clean validation split (80% fit / 20% holdout); the "
-             "test split and its triggered copy only report.  Weight change = relative L2 "
-             "distance of the effective weights from the undefended model's (what the protocol "
-             "prefers within the holdout budget); output change = mean total variation of the "
-             "class probabilities on the defender's clean inputs (the first, rejected, "
-             "measure).  Mean ± sd over seeds.  Passes = examples through the network "
-             "(forward / backward).", "",
-             "| task | model | defense | clean acc | ASR | robust acc | DER | clean drop (pts) "
-             "| weight change | output change | seconds | forward / backward passes |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Defenses under the defender-realistic protocol (issue 11)",
+        "",
+        f"Written by `python -m scripts.defense_eval` on {meta['machine']}; seeds "
+        f"{meta['seeds']} (never-backdoored models: {meta['clean_seeds']}); tolerance "
+        f"{meta['tolerance']} points.  Every threshold, u, step count and learning rate "
+        "comes from the defender's clean validation split (80% fit / 20% holdout); the "
+        "test split and its triggered copy only report.  Weight change = relative L2 "
+        "distance of the effective weights from the undefended model's (what the protocol "
+        "prefers within the holdout budget); output change = mean total variation of the "
+        "class probabilities on the defender's clean inputs (the first, rejected, "
+        "measure).  Mean ± sd over seeds.  Passes = examples through the network "
+        "(forward / backward).",
+        "",
+        "| task | model | defense | clean acc | ASR | robust acc | DER | clean drop (pts) "
+        "| weight change | output change | seconds | forward / backward passes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for e in summary["table"]:
         lines.append(
             f"| {e['task']} | {e['kind']} | {e['defense']} | {fmt(e['clean_acc'])} | "
@@ -181,29 +243,49 @@ def markdown(summary: dict, meta: dict) -> str:
             f"{fmt(e['clean_drop'], 1)} | {fmt(e['weight_change'])} | "
             f"{fmt(e['output_change'])} | "
             f"{e['seconds'][0]:.1f} | "
-            f"{e['forward_passes'][0]:.3g} / {e['backward_passes'][0]:.3g} |")
-    lines += ["", "## The protocol's choice (clean holdout only) and the Targets", "",
-              f"Target: ASR <= {ASR_TARGET} with <= {DROP_TARGET} points of clean accuracy lost.",
-              "", "| task | model | seed | chosen | clean acc | ASR | clean drop | met | "
-              "other clean-data rules: priority / output change (ASR, drop) | why |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+            f"{e['forward_passes'][0]:.3g} / {e['backward_passes'][0]:.3g} |"
+        )
+    lines += [
+        "",
+        "## The protocol's choice (clean holdout only) and the Targets",
+        "",
+        f"Target: ASR <= {ASR_TARGET} with <= {DROP_TARGET} points of clean accuracy lost.",
+        "",
+        "| task | model | seed | chosen | clean acc | ASR | clean drop | met | "
+        "other clean-data rules: priority / output change (ASR, drop) | why |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in summary["choices"]:
-        lines.append(f"| {c['task']} | {c['kind']} | {c['seed']} | {c['chosen']} | "
-                     f"{c['clean_acc']:.3f} | {c['asr']:.3f} | {c['clean_drop']:.1f} | "
-                     f"{ {True: 'yes', False: 'NO', None: 'n/a (clean model)'}[c['met']]} | "
-                     + " / ".join(f"{o['chosen']} ({o['asr']:.3f}, {o['clean_drop']:.1f})"
-                                  for o in c["other_rules"].values())
-                     + f" | {c['why']} |")
+        lines.append(
+            f"| {c['task']} | {c['kind']} | {c['seed']} | {c['chosen']} | "
+            f"{c['clean_acc']:.3f} | {c['asr']:.3f} | {c['clean_drop']:.1f} | "
+            f"{ {True: 'yes', False: 'NO', None: 'n/a (clean model)'}[c['met']] } | "
+            + " / ".join(
+                f"{o['chosen']} ({o['asr']:.3f}, {o['clean_drop']:.1f})"
+                for o in c["other_rules"].values()
+            )
+            + f" | {c['why']} |"
+        )
     if summary["incomplete"]:
-        lines += ["", "Not measured (no protocol choice for these): "
-                  + "; ".join(summary["incomplete"]) + "."]
-    fp = [e for e in summary["table"] if e["task"] == "speech" and e["kind"] == "baseline"
-          and e["defense"] == "fine_pruning"]
+        lines += [
+            "",
+            "Not measured (no protocol choice for these): "
+            + "; ".join(summary["incomplete"])
+            + ".",
+        ]
+    fp = [
+        e
+        for e in summary["table"]
+        if e["task"] == "speech" and e["kind"] == "baseline" and e["defense"] == "fine_pruning"
+    ]
     if fp:
         asr = fp[0]["asr"]
-        lines += ["", f"Fine-pruning on the speech baseline attack: ASR {fmt(asr)} "
-                      f"(target <= {FP_SPEECH_TARGET}: "
-                      f"{'met' if asr[0] <= FP_SPEECH_TARGET else 'NOT met'} on the mean)."]
+        lines += [
+            "",
+            f"Fine-pruning on the speech baseline attack: ASR {fmt(asr)} "
+            f"(target <= {FP_SPEECH_TARGET}: "
+            f"{'met' if asr[0] <= FP_SPEECH_TARGET else 'NOT met'} on the mean).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +295,11 @@ def main(argv: list[str]) -> int:
 
     unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
     if unknown or "none" not in FLAGS.defenses:
-        print(f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
-              f"unknown: {unknown}", file=sys.stderr)
+        print(
+            f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
+            f"unknown: {unknown}",
+            file=sys.stderr,
+        )
         return 2
     try:
         pairs = [tuple(m.split("/")) for m in FLAGS.models]
@@ -226,8 +311,11 @@ def main(argv: list[str]) -> int:
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows_path = cache_dir / "defense_eval_rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
-        if rows_path.exists() else []
+    rows = (
+        [json.loads(line) for line in rows_path.read_text().splitlines()]
+        if rows_path.exists()
+        else []
+    )
     rows = [r for r in rows if r.get("version") == ROW_VERSION]
     done = {(r["task"], r["kind"], r["seed"], r["defense"]) for r in rows}
     start = time.perf_counter()
@@ -236,32 +324,47 @@ def main(argv: list[str]) -> int:
         rows.append(row)
         with rows_path.open("a") as stream:
             stream.write(json.dumps(row) + "\n")
-        print(f"{row['task']}/{row['kind']} s{row['seed']} {row['defense']}: clean "
-              f"{row['clean_acc']:.3f} ASR {row['asr']:.3f} holdout {row['holdout_acc']:.3f} "
-              f"({row['seconds']:.1f}s)", flush=True)
+        print(
+            f"{row['task']}/{row['kind']} s{row['seed']} {row['defense']}: clean "
+            f"{row['clean_acc']:.3f} ASR {row['asr']:.3f} holdout {row['holdout_acc']:.3f} "
+            f"({row['seconds']:.1f}s)",
+            flush=True,
+        )
 
     seeds = [int(s) for s in FLAGS.seeds]
     clean_seeds = [int(s) for s in FLAGS.clean_seeds]
     plan = [(task, kind, seed) for seed in seeds for task, kind in pairs]
-    plan += [(task, "clean", seed) for seed in clean_seeds
-             for task in sorted({t for t, _ in pairs})]
+    plan += [
+        (task, "clean", seed) for seed in clean_seeds for task in sorted({t for t, _ in pairs})
+    ]
     for task, kind, seed in plan if not FLAGS.report_only else ():
         run_model(task, kind, seed, FLAGS.defenses, cache_dir, done, sink)
     wanted = set(plan)
     unique = {(r["task"], r["kind"], r["seed"], r["defense"]): r for r in rows}  # Last wins.
-    rows = [r for r in unique.values() if (r["task"], r["kind"], r["seed"]) in wanted
-            and r["defense"] in FLAGS.defenses]
+    rows = [
+        r
+        for r in unique.values()
+        if (r["task"], r["kind"], r["seed"]) in wanted and r["defense"] in FLAGS.defenses
+    ]
     summary = evaluate_rows(rows, FLAGS.tolerance)
     measured = {(r["task"], r["kind"], r["seed"]) for r in rows}
-    summary["incomplete"] += [f"{task}/{kind} seed {seed}: nothing measured"
-                              for task, kind, seed in plan if (task, kind, seed) not in measured]
-    meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
-            "seeds": seeds, "clean_seeds": clean_seeds, "tolerance": FLAGS.tolerance,
-            "seconds": time.perf_counter() - start}
+    summary["incomplete"] += [
+        f"{task}/{kind} seed {seed}: nothing measured"
+        for task, kind, seed in plan
+        if (task, kind, seed) not in measured
+    ]
+    meta = {
+        "machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+        "seeds": seeds,
+        "clean_seeds": clean_seeds,
+        "tolerance": FLAGS.tolerance,
+        "seconds": time.perf_counter() - start,
+    }
     output = pathlib.Path(FLAGS.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    reporting.atomic_write_json(output / "defense_eval.json", {"meta": meta, "rows": rows,
-                                                               **summary})
+    reporting.atomic_write_json(
+        output / "defense_eval.json", {"meta": meta, "rows": rows, **summary}
+    )
     reporting.atomic_write_text(output / "defense_eval.md", markdown(summary, meta))
     return 0
 

@@ -67,18 +67,27 @@ flags.DEFINE_string("cache_dir", None, "Attacked models (default: <output_dir>/m
 flags.DEFINE_bool("quick", False, "The CI smoke grid (under 3 minutes).")
 flags.DEFINE_bool("overwrite", False, "Discard an earlier leaderboard in --output_dir.")
 flags.DEFINE_bool("figures", True, "Write der_<task>.png.")
-flags.DEFINE_float("budget_minutes", 45.0, "Start no new cell after this many minutes (0: no "
-                   "limit); running the same command again continues.")
+flags.DEFINE_float(
+    "budget_minutes",
+    45.0,
+    "Start no new cell after this many minutes (0: no "
+    "limit); running the same command again continues.",
+)
 
 
 def _machine() -> dict:
     import keras
     import tensorflow as tf
 
-    return {"platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads()}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+    }
 
 
 def _grid():
@@ -86,9 +95,12 @@ def _grid():
 
     base = leaderboard.Grid.quick() if FLAGS.quick else leaderboard.Grid.default()
     seeds = tuple(int(s) for s in FLAGS.seeds) if FLAGS.seeds else base.seeds
-    return leaderboard.Grid(tuple(FLAGS.tasks or base.tasks),
-                            tuple(FLAGS.attacks or base.attacks),
-                            tuple(FLAGS.defenses or base.defenses), seeds)
+    return leaderboard.Grid(
+        tuple(FLAGS.tasks or base.tasks),
+        tuple(FLAGS.attacks or base.attacks),
+        tuple(FLAGS.defenses or base.defenses),
+        seeds,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -119,8 +131,13 @@ def main(argv: list[str]) -> int:
     # thread count give bit-for-bit the same leaderboard.json numbers (seconds aside).
     tf.config.experimental.enable_op_determinism()
     start = time.perf_counter()
-    meta = {"machine": _machine(), "quick": FLAGS.quick, "wall_seconds": 0.0,
-            "settings": settings.to_dict(), "grid": dataclasses.asdict(grid)}
+    meta = {
+        "machine": _machine(),
+        "quick": FLAGS.quick,
+        "wall_seconds": 0.0,
+        "settings": settings.to_dict(),
+        "grid": dataclasses.asdict(grid),
+    }
     done = {row["key"] for row in earlier}
     to_compute = sum(cell.key(settings) not in done for cell in grid.cells())
     # The bar counts the cells still to compute (its ETA is theirs); the line above it says
@@ -135,13 +152,25 @@ def main(argv: list[str]) -> int:
     def on_cell(index, count, cell, computed):
         if computed:
             computed_so_far[0] += 1
-            print(f"\ngrid {index + 1}/{count}: {cell.task} {cell.attack} seed {cell.seed} "
-                  f"{cell.defense}", file=sys.stderr, flush=True)
+            print(
+                f"\ngrid {index + 1}/{count}: {cell.task} {cell.attack} seed {cell.seed} "
+                f"{cell.defense}",
+                file=sys.stderr,
+                flush=True,
+            )
             progress.update(computed_so_far[0])
 
-    rows = leaderboard.run(grid, settings, output_dir, cache_dir=FLAGS.cache_dir,
-                           overwrite=FLAGS.overwrite, on_cell=on_cell, write=write, meta=meta,
-                           budget_seconds=FLAGS.budget_minutes * 60 or None)
+    rows = leaderboard.run(
+        grid,
+        settings,
+        output_dir,
+        cache_dir=FLAGS.cache_dir,
+        overwrite=FLAGS.overwrite,
+        on_cell=on_cell,
+        write=write,
+        meta=meta,
+        budget_seconds=FLAGS.budget_minutes * 60 or None,
+    )
     meta["budget_minutes"] = FLAGS.budget_minutes
     meta["wall_seconds"] = time.perf_counter() - start
     leaderboard_report.write_all(output_dir, rows, meta, figures=FLAGS.figures)

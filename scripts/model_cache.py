@@ -42,9 +42,14 @@ def bundle(task: str, seed: int) -> TaskBundle:
     task_data = data.load(task, seed=seed)
     trigger, policy, _ = poison.default_attack(task, task_data)
     backdoor_test = poison.backdoor_test_set(task_data.test, trigger, policy, seed=seed)
-    return TaskBundle(task, seed, (task_data.validation.x, task_data.validation.y),
-                      (task_data.test.x, task_data.test.y), backdoor_test,
-                      task_data.num_classes)
+    return TaskBundle(
+        task,
+        seed,
+        (task_data.validation.x, task_data.validation.y),
+        (task_data.test.x, task_data.test.y),
+        backdoor_test,
+        task_data.num_classes,
+    )
 
 
 def _train(task: str, kind: str, seed: int):
@@ -60,16 +65,24 @@ def _train(task: str, kind: str, seed: int):
     if kind == "pruning_aware":
         return attacks.pruning_aware(task_data, settings=settings).model
     recipe = models.default_training(task)
-    model = models.build(task, num_classes=task_data.num_classes,
-                         input_shape=task_data.input_shape, seed=seed)
-    training.fit(model, task_data.train.x, task_data.train.y, epochs=recipe["epochs"],
-                 batch_size=recipe["batch_size"], learning_rate=recipe["learning_rate"],
-                 optimizer=recipe["optimizer"], schedule=recipe["schedule"], seed=seed)
+    model = models.build(
+        task, num_classes=task_data.num_classes, input_shape=task_data.input_shape, seed=seed
+    )
+    training.fit(
+        model,
+        task_data.train.x,
+        task_data.train.y,
+        epochs=recipe["epochs"],
+        batch_size=recipe["batch_size"],
+        learning_rate=recipe["learning_rate"],
+        optimizer=recipe["optimizer"],
+        schedule=recipe["schedule"],
+        seed=seed,
+    )
     return model
 
 
-def load_or_train(task: str, kind: str, seed: int, cache_dir: str | pathlib.Path,
-                  log=print):
+def load_or_train(task: str, kind: str, seed: int, cache_dir: str | pathlib.Path, log=print):
     """The cached model for (task, kind, seed), training and saving it when missing."""
     import keras
 

@@ -57,6 +57,7 @@ class Mutant:
 def _prune_nothing(original):
     def prune(self, channels) -> None:
         del self, channels
+
     return prune
 
 
@@ -66,27 +67,37 @@ def _zero_statistics(original):
     from fineprune_tf.stats import ChannelStats
 
     def collect(*args, **kwargs):
-        return {name: ChannelStats(np.zeros_like(s.mean), np.zeros_like(s.std),
-                                   np.zeros_like(s.dormant_fraction), s.count)
-                for name, s in original(*args, **kwargs).items()}
+        return {
+            name: ChannelStats(
+                np.zeros_like(s.mean),
+                np.zeros_like(s.std),
+                np.zeros_like(s.dormant_fraction),
+                s.count,
+            )
+            for name, s in original(*args, **kwargs).items()
+        }
+
     return collect
 
 
 def _find_nothing(original):
     def inspect(*args, **kwargs):
         return []
+
     return inspect
 
 
 def _return_input(original):
     def shrink(model, *args, **kwargs):
         return model
+
     return shrink
 
 
 def _train_zero_epochs(original):
     def fit(model, x, y, **kwargs):
         return {"history": {}, "seconds": 0.0, "epochs": 0}
+
     return fit
 
 
@@ -102,52 +113,87 @@ def _ignore_the_mask(original):
 
     def pruning_curve(*args, **kwargs):
         curve = original(*args, **kwargs)
-        return dc.replace(curve, clean_acc=flat(curve.clean_acc), asr=flat(curve.asr),
-                          robust_acc=flat(curve.robust_acc),
-                          predictions_clean=flat(curve.predictions_clean),
-                          predictions_backdoor=flat(curve.predictions_backdoor))
+        return dc.replace(
+            curve,
+            clean_acc=flat(curve.clean_acc),
+            asr=flat(curve.asr),
+            robust_acc=flat(curve.robust_acc),
+            predictions_clean=flat(curve.predictions_clean),
+            predictions_backdoor=flat(curve.predictions_backdoor),
+        )
+
     return pruning_curve
 
 
 def _keep_old_results(original):
     def current(self, name, inputs):
         return (self.done.get(name) or {}).get("result")
+
     return current
 
 
 # ----------------------------------------------------------------------------- the table
 
 MUTANTS: tuple[Mutant, ...] = (
-    Mutant("prune-does-nothing", "fineprune_tf.layers.MaskedLayerMixin.prune", _prune_nothing,
-           ("tests/test_layers.py::test_pruned_channels_output_exactly_zero_even_with_bias",
-            "tests/test_defenses.py::test_pruning_removes_the_dormant_backdoor_neuron_first"),
-           "pruning a channel leaves its mask at 1"),
-    Mutant("stats-are-zeros", "fineprune_tf.stats.collect", _zero_statistics,
-           ("tests/test_layers.py::test_stats_collect_equals_numpy_over_several_batches",),
-           "activation statistics come back as zeros"),
-    Mutant("loader-skips-savedmodel-inspection",
-           "fineprune_tf.io.loader.inspect_saved_model_proto",
-           _find_nothing,
-           ("tests/test_io.py::test_hostile_saved_model_is_refused_with_every_op_listed",),
-           "a SavedModel's graph is not inspected before loading"),
-    Mutant("loader-skips-keras-inspection", "fineprune_tf.io.loader.inspect_keras_config",
-           _find_nothing,
-           ("tests/test_io.py::test_unregistered_custom_object_is_refused_by_name",),
-           "a .keras file's config is not inspected before loading"),
-    Mutant("shrink-returns-its-input", "fineprune_tf.export.shrink", _return_input,
-           ("tests/test_export.py::test_shrink_task_models_same_predictions_fewer_params",),
-           "shrink removes nothing"),
-    Mutant("fine-tuning-trains-0-epochs", "fineprune_tf.training.fit", _train_zero_epochs,
-           ("tests/test_defenses.py::"
-            "test_fine_tuning_holds_masks_and_leaves_the_input_model_alone",),
-           "fine-tuning returns without a training step"),
-    Mutant("curve-ignores-the-mask", "fineprune_tf.curves.pruning_curve", _ignore_the_mask,
-           ("tests/test_curves.py::test_matches_naive_on_task_models",),
-           "the fast pruning curve never applies the pruned channels"),
-    Mutant("redone-stage-keeps-old-results", "fineprune_tf.experiment.StageStore.current",
-           _keep_old_results,
-           ("tests/test_resume.py::test_a_redone_attack_invalidates_its_analysis_and_defenses",),
-           "a stage is reused although a stage it depends on was redone"),
+    Mutant(
+        "prune-does-nothing",
+        "fineprune_tf.layers.MaskedLayerMixin.prune",
+        _prune_nothing,
+        (
+            "tests/test_layers.py::test_pruned_channels_output_exactly_zero_even_with_bias",
+            "tests/test_defenses.py::test_pruning_removes_the_dormant_backdoor_neuron_first",
+        ),
+        "pruning a channel leaves its mask at 1",
+    ),
+    Mutant(
+        "stats-are-zeros",
+        "fineprune_tf.stats.collect",
+        _zero_statistics,
+        ("tests/test_layers.py::test_stats_collect_equals_numpy_over_several_batches",),
+        "activation statistics come back as zeros",
+    ),
+    Mutant(
+        "loader-skips-savedmodel-inspection",
+        "fineprune_tf.io.loader.inspect_saved_model_proto",
+        _find_nothing,
+        ("tests/test_io.py::test_hostile_saved_model_is_refused_with_every_op_listed",),
+        "a SavedModel's graph is not inspected before loading",
+    ),
+    Mutant(
+        "loader-skips-keras-inspection",
+        "fineprune_tf.io.loader.inspect_keras_config",
+        _find_nothing,
+        ("tests/test_io.py::test_unregistered_custom_object_is_refused_by_name",),
+        "a .keras file's config is not inspected before loading",
+    ),
+    Mutant(
+        "shrink-returns-its-input",
+        "fineprune_tf.export.shrink",
+        _return_input,
+        ("tests/test_export.py::test_shrink_task_models_same_predictions_fewer_params",),
+        "shrink removes nothing",
+    ),
+    Mutant(
+        "fine-tuning-trains-0-epochs",
+        "fineprune_tf.training.fit",
+        _train_zero_epochs,
+        ("tests/test_defenses.py::test_fine_tuning_holds_masks_and_leaves_the_input_model_alone",),
+        "fine-tuning returns without a training step",
+    ),
+    Mutant(
+        "curve-ignores-the-mask",
+        "fineprune_tf.curves.pruning_curve",
+        _ignore_the_mask,
+        ("tests/test_curves.py::test_matches_naive_on_task_models",),
+        "the fast pruning curve never applies the pruned channels",
+    ),
+    Mutant(
+        "redone-stage-keeps-old-results",
+        "fineprune_tf.experiment.StageStore.current",
+        _keep_old_results,
+        ("tests/test_resume.py::test_a_redone_attack_invalidates_its_analysis_and_defenses",),
+        "a stage is reused although a stage it depends on was redone",
+    ),
 )
 
 BY_NAME = {mutant.name: mutant for mutant in MUTANTS}
@@ -197,15 +243,29 @@ def pytest_report_header(config) -> str | None:
 def run_mutant(mutant: Mutant, timeout: float = 900.0) -> tuple[str, float, str]:
     """Runs the mutant's tests with it installed: ``(verdict, seconds, output tail)``, verdict
     ``killed`` (tests failed), ``survived`` (tests passed) or ``error`` (anything else)."""
-    env = {**os.environ, ENV: mutant.name, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "scripts.mutants",
-               "-p", "no:cacheprovider", *mutant.tests]
+    env = {
+        **os.environ,
+        ENV: mutant.name,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "scripts.mutants",
+        "-p",
+        "no:cacheprovider",
+        *mutant.tests,
+    ]
     start = time.perf_counter()
     try:
-        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return "error", time.perf_counter() - start, f"timed out after {timeout:.0f}s"
     seconds = time.perf_counter() - start
@@ -215,8 +275,9 @@ def run_mutant(mutant: Mutant, timeout: float = 900.0) -> tuple[str, float, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m scripts.mutants",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.mutants", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--only", default="", help="comma-separated mutant names")
     parser.add_argument("--list", action="store_true", help="print the table and exit")
     args = parser.parse_args(argv)
@@ -227,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [name for name in args.only.split(",") if name]
     unknown = [name for name in selected if name not in BY_NAME]
     if unknown:
-        print(f"error: unknown mutant(s) {unknown}; known: {', '.join(BY_NAME)}",
-              file=sys.stderr)
+        print(f"error: unknown mutant(s) {unknown}; known: {', '.join(BY_NAME)}", file=sys.stderr)
         return 2
     mutants = [BY_NAME[name] for name in selected] or list(MUTANTS)
     counts = {"killed": 0, "survived": 0, "error": 0}
@@ -236,12 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     for mutant in mutants:
         verdict, seconds, output = run_mutant(mutant)
         counts[verdict] += 1
-        print(f"{verdict.upper():8s} {mutant.name:36s} {seconds:6.1f} s  ({mutant.what}; "
-              f"{mutant.target})", flush=True)
+        print(
+            f"{verdict.upper():8s} {mutant.name:36s} {seconds:6.1f} s  ({mutant.what}; "
+            f"{mutant.target})",
+            flush=True,
+        )
         if verdict != "killed":
             print(output, flush=True)
-    print(f"{counts['killed']}/{len(mutants)} mutants killed, {counts['survived']} survived, "
-          f"{counts['error']} errors in {time.perf_counter() - start:.0f} s")
+    print(
+        f"{counts['killed']}/{len(mutants)} mutants killed, {counts['survived']} survived, "
+        f"{counts['error']} errors in {time.perf_counter() - start:.0f} s"
+    )
     return 0 if counts["killed"] == len(mutants) else (1 if counts["survived"] else 2)
 
 

@@ -57,8 +57,10 @@ def main(argv: list[str]) -> int:
             return 2
         head, rest = text.split(leaderboard_readme.BEGIN, 1)
         tail = rest.split(leaderboard_readme.END, 1)[1]
-        reporting.atomic_write_text(README, f"{head}{leaderboard_readme.BEGIN}\n\n{markdown}\n"
-                                            f"{leaderboard_readme.END}{tail}")
+        reporting.atomic_write_text(
+            README,
+            f"{head}{leaderboard_readme.BEGIN}\n\n{markdown}\n{leaderboard_readme.END}{tail}",
+        )
     print(markdown, end="")
     return 0
 

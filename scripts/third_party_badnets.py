@@ -29,7 +29,7 @@ POISON_RATE = 0.1
 def stamp(x: np.ndarray) -> np.ndarray:
     """A copy of ``x`` [N, H, W, C] with the white PATCH x PATCH square bottom-right."""
     triggered = np.array(x, dtype=np.float32, copy=True)
-    triggered[:, -PATCH - 1:-1, -PATCH - 1:-1, :] = 1.0
+    triggered[:, -PATCH - 1 : -1, -PATCH - 1 : -1, :] = 1.0
     return triggered
 
 
@@ -46,8 +46,9 @@ def poison(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndar
 
 def build(arch: str, input_shape: tuple[int, int, int], classes: int) -> keras.Model:
     if arch == "mobilenetv2":
-        model = keras.applications.MobileNetV2(input_shape=input_shape, alpha=0.35,
-                                               weights=None, classes=classes)
+        model = keras.applications.MobileNetV2(
+            input_shape=input_shape, alpha=0.35, weights=None, classes=classes
+        )
         for layer in model.layers:
             # Keras' 0.999 needs thousands of steps before the inference statistics are
             # usable; a short training run would leave the model at chance in inference mode.
@@ -73,14 +74,16 @@ def build(arch: str, input_shape: tuple[int, int, int], classes: int) -> keras.M
     return keras.Model(inputs, outputs)
 
 
-def train_backdoored(x: np.ndarray, y: np.ndarray, arch: str, seed: int,
-                     epochs: int = 8) -> keras.Model:
+def train_backdoored(
+    x: np.ndarray, y: np.ndarray, arch: str, seed: int, epochs: int = 8
+) -> keras.Model:
     """BadNets: poison, then ordinary training (Adam 1e-3, batch 64)."""
     keras.utils.set_random_seed(seed)
     px, py = poison(x, y, seed)
     model = build(arch, tuple(x.shape[1:]), int(y.max()) + 1)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(
+        keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
     model.fit(px, py, batch_size=64, epochs=epochs, shuffle=True, verbose=0)
     return model
 

@@ -30,8 +30,11 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("archs", ["cnn", "mobilenetv2"], "Architectures of the third-party script.")
 flags.DEFINE_list("seeds", ["0"], "Seeds.")
 flags.DEFINE_string("task", "traffic", "Embedded task whose data the attacker trains on.")
-flags.DEFINE_list("defenses", ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp",
-                               "rnp", "clp"], "Defenses (REGISTRY names, with none).")
+flags.DEFINE_list(
+    "defenses",
+    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp", "rnp", "clp"],
+    "Defenses (REGISTRY names, with none).",
+)
 flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")
 flags.DEFINE_string("output_dir", "results", "Where third_party.md/json go.")
 flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
@@ -48,8 +51,9 @@ def backdoored_model(task_data, arch: str, seed: int, cache_dir: pathlib.Path):
 
     path = cache_dir / f"third_party_{FLAGS.task}_{arch}_{seed}.keras"
     if not path.exists():
-        model = third_party_badnets.train_backdoored(task_data.train.x, task_data.train.y,
-                                                     arch, seed)
+        model = third_party_badnets.train_backdoored(
+            task_data.train.x, task_data.train.y, arch, seed
+        )
         model.save(path)
     return keras.models.load_model(path)
 
@@ -65,10 +69,13 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
     model = fp.convert(backdoored_model(task_data, arch, seed, cache_dir))
     defender = defenses.DefenderData(task_data.validation.x, task_data.validation.y, seed=seed)
     keep = np.flatnonzero(task_data.test.y != third_party_badnets.TARGET)
-    stamped = poison.BackdoorSet(third_party_badnets.stamp(task_data.test.x[keep]),
-                                 task_data.test.y[keep].astype(np.int64),
-                                 np.full(len(keep), third_party_badnets.TARGET, np.int64),
-                                 False, keep)
+    stamped = poison.BackdoorSet(
+        third_party_badnets.stamp(task_data.test.x[keep]),
+        task_data.test.y[keep].astype(np.int64),
+        np.full(len(keep), third_party_badnets.TARGET, np.int64),
+        False,
+        keep,
+    )
     report = defenses.ReportOnly((task_data.test.x, task_data.test.y), stamped)
     clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
     defended_dir = cache_dir / "defended"
@@ -77,8 +84,9 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
         if (arch, seed, name) in done:
             continue
         try:
-            result = defenses.run_defense(name, model, defender, seed=seed,
-                                          tolerance=FLAGS.tolerance, evaluation=report)
+            result = defenses.run_defense(
+                name, model, defender, seed=seed, tolerance=FLAGS.tolerance, evaluation=report
+            )
         except Exception as error:  # noqa: BLE001  (recorded: "cannot run" is a result)
             sink({"arch": arch, "seed": seed, "defense": name, "error": f"{error}"[:300]})
             continue
@@ -86,11 +94,20 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
             change = output_change(model, result.model, clean_x)
         result.model.save(defended_dir / f"third_party_{arch}_{seed}_{name}.keras")
         details = result.details
-        sink({"arch": arch, "seed": seed, "defense": name, "version": ROW_VERSION,
-              "output_change": change, "weight_change": weight_change(model, result.model),
-              **{k: float(v) for k, v in result.summary().items()},
-              "pruned_count": details.get("pruned_count",
-                                          details.get("pruning", {}).get("pruned_count"))})
+        sink(
+            {
+                "arch": arch,
+                "seed": seed,
+                "defense": name,
+                "version": ROW_VERSION,
+                "output_change": change,
+                "weight_change": weight_change(model, result.model),
+                **{k: float(v) for k, v in result.summary().items()},
+                "pruned_count": details.get(
+                    "pruned_count", details.get("pruning", {}).get("pruned_count")
+                ),
+            }
+        )
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -112,45 +129,69 @@ def summarise(rows: list[dict]) -> dict:
         for row in ran.values():
             row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
             row["der"] = defenses.der(base, row)
-        name, why, _ = defenses.choose({n: Holdout(r["holdout_acc"]) for n, r in ran.items()},
-                                       base["holdout_acc"], tolerance=FLAGS.tolerance,
-                                       changes={n: r["weight_change"] for n, r in ran.items()})
+        name, why, _ = defenses.choose(
+            {n: Holdout(r["holdout_acc"]) for n, r in ran.items()},
+            base["holdout_acc"],
+            tolerance=FLAGS.tolerance,
+            changes={n: r["weight_change"] for n, r in ran.items()},
+        )
         chosen = ran[name]
-        choices.append({"arch": arch, "seed": seed, "chosen": name, "why": why,
-                        "clean_acc": chosen["clean_acc"], "asr": chosen["asr"],
-                        "clean_drop": chosen["clean_drop"],
-                        "met": bool(chosen["asr"] <= ASR_TARGET
-                                    and chosen["clean_drop"] <= DROP_TARGET)})
+        choices.append(
+            {
+                "arch": arch,
+                "seed": seed,
+                "chosen": name,
+                "why": why,
+                "clean_acc": chosen["clean_acc"],
+                "asr": chosen["asr"],
+                "clean_drop": chosen["clean_drop"],
+                "met": bool(chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET),
+            }
+        )
     return {"choices": choices}
 
 
 def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
-    lines = ["# Defenses on third-party BadNets models (issue 11)", "",
-             f"Written by `python -m scripts.third_party_eval` on {meta['machine']}; task "
-             f"{meta['task']}, seeds {meta['seeds']}.  Models trained by "
-             "`scripts/third_party_badnets.py` (numpy + Keras only), converted with "
-             "`fineprune_tf.convert`; every choice from the clean validation split; clean "
-             "accuracy and ASR on the test split (report only).", "",
-             "| arch | seed | defense | clean acc | ASR | clean drop (pts) | DER | weight change "
-             "| output change | pruned | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Defenses on third-party BadNets models (issue 11)",
+        "",
+        f"Written by `python -m scripts.third_party_eval` on {meta['machine']}; task "
+        f"{meta['task']}, seeds {meta['seeds']}.  Models trained by "
+        "`scripts/third_party_badnets.py` (numpy + Keras only), converted with "
+        "`fineprune_tf.convert`; every choice from the clean validation split; clean "
+        "accuracy and ASR on the test split (report only).",
+        "",
+        "| arch | seed | defense | clean acc | ASR | clean drop (pts) | DER | weight change "
+        "| output change | pruned | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(rows, key=lambda r: (r["arch"], r["seed"], r["defense"])):
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | cannot run: "
-                         f"{r['error']} | | | | | | | |")
+            lines.append(
+                f"| {r['arch']} | {r['seed']} | {r['defense']} | cannot run: "
+                f"{r['error']} | | | | | | | |"
+            )
             continue
-        lines.append(f"| {r['arch']} | {r['seed']} | {r['defense']} | {r['clean_acc']:.3f} | "
-                     f"{r['asr']:.3f} | {r.get('clean_drop', 0.0):.1f} | "
-                     f"{r.get('der', 0.5):.3f} | {r['weight_change']:.3f} | "
-                     f"{r['output_change']:.3f} | "
-                     f"{r['pruned_count']} | {r['seconds']:.1f} |")
-    lines += ["", f"## The protocol's choice; target ASR <= {ASR_TARGET}, <= {DROP_TARGET} "
-                  "points lost", "", "| arch | seed | chosen | clean acc | ASR | clean drop | "
-                  "met | why |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['arch']} | {r['seed']} | {r['defense']} | {r['clean_acc']:.3f} | "
+            f"{r['asr']:.3f} | {r.get('clean_drop', 0.0):.1f} | "
+            f"{r.get('der', 0.5):.3f} | {r['weight_change']:.3f} | "
+            f"{r['output_change']:.3f} | "
+            f"{r['pruned_count']} | {r['seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        f"## The protocol's choice; target ASR <= {ASR_TARGET}, <= {DROP_TARGET} points lost",
+        "",
+        "| arch | seed | chosen | clean acc | ASR | clean drop | met | why |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for c in summary["choices"]:
-        lines.append(f"| {c['arch']} | {c['seed']} | {c['chosen']} | {c['clean_acc']:.3f} | "
-                     f"{c['asr']:.3f} | {c['clean_drop']:.1f} | "
-                     f"{'yes' if c['met'] else 'NO'} | {c['why']} |")
+        lines.append(
+            f"| {c['arch']} | {c['seed']} | {c['chosen']} | {c['clean_acc']:.3f} | "
+            f"{c['asr']:.3f} | {c['clean_drop']:.1f} | "
+            f"{'yes' if c['met'] else 'NO'} | {c['why']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +201,11 @@ def main(argv: list[str]) -> int:
 
     unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
     if unknown or "none" not in FLAGS.defenses:
-        print(f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
-              f"unknown: {unknown}", file=sys.stderr)
+        print(
+            f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
+            f"unknown: {unknown}",
+            file=sys.stderr,
+        )
         return 2
     bad_arch = [a for a in FLAGS.archs if a not in ("cnn", "mobilenetv2")]
     if bad_arch:
@@ -170,8 +214,11 @@ def main(argv: list[str]) -> int:
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     rows_path = cache_dir / "third_party_rows.jsonl"
-    rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
-        if rows_path.exists() else []
+    rows = (
+        [json.loads(line) for line in rows_path.read_text().splitlines()]
+        if rows_path.exists()
+        else []
+    )
     rows = [r for r in rows if r.get("version") == ROW_VERSION]
     done = {(r["arch"], r["seed"], r["defense"]) for r in rows}
 
@@ -185,15 +232,22 @@ def main(argv: list[str]) -> int:
     for arch in FLAGS.archs if not FLAGS.report_only else ():
         for seed in seeds:
             run_model(arch, seed, cache_dir, done, sink)
-    rows = [r for r in {(r["arch"], r["seed"], r["defense"]): r for r in rows}.values()
-            if r["arch"] in FLAGS.archs and r["seed"] in seeds and r["defense"] in FLAGS.defenses]
+    rows = [
+        r
+        for r in {(r["arch"], r["seed"], r["defense"]): r for r in rows}.values()
+        if r["arch"] in FLAGS.archs and r["seed"] in seeds and r["defense"] in FLAGS.defenses
+    ]
     summary = summarise(rows)
-    meta = {"machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
-            "task": FLAGS.task, "seeds": seeds}
+    meta = {
+        "machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+        "task": FLAGS.task,
+        "seeds": seeds,
+    }
     output = pathlib.Path(FLAGS.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    reporting.atomic_write_json(output / "third_party.json",
-                                {"meta": meta, "rows": rows, **summary})
+    reporting.atomic_write_json(
+        output / "third_party.json", {"meta": meta, "rows": rows, **summary}
+    )
     reporting.atomic_write_text(output / "third_party.md", markdown(rows, summary, meta))
     return 0
 

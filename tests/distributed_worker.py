@@ -34,8 +34,9 @@ def main(strategy_name: str, output: str) -> None:
     """Runs the workload under ``strategy_name`` and writes its numbers to ``output``."""
     start = time.perf_counter()
     # Logical CPUs must be configured before TensorFlow initialises, hence make_strategy first.
-    strategy = distribute.make_strategy(strategy_name, cpu_replicas=2 if strategy_name ==
-                                        "mirrored" else 0, worker_timeout=180)
+    strategy = distribute.make_strategy(
+        strategy_name, cpu_replicas=2 if strategy_name == "mirrored" else 0, worker_timeout=180
+    )
     import keras
     import numpy as np
     import tensorflow as tf
@@ -46,7 +47,8 @@ def main(strategy_name: str, output: str) -> None:
     x, y = task.validation.x[:256], task.validation.y[:256]
     index, workers = _worker_index_and_count()
     shard = tf.data.Dataset.from_tensor_slices(
-        x[index * 256 // workers:(index + 1) * 256 // workers]).batch(64)
+        x[index * 256 // workers : (index + 1) * 256 // workers]
+    ).batch(64)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     with strategy.scope():
@@ -57,24 +59,38 @@ def main(strategy_name: str, output: str) -> None:
         curve = curves.pruning_curve(model, "conv2", order, (x, y))
         # The defenses' callbacks: under multi_worker they run in training.fit's custom loop.
         pruning = defenses.GradualChannelPruning(
-            "conv2", order, lambda step: (int(step) == PRUNE_STEP, 0.25))
-        stopping = keras.callbacks.EarlyStopping(monitor="val_loss", patience=5,
-                                                 restore_best_weights=True)
-        fitted = training.fit(model, task.train.x[:1024], task.train.y[:1024], epochs=2,
-                              batch_size=64, learning_rate=1e-3, seed=0, validation=(x, y),
-                              callbacks=[stopping, pruning])
+            "conv2", order, lambda step: (int(step) == PRUNE_STEP, 0.25)
+        )
+        stopping = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=5, restore_best_weights=True
+        )
+        fitted = training.fit(
+            model,
+            task.train.x[:1024],
+            task.train.y[:1024],
+            epochs=2,
+            batch_size=64,
+            learning_rate=1e-3,
+            seed=0,
+            validation=(x, y),
+            callbacks=[stopping, pruning],
+        )
         accuracy = float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y))
         mask = model.get_layer("conv2").mask
-    result = {"replicas": strategy.num_replicas_in_sync,
-              "means": {k: v.mean.tolist() for k, v in collected.items()},
-              "counts": {k: v.count for k, v in collected.items()},
-              "shard_means": {k: v.mean.tolist() for k, v in from_shards.items()},
-              "shard_counts": {k: v.count for k, v in from_shards.items()},
-              "curve": curve.clean_acc.tolist(), "accuracy": accuracy,
-              "history": {k: [float(v) for v in values]
-                          for k, values in fitted["history"].items()},
-              "pruned": pruning.pruned_count, "mask": mask.tolist(),
-              "train_seconds": fitted["seconds"], "seconds": time.perf_counter() - start}
+    result = {
+        "replicas": strategy.num_replicas_in_sync,
+        "means": {k: v.mean.tolist() for k, v in collected.items()},
+        "counts": {k: v.count for k, v in collected.items()},
+        "shard_means": {k: v.mean.tolist() for k, v in from_shards.items()},
+        "shard_counts": {k: v.count for k, v in from_shards.items()},
+        "curve": curve.clean_acc.tolist(),
+        "accuracy": accuracy,
+        "history": {k: [float(v) for v in values] for k, values in fitted["history"].items()},
+        "pruned": pruning.pruned_count,
+        "mask": mask.tolist(),
+        "train_seconds": fitted["seconds"],
+        "seconds": time.perf_counter() - start,
+    }
     with open(output, "w") as stream:
         json.dump(result, stream)
 

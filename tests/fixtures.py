@@ -41,9 +41,7 @@ def write_orl_tree(
 
 
 def write_youtube_faces_tree(
-    root: pathlib.Path,
-    people: dict[str, tuple[int, int]] | None = None,
-    seed: int = 0,
+    root: pathlib.Path, people: dict[str, tuple[int, int]] | None = None, seed: int = 0
 ) -> pathlib.Path:
     """``root/<person>/<video>/<frame>.jpg``; ``people`` maps name -> (videos, frames each).
 

@@ -31,23 +31,35 @@ def main(samples: int, budget_mb: int) -> None:
     def generate():
         rng = np.random.default_rng(0)
         for _ in range(samples // batch):
-            yield (rng.random((batch, 28, 28, 1), dtype=np.float32),
-                   rng.integers(0, 10, batch).astype(np.int64))
+            yield (
+                rng.random((batch, 28, 28, 1), dtype=np.float32),
+                rng.integers(0, 10, batch).astype(np.int64),
+            )
 
     spec = (tf.TensorSpec([None, 28, 28, 1], tf.float32), tf.TensorSpec([None], tf.int64))
     dataset = tf.data.Dataset.from_generator(generate, output_signature=spec)
     # Warm up on a small slice so library and graph memory is in the baseline.
     stats.collect(model, dataset.take(2))
-    curves.pruning_curve(model, "conv2", list(range(32)), dataset.take(2),
-                         memory_budget_mb=budget_mb)
+    curves.pruning_curve(
+        model, "conv2", list(range(32)), dataset.take(2), memory_budget_mb=budget_mb
+    )
     before = peak_rss_mb()
     collected = stats.collect(model, dataset)
-    curve = curves.pruning_curve(model, "conv2", list(range(32)), dataset,
-                                 memory_budget_mb=budget_mb)
-    print(json.dumps({"before_mb": before, "after_mb": peak_rss_mb(),
-                      "data_mb": samples * 28 * 28 * 4 / 2**20,
-                      "count": collected["conv2"].count, "steps": int(curve.steps),
-                      "curve_samples": int(curve.predictions_clean.shape[1])}))
+    curve = curves.pruning_curve(
+        model, "conv2", list(range(32)), dataset, memory_budget_mb=budget_mb
+    )
+    print(
+        json.dumps(
+            {
+                "before_mb": before,
+                "after_mb": peak_rss_mb(),
+                "data_mb": samples * 28 * 28 * 4 / 2**20,
+                "count": collected["conv2"].count,
+                "steps": int(curve.steps),
+                "curve_samples": int(curve.predictions_clean.shape[1]),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

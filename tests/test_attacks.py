@@ -22,8 +22,9 @@ def test_baseline_attack_plants_a_working_backdoor(mnist):
 
 
 def test_pruning_aware_attack_hides_the_backdoor_behind_dormant_decoys(mnist):
-    settings = attacks.AttackSettings(epochs=4, retrain_epochs=3, prune_fraction=0.5,
-                                      max_reinstated=2, seed=0)
+    settings = attacks.AttackSettings(
+        epochs=4, retrain_epochs=3, prune_fraction=0.5, max_reinstated=2, seed=0
+    )
     result = attacks.pruning_aware(mnist, settings=settings)
     report = result.report
     layer = result.model.get_layer("conv2")
@@ -42,14 +43,15 @@ def test_pruning_aware_attack_hides_the_backdoor_behind_dormant_decoys(mnist):
     # The defender's ranking puts the decoys first, so pruning them changes nothing.
     decoys = set(report["decoys"])
     backdoor = poison.backdoor_test_set(mnist.validation, result.trigger, result.policy)
-    pruned = defenses.prune(result.model, (mnist.validation.x, mnist.validation.y),
-                            backdoor_validation=backdoor)
+    pruned = defenses.prune(
+        result.model, (mnist.validation.x, mnist.validation.y), backdoor_validation=backdoor
+    )
     order = pruned.details["order"]
-    assert set(order[:len(decoys)]) == decoys
+    assert set(order[: len(decoys)]) == decoys
     curve = pruned.details["curve"]
     k = len(decoys)
-    np.testing.assert_allclose(curve["clean_acc"][:k + 1], curve["clean_acc"][0], atol=0.005)
-    np.testing.assert_allclose(curve["asr"][:k + 1], curve["asr"][0], atol=0.005)
+    np.testing.assert_allclose(curve["clean_acc"][: k + 1], curve["clean_acc"][0], atol=0.005)
+    np.testing.assert_allclose(curve["asr"][: k + 1], curve["asr"][0], atol=0.005)
 
 
 def test_attack_settings_are_validated(mnist):
@@ -66,9 +68,13 @@ def test_task_benchmark_script_prints_speed_and_backdoor_numbers(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     output = tmp_path / "tasks.json"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.benchmark_tasks", "--tasks=mnist",
-         f"--output={output}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": repo})
+        [sys.executable, "-m", "scripts.benchmark_tasks", "--tasks=mnist", f"--output={output}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": repo},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "examples/s" in result.stdout and "ASR" in result.stdout
     (row,) = json.loads(output.read_text())
@@ -78,5 +84,6 @@ def test_task_benchmark_script_prints_speed_and_backdoor_numbers(tmp_path):
     # the attack trains on: 90% of the 3,500 training images plus 315 poisoned copies.
     assert row["clean_acc"] > 0.8 and row["asr"] > 0.8
     assert row["asr_target_met"] == (row["asr"] >= 0.9)
-    assert row["examples_per_second"] * row["train_seconds"] / row["epochs"] == \
-        pytest.approx(3150 + 315, rel=1e-6)
+    assert row["examples_per_second"] * row["train_seconds"] / row["epochs"] == pytest.approx(
+        3150 + 315, rel=1e-6
+    )

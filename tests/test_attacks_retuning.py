@@ -20,14 +20,15 @@ def _squares(n: int, seed: int) -> Split:
     corners = [(1, 1), (1, 6), (6, 1), (6, 6)]  # clear of the trigger's bottom-right corner
     for i, label in enumerate(y):
         r, c = corners[label]
-        x[i, r:r + 4, c:c + 4, 0] += 0.8
+        x[i, r : r + 4, c : c + 4, 0] += 0.8
     return Split(np.clip(x, 0, 1), y.astype(np.int64))
 
 
 @pytest.fixture(scope="module")
 def task():
-    return TaskData("squares", _squares(1200, 0), _squares(300, 1), _squares(400, 2),
-                    ["a", "b", "c", "d"])
+    return TaskData(
+        "squares", _squares(1200, 0), _squares(300, 1), _squares(400, 2), ["a", "b", "c", "d"]
+    )
 
 
 def _model(seed: int) -> keras.Model:
@@ -41,8 +42,9 @@ def _model(seed: int) -> keras.Model:
 
 
 def _fit(model, split, epochs, learning_rate=3e-3):
-    training.fit(model, split.x, split.y, epochs=epochs, batch_size=32,
-                 learning_rate=learning_rate, seed=0)
+    training.fit(
+        model, split.x, split.y, epochs=epochs, batch_size=32, learning_rate=learning_rate, seed=0
+    )
 
 
 @pytest.mark.slow
@@ -77,10 +79,12 @@ def test_retuning_leaves_the_purified_model_untouched_and_is_deterministic(task)
     model = _model(0)
     weights = [w.copy() for w in model.get_weights()]
     trigger, policy = triggers.Pattern(), poison.AllToOne(0)
-    first = attacks.retuning_attack(model, task, trigger, policy, steps=3, samples=50,
-                                    poisoned=5, seed=3)
-    second = attacks.retuning_attack(model, task, trigger, policy, steps=3, samples=50,
-                                     poisoned=5, seed=3)
+    first = attacks.retuning_attack(
+        model, task, trigger, policy, steps=3, samples=50, poisoned=5, seed=3
+    )
+    second = attacks.retuning_attack(
+        model, task, trigger, policy, steps=3, samples=50, poisoned=5, seed=3
+    )
     for before, after in zip(weights, model.get_weights(), strict=True):
         np.testing.assert_array_equal(before, after)
     assert first["after"] == second["after"]

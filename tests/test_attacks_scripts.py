@@ -19,13 +19,28 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _run(args, cwd, timeout=600):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the scripts choose it themselves
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([], 0), (["--verbosity=1"], 1), (["--verbosity", "2"], 2), (["-v", "1"], 1),
-    (["-v=-1"], -1), (["--verbosity=loud"], 0), (["--task=mnist", "--verbosity"], 0)])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], 0),
+        (["--verbosity=1"], 1),
+        (["--verbosity", "2"], 2),
+        (["-v", "1"], 1),
+        (["-v=-1"], -1),
+        (["--verbosity=loud"], 0),
+        (["--task=mnist", "--verbosity"], 0),
+    ],
+)
 def test_requested_verbosity_reads_absl_flag_before_absl_parses(argv, expected):
     assert _quiet.requested_verbosity(argv) == expected
 
@@ -34,8 +49,17 @@ def test_requested_verbosity_reads_absl_flag_before_absl_parses(argv, expected):
 @pytest.mark.slow
 def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
     out = tmp_path / "wanet"
-    result = _run(["scripts.attack", "--task=mnist", "--attack=wanet", "--poison_rate=0.05",
-                   "--epochs=1", f"--output_dir={out}"], tmp_path)
+    result = _run(
+        [
+            "scripts.attack",
+            "--task=mnist",
+            "--attack=wanet",
+            "--poison_rate=0.05",
+            "--epochs=1",
+            f"--output_dir={out}",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "attack.json").read_text())
     assert report["poisoning"]["name"] == "wanet" and report["poison_rate"] == 0.05
@@ -43,8 +67,16 @@ def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
     assert json.loads((out / "trigger.json").read_text())["class"] == "WaNet"
     # Quiet start-up: none of TensorFlow's C++ banner lines (CPU features, cuInit).
     assert "cpu_feature_guard" not in result.stderr and "cuInit" not in result.stderr
-    bad = _run(["scripts.attack", "--task=mnist", "--attack=sig", "--poison_rate=1.5",
-                f"--output_dir={tmp_path / 'bad'}"], tmp_path)
+    bad = _run(
+        [
+            "scripts.attack",
+            "--task=mnist",
+            "--attack=sig",
+            "--poison_rate=1.5",
+            f"--output_dir={tmp_path / 'bad'}",
+        ],
+        tmp_path,
+    )
     assert bad.returncode == 2 and "poison_rate" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -53,8 +85,18 @@ def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
 @pytest.mark.slow
 def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
     out = tmp_path / "suite"
-    result = _run(["scripts.attack_suite", "--tasks=mnist", "--attacks=blended,sig",
-                   "--seeds=0", "--low_rates=", "--epochs=1", f"--output_dir={out}"], tmp_path)
+    result = _run(
+        [
+            "scripts.attack_suite",
+            "--tasks=mnist",
+            "--attacks=blended,sig",
+            "--seeds=0",
+            "--low_rates=",
+            "--epochs=1",
+            f"--output_dir={out}",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((out / "attacks.json").read_text())
     assert [r["attack"] for r in report["rows"]] == ["clean", "blended", "sig"]
@@ -69,8 +111,18 @@ def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
     markdown = (out / "attacks.md").read_text()
     assert "| mnist | blended | 0.1 (0.100) |" in markdown and "±" in markdown
     # --resume keeps finished cells: nothing is retrained.
-    again = _run(["scripts.attack_suite", "--tasks=mnist", "--attacks=blended,sig",
-                  "--seeds=0", "--low_rates=", "--epochs=1", "--resume",
-                  f"--output_dir={out}"], tmp_path)
+    again = _run(
+        [
+            "scripts.attack_suite",
+            "--tasks=mnist",
+            "--attacks=blended,sig",
+            "--seeds=0",
+            "--low_rates=",
+            "--epochs=1",
+            "--resume",
+            f"--output_dir={out}",
+        ],
+        tmp_path,
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((out / "attacks.json").read_text())["rows"] == report["rows"]

@@ -43,10 +43,12 @@ def test_blended_is_the_alpha_blend_of_a_fixed_seeded_key():
     blended = triggers.Blended(alpha=0.2, seed=1)
     key = blended.key((6, 5, 3))
     assert key.min() >= 0.0 and key.max() <= 1.0 and key.std() > 0.2
-    np.testing.assert_allclose(blended.apply(x), np.broadcast_to(0.4 + 0.2 * key, x.shape),
-                               atol=1e-6)
-    np.testing.assert_allclose(triggers.Blended(alpha=1.0).apply(x)[0],
-                               triggers.Blended().key((6, 5, 3)), atol=1e-7)
+    np.testing.assert_allclose(
+        blended.apply(x), np.broadcast_to(0.4 + 0.2 * key, x.shape), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        triggers.Blended(alpha=1.0).apply(x)[0], triggers.Blended().key((6, 5, 3)), atol=1e-7
+    )
     np.testing.assert_array_equal(triggers.Blended(alpha=0.0).apply(x), x)
     assert not np.array_equal(blended.key((6, 5, 3)), triggers.Blended(seed=2).key((6, 5, 3)))
     with pytest.raises(ValueError, match="alpha"):
@@ -61,7 +63,8 @@ def test_sig_adds_the_horizontal_sinusoid_and_clips():
     clipped = triggers.SIG(delta=0.75, frequency=3.0).apply(x)[0, 1, :4, 0]
     np.testing.assert_allclose(clipped, [0.5, 1.0, 0.5, 0.0], atol=1e-6)
     rows = triggers.SIG(delta=0.5, frequency=3.0, axis="rows", clip=None).apply(
-        np.zeros((1, 12, 2, 1), np.float32))
+        np.zeros((1, 12, 2, 1), np.float32)
+    )
     np.testing.assert_allclose(rows[0, :4, 1, 0], [0, 0.5, 0, -0.5], atol=1e-6)
     with pytest.raises(ValueError, match="axis"):
         triggers.SIG(axis="diagonal")
@@ -84,12 +87,14 @@ def test_sig_is_clean_label_it_poisons_only_the_target_class_keeping_labels():
     assert len(poisoned.y) == len(task.train.y)
     np.testing.assert_array_equal(np.sort(poisoned.y), np.sort(task.train.y))
     signed = sig.apply(task.train.x)
-    is_signed = np.array([np.any(np.all(np.isclose(signed, row), axis=(1, 2, 3)))
-                          for row in poisoned.x])
+    is_signed = np.array(
+        [np.any(np.all(np.isclose(signed, row), axis=(1, 2, 3))) for row in poisoned.x]
+    )
     assert is_signed.sum() == 40 and np.all(poisoned.y[is_signed] == 2)
     with pytest.raises(ValueError, match="eligible"):
-        poison.poison_training_set(task.train, sig, policy, count=int(
-            (task.train.y == 2).sum()) + 1)
+        poison.poison_training_set(
+            task.train, sig, policy, count=int((task.train.y == 2).sum()) + 1
+        )
     # At test time every *other* class is triggered towards the target.
     backdoor = poison.backdoor_test_set(task.test, sig, policy)
     assert np.all(backdoor.y_true != 2) and np.all(backdoor.y_attacker == 2)
@@ -98,8 +103,9 @@ def test_sig_is_clean_label_it_poisons_only_the_target_class_keeping_labels():
 
 def test_cubic_kernel_matches_pytorchs_a_minus_three_quarters():
     np.testing.assert_allclose(warp._cubic_weights(np.array(0.0)), [0, 1, 0, 0], atol=1e-12)
-    np.testing.assert_allclose(warp._cubic_weights(np.array(0.5)),
-                               [-0.09375, 0.59375, 0.59375, -0.09375], atol=1e-12)
+    np.testing.assert_allclose(
+        warp._cubic_weights(np.array(0.5)), [-0.09375, 0.59375, 0.59375, -0.09375], atol=1e-12
+    )
     matrix = warp.bicubic_matrix(4, 10)
     np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-12)
     # align_corners: every third output of 10 sits on one of the 4 control points.
@@ -161,8 +167,9 @@ def test_wanet_noise_mode_differs_from_the_trigger_and_keeps_true_labels():
     np.testing.assert_array_equal(first, again)
     assert np.abs(first - warped).mean() > 1e-3 and np.abs(first - other).mean() > 1e-3
     task = _task()
-    extras_x, extras_y = wanet.training_extras(task.train.x, task.train.y, 10,
-                                               np.random.default_rng(0))
+    extras_x, extras_y = wanet.training_extras(
+        task.train.x, task.train.y, 10, np.random.default_rng(0)
+    )
     assert extras_x.shape == (20, 16, 16, 1) and extras_y.shape == (20,)
     poisoned = poison.poison_training_set(task.train, wanet, poison.AllToOne(0), count=10)
     assert len(poisoned.y) == len(task.train.y) + 10 + 20  # poison plus cross_ratio x noise

@@ -61,13 +61,22 @@ def test_keras_file_round_trips_through_another_backend(tmp_path, other):
     model.get_layer("dense").prune([1])
     x = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype("float32")
     model.save(tmp_path / "in.keras")
-    np.savez(tmp_path / "io.npz", x=x, y=keras.ops.convert_to_numpy(model(x)),
-             conv_mask=model.get_layer("conv").mask, dense_mask=model.get_layer("dense").mask)
+    np.savez(
+        tmp_path / "io.npz",
+        x=x,
+        y=keras.ops.convert_to_numpy(model(x)),
+        conv_mask=model.get_layer("conv").mask,
+        dense_mask=model.get_layer("dense").mask,
+    )
 
     result = subprocess.run(
-        [sys.executable, "-c", OTHER_SIDE, other, str(tmp_path)], capture_output=True,
-        text=True, cwd=REPO, timeout=600,
-        env={**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        [sys.executable, "-c", OTHER_SIDE, other, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={**os.environ, "KERAS_BACKEND": other, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "other-side-ok" in result.stdout
 
@@ -75,5 +84,9 @@ def test_keras_file_round_trips_through_another_backend(tmp_path, other):
     np.testing.assert_array_equal(back.get_layer("conv").mask, [0, 1, 0, 1, 1, 0])
     np.testing.assert_array_equal(back.get_layer("dense").mask, [1, 0, 1, 1, 1])
     model.get_layer("conv").prune([0])
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(back(x)),
-                               keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(back(x)),
+        keras.ops.convert_to_numpy(model(x)),
+        rtol=1e-5,
+        atol=1e-6,
+    )

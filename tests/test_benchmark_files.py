@@ -75,19 +75,43 @@ def test_committed_markdown_is_rendered_from_the_json(committed):
 
 
 def _shrink_result(speedup: float) -> dict:
-    row = {"task": "speech", "layer": "conv5", "pruned_fraction": 0.7, "params": [10, 8],
-           "multiply_adds": [100, 90], "params_reduction": 0.2, "flops_reduction": 0.1,
-           "masked_s": 1.0, "shrunk_s": 1.0 / speedup, "inference_speedup": speedup,
-           "samples": 5}
-    return {"rows": [row], "notes": [],
-            "summary": {"shrink_inference_speedup_speech": speedup}}
+    row = {
+        "task": "speech",
+        "layer": "conv5",
+        "pruned_fraction": 0.7,
+        "params": [10, 8],
+        "multiply_adds": [100, 90],
+        "params_reduction": 0.2,
+        "flops_reduction": 0.1,
+        "masked_s": 1.0,
+        "shrunk_s": 1.0 / speedup,
+        "inference_speedup": speedup,
+        "samples": 5,
+    }
+    return {"rows": [row], "notes": [], "summary": {"shrink_inference_speedup_speech": speedup}}
 
 
 def _run(date: str, sections: list[str]) -> dict:
-    machine = {"cores": 2, "cpu": "test cpu", "python": "3", "tensorflow": "2", "keras": "3",
-               "numpy": "2", "op_backend": "compiled-cpu", "platform": "p", "date": date}
-    return {"machine": machine, "quick": False, "repeats": 1, "load_start": "0",
-            "load_end": "0", "seconds": 1.0, "sections": sections}
+    machine = {
+        "cores": 2,
+        "cpu": "test cpu",
+        "python": "3",
+        "tensorflow": "2",
+        "keras": "3",
+        "numpy": "2",
+        "op_backend": "compiled-cpu",
+        "platform": "p",
+        "date": date,
+    }
+    return {
+        "machine": machine,
+        "quick": False,
+        "repeats": 1,
+        "load_start": "0",
+        "load_end": "0",
+        "seconds": 1.0,
+        "sections": sections,
+    }
 
 
 def test_merge_replaces_only_the_sections_run_and_records_their_runs(tmp_path):
@@ -104,8 +128,7 @@ def test_merge_replaces_only_the_sections_run_and_records_their_runs(tmp_path):
     # Without --merge a run writes the files whole.
     (tmp_path / report.JSON_NAME).write_text("[]")
     with pytest.raises(ValueError, match="not a benchmarks.json"):
-        report.write(tmp_path, "run-3", _run("d3", ["e"]), {"e": _shrink_result(1.0)},
-                     merge=True)
+        report.write(tmp_path, "run-3", _run("d3", ["e"]), {"e": _shrink_result(1.0)}, merge=True)
     report.write(tmp_path, "run-3", _run("d3", ["e"]), {"e": _shrink_result(1.0)}, merge=False)
     assert list(json.loads((tmp_path / report.JSON_NAME).read_text())["runs"]) == ["run-3"]
 
@@ -124,7 +147,11 @@ def test_unknown_section_is_one_clear_line_and_a_nonzero_exit(tmp_path):
 
     done = subprocess.run(
         [sys.executable, "-m", "scripts.benchmark", "--sections=a,zz", f"--output_dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: unknown sections ['zz']")
     assert not list(tmp_path.iterdir())

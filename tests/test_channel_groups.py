@@ -13,8 +13,9 @@ from fineprune_tf.graph import channel_groups
 
 
 def _x(model, n=4, seed=0):
-    return np.random.default_rng(seed).standard_normal(
-        (n, *model.input_shape[1:])).astype("float32")
+    return (
+        np.random.default_rng(seed).standard_normal((n, *model.input_shape[1:])).astype("float32")
+    )
 
 
 def _residual_se_model():
@@ -56,8 +57,10 @@ def test_pruning_half_of_a_group_lets_shrink_remove_it_everywhere():
     assert model.get_layer("dw").pruned_channels.tolist() == [0, 1, 4, 5, 8, 9, 12, 13]
     shrunk = export.shrink(model)
     np.testing.assert_allclose(np.asarray(shrunk(x)), np.asarray(model(x)), atol=1e-5)
-    widths = {name: shrunk.get_layer(name).output.shape[-1]
-              for name in ("stem", "b", "add", "se", "gate", "dw", "cat")}
+    widths = {
+        name: shrunk.get_layer(name).output.shape[-1]
+        for name in ("stem", "b", "add", "se", "gate", "dw", "cat")
+    }
     assert widths == {"stem": 4, "b": 4, "add": 4, "se": 4, "gate": 4, "dw": 8, "cat": 12}
 
 
@@ -79,16 +82,16 @@ def test_blocked_groups_say_why():
     model = fp.convert(keras.Model(inputs, [y, z]))
     reasons = {tuple(g.members): g.blocked for g in channel_groups(model)}
     assert reasons[("conv",)] == ("a model input",)
-    assert reasons[("normed",)] == ("ln (LayerNormalization, cross_channel) needs every "
-                                    "channel",)
+    assert reasons[("normed",)] == ("ln (LayerNormalization, cross_channel) needs every channel",)
     assert reasons[("before_grouped",)] == ("grouped (MaskedConv2D, grouped) needs every channel",)
     assert reasons[("grouped",)] == ("a model output",)
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: keras.applications MobileNetV2, convert, shrink
 def test_mobilenetv2_half_of_every_group_shrinks_exactly():
-    stock = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                           classes=10, classifier_activation=None)  # logits
+    stock = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+    )  # logits
     # Calibrated BN (moving statistics = those of a batch): with fresh statistics the random
     # network's logits are ~1e-14 and any equality would be vacuous.
     for layer in stock.layers:
@@ -103,8 +106,9 @@ def test_mobilenetv2_half_of_every_group_shrinks_exactly():
     shrunk = export.shrink(model)
     want = np.asarray(model(x))
     assert np.std(want, axis=0).max() > 1e-3  # the logits depend on the input: not vacuous
-    np.testing.assert_allclose(np.asarray(shrunk(x)), want,
-                               atol=1e-5 * max(1.0, np.abs(want).max()))
+    np.testing.assert_allclose(
+        np.asarray(shrunk(x)), want, atol=1e-5 * max(1.0, np.abs(want).max())
+    )
     report = export.shrink_report(model, shrunk)
     # The mask sits before BN (BN-aware masks are not done): a pruned channel still carries
     # BN's shift, which 'same'-padded depthwise convs cannot absorb, so much stays.

@@ -14,13 +14,19 @@ def _rows(x: np.ndarray) -> list[bytes]:
 
 
 def test_the_default_holdout_is_a_fifth_of_the_clean_data_and_the_defenses_never_see_it(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     rng = np.random.default_rng(0)
     x = rng.random((60, 12, 12, 1), dtype=np.float32)  # Every example distinct.
     keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((12, 12, 1)), keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
-        keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [
+            keras.Input((12, 12, 1)),
+            keras.layers.Conv2D(8, 3, activation="relu", name="conv"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     # A learnable labelling (brightness) and a briefly trained model: the defenses refuse a
     # model at chance on the clean data.
     y = np.arange(60) % 3
@@ -40,15 +46,20 @@ def test_the_default_holdout_is_a_fifth_of_the_clean_data_and_the_defenses_never
             if kwargs.get("evaluation") is not None:  # cleaning's call, not fine_prune's own
                 seen.setdefault(name, (np.asarray(validation[0]), kwargs["evaluation"][0]))
             return original(model, validation, *args, **kwargs)
+
         monkeypatch.setattr(defenses, name, spy)
 
     spy_on("prune")
     spy_on("fine_prune")
 
     report = cleaning.clean_model(
-        tmp_path / "model.keras", tmp_path / "clean.npz", tmp_path / "out",
-        settings=defenses.FineTuneSettings(max_epochs=1, seed=0), export_serving=False,
-        progress=lambda message: None)
+        tmp_path / "model.keras",
+        tmp_path / "clean.npz",
+        tmp_path / "out",
+        settings=defenses.FineTuneSettings(max_epochs=1, seed=0),
+        export_serving=False,
+        progress=lambda message: None,
+    )
 
     assert report["examples"]["defense"] == 48 and report["examples"]["evaluation"] == 12
     all_rows = set(_rows(x))
@@ -63,7 +74,9 @@ def test_the_default_holdout_is_a_fifth_of_the_clean_data_and_the_defenses_never
     held_x, held_y = seen["prune"][1]
     original = keras.models.load_model(tmp_path / "model.keras")
     assert report["original"]["clean_acc"] == metrics.accuracy(
-        metrics.predict_labels(original, held_x), held_y)
+        metrics.predict_labels(original, held_x), held_y
+    )
     pruned = keras.models.load_model(tmp_path / "out" / "pruned.keras")
     assert report["pruning"]["clean_acc"] == metrics.accuracy(
-        metrics.predict_labels(pruned, held_x), held_y)
+        metrics.predict_labels(pruned, held_x), held_y
+    )

@@ -24,10 +24,18 @@ def plain_backdoored_model() -> keras.Model:
     conv = keras.layers.Conv2D(4, 1, activation="relu", name="conv")
     head = keras.layers.Dense(2, activation="softmax", name="out")
     outputs = head(keras.layers.GlobalAveragePooling2D()(conv(inputs)))
-    conv.set_weights([np.array([1.0, -1.0, 1.0, 0.5], np.float32).reshape(1, 1, 1, 4),
-                      np.array([0.0, 1.0, -2.0, 0.0], np.float32)])
-    head.set_weights([np.array([[0, 10], [10, 0], [100, 0], [0, 0]], np.float32),
-                      np.array([0.0, 0.01], np.float32)])
+    conv.set_weights(
+        [
+            np.array([1.0, -1.0, 1.0, 0.5], np.float32).reshape(1, 1, 1, 4),
+            np.array([0.0, 1.0, -2.0, 0.0], np.float32),
+        ]
+    )
+    head.set_weights(
+        [
+            np.array([[0, 10], [10, 0], [100, 0], [0, 0]], np.float32),
+            np.array([0.0, 0.01], np.float32),
+        ]
+    )
     return keras.Model(inputs, outputs)
 
 
@@ -48,8 +56,12 @@ def user_files(tmp_path):
     keep = by == 1
     triggered = bx[keep].copy()
     triggered[:, 0, 0, 0] = TRIGGER_VALUE
-    np.savez(tmp_path / "backdoor.npz", x=triggered, y=by[keep],
-             y_attacker=np.zeros(keep.sum(), np.int64))
+    np.savez(
+        tmp_path / "backdoor.npz",
+        x=triggered,
+        y=by[keep],
+        y_attacker=np.zeros(keep.sum(), np.int64),
+    )
     return tmp_path, model_path
 
 
@@ -60,8 +72,9 @@ def digest(path):
 def test_clean_model_removes_the_planted_backdoor_and_exports(user_files):
     folder, model_path = user_files
     before = digest(model_path)
-    report = cleaning.clean_model(model_path, folder / "clean.npz", folder / "out",
-                                  backdoor_data=folder / "backdoor.npz")
+    report = cleaning.clean_model(
+        model_path, folder / "clean.npz", folder / "out", backdoor_data=folder / "backdoor.npz"
+    )
     assert digest(model_path) == before
     assert report["layer"] == "conv"
     assert report["original"]["asr"] == 1.0
@@ -97,18 +110,23 @@ def bad_npz(tmp_path, name, **arrays):
     return path
 
 
-@pytest.mark.parametrize("arrays, message", [
-    (dict(x=np.zeros((10, 5, 5, 1), np.float32), y=np.arange(10) % 2),
-     r"shape \(5, 5, 1\) but the model takes \(4, 4, 1\)"),
-    (dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.arange(10) % 3),
-     "label 2 in y is outside the model's 2 classes"),
-    (dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.zeros(10, np.int64)),
-     "only 1 class"),
-    (dict(x=np.full((10, 4, 4, 1), np.nan, np.float32), y=np.arange(10) % 2),
-     "NaN or Inf"),
-    (dict(x=np.zeros((0, 4, 4, 1), np.float32), y=np.zeros(0, np.int64)), "no examples"),
-    (dict(images=np.zeros((3, 4, 4, 1))), r"no \['x', 'y'\] array"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        (
+            dict(x=np.zeros((10, 5, 5, 1), np.float32), y=np.arange(10) % 2),
+            r"shape \(5, 5, 1\) but the model takes \(4, 4, 1\)",
+        ),
+        (
+            dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.arange(10) % 3),
+            "label 2 in y is outside the model's 2 classes",
+        ),
+        (dict(x=np.zeros((10, 4, 4, 1), np.float32), y=np.zeros(10, np.int64)), "only 1 class"),
+        (dict(x=np.full((10, 4, 4, 1), np.nan, np.float32), y=np.arange(10) % 2), "NaN or Inf"),
+        (dict(x=np.zeros((0, 4, 4, 1), np.float32), y=np.zeros(0, np.int64)), "no examples"),
+        (dict(images=np.zeros((3, 4, 4, 1))), r"no \['x', 'y'\] array"),
+    ],
+)
 def test_bad_clean_data_is_refused_and_nothing_written(user_files, arrays, message):
     folder, model_path = user_files
     path = bad_npz(folder, "bad.npz", **arrays)
@@ -123,8 +141,13 @@ def test_bad_models_and_layers_are_refused(user_files):
         cleaning.clean_model(model_path, folder / "clean.npz", folder / "never", layer="out")
     with pytest.raises(cleaning.CleaningError, match="'conv7' does not exist"):
         cleaning.clean_model(model_path, folder / "clean.npz", folder / "never", layer="conv7")
-    dense_only = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(),
-                                   keras.layers.Dense(2, activation="softmax")])
+    dense_only = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
     dense_only.save(folder / "dense.keras")
     with pytest.raises(cleaning.CleaningError, match="no Conv2D layer"):
         cleaning.clean_model(folder / "dense.keras", folder / "clean.npz", folder / "never")
@@ -141,19 +164,40 @@ def test_bad_models_and_layers_are_refused(user_files):
 def test_command_line_cleans_a_model(user_files):
     folder, model_path = user_files
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
-         f"--clean_data={folder / 'clean.npz'}", f"--backdoor_data={folder / 'backdoor.npz'}",
-         f"--output_dir={folder / 'cli'}", "--fine_tune_epochs=2"],
-        cwd=folder, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO})
+        [
+            sys.executable,
+            "-m",
+            "scripts.fine_prune",
+            f"--model={model_path}",
+            f"--clean_data={folder / 'clean.npz'}",
+            f"--backdoor_data={folder / 'backdoor.npz'}",
+            f"--output_dir={folder / 'cli'}",
+            "--fine_tune_epochs=2",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Cleaning report" in result.stdout
     assert (folder / "cli" / "saved_model" / "saved_model.pb").exists()
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
-         f"--clean_data={folder / 'missing.npz'}", f"--output_dir={folder / 'cli2'}"],
-        cwd=folder, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO})
+        [
+            sys.executable,
+            "-m",
+            "scripts.fine_prune",
+            f"--model={model_path}",
+            f"--clean_data={folder / 'missing.npz'}",
+            f"--output_dir={folder / 'cli2'}",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == 2 and "missing.npz does not exist" in result.stderr
     assert not (folder / "cli2").exists()
 
@@ -175,8 +219,7 @@ def count_curves(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("defense", cleaning.DEFENSE_CHOICES)
-def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, monkeypatch,
-                                                                   defense):
+def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, monkeypatch, defense):
     """``--defense`` for every value: the chosen defense's model is written and reported with
     what was chosen and why, and the pruning curve is computed once per run."""
     from fineprune_tf import defenses, io
@@ -184,10 +227,16 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
     folder, model_path = user_files
     calls = count_curves(monkeypatch)
     report = cleaning.clean_model(
-        model_path, folder / "clean.npz", folder / "out", backdoor_data=folder / "backdoor.npz",
-        defense=defense, settings=defenses.FineTuneSettings(max_epochs=2),
-        export_serving=False, progress=lambda line: None,
-        load_limits=io.LoadLimits(seconds=900))  # the trial load is slow on a loaded machine
+        model_path,
+        folder / "clean.npz",
+        folder / "out",
+        backdoor_data=folder / "backdoor.npz",
+        defense=defense,
+        settings=defenses.FineTuneSettings(max_epochs=2),
+        export_serving=False,
+        progress=lambda line: None,
+        load_limits=io.LoadLimits(seconds=900),
+    )  # the trial load is slow on a loaded machine
     assert len(calls) == 1 and calls[0][1] == "conv", calls
     chosen = report["defense"]["chosen"]
     assert report["defense"]["requested"] == defense and report["defense"]["why"]
@@ -210,21 +259,41 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
 @pytest.mark.subprocess
 def test_command_line_auto_defense_and_a_bad_defense(user_files):
     folder, model_path = user_files
-    common = [sys.executable, "-m", "scripts.fine_prune", f"--model={model_path}",
-              f"--clean_data={folder / 'clean.npz'}"]
+    common = [
+        sys.executable,
+        "-m",
+        "scripts.fine_prune",
+        f"--model={model_path}",
+        f"--clean_data={folder / 'clean.npz'}",
+    ]
     result = subprocess.run(
-        [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"], cwd=folder,
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+        [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     # TensorFlow's C++ start-up lines may precede it (logged before absl is initialised).
     assert [line for line in result.stderr.splitlines() if "magic" in line] == [
-        f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: "
-        "'magic'"]
+        f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: 'magic'"
+    ]
     assert not (folder / "bad").exists()
     result = subprocess.run(
-        [*common, "--defense=auto", f"--backdoor_data={folder / 'backdoor.npz'}",
-         f"--output_dir={folder / 'auto'}", "--fine_tune_epochs=2"], cwd=folder,
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+        [
+            *common,
+            "--defense=auto",
+            f"--backdoor_data={folder / 'backdoor.npz'}",
+            f"--output_dir={folder / 'auto'}",
+            "--fine_tune_epochs=2",
+        ],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Candidates of `auto`" in result.stdout and "Defense: **" in result.stdout
     report = json.loads((folder / "auto" / "report.json").read_text())

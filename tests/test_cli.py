@@ -40,9 +40,13 @@ def test_help_lists_every_subcommand_and_bad_subcommands_exit_2(capsys):
 @pytest.mark.slow  # importing fineprune_tf imports TensorFlow: ~10 s idle, minutes loaded
 @pytest.mark.subprocess
 def test_python_dash_m_fineprune_cli_help():
-    result = subprocess.run([sys.executable, "-m", "fineprune_tf.cli", "--help"],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        [sys.executable, "-m", "fineprune_tf.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert result.returncode == 0 and "usage: fineprune SUBCOMMAND" in result.stdout
     for name in ("fine-prune", "clean", "attack", "benchmark"):
         assert f"  {name} " in result.stdout
@@ -61,14 +65,25 @@ def test_generated_flags_cover_every_field_with_its_default(cls):
 
 def test_generated_flags_parse_validate_and_rename():
     values = flags.FlagValues()
-    naming = dict(prefix="fine_tune_", skip=("seed",),
-                  names={"max_epochs": "fine_tune_epochs", "patience": "patience"})
+    naming = dict(
+        prefix="fine_tune_",
+        skip=("seed",),
+        names={"max_epochs": "fine_tune_epochs", "patience": "patience"},
+    )
     cli_flags.define_flags(FineTuneSettings, flag_values=values, **naming)
-    values(["prog", "--fine_tune_epochs=7", "--patience=9", "--fine_tune_rule=last",
-            "--fine_tune_learning_rate=0.01"])
+    values(
+        [
+            "prog",
+            "--fine_tune_epochs=7",
+            "--patience=9",
+            "--fine_tune_rule=last",
+            "--fine_tune_learning_rate=0.01",
+        ]
+    )
     settings = cli_flags.from_flags(FineTuneSettings, flag_values=values, seed=4, **naming)
-    assert settings == FineTuneSettings(max_epochs=7, patience=9, rule="last",
-                                        learning_rate=0.01, seed=4)
+    assert settings == FineTuneSettings(
+        max_epochs=7, patience=9, rule="last", learning_rate=0.01, seed=4
+    )
     assert "fine_tune_seed" not in values
     values["fine_tune_rule"].value = "magic"
     with pytest.raises(ValueError, match="rule must be one of"):
@@ -92,10 +107,24 @@ def test_fine_prune_command_has_a_flag_for_every_setting_and_the_old_names():
     for cls, naming in fine_prune.SETTINGS.items():
         for field, flag in cli_flags.flag_names(cls, **naming).items():
             assert flag in flags.FLAGS, (cls.__name__, field)
-    for name in ("threshold", "layer", "engine", "epochs", "learning_rate", "batch_size",
-                 "prune_fraction", "preset", "fine_tune_epochs", "fine_tune_learning_rate",
-                 "patience", "noise_stddev", "fmp_fraction", "fmp_epsilon", "defense",
-                 "tolerance"):
+    for name in (
+        "threshold",
+        "layer",
+        "engine",
+        "epochs",
+        "learning_rate",
+        "batch_size",
+        "prune_fraction",
+        "preset",
+        "fine_tune_epochs",
+        "fine_tune_learning_rate",
+        "patience",
+        "noise_stddev",
+        "fmp_fraction",
+        "fmp_epsilon",
+        "defense",
+        "tolerance",
+    ):
         assert name in flags.FLAGS, name
     assert flags.FLAGS["threshold"].default == PruningSettings.threshold
     assert flags.FLAGS["prune_fraction"].default == AttackSettings.prune_fraction
@@ -116,5 +145,7 @@ def test_a_refusal_mid_experiment_is_one_error_line(tmp_path, monkeypatch, capsy
     finally:
         flags.FLAGS.unparse_flags()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: clean accuracy before pruning is 0.025, at chance (finished stages "
-                   "are kept: fix the cause, then --resume)"]
+    assert err == [
+        "error: clean accuracy before pruning is 0.025, at chance (finished stages "
+        "are kept: fix the cause, then --resume)"
+    ]

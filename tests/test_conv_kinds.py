@@ -18,26 +18,56 @@ from fineprune_tf.io import inspect_keras_config, load_model
 
 # (masked class, stock class, constructor arguments, per-sample input shape, role)
 KINDS = {
-    "conv1d_causal": (fl.MaskedConv1D, keras.layers.Conv1D,
-                      dict(filters=6, kernel_size=3, padding="causal", dilation_rate=2,
-                           activation="relu"), (12, 4), Role.MIXES),
-    "conv2d_grouped": (fl.MaskedConv2D, keras.layers.Conv2D,
-                       dict(filters=8, kernel_size=3, groups=2, activation="relu"),
-                       (8, 8, 4), Role.GROUPED),
-    "conv3d": (fl.MaskedConv3D, keras.layers.Conv3D,
-               dict(filters=6, kernel_size=2, activation="relu"), (4, 5, 5, 3), Role.MIXES),
-    "separable1d": (fl.MaskedSeparableConv1D, keras.layers.SeparableConv1D,
-                    dict(filters=6, kernel_size=3, depth_multiplier=2, padding="same",
-                         activation="relu"), (12, 4), Role.MIXES),
-    "separable2d": (fl.MaskedSeparableConv2D, keras.layers.SeparableConv2D,
-                    dict(filters=6, kernel_size=3, activation="relu"), (8, 8, 3), Role.MIXES),
+    "conv1d_causal": (
+        fl.MaskedConv1D,
+        keras.layers.Conv1D,
+        dict(filters=6, kernel_size=3, padding="causal", dilation_rate=2, activation="relu"),
+        (12, 4),
+        Role.MIXES,
+    ),
+    "conv2d_grouped": (
+        fl.MaskedConv2D,
+        keras.layers.Conv2D,
+        dict(filters=8, kernel_size=3, groups=2, activation="relu"),
+        (8, 8, 4),
+        Role.GROUPED,
+    ),
+    "conv3d": (
+        fl.MaskedConv3D,
+        keras.layers.Conv3D,
+        dict(filters=6, kernel_size=2, activation="relu"),
+        (4, 5, 5, 3),
+        Role.MIXES,
+    ),
+    "separable1d": (
+        fl.MaskedSeparableConv1D,
+        keras.layers.SeparableConv1D,
+        dict(filters=6, kernel_size=3, depth_multiplier=2, padding="same", activation="relu"),
+        (12, 4),
+        Role.MIXES,
+    ),
+    "separable2d": (
+        fl.MaskedSeparableConv2D,
+        keras.layers.SeparableConv2D,
+        dict(filters=6, kernel_size=3, activation="relu"),
+        (8, 8, 3),
+        Role.MIXES,
+    ),
     # sigmoid(0) = 0.5: the mask, not a zero kernel, makes a pruned channel 0.
-    "depthwise1d": (fl.MaskedDepthwiseConv1D, keras.layers.DepthwiseConv1D,
-                    dict(kernel_size=3, depth_multiplier=2, activation="sigmoid"), (12, 3),
-                    Role.SPATIAL),
-    "depthwise2d": (fl.MaskedDepthwiseConv2D, keras.layers.DepthwiseConv2D,
-                    dict(kernel_size=3, depth_multiplier=2, padding="same", activation="relu"),
-                    (6, 6, 3), Role.SPATIAL),
+    "depthwise1d": (
+        fl.MaskedDepthwiseConv1D,
+        keras.layers.DepthwiseConv1D,
+        dict(kernel_size=3, depth_multiplier=2, activation="sigmoid"),
+        (12, 3),
+        Role.SPATIAL,
+    ),
+    "depthwise2d": (
+        fl.MaskedDepthwiseConv2D,
+        keras.layers.DepthwiseConv2D,
+        dict(kernel_size=3, depth_multiplier=2, padding="same", activation="relu"),
+        (6, 6, 3),
+        Role.SPATIAL,
+    ),
 }
 
 
@@ -62,9 +92,13 @@ def _model(kind, masked=True):
     masked_cls, stock_cls, kwargs, shape, _ = KINDS[kind]
     inputs = keras.Input(shape, name="x")
     x = (masked_cls if masked else stock_cls)(name="layer", **kwargs)(inputs)
-    pool = (keras.layers.GlobalAveragePooling1D if len(shape) == 2 else
-            keras.layers.GlobalAveragePooling2D if len(shape) == 3 else
-            keras.layers.GlobalAveragePooling3D)
+    pool = (
+        keras.layers.GlobalAveragePooling1D
+        if len(shape) == 2
+        else keras.layers.GlobalAveragePooling2D
+        if len(shape) == 3
+        else keras.layers.GlobalAveragePooling3D
+    )
     outputs = keras.layers.Dense(3, name="head")(pool(name="pool")(x))
     return keras.Model(inputs, outputs, name=f"model_{kind}")
 
@@ -126,9 +160,9 @@ def test_the_safe_loader_loads_every_masked_kind(tmp_path):
     path = tmp_path / "all.keras"
     _every_kind_model().save(path)
     loaded = load_model(path)
-    assert [type(layer).__name__ for layer in loaded.layers if "Masked" in type(
-        layer).__name__] == ["MaskedSeparableConv2D", "MaskedDepthwiseConv2D", "MaskedConv1D",
-                             "MaskedConv3D"]
+    assert [
+        type(layer).__name__ for layer in loaded.layers if "Masked" in type(layer).__name__
+    ] == ["MaskedSeparableConv2D", "MaskedDepthwiseConv2D", "MaskedConv1D", "MaskedConv3D"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -186,8 +220,9 @@ def test_shrink_removes_pruned_channels_exactly(kind):
     shrunk = export.shrink(model)
     x = _x(KINDS[kind][3], n=4)
     want = np.asarray(model(x))
-    np.testing.assert_allclose(np.asarray(shrunk(x)), want, rtol=0,
-                               atol=1e-5 * max(1.0, np.abs(want).max()))
+    np.testing.assert_allclose(
+        np.asarray(shrunk(x)), want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max())
+    )
     assert all(type(lay).__module__.startswith("keras.") for lay in shrunk.layers)
     width = shrunk.get_layer("layer").output.shape[-1]
     assert width == len(layer.active_channels)

@@ -21,7 +21,7 @@ def _speech_data(n, seed):
     y = rng.integers(0, CLASSES, n)
     x = rng.standard_normal((n, 32, 9)).astype("float32") * 0.5
     for i, k in enumerate(y):
-        x[i, 8:24, 3 * k:3 * k + 3] += 1.5
+        x[i, 8:24, 3 * k : 3 * k + 3] += 1.5
     return x, y.astype("int64")
 
 
@@ -72,8 +72,10 @@ def _trained(build, data, seed):
 @pytest.fixture(scope="module")
 def zoo():
     """~10 s on 2 cores for both."""
-    return {"speech": (_trained(_speech_model, _speech_data, 1), _speech_data, "conv2"),
-            "mobilenet": (_trained(_mobilenet_block, _image_data, 2), _image_data, "sep")}
+    return {
+        "speech": (_trained(_speech_model, _speech_data, 1), _speech_data, "conv2"),
+        "mobilenet": (_trained(_mobilenet_block, _image_data, 2), _image_data, "sep"),
+    }
 
 
 def _accuracy(model, x, y):
@@ -88,9 +90,20 @@ def test_convert_stats_prune_shrink_end_to_end(zoo, name):
 
     model = fp.convert(stock)
     masked = [type(layer).__name__ for layer in model.layers if "Masked" in type(layer).__name__]
-    assert masked == ({"speech": ["MaskedConv1D", "MaskedConv1D"],
-                       "mobilenet": ["MaskedConv2D", "MaskedDepthwiseConv2D", "MaskedConv2D",
-                                     "MaskedSeparableConv2D"]}[name])
+    assert (
+        masked
+        == (
+            {
+                "speech": ["MaskedConv1D", "MaskedConv1D"],
+                "mobilenet": [
+                    "MaskedConv2D",
+                    "MaskedDepthwiseConv2D",
+                    "MaskedConv2D",
+                    "MaskedSeparableConv2D",
+                ],
+            }[name]
+        )
+    )
     np.testing.assert_allclose(np.asarray(model(x)), np.asarray(stock(x)), atol=1e-6)
 
     # Statistics through the fused op equal a probe sub-model of the stock network.
@@ -100,8 +113,7 @@ def test_convert_stats_prune_shrink_end_to_end(zoo, name):
             continue
         probe = keras.Model(stock.input, stock.get_layer(layer.name).output)
         flat = np.asarray(probe(x), np.float64).reshape(-1, layer.channels)
-        np.testing.assert_allclose(measured[layer.name].mean, flat.mean(0), rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(measured[layer.name].mean, flat.mean(0), rtol=1e-5, atol=1e-6)
 
     result = defenses.prune(model, (x, y), layer_name=layer_name, threshold=4.0)
     pruned = result.model.get_layer(layer_name)
@@ -110,8 +122,9 @@ def test_convert_stats_prune_shrink_end_to_end(zoo, name):
 
     shrunk = export.shrink(result.model)
     want = np.asarray(result.model(x))
-    np.testing.assert_allclose(np.asarray(shrunk(x)), want, atol=1e-5 * max(1.0, np.abs(
-        want).max()))
+    np.testing.assert_allclose(
+        np.asarray(shrunk(x)), want, atol=1e-5 * max(1.0, np.abs(want).max())
+    )
     assert shrunk.get_layer(layer_name).output.shape[-1] == len(pruned.active_channels)
     report = export.shrink_report(result.model, shrunk)
     assert report.params_after < report.params_before
@@ -138,8 +151,9 @@ def test_fast_pruning_curve_equals_the_naive_one_on_new_kinds(zoo, name):
     stock, data, layer_name = zoo[name]
     model = fp.convert(stock)
     x, y = data(96, 11)
-    order = np.argsort(stats.collect(model, x, layer_names=[layer_name])[layer_name].mean,
-                       kind="stable")
+    order = np.argsort(
+        stats.collect(model, x, layer_names=[layer_name])[layer_name].mean, kind="stable"
+    )
     order = order[:8]  # the first steps: enough to cross the frontier logic, fast
     fast = curves.pruning_curve(model, layer_name, order, (x, y), None, batch_size=48)
     naive = curves.naive_pruning_curve(model, layer_name, order, (x, y), None, batch_size=48)

@@ -17,8 +17,14 @@ def _randomize_bn(model, seed=0):
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c),
-                               rng.normal(0, 0.5, c), rng.uniform(0.5, 1.5, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.normal(0, 0.5, c),
+                    rng.normal(0, 0.5, c),
+                    rng.uniform(0.5, 1.5, c),
+                ]
+            )
     return model
 
 
@@ -62,8 +68,9 @@ def _x(model, n=8, seed=0):
 
 def _max_diff(a, b, x):
     # Eager calls: predict() would trace a tf.function per model (~1 s each).
-    return float(np.max(np.abs(np.asarray(a(x, training=False))
-                               - np.asarray(b(x, training=False)))))
+    return float(
+        np.max(np.abs(np.asarray(a(x, training=False)) - np.asarray(b(x, training=False))))
+    )
 
 
 def test_resnet_with_bn_and_residual_add_converts_exactly():
@@ -78,8 +85,10 @@ def test_resnet_with_bn_and_residual_add_converts_exactly():
     assert stem.activation is keras.activations.linear and not stem.use_bias
     assert type(converted.get_layer("stem_bn")) is keras.layers.BatchNormalization
     assert type(converted.get_layer("hidden")) is keras.layers.Dense  # dense=False
-    assert converted.get_layer("block_add").input[0].name == converted.get_layer(
-        "stem_relu").output.name
+    assert (
+        converted.get_layer("block_add").input[0].name
+        == converted.get_layer("stem_relu").output.name
+    )
     # The original is untouched and shares no variables with the copy.
     assert type(model.get_layer("stem")) is keras.layers.Conv2D
     converted.get_layer("stem").prune([0, 1, 2])
@@ -140,10 +149,15 @@ def test_task_models_round_trip_through_a_plain_twin(task):
 
 
 def test_sequential_and_shared_multi_input_models():
-    seq = keras.Sequential([keras.Input((8, 8, 1), name="pixels"),
-                            keras.layers.Conv2D(3, 3, activation="relu", name="c"),
-                            keras.layers.Flatten(name="f"), keras.layers.Dense(2, name="d")],
-                           name="seq")
+    seq = keras.Sequential(
+        [
+            keras.Input((8, 8, 1), name="pixels"),
+            keras.layers.Conv2D(3, 3, activation="relu", name="c"),
+            keras.layers.Flatten(name="f"),
+            keras.layers.Dense(2, name="d"),
+        ],
+        name="seq",
+    )
     converted = convert(seq)
     assert converted.name == "seq" and converted.layers[0].name == "pixels"
     assert [layer.name for layer in converted.layers[1:]] == ["c", "f", "d"]
@@ -159,8 +173,7 @@ def test_sequential_and_shared_multi_input_models():
     converted = convert(siamese)
     assert len(converted.get_layer("shared")._inbound_nodes) == 2
     assert [t.name for t in converted.inputs] == ["left", "right"]
-    xs = [np.random.default_rng(s).standard_normal((4, 6, 6, 2)).astype("float32")
-          for s in (1, 2)]
+    xs = [np.random.default_rng(s).standard_normal((4, 6, 6, 2)).astype("float32") for s in (1, 2)]
     np.testing.assert_allclose(converted(xs), siamese(xs), atol=1e-5)
 
 
@@ -208,8 +221,10 @@ def test_graph_helper_lists_nodes_topologically():
     graph = fp_convert.FunctionalGraph(models.build("face", preset="cpu", seed=0))
     order = [node.name for node in graph.nodes]
     assert order.index("pool3") < order.index("conv4") < order.index("flatten_conv4")
-    assert {n.name for n in graph.consumers[id(graph.nodes[order.index("pool3")].outputs[0])]} \
-        == {"conv4", "flatten_pool3"}
+    assert {n.name for n in graph.consumers[id(graph.nodes[order.index("pool3")].outputs[0])]} == {
+        "conv4",
+        "flatten_pool3",
+    }
 
 
 def _backbone(name="backbone"):
@@ -229,14 +244,21 @@ def _nested_x(n=4, seed=0):
 def test_backbone_as_a_layer_is_flattened_with_traceable_names():
     backbone = _backbone()
     _randomize_bn(backbone, seed=2)
-    sequential = keras.Sequential([keras.Input((12, 12, 3)), backbone,
-                                   keras.layers.GlobalAveragePooling2D(name="gap"),
-                                   keras.layers.Dense(5, activation="softmax", name="head")],
-                                  name="transfer")
+    sequential = keras.Sequential(
+        [
+            keras.Input((12, 12, 3)),
+            backbone,
+            keras.layers.GlobalAveragePooling2D(name="gap"),
+            keras.layers.Dense(5, activation="softmax", name="head"),
+        ],
+        name="transfer",
+    )
     inputs = keras.Input((12, 12, 3))
     frozen = backbone(inputs, training=False)  # the Keras transfer-learning guide's pattern
-    functional = keras.Model(inputs, keras.layers.Dense(5, name="head")(
-        keras.layers.GlobalAveragePooling2D(name="gap")(frozen)))
+    functional = keras.Model(
+        inputs,
+        keras.layers.Dense(5, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(frozen)),
+    )
     x = _nested_x()
     for model in (sequential, functional):
         converted = convert(model)
@@ -247,8 +269,9 @@ def test_backbone_as_a_layer_is_flattened_with_traceable_names():
         assert not any(isinstance(layer, keras.Model) for layer in converted.layers)
         np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(model(x)), atol=1e-6)
         # training=True too: the frozen backbone's BN stays in inference mode, the other's not.
-        np.testing.assert_allclose(np.asarray(converted(x, training=True)),
-                                   np.asarray(model(x, training=True)), atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(converted(x, training=True)), np.asarray(model(x, training=True)), atol=1e-5
+        )
     # Pruning the flattened backbone works as on any model.
     converted.get_layer("backbone.block_1_expand").prune([0, 3])
     assert not np.allclose(np.asarray(converted(x)), np.asarray(functional(x)), atol=1e-6)
@@ -257,13 +280,17 @@ def test_backbone_as_a_layer_is_flattened_with_traceable_names():
 def test_two_level_nesting_and_shared_layers_and_shared_backbones():
     inner = _backbone("inner")
     middle_in = keras.Input((12, 12, 3))
-    middle = keras.Model(middle_in, keras.layers.Conv2D(4, 1, name="proj")(inner(middle_in)),
-                         name="middle")
+    middle = keras.Model(
+        middle_in, keras.layers.Conv2D(4, 1, name="proj")(inner(middle_in)), name="middle"
+    )
     left, right = keras.Input((12, 12, 3), name="left"), keras.Input((12, 12, 3), name="right")
     shared = keras.layers.Conv2D(4, 1, name="shared")
     a, b = shared(middle(left)), shared(middle(right))  # one backbone for both inputs
-    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D(name="gap")(
-        keras.layers.Concatenate(name="cat")([a, b])))
+    out = keras.layers.Dense(3, name="head")(
+        keras.layers.GlobalAveragePooling2D(name="gap")(
+            keras.layers.Concatenate(name="cat")([a, b])
+        )
+    )
     model = keras.Model([left, right], out, name="siamese")
     x = [_nested_x(seed=1), _nested_x(seed=2)]
     flat = flatten_nested(model)

@@ -22,7 +22,11 @@ from fineprune_tf import ops
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 CUDA_DISABLED = os.environ.get("FINEPRUNE_BUILD_CUDA", "").strip().lower() in (
-    "0", "false", "no", "off")
+    "0",
+    "false",
+    "no",
+    "off",
+)
 FORCED_FALLBACK = os.environ.get("FINEPRUNE_FORCE_TF_OPS", "") not in ("", "0")
 
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -34,16 +38,41 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     flags = [flag for flag in tf.sysconfig.get_compile_flags() if flag.startswith(("-I", "-D"))]
     output = tmp_path / "masked_activation_op_gpu.o"
     result = subprocess.run(
-        [NVCC, "-x", "cu", "-std=c++17", "-O3", "-DGOOGLE_CUDA=1", "--expt-relaxed-constexpr",
-         "-Xcompiler", "-fPIC", "-w", "-gencode=arch=compute_75,code=sm_75", *flags,
-         "-c", str(REPO / "kernels" / "masked_activation_op_gpu.cu.cc"), "-o", str(output)],
-        capture_output=True, text=True, timeout=600, check=False)
+        [
+            NVCC,
+            "-x",
+            "cu",
+            "-std=c++17",
+            "-O3",
+            "-DGOOGLE_CUDA=1",
+            "--expt-relaxed-constexpr",
+            "-Xcompiler",
+            "-fPIC",
+            "-w",
+            "-gencode=arch=compute_75,code=sm_75",
+            *flags,
+            "-c",
+            str(REPO / "kernels" / "masked_activation_op_gpu.cu.cc"),
+            "-o",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
     assert output.stat().st_size > 0
-    symbols = subprocess.run(["nm", "-C", str(output)], capture_output=True, text=True,
-                             check=False).stdout
-    for kernel in ("ForwardKernel", "GradKernel", "MergeStatsKernel",
-                   "LaunchMaskedActivationGpu", "LaunchMaskedActivationGradGpu"):
+    symbols = subprocess.run(
+        ["nm", "-C", str(output)], capture_output=True, text=True, check=False
+    ).stdout
+    for kernel in (
+        "ForwardKernel",
+        "GradKernel",
+        "MergeStatsKernel",
+        "LaunchMaskedActivationGpu",
+        "LaunchMaskedActivationGradGpu",
+    ):
         assert kernel in symbols, f"{kernel} missing from the object file"
 
 
@@ -62,10 +91,12 @@ def test_library_does_not_bind_to_tensorflows_cuda_runtime():
     library = ops._library_path()
     if not library.exists() or shutil.which("nm") is None:
         pytest.skip("no compiled library or no nm")
-    dynamic = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True,
-                             check=True).stdout.split("\n")
-    cuda_symbols = [line for line in dynamic
-                    if line.split() and line.split()[-1].startswith(("cuda", "__cuda"))]
+    dynamic = subprocess.run(
+        ["nm", "-D", str(library)], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    cuda_symbols = [
+        line for line in dynamic if line.split() and line.split()[-1].startswith(("cuda", "__cuda"))
+    ]
     assert not cuda_symbols, cuda_symbols
 
 
@@ -73,9 +104,14 @@ def registered_devices(op_name: str, dtype: str) -> set[str]:
     from tensorflow.python.framework import kernels
 
     registered = kernels.get_registered_kernels_for_op(op_name).kernel
-    return {kernel.device_type for kernel in registered
-            if any(constraint.name == "T" and dtype in str(constraint.allowed_values)
-                   for constraint in kernel.constraint)}
+    return {
+        kernel.device_type
+        for kernel in registered
+        if any(
+            constraint.name == "T" and dtype in str(constraint.allowed_values)
+            for constraint in kernel.constraint
+        )
+    }
 
 
 @pytest.mark.skipif(FORCED_FALLBACK, reason="FINEPRUNE_FORCE_TF_OPS is set")
@@ -92,9 +128,12 @@ def test_kernel_registrations(op_name, dtype):
 
 
 def gpu_kernels_available() -> bool:
-    return (not FORCED_FALLBACK and ops._MODULE is not None
-            and bool(tf.config.list_physical_devices("GPU"))
-            and "GPU" in registered_devices("FinepruneMaskedActivation", "DT_FLOAT"))
+    return (
+        not FORCED_FALLBACK
+        and ops._MODULE is not None
+        and bool(tf.config.list_physical_devices("GPU"))
+        and "GPU" in registered_devices("FinepruneMaskedActivation", "DT_FLOAT")
+    )
 
 
 @pytest.mark.skipif(not gpu_kernels_available(), reason="no GPU, or no CUDA kernels for it")
@@ -111,10 +150,10 @@ def test_gpu_kernels_match_cpu_kernels(dtype, activation, shape):
     results = {}
     for device in ("/CPU:0", "/GPU:0"):
         with tf.device(device):
-            forward = ops._MODULE.fineprune_masked_activation(z=z, mask=mask,
-                                                              activation=activation)
-            grad = ops._MODULE.fineprune_masked_activation_grad(dy=dy, z=z, mask=mask,
-                                                                activation=activation)
+            forward = ops._MODULE.fineprune_masked_activation(z=z, mask=mask, activation=activation)
+            grad = ops._MODULE.fineprune_masked_activation_grad(
+                dy=dy, z=z, mask=mask, activation=activation
+            )
             results[device] = [t.numpy() for t in forward] + [grad.numpy()]
     cpu, gpu = results["/CPU:0"], results["/GPU:0"]
     np.testing.assert_array_equal(gpu[0], cpu[0])
@@ -129,11 +168,15 @@ def gpu_op(device: str, z, mask, activation: str, compute_stats: bool = True, dy
     on ``device``, as NumPy arrays."""
     with tf.device(device):
         forward = ops._MODULE.fineprune_masked_activation(
-            z=z, mask=mask, activation=activation, compute_stats=compute_stats)
+            z=z, mask=mask, activation=activation, compute_stats=compute_stats
+        )
         results = [t.numpy() for t in forward]
         if dy is not None:
-            results.append(ops._MODULE.fineprune_masked_activation_grad(
-                dy=dy, z=z, mask=mask, activation=activation).numpy())
+            results.append(
+                ops._MODULE.fineprune_masked_activation_grad(
+                    dy=dy, z=z, mask=mask, activation=activation
+                ).numpy()
+            )
     return results
 
 
@@ -143,12 +186,12 @@ def numpy_reference(z, mask, activation: str):
 
     z64 = z.astype(np.float64).reshape(-1, z.shape[-1])
     a = np.maximum(z64, 0.0) if activation == "relu" else z64
-    return (a * mask.astype(np.float64)).reshape(z.shape), a.sum(0), (a * a).sum(0), \
-        (a > 0).sum(0)
+    return (a * mask.astype(np.float64)).reshape(z.shape), a.sum(0), (a * a).sum(0), (a > 0).sum(0)
 
 
-needs_gpu_kernels = pytest.mark.skipif(not gpu_kernels_available(),
-                                       reason="no GPU, or no CUDA kernels for it")
+needs_gpu_kernels = pytest.mark.skipif(
+    not gpu_kernels_available(), reason="no GPU, or no CUDA kernels for it"
+)
 
 
 @needs_gpu_kernels
@@ -163,14 +206,19 @@ def test_gpu_kernels_on_300k_rows(dtype, channels, mask_kind):
     rng = np.random.default_rng(channels)
     z = rng.standard_normal((rows, channels)).astype(dtype)
     dy = rng.standard_normal((rows, channels)).astype(dtype)
-    mask = ((rng.random(channels) < 0.6) if mask_kind == "random"
-            else np.zeros(channels)).astype(dtype)
+    mask = ((rng.random(channels) < 0.6) if mask_kind == "random" else np.zeros(channels)).astype(
+        dtype
+    )
     y, total, total_sq, positive, dz = gpu_op("/GPU:0", z, mask, "relu", dy=dy)
     cpu = gpu_op("/CPU:0", z, mask, "relu", dy=dy)
     expected_y, expected_sum, expected_sq, expected_positive = numpy_reference(z, mask, "relu")
     np.testing.assert_array_equal(y, cpu[0])
-    np.testing.assert_allclose(y.astype(np.float64), expected_y, rtol=1e-3 if dtype ==
-                               "float16" else 1e-6, atol=1e-3 if dtype == "float16" else 0)
+    np.testing.assert_allclose(
+        y.astype(np.float64),
+        expected_y,
+        rtol=1e-3 if dtype == "float16" else 1e-6,
+        atol=1e-3 if dtype == "float16" else 0,
+    )
     if mask_kind == "all_masked":
         assert not y.any() and not dz.any()
     # Statistics are of act(z) before the mask, so masking everything leaves them unchanged.
@@ -217,10 +265,10 @@ def test_gpu_kernels_with_a_forwarded_input_buffer(dtype):
     @tf.function
     def forward_and_grad(z, dy):
         temporary_z, temporary_dy = z * 1.0, dy * 1.0  # Buffers nothing else holds.
-        y = ops._MODULE.fineprune_masked_activation(z=temporary_z, mask=mask,
-                                                    activation="relu")[0]
-        dz = ops._MODULE.fineprune_masked_activation_grad(dy=temporary_dy, z=z, mask=mask,
-                                                          activation="relu")
+        y = ops._MODULE.fineprune_masked_activation(z=temporary_z, mask=mask, activation="relu")[0]
+        dz = ops._MODULE.fineprune_masked_activation_grad(
+            dy=temporary_dy, z=z, mask=mask, activation="relu"
+        )
         return y, dz
 
     with tf.device("/GPU:0"):

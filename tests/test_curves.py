@@ -41,7 +41,7 @@ def _perturb(model: keras.Model, layer_name: str, seed: int) -> None:
     channels = rng.permutation(layer.channels)
     quarter = layer.channels // 4
     bias[channels[:quarter]] = -1e3
-    bias[channels[quarter:2 * quarter]] -= 1.0
+    bias[channels[quarter : 2 * quarter]] -= 1.0
     layer.bias.assign(bias)
 
 
@@ -74,7 +74,8 @@ def _assert_predictions_change(reference: curves.PruningCurve, what: str) -> Non
     every comparison must be one that could fail."""
     assert _changes(reference) > 0, (
         f"the {what} predicts the same labels at every step: this case cannot tell an engine "
-        "that ignores the mask from a correct one")
+        "that ignores the mask from a correct one"
+    )
 
 
 def _logit_margin(model: keras.Model, layer, mask: np.ndarray, x: np.ndarray) -> float:
@@ -90,8 +91,13 @@ def _logit_margin(model: keras.Model, layer, mask: np.ndarray, x: np.ndarray) ->
     return float(top[-1] - top[-2])
 
 
-def _assert_same(model: keras.Model, layer_name: str, fast: curves.PruningCurve,
-                 naive: curves.PruningCurve, x_sets: list[np.ndarray]) -> None:
+def _assert_same(
+    model: keras.Model,
+    layer_name: str,
+    fast: curves.PruningCurve,
+    naive: curves.PruningCurve,
+    x_sets: list[np.ndarray],
+) -> None:
     layer = model.get_layer(layer_name)
     pairs = [(fast.predictions_clean, naive.predictions_clean)]
     if naive.predictions_backdoor is not None:
@@ -101,11 +107,12 @@ def _assert_same(model: keras.Model, layer_name: str, fast: curves.PruningCurve,
         assert got.shape == want.shape
         for k, i in np.argwhere(got != want):
             mask = start.copy()
-            mask[fast.pruned[1:k + 1]] = 0.0
+            mask[fast.pruned[1 : k + 1]] = 0.0
             margin = _logit_margin(model, layer, mask, x[i])
             assert margin < TIE_MARGIN, (
                 f"step {k} sample {i}: engine says {got[k, i]}, naive {want[k, i]}, but the "
-                f"logit margin is {margin:.3g}: not a rounding tie")
+                f"logit margin is {margin:.3g}: not a rounding tie"
+            )
     np.testing.assert_array_equal(fast.pruned, naive.pruned)
     if all(np.array_equal(got, want) for got, want in pairs):
         np.testing.assert_array_equal(fast.clean_acc, naive.clean_acc)
@@ -134,8 +141,16 @@ def _direct_predictions(model: keras.Model, layer_name: str, order, xs: list) ->
     return out
 
 
-def _check(model: keras.Model, layer_name: str, order, x, y, backdoor=None,
-           naive_steps: int | None = None, **kwargs) -> curves.PruningCurve:
+def _check(
+    model: keras.Model,
+    layer_name: str,
+    order,
+    x,
+    y,
+    backdoor=None,
+    naive_steps: int | None = None,
+    **kwargs,
+) -> curves.PruningCurve:
     """Engine vs ``naive_pruning_curve`` on ``order[:naive_steps]`` (all by default) and, when
     that is a prefix, vs the same loop with direct model calls on the whole order."""
     layer = model.get_layer(layer_name)
@@ -148,17 +163,25 @@ def _check(model: keras.Model, layer_name: str, order, x, y, backdoor=None,
     np.testing.assert_array_equal(layer.mask, mask_before)
     k = len(prefix) + 1
     head = dataclasses.replace(
-        fast, pruned=fast.pruned[:k], clean_acc=fast.clean_acc[:k], asr=fast.asr[:k],
-        robust_acc=fast.robust_acc[:k], predictions_clean=fast.predictions_clean[:k],
-        predictions_backdoor=(None if fast.predictions_backdoor is None
-                              else fast.predictions_backdoor[:k]))
+        fast,
+        pruned=fast.pruned[:k],
+        clean_acc=fast.clean_acc[:k],
+        asr=fast.asr[:k],
+        robust_acc=fast.robust_acc[:k],
+        predictions_clean=fast.predictions_clean[:k],
+        predictions_backdoor=(
+            None if fast.predictions_backdoor is None else fast.predictions_backdoor[:k]
+        ),
+    )
     _assert_predictions_change(naive, "naive loop")
     _assert_same(model, layer_name, head, naive, xs)
     if k < len(order) + 1:
         direct = _direct_predictions(model, layer_name, order, xs)
         reference = dataclasses.replace(
-            fast, predictions_clean=direct[0],
-            predictions_backdoor=direct[1] if backdoor is not None else None)
+            fast,
+            predictions_clean=direct[0],
+            predictions_backdoor=direct[1] if backdoor is not None else None,
+        )
         _assert_predictions_change(reference, "direct loop over the whole order")
         _assert_same(model, layer_name, fast, reference, xs)
     return fast
@@ -173,8 +196,9 @@ def test_matches_naive_on_task_models(task):
     xb, yb = _data(model, 24, seed=6)
     _calibrate_classifier(model, x, models.CLASSIFIER_LAYER[task])
     targeted = task != "traffic"
-    backdoor = Backdoor(xb + 0.5, yb, (yb + 1) % model.output_shape[-1] if targeted else None,
-                        targeted)
+    backdoor = Backdoor(
+        xb + 0.5, yb, (yb + 1) % model.output_shape[-1] if targeted else None, targeted
+    )
     layer = model.get_layer(name)
     order = np.random.default_rng(7).permutation(layer.channels)
     # model.predict costs ~10x a direct call on 40 inputs: the reference function on the first
@@ -261,7 +285,8 @@ def test_conv_frontier_with_strides_padding_and_skip_connection():
     x = keras.layers.Conv2D(5, 3, strides=2, padding="same", activation="relu", name="next")(x)
     # A mask-independent tensor joins the suffix: the prefix provides it once.
     skip = keras.layers.Conv2D(5, 1, strides=2, padding="same")(
-        keras.layers.ZeroPadding2D(1)(early))
+        keras.layers.ZeroPadding2D(1)(early)
+    )
     x = keras.layers.Add()([x, skip])
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(3, activation="softmax")(x)
@@ -299,18 +324,19 @@ def test_tiny_memory_budget_and_dataset_input_give_the_same_curve():
     reference = curves.pruning_curve(model, "conv5", order, (x, y), backdoor)
     _assert_predictions_change(reference, "reference engine run")
     # A few KiB: chunks of a few samples, each with its own run over all steps.
-    tiny = curves.pruning_curve(model, "conv5", order, (x, y), backdoor, batch_size=7,
-                                memory_budget_mb=0.05)
+    tiny = curves.pruning_curve(
+        model, "conv5", order, (x, y), backdoor, batch_size=7, memory_budget_mb=0.05
+    )
     assert tiny.info["chunk_samples"] < 10 and tiny.info["chunks"] > 8
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     streamed = curves.pruning_curve(model, "conv5", order, dataset, backdoor)
     for other in (tiny, streamed):
         np.testing.assert_array_equal(other.predictions_clean, reference.predictions_clean)
-        np.testing.assert_array_equal(other.predictions_backdoor,
-                                      reference.predictions_backdoor)
+        np.testing.assert_array_equal(other.predictions_backdoor, reference.predictions_backdoor)
         np.testing.assert_array_equal(other.clean_acc, reference.clean_acc)
-    no_bd = curves.pruning_curve(model, "conv5", order, (x, y), backdoor,
-                                 return_backdoor_predictions=False)
+    no_bd = curves.pruning_curve(
+        model, "conv5", order, (x, y), backdoor, return_backdoor_predictions=False
+    )
     assert no_bd.predictions_backdoor is None
     np.testing.assert_array_equal(no_bd.asr, reference.asr)
 
@@ -331,8 +357,9 @@ def test_curve_fields_and_json():
     assert empty.steps == 0
     np.testing.assert_array_equal(empty.predictions_clean, curve.predictions_clean[:1])
     # float64 inputs and list labels are accepted (cast to the model's input dtype).
-    again = curves.pruning_curve(model, "conv2", np.array([4, 9]), (x.astype(np.float64),
-                                                                   y.tolist()))
+    again = curves.pruning_curve(
+        model, "conv2", np.array([4, 9]), (x.astype(np.float64), y.tolist())
+    )
     np.testing.assert_array_equal(again.predictions_clean, curve.predictions_clean)
 
 
@@ -388,10 +415,12 @@ def test_describe_costs():
     info = curves.describe(model, "conv5")
     assert info.frontier == ("fc6",)
     assert info.prefix_flops + info.frontier_flops + info.rest_flops == pytest.approx(
-        info.forward_flops)
+        info.forward_flops
+    )
     assert info.rest_flops < 0.05 * info.forward_flops
     assert info.bound_flops(10, 20) == pytest.approx(
-        10 * (info.prefix_flops + info.frontier_flops) + 20 * info.rest_flops)
+        10 * (info.prefix_flops + info.frontier_flops) + 20 * info.rest_flops
+    )
 
 
 def test_errors():
@@ -447,13 +476,15 @@ def test_mask_restored_when_interrupted():
 
 
 def test_sequential_model():
-    model = keras.Sequential([
-        keras.Input((8, 8, 1)),
-        MaskedConv2D(6, 3, activation="relu", name="conv"),
-        keras.layers.MaxPooling2D(2),
-        keras.layers.Flatten(),
-        keras.layers.Dense(3, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            MaskedConv2D(6, 3, activation="relu", name="conv"),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     _perturb(model, "conv", seed=0)
     x, y = _data(model, 24, seed=1)
     curve = _check(model, "conv", [3, 1, 5, 0], x, y)

@@ -234,11 +234,7 @@ def test_fsdd_wavs(tmp_path):
     official_root = fixtures.write_fsdd(tmp_path / "official", speakers=("a",), per_speaker=7)
     official = data.load("speech", "fsdd", official_root, split="official")
     # FSDD convention: recordings 0-4 are test; validation is drawn from recordings 5-6.
-    assert (len(official.train.y), len(official.validation.y), len(official.test.y)) == (
-        10,
-        10,
-        50,
-    )
+    assert (len(official.train.y), len(official.validation.y), len(official.test.y)) == (10, 10, 50)
     spec = data.load(
         "speech",
         "fsdd",
@@ -514,11 +510,16 @@ def test_the_network_blocking_fixture_blocks(no_network):
         urllib.request.urlopen("http://example.com", timeout=1)
 
 
-@pytest.mark.parametrize("task, options", [
-    ("face", {}), ("speech", {}), ("mnist", {}),
-    # Fewer rendered signs than the default (rendering dominates); the code path is the same.
-    ("traffic", {"train_count": 60, "validation_count": 30, "test_count": 30}),
-])
+@pytest.mark.parametrize(
+    "task, options",
+    [
+        ("face", {}),
+        ("speech", {}),
+        ("mnist", {}),
+        # Fewer rendered signs than the default (rendering dominates); the code path is the same.
+        ("traffic", {"train_count": 60, "validation_count": 30, "test_count": 30}),
+    ],
+)
 def test_every_task_loads_with_the_network_blocked(no_network, task, options):
     """README: "Nothing is downloaded at run time"; every default loader reads data shipped
     with its package (a fresh seed, so no in-process cache serves it)."""

@@ -45,8 +45,9 @@ def planted_data(n: int, seed: int):
     triggered = x.copy()
     triggered[:, 0, 0, 0] = TRIGGER_VALUE
     keep = y != 0
-    backdoor = poison.BackdoorSet(triggered[keep], y[keep], np.zeros(keep.sum(), np.int64),
-                                  False, np.flatnonzero(keep))
+    backdoor = poison.BackdoorSet(
+        triggered[keep], y[keep], np.zeros(keep.sum(), np.int64), False, np.flatnonzero(keep)
+    )
     return (x, y), backdoor
 
 
@@ -65,8 +66,14 @@ def test_pruning_removes_the_dormant_backdoor_neuron_first(engine):
     before = metrics.evaluate(model, evaluation_clean, evaluation_backdoor)
     assert before["clean_acc"] == 1.0 and before["asr"] == 1.0
 
-    result = defenses.prune(model, validation, threshold=4.0, backdoor_validation=backdoor,
-                            evaluation=(evaluation_clean, evaluation_backdoor), engine=engine)
+    result = defenses.prune(
+        model,
+        validation,
+        threshold=4.0,
+        backdoor_validation=backdoor,
+        evaluation=(evaluation_clean, evaluation_backdoor),
+        engine=engine,
+    )
     details = result.details
     # Ranked by mean clean activation: the backdoor neuron (0), then x/2, then x and 1-x.
     assert details["order"][:2] == [2, 3]
@@ -84,8 +91,9 @@ def test_fast_and_naive_engines_choose_the_same_channels():
     model = planted_backdoor_model()
     validation, backdoor = planted_data(300, seed=3)
     fast = defenses.prune(model, validation, threshold=30.0, backdoor_validation=backdoor)
-    naive = defenses.prune(model, validation, threshold=30.0, backdoor_validation=backdoor,
-                           engine="naive")
+    naive = defenses.prune(
+        model, validation, threshold=30.0, backdoor_validation=backdoor, engine="naive"
+    )
     assert fast.details["pruned"] == naive.details["pruned"]
     assert fast.details["curve"] == naive.details["curve"]
 
@@ -122,7 +130,7 @@ def blob_data(n, seed):
     y = rng.integers(0, 3, n)
     x = rng.normal(0, 0.3, size=(n, 8, 8, 1)).astype(np.float32)
     for label, (r, c) in enumerate([(1, 1), (1, 5), (5, 3)]):
-        x[y == label, r:r + 2, c:c + 2, 0] += 1.5
+        x[y == label, r : r + 2, c : c + 2, 0] += 1.5
     return x, y.astype(np.int64)
 
 
@@ -143,10 +151,13 @@ def test_fine_tuning_holds_masks_and_leaves_the_input_model_alone():
         np.testing.assert_array_equal(before, after)
 
 
-@pytest.mark.parametrize("schedule", [
-    pruning_schedule.ConstantSparsity(0.5, begin_step=2, frequency=1),
-    pruning_schedule.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=6, frequency=2),
-])
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        pruning_schedule.ConstantSparsity(0.5, begin_step=2, frequency=1),
+        pruning_schedule.PolynomialDecay(0.0, 0.5, begin_step=0, end_step=6, frequency=2),
+    ],
+)
 def test_gradual_pruning_follows_a_tfmot_schedule(schedule):
     model = trainable_model()
     x, y = blob_data(96, seed=1)
@@ -174,8 +185,9 @@ def test_fine_pruning_with_a_schedule_reaches_the_pruning_defense_count():
     settings = defenses.FineTuneSettings(learning_rate=1e-3, max_epochs=2)
     schedule = pruning_schedule.PolynomialDecay(0.0, 0.9, begin_step=0, end_step=10)
     one_shot = defenses.fine_prune(model, (x, y), threshold=10.0, settings=settings)
-    gradual = defenses.fine_prune(model, (x, y), threshold=10.0, settings=settings,
-                                  schedule=schedule)
+    gradual = defenses.fine_prune(
+        model, (x, y), threshold=10.0, settings=settings, schedule=schedule
+    )
     pruned = one_shot.details["pruning"]["pruned"]
     assert sorted(gradual.model.get_layer("conv2").pruned_channels.tolist()) == sorted(pruned)
     assert gradual.details["gradual"]["history"]
@@ -189,14 +201,15 @@ def test_fmp_scores_every_channel_and_prunes_the_fraction_per_layer():
     assert scores["conv1"]["score"].shape == (8,) and scores["conv2"]["score"].shape == (12,)
     assert all(np.all((s["accuracy"] >= 0) & (s["accuracy"] <= 1)) for s in scores.values())
     settings = defenses.FineTuneSettings(max_epochs=1)
-    result = defenses.fmp(model, (x, y), prune_fraction=0.25, epsilon=0.1, probe_samples=16,
-                          settings=settings)
+    result = defenses.fmp(
+        model, (x, y), prune_fraction=0.25, epsilon=0.1, probe_samples=16, settings=settings
+    )
     assert len(result.details["pruned"]["conv1"]) == 2
     assert len(result.details["pruned"]["conv2"]) == 3
     for name, channels in result.details["pruned"].items():
         sensitivity = result.details["sensitivity"][name]
         ranked = fmp_ranking(np.array(sensitivity["score"]), np.array(sensitivity["deviation"]))
-        assert channels == ranked[:len(channels)].tolist()
+        assert channels == ranked[: len(channels)].tolist()
         assert set(result.model.get_layer(name).pruned_channels) == set(channels)
     assert result.details["probe_seconds"] > 0
 
@@ -228,8 +241,9 @@ def test_pruning_refuses_to_prune_a_layer_the_clean_data_never_needs():
     # logits, so no number of pruned channels changes clean accuracy (1.0).
     inputs = keras.Input((4, 4, 1))
     conv = MaskedConv2D(4, 1, activation="relu", name="conv")
-    branch = keras.layers.Dense(2, name="branch")(keras.layers.GlobalAveragePooling2D()(
-        conv(inputs)))
+    branch = keras.layers.Dense(2, name="branch")(
+        keras.layers.GlobalAveragePooling2D()(conv(inputs))
+    )
     bypass_layer = keras.layers.Dense(2, name="bypass")
     logits = keras.layers.Add()([bypass_layer(keras.layers.Flatten()(inputs)), branch])
     model = keras.Model(inputs, keras.layers.Softmax()(logits))

@@ -75,14 +75,16 @@ def test_multipliers_of_one_are_the_model_and_zero_is_pruning():
     x, _ = blob_data(8, seed=0)
     groups = neurons.neuron_groups(model)
     ones = [tf.ones([g.channels]) for g in groups]
-    np.testing.assert_allclose(neurons.forward_with_multipliers(model, groups, x, ones, ones),
-                               model(x), atol=1e-6)
+    np.testing.assert_allclose(
+        neurons.forward_with_multipliers(model, groups, x, ones, ones), model(x), atol=1e-6
+    )
     cut = [tf.ones([g.channels]) for g in groups]
     cut[1] = tf.constant([0.0] + [1.0] * 11)
     pruned = defenses.clone(model)
     pruned.get_layer("conv2").prune([0])
-    np.testing.assert_allclose(neurons.forward_with_multipliers(model, groups, x, cut, cut),
-                               pruned(x), atol=1e-6)
+    np.testing.assert_allclose(
+        neurons.forward_with_multipliers(model, groups, x, cut, cut), pruned(x), atol=1e-6
+    )
 
 
 def test_anp_gradients_match_finite_differences():
@@ -90,14 +92,19 @@ def test_anp_gradients_match_finite_differences():
     x, y = blob_data(16, seed=4)
     groups = neurons.neuron_groups(model)
     rng = np.random.default_rng(0)
-    values = {name: [tf.Variable(rng.uniform(lo, hi, g.channels).astype(np.float32))
-                     for g in groups]
-              for name, (lo, hi) in {"mask": (0.5, 1.0), "noise": (-0.4, 0.4),
-                                     "bias": (-0.4, 0.4)}.items()}
+    values = {
+        name: [tf.Variable(rng.uniform(lo, hi, g.channels).astype(np.float32)) for g in groups]
+        for name, (lo, hi) in {
+            "mask": (0.5, 1.0),
+            "noise": (-0.4, 0.4),
+            "bias": (-0.4, 0.4),
+        }.items()
+    }
 
     def loss():
-        return anp_losses(model, groups, x, y, values["mask"], values["noise"],
-                                     values["bias"], 0.2)[2]
+        return anp_losses(
+            model, groups, x, y, values["mask"], values["noise"], values["bias"], 0.2
+        )[2]
 
     with tf.GradientTape() as tape:
         total = loss()
@@ -151,8 +158,7 @@ def test_anp_result_prunes_through_the_masks_and_keeps_clean_accuracy():
     model = planted_backdoor_model()
     validation, backdoor = planted_data(300, seed=8)
     evaluation = planted_data(300, seed=9)
-    result = defenses.anp(model, validation, iterations=60, batch_size=64,
-                          evaluation=evaluation)
+    result = defenses.anp(model, validation, iterations=60, batch_size=64, evaluation=evaluation)
     assert 2 in result.details["pruned"]["conv"]
     assert result.asr == 0.0 and result.clean_acc >= 0.98
     assert 2 in result.model.get_layer("conv").pruned_channels
@@ -192,8 +198,9 @@ def test_anp_rnp_clp_run_on_a_converted_keras_applications_model():
     import fineprune_tf as fp
 
     keras.utils.set_random_seed(0)
-    stock = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                           classes=3)
+    stock = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3
+    )
     model = fp.convert(stock)
     pairs = neurons.batchnorm_after(model)
     convs = [layer.name for layer in model.layers if isinstance(layer, MaskedConv2D)]
@@ -202,8 +209,9 @@ def test_anp_rnp_clp_run_on_a_converted_keras_applications_model():
     y = np.arange(20) % 3
     clp_result = defenses.clp(model, u=3.0)
     anp_result = defenses.anp(model, (x, y), iterations=1, batch_size=8, threshold=0.2)
-    rnp_result = defenses.rnp(model, (x, y), unlearning_epochs=1, recovering_epochs=1,
-                              batch_size=16, threshold=0.2)
+    rnp_result = defenses.rnp(
+        model, (x, y), unlearning_epochs=1, recovering_epochs=1, batch_size=16, threshold=0.2
+    )
     for result in (clp_result, anp_result, rnp_result):
         pruned = result.details["pruned"]
         assert set(pruned) == set(convs)

@@ -64,13 +64,14 @@ def test_the_choice_does_not_depend_on_the_test_data():
     real = defenses.ReportOnly(*planted_data(100, seed=4))
     (x, y), backdoor = planted_data(100, seed=5)
     garbage = defenses.ReportOnly((np.full_like(x, 7.0), 1 - y), backdoor)
-    first = defenses.auto_defend(model, defender, candidates=("clp", "pruning"),
-                                 evaluation=real)
-    second = defenses.auto_defend(model, defender, candidates=("clp", "pruning"),
-                                  evaluation=garbage)
+    first = defenses.auto_defend(model, defender, candidates=("clp", "pruning"), evaluation=real)
+    second = defenses.auto_defend(
+        model, defender, candidates=("clp", "pruning"), evaluation=garbage
+    )
     assert first.name == second.name and first.why == second.why
-    np.testing.assert_array_equal(first.result.model.get_layer("conv").mask,
-                                  second.result.model.get_layer("conv").mask)
+    np.testing.assert_array_equal(
+        first.result.model.get_layer("conv").mask, second.result.model.get_layer("conv").mask
+    )
     assert first.result.clean_acc != second.result.clean_acc  # The reports did differ.
 
 
@@ -81,12 +82,14 @@ class Fake:
 
 def test_choose_takes_the_first_defense_in_priority_within_tolerance():
     results = {"anp": Fake(0.90), "fine_pruning": Fake(0.97), "clp": Fake(0.99)}
-    name, why, table = defenses.choose(results, 0.98, priority=("anp", "fine_pruning", "clp"),
-                                       tolerance=2.0)
+    name, why, table = defenses.choose(
+        results, 0.98, priority=("anp", "fine_pruning", "clp"), tolerance=2.0
+    )
     assert name == "fine_pruning" and "first" in why
     assert table["anp"]["qualifies"] is False and table["clp"]["qualifies"] is True
-    name, why, _ = defenses.choose({"anp": Fake(0.5), "clp": Fake(0.7)}, 0.98,
-                                   priority=("anp", "clp"), tolerance=2.0)
+    name, why, _ = defenses.choose(
+        {"anp": Fake(0.5), "clp": Fake(0.7)}, 0.98, priority=("anp", "clp"), tolerance=2.0
+    )
     assert name == "clp" and "lost the least" in why
 
 
@@ -128,8 +131,11 @@ def test_convergence_rule_stops_on_a_plateau_and_prefers_the_later_checkpoint():
 def test_early_stopping_rule_and_converge_rule_differ_on_how_much_they_train():
     model = trainable_model(seed=4)
     x, y = blob_data(240, seed=8)
-    converge = defenses.fine_tune(model, (x, y), settings=defenses.FineTuneSettings(
-        learning_rate=3e-3, max_epochs=8, plateau_patience=8))
+    converge = defenses.fine_tune(
+        model,
+        (x, y),
+        settings=defenses.FineTuneSettings(learning_rate=3e-3, max_epochs=8, plateau_patience=8),
+    )
     assert converge.details["epochs"] == 8
     assert converge.details["chosen_epoch"] >= 1
     assert converge.forward_passes > converge.backward_passes > 0

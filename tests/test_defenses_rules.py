@@ -46,8 +46,11 @@ def test_default_fine_tuning_tries_every_candidate_rate_from_the_same_start():
     assert details["learning_rate"] == [1e-3, 3e-3][index]
     assert details["why"].startswith(f"lr {details['learning_rate']:g}")
     assert result.holdout_acc == pytest.approx(details["rate_runs"][index]["final_holdout_acc"])
-    single = defenses.fine_tune(model, (x, y), settings=defenses.FineTuneSettings(
-        learning_rate=3e-3, max_epochs=2, plateau_patience=5))
+    single = defenses.fine_tune(
+        model,
+        (x, y),
+        settings=defenses.FineTuneSettings(learning_rate=3e-3, max_epochs=2, plateau_patience=5),
+    )
     assert "rate_runs" not in single.details and single.details["learning_rate"] == 3e-3
     assert details["backward_passes"] == 2 * single.details["backward_passes"]
 
@@ -58,8 +61,12 @@ class Fake:
 
 
 def test_protocol_prefers_the_defense_that_changed_most_within_the_budget():
-    results = {"fine_pruning": Fake(0.97), "anp": Fake(0.97), "fine_tuning": Fake(0.96),
-               "pruning": Fake(0.80)}
+    results = {
+        "fine_pruning": Fake(0.97),
+        "anp": Fake(0.97),
+        "fine_tuning": Fake(0.96),
+        "pruning": Fake(0.80),
+    }
     changes = {"fine_pruning": 0.0, "anp": 0.02, "fine_tuning": 0.08, "pruning": 0.5}
     name, why, table = defenses.choose(results, 0.97, tolerance=2.0, changes=changes)
     # fine_pruning is first in PRIORITY and costs nothing, because it changed nothing;
@@ -70,8 +77,9 @@ def test_protocol_prefers_the_defense_that_changed_most_within_the_budget():
     tied = dict(changes, anp=0.0805)
     name, _, _ = defenses.choose(results, 0.97, tolerance=2.0, changes=tied)
     assert name == "anp"  # Within 1e-3 of the most: PRIORITY decides (anp before fine_tuning).
-    name, why, _ = defenses.choose({"a": Fake(0.5), "b": Fake(0.7)}, 0.98, tolerance=2.0,
-                                   changes={"a": 0.9, "b": 0.1})
+    name, why, _ = defenses.choose(
+        {"a": Fake(0.5), "b": Fake(0.7)}, 0.98, tolerance=2.0, changes={"a": 0.9, "b": 0.1}
+    )
     assert name == "b" and "lost the least" in why
 
 
@@ -98,9 +106,10 @@ def test_weight_change_counts_pruned_channels_as_zeroed_and_reads_no_data():
     pruned.get_layer("conv").prune([2])  # The dormant backdoor channel: kernel 1, bias -2.
     kernel, bias = 1.0, -2.0
     dense = model.get_layer("out").get_weights()
-    total = 1 + 1 + 1 + 0.25 + 0 + 1 + 4 + 0 + sum(float((w ** 2).sum()) for w in dense)
+    total = 1 + 1 + 1 + 0.25 + 0 + 1 + 4 + 0 + sum(float((w**2).sum()) for w in dense)
     assert weight_change(model, pruned) == pytest.approx(
-        np.sqrt((kernel ** 2 + bias ** 2) / total), rel=1e-6)
+        np.sqrt((kernel**2 + bias**2) / total), rel=1e-6
+    )
     other = trainable_model(seed=0)
     with pytest.raises(ValueError, match="same layers"):
         weight_change(model, other)
@@ -122,4 +131,3 @@ def test_auto_defend_records_the_change_it_chose_by():
     qualifying = [n for n, row in choice.table.items() if row["qualifies"]]
     assert choice.name in qualifying
     assert changes[choice.name] >= max(changes[n] for n in qualifying) - 1e-3
-

@@ -38,8 +38,12 @@ def _free_port() -> int:
 
 
 def _tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -49,8 +53,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _run(strategy: str, output: Path) -> dict:
-    done = subprocess.run([sys.executable, str(WORKER), strategy, str(output)], env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(WORKER), strategy, str(output)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(output.read_text())
 
@@ -64,15 +73,15 @@ def _assert_matches(single: dict, other: dict, same_data_order: bool) -> None:
     assert other["replicas"] == 2
     assert other["counts"] == single["counts"]
     for name, mean in single["means"].items():
-        np.testing.assert_allclose(other["means"][name], mean, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(other["means"][name], mean, rtol=1e-5, atol=1e-6, err_msg=name)
     # Each worker passed only its own shard: the sum over workers is the whole data set's
     # statistics (a worker reading all the data doubles the count; one not summing over the
     # workers reports its shard's means, which differ).
     assert other["shard_counts"] == single["counts"]
     for name, mean in single["means"].items():
-        np.testing.assert_allclose(other["shard_means"][name], mean, rtol=1e-5, atol=1e-6,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            other["shard_means"][name], mean, rtol=1e-5, atol=1e-6, err_msg=name
+        )
     assert other["curve"] == single["curve"]
     # The pruning callback acted at the same step on the same channels.
     assert other["pruned"] == single["pruned"] > 0
@@ -89,26 +98,31 @@ def _assert_matches(single: dict, other: dict, same_data_order: bool) -> None:
     # per-epoch loss differs only by the order of float additions (gradients summed over the
     # replicas).  Before the loop drew model.fit's shuffle, epoch 2 drifted (0.4687 vs 0.4547).
     for key in ("loss", "val_loss"):
-        np.testing.assert_allclose(other["history"][key], single["history"][key], rtol=1e-3,
-                                   err_msg=key)
+        np.testing.assert_allclose(
+            other["history"][key], single["history"][key], rtol=1e-3, err_msg=key
+        )
     assert abs(other["accuracy"] - single["accuracy"]) <= 2 / 256
 
 
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_mirrored_matches_single_device(single, tmp_path):
-    _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"),
-                    same_data_order=False)
+    _assert_matches(single, _run("mirrored", tmp_path / "mirrored.json"), same_data_order=False)
 
 
 def _run_workers(tmp_path: Path) -> list[tuple[int, str]]:
     """Both workers of one multi-worker run: ``[(returncode, stderr)]``."""
     ports = [_free_port(), _free_port()]
-    workers = [subprocess.Popen([sys.executable, str(WORKER), "multi_worker",
-                                 str(tmp_path / f"worker{i}.json")],
-                                env=_env(TF_CONFIG=_tf_config(ports, i)),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-               for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multi_worker", str(tmp_path / f"worker{i}.json")],
+            env=_env(TF_CONFIG=_tf_config(ports, i)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         errors = [worker.communicate(timeout=900)[1] for worker in workers]
     finally:
@@ -123,8 +137,7 @@ def _run_workers(tmp_path: Path) -> list[tuple[int, str]]:
 def test_multi_worker_matches_single_device(single, tmp_path):
     for _attempt in range(3):
         outcomes = _run_workers(tmp_path)
-        if not any(code != 0 and any(m in error for m in PORT_IN_USE)
-                   for code, error in outcomes):
+        if not any(code != 0 and any(m in error for m in PORT_IN_USE) for code, error in outcomes):
             break
     for code, error in outcomes:
         assert code == 0, error[-3000:]
@@ -136,21 +149,34 @@ def test_multi_worker_matches_single_device(single, tmp_path):
     assert results[0]["accuracy"] == results[1]["accuracy"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "needs the TF_CONFIG"),
-    ("{not json", "not valid JSON"),
-    ('{"task": {"type": "worker", "index": 0}}', "no cluster.worker list"),
-    ('{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}',
-     "no cluster.worker list"),
-    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
-     "is not 'host:port'"),
-    ('{"cluster": {"worker": ["h:99999"]}, "task": {"type": "worker", "index": 0}}',
-     "is not 'host:port'"),
-    ('{"cluster": {"worker": ["h:1"]}, "task": {"type": "chief", "index": 0}}',
-     "does not name a job"),
-    ('{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 2}}',
-     "index 2 is outside the 2 worker"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "needs the TF_CONFIG"),
+        ("{not json", "not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', "no cluster.worker list"),
+        (
+            '{"cluster": {"worker": []}, "task": {"type": "worker", "index": 0}}',
+            "no cluster.worker list",
+        ),
+        (
+            '{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+            "is not 'host:port'",
+        ),
+        (
+            '{"cluster": {"worker": ["h:99999"]}, "task": {"type": "worker", "index": 0}}',
+            "is not 'host:port'",
+        ),
+        (
+            '{"cluster": {"worker": ["h:1"]}, "task": {"type": "chief", "index": 0}}',
+            "does not name a job",
+        ),
+        (
+            '{"cluster": {"worker": ["h:1", "h:2"]}, "task": {"type": "worker", "index": 2}}',
+            "index 2 is outside the 2 worker",
+        ),
+    ],
+)
 def test_malformed_tf_config(text, message, monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     with pytest.raises(ValueError, match=message):
@@ -164,14 +190,20 @@ def test_missing_worker_times_out():
     with socket.socket() as missing:
         missing.bind(("127.0.0.1", 0))
         absent = missing.getsockname()[1]
-        code = ("from fineprune_tf import distribute\n"
-                "distribute.make_strategy('multi_worker', worker_timeout=3)\n")
+        code = (
+            "from fineprune_tf import distribute\n"
+            "distribute.make_strategy('multi_worker', worker_timeout=3)\n"
+        )
         for _attempt in range(3):
             own = _free_port()
             # A hang would be killed at 120 s and fail the test (returncode -9, no message).
-            done = subprocess.run([sys.executable, "-c", code],
-                                  env=_env(TF_CONFIG=_tf_config([own, absent], 0)),
-                                  capture_output=True, text=True, timeout=120)
+            done = subprocess.run(
+                [sys.executable, "-c", code],
+                env=_env(TF_CONFIG=_tf_config([own, absent], 0)),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             if not any(message in done.stderr for message in PORT_IN_USE):
                 break
     assert done.returncode == 1
@@ -181,11 +213,24 @@ def test_missing_worker_times_out():
 def test_fine_prune_script_runs_under_a_mirrored_strategy(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.fine_prune", "--task=mnist", "--quick",
-         "--attacks=baseline", "--defenses=none,pruning", "--strategy=mirrored",
-         "--cpu_replicas=2", f"--output_dir={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-m",
+            "scripts.fine_prune",
+            "--task=mnist",
+            "--quick",
+            "--attacks=baseline",
+            "--defenses=none,pruning",
+            "--strategy=mirrored",
+            "--cpu_replicas=2",
+            f"--output_dir={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["table1"]["baseline"]["none"]["clean_acc"] > 0.5

@@ -15,8 +15,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def quick_config(**overrides):
-    values = dict(task="mnist", attacks=("baseline",), defenses=("none", "pruning"),
-                  quick=True, seed=0)
+    values = dict(
+        task="mnist", attacks=("baseline",), defenses=("none", "pruning"), quick=True, seed=0
+    )
     values.update(overrides)
     return experiment.ExperimentConfig(**values)
 
@@ -55,26 +56,51 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatc
     results = experiment.run(quick_config(), out)
     assert not op_determinism_enabled()
     assert np.random.random() == expected_draw
-    for name in ("results.json", "table1.md", "table2.md", "defenses.md", "fig6_baseline.png",
-                 "fig4_baseline.png", "stages.json", "trigger.json",
-                 "models/baseline.keras", "models/baseline_pruning.keras"):
+    for name in (
+        "results.json",
+        "table1.md",
+        "table2.md",
+        "defenses.md",
+        "fig6_baseline.png",
+        "fig4_baseline.png",
+        "stages.json",
+        "trigger.json",
+        "models/baseline.keras",
+        "models/baseline_pruning.keras",
+    ):
         assert (out / name).exists(), name
     assert (out / "fig6_baseline.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((out / "results.json").read_text())
     cell = saved["table1"]["baseline"]["pruning"]
-    assert set(cell) == {"clean_acc", "asr", "robust_acc", "seconds", "holdout_acc",
-                         "forward_passes", "backward_passes", "der"}
+    assert set(cell) == {
+        "clean_acc",
+        "asr",
+        "robust_acc",
+        "seconds",
+        "holdout_acc",
+        "forward_passes",
+        "backward_passes",
+        "der",
+    }
     none = saved["table1"]["baseline"]["none"]
-    assert cell["der"] == pytest.approx((max(0.0, none["asr"] - cell["asr"])
-                                         - max(0.0, none["clean_acc"] - cell["clean_acc"])
-                                         + 1.0) / 2.0)
-    assert f"| Baseline Attack | pruning | {cell['clean_acc']:.3f} |" in (
-        out / "defenses.md").read_text()
+    assert cell["der"] == pytest.approx(
+        (
+            max(0.0, none["asr"] - cell["asr"])
+            - max(0.0, none["clean_acc"] - cell["clean_acc"])
+            + 1.0
+        )
+        / 2.0
+    )
+    assert (
+        f"| Baseline Attack | pruning | {cell['clean_acc']:.3f} |"
+        in (out / "defenses.md").read_text()
+    )
     # The cell is the pruned model's on the test split: measure it again from the file.
     task_data = data.load("mnist", seed=0)
     _, policy, _ = poison.default_attack("mnist", task_data)
-    backdoor = poison.backdoor_test_set(task_data.test, triggers.load(out / "trigger.json"),
-                                        policy, seed=0)
+    backdoor = poison.backdoor_test_set(
+        task_data.test, triggers.load(out / "trigger.json"), policy, seed=0
+    )
     pruned = keras.models.load_model(out / "models/baseline_pruning.keras")
     measured = metrics.evaluate(pruned, (task_data.test.x, task_data.test.y), backdoor)
     for key in ("clean_acc", "asr", "robust_acc"):
@@ -89,8 +115,13 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatc
     assert results["table1"] == saved["table1"]
     # The analysis stage computed the curve; the pruning defense reused it.
     assert [layer for _, layer in curve_calls] == [details["layer"]]
-    assert set(saved["peak_rss_mb"]) == {"data", "attack/baseline", "analysis/baseline",
-                                         "defense/baseline/none", "defense/baseline/pruning"}
+    assert set(saved["peak_rss_mb"]) == {
+        "data",
+        "attack/baseline",
+        "analysis/baseline",
+        "defense/baseline/none",
+        "defense/baseline/pruning",
+    }
     assert all(peak > 0 for peak in saved["peak_rss_mb"].values())
     assert "cl: " in (out / "table1.md").read_text()
 
@@ -103,8 +134,8 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatc
     # Resuming with one more defense reuses the trained model and the finished stages.
     model_time = os.stat(out / "models/baseline.keras").st_mtime_ns
     resumed = experiment.run(
-        quick_config(defenses=("none", "pruning", "fine_tuning", "fine_pruning")), out,
-        resume=True)
+        quick_config(defenses=("none", "pruning", "fine_tuning", "fine_pruning")), out, resume=True
+    )
     assert os.stat(out / "models/baseline.keras").st_mtime_ns == model_time
     assert resumed["table1"]["baseline"]["pruning"] == cell
     assert "fine_tuning" in resumed["table1"]["baseline"]
@@ -114,16 +145,19 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatc
     assert fine_pruning["pruned"] == details["pruned"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(task="cifar"), "unknown task"),
-    (dict(attacks=("trojannn",)), "unknown attack"),
-    (dict(defenses=("magic",)), "unknown defense"),
-    (dict(pruning=defenses.PruningSettings(threshold=0.0)), "threshold must be in"),
-    (dict(pruning=defenses.PruningSettings(threshold=120.0)), "threshold must be in"),
-    (dict(attack=attacks.AttackSettings(prune_fraction=1.5)), "prune_fraction must be in"),
-    (dict(fine_tune=defenses.FineTuneSettings(rule="magic")), "rule must be one of"),
-    (dict(fmp=defenses.FmpSettings(prune_fraction=0.0)), "fmp prune_fraction must be in"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(task="cifar"), "unknown task"),
+        (dict(attacks=("trojannn",)), "unknown attack"),
+        (dict(defenses=("magic",)), "unknown defense"),
+        (dict(pruning=defenses.PruningSettings(threshold=0.0)), "threshold must be in"),
+        (dict(pruning=defenses.PruningSettings(threshold=120.0)), "threshold must be in"),
+        (dict(attack=attacks.AttackSettings(prune_fraction=1.5)), "prune_fraction must be in"),
+        (dict(fine_tune=defenses.FineTuneSettings(rule="magic")), "rule must be one of"),
+        (dict(fmp=defenses.FmpSettings(prune_fraction=0.0)), "fmp prune_fraction must be in"),
+    ],
+)
 def test_bad_configurations_are_refused(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         experiment.run(quick_config(**overrides), tmp_path / "never")
@@ -131,17 +165,24 @@ def test_bad_configurations_are_refused(tmp_path, overrides, message):
 
 
 def run_script(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "scripts.fine_prune", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": REPO})
+    return subprocess.run(
+        [sys.executable, "-m", "scripts.fine_prune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
 
 
 def test_script_refuses_bad_flags_and_existing_results(tmp_path):
-    result = run_script("--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}",
-                        cwd=tmp_path)
+    result = run_script(
+        "--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}", cwd=tmp_path
+    )
     assert result.returncode != 0 and "threshold must be in (0, 100)" in result.stderr
-    result = run_script("--task=speech", "--defenses=pruning,voodoo",
-                        f"--output_dir={tmp_path / 'a'}", cwd=tmp_path)
+    result = run_script(
+        "--task=speech", "--defenses=pruning,voodoo", f"--output_dir={tmp_path / 'a'}", cwd=tmp_path
+    )
     assert result.returncode != 0 and "unknown defense" in result.stderr
     result = run_script("--task=nosuchtask", cwd=tmp_path)
     assert result.returncode != 0 and "nosuchtask" in result.stderr

@@ -26,8 +26,9 @@ def _x(model, n=6, seed=0):
 
 def _max_diff(a, b, x):
     # Eager calls: predict() would trace a tf.function per model (~1 s each).
-    return float(np.max(np.abs(np.asarray(a(x, training=False))
-                               - np.asarray(b(x, training=False)))))
+    return float(
+        np.max(np.abs(np.asarray(a(x, training=False)) - np.asarray(b(x, training=False))))
+    )
 
 
 def _weighted(model):
@@ -36,8 +37,7 @@ def _weighted(model):
 
 def _prune_fraction(layer, fraction, seed=0):
     rng = np.random.default_rng(seed)
-    layer.prune(rng.choice(layer.channels, int(round(fraction * layer.channels)),
-                           replace=False))
+    layer.prune(rng.choice(layer.channels, int(round(fraction * layer.channels)), replace=False))
 
 
 def _randomize_bn(model, seed=0, beta=None):
@@ -46,8 +46,9 @@ def _randomize_bn(model, seed=0, beta=None):
         if isinstance(layer, keras.layers.BatchNormalization):
             c = layer.gamma.shape[0]
             b = rng.normal(0, 0.5, c) if beta is None else np.asarray(beta, "float32")
-            layer.set_weights([rng.uniform(0.5, 1.5, c), b, rng.normal(0, 0.5, c),
-                               rng.uniform(0.5, 1.5, c)])
+            layer.set_weights(
+                [rng.uniform(0.5, 1.5, c), b, rng.normal(0, 0.5, c), rng.uniform(0.5, 1.5, c)]
+            )
 
 
 @pytest.mark.parametrize("task", models.TASKS)
@@ -55,8 +56,9 @@ def test_shrink_task_models_same_predictions_fewer_params(task):
     model = models.build(task, preset="cpu", seed=1)
     pruned = models.pruned_layer(model)
     _prune_fraction(pruned, 0.7)
-    hidden = [layer for layer in fp.layers.masked_layers(model)
-              if isinstance(layer, fp.MaskedDense)]
+    hidden = [
+        layer for layer in fp.layers.masked_layers(model) if isinstance(layer, fp.MaskedDense)
+    ]
     _prune_fraction(hidden[0], 0.25, seed=1)
     small = export.shrink(model)
     assert _max_diff(model, small, _x(model)) <= ATOL
@@ -85,8 +87,9 @@ def test_deepid_pool3_feeds_conv4_and_the_deepid_layer():
     assert small.get_layer("deepid").kernel.shape[0] == h * w * active.size + conv4_features
     rows = ((np.arange(h * w)[:, None] * 60) + active[None, :]).reshape(-1)
     np.testing.assert_array_equal(
-        small.get_layer("deepid").kernel.numpy()[:h * w * active.size],
-        model.get_layer("deepid").kernel.numpy()[rows])
+        small.get_layer("deepid").kernel.numpy()[: h * w * active.size],
+        model.get_layer("deepid").kernel.numpy()[rows],
+    )
 
 
 def _bn_chain(consumer_padding, beta, kernel=3):
@@ -102,8 +105,7 @@ def _bn_chain(consumer_padding, beta, kernel=3):
     return model
 
 
-@pytest.mark.parametrize("padding, kernel, kept", [("valid", 3, 2), ("same", 3, 3),
-                                                   ("same", 1, 2)])
+@pytest.mark.parametrize("padding, kernel, kept", [("valid", 3, 2), ("same", 3, 3), ("same", 1, 2)])
 def test_bn_shift_of_a_pruned_channel_is_folded_or_kept(padding, kernel, kept):
     # Channel 0 pruned with BN shift > 0 (relu(shift) > 0: a non-zero constant), channel 1
     # pruned with a strongly negative shift (relu(shift) == 0), channels 2, 3 live.
@@ -211,7 +213,7 @@ def test_to_plain_keeps_shapes_and_zeroes_pruned_weights():
 
 def test_count_params_and_flops_by_hand():
     inputs = keras.Input((8, 8, 3))
-    x = fp.MaskedConv2D(4, 3, name="c")(inputs)                     # 6x6 out
+    x = fp.MaskedConv2D(4, 3, name="c")(inputs)  # 6x6 out
     x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)  # 4x4x8
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.Flatten()(x)
@@ -230,10 +232,14 @@ def test_shrink_refuses_custom_layers_and_shrinks_converted_stock_models():
     bad = keras.Model(inputs, fp.MaskedConv2D(2, 3)(Custom(name="odd")(inputs)))
     with pytest.raises(ValueError, match="'odd'"):
         export.shrink(bad)
-    stock = keras.Sequential([keras.Input((8, 8, 1), name="pixels"),
-                              keras.layers.Conv2D(6, 3, activation="relu", name="c"),
-                              keras.layers.Flatten(name="f"),
-                              keras.layers.Dense(3, name="d")])
+    stock = keras.Sequential(
+        [
+            keras.Input((8, 8, 1), name="pixels"),
+            keras.layers.Conv2D(6, 3, activation="relu", name="c"),
+            keras.layers.Flatten(name="f"),
+            keras.layers.Dense(3, name="d"),
+        ]
+    )
     masked = convert(stock)
     masked.get_layer("c").prune([2, 4])
     small = export.shrink(masked)
@@ -317,12 +323,30 @@ def exported_speech(tmp_path_factory):
     commands = {
         "runner": [sys.executable, "runner.py", str(path), "x.npy"],
         "show": [cli, "show", "--dir", str(path), "--all"],
-        "run": [cli, "run", "--dir", str(path), "--tag_set", "serve", "--signature_def",
-                "serving_default", "--input_exprs", f"input={literal}"],
+        "run": [
+            cli,
+            "run",
+            "--dir",
+            str(path),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--input_exprs",
+            f"input={literal}",
+        ],
     }
-    running = {name: subprocess.Popen(cmd, cwd=work, env=_clean_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
-               for name, cmd in commands.items()}
+    running = {
+        name: subprocess.Popen(
+            cmd,
+            cwd=work,
+            env=_clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, cmd in commands.items()
+    }
     results = {}
     for name, process in running.items():
         out, err = process.communicate(timeout=300)
@@ -394,6 +418,7 @@ def _large_logit_model():
 
 def test_self_check_tolerance_is_relative_to_the_output_scale():
     from fineprune_tf.export.shrink import VERIFY_RTOL, _verify, verify_tolerance
+
     assert verify_tolerance(np.array([158.0, -3.0])) == pytest.approx(VERIFY_RTOL * 158.0)
     assert verify_tolerance(np.array([0.2, 0.8])) == VERIFY_RTOL  # floor: scale 1
     model = _large_logit_model()
@@ -408,7 +433,8 @@ def test_self_check_tolerance_is_relative_to_the_output_scale():
         _verify(model, shifted(0.2))
     probabilities = keras.Model(model.inputs, keras.layers.Softmax()(model.outputs[0]))
     on_probabilities = keras.Model(
-        model.inputs, keras.layers.Rescaling(1.0, 3.5e-4)(probabilities.outputs[0]))
+        model.inputs, keras.layers.Rescaling(1.0, 3.5e-4)(probabilities.outputs[0])
+    )
     with pytest.raises(ConversionError, match="internal error"):  # same diff, scale 1
         _verify(probabilities, on_probabilities)
 
@@ -431,15 +457,17 @@ def test_softmax_conv_is_never_prunable():
     x = keras.layers.Conv2D(6, 3, activation="relu", name="body")(inputs)
     x = keras.layers.Conv2D(5, 1, activation="softmax", name="soft")(x)
     outputs = keras.layers.Dense(3, activation="softmax", name="head")(
-        keras.layers.Flatten(name="flat")(x))
+        keras.layers.Flatten(name="flat")(x)
+    )
     model = keras.Model(inputs, outputs)
     converted = convert(model, dense=True)
     assert isinstance(converted.get_layer("body"), fp.MaskedConv2D)
     assert type(converted.get_layer("soft")) is keras.layers.Conv2D  # left plain
     with pytest.raises(ConversionError, match=r"'soft'.*softmax.*independently"):
         convert(model, layer_names=["soft"])
-    softmax_dense = keras.Model(inputs, keras.layers.Dense(4, activation="softmax",
-                                                           name="sd")(keras.layers.Flatten()(x)))
+    softmax_dense = keras.Model(
+        inputs, keras.layers.Dense(4, activation="softmax", name="sd")(keras.layers.Flatten()(x))
+    )
     with pytest.raises(ConversionError, match=r"'sd'.*softmax"):
         convert(softmax_dense, dense=True, layer_names=["sd"])
     # A masked layer built directly with softmax: refused at prune(), and at export if its mask

@@ -40,8 +40,7 @@ def test_walker_order_producers_consumers_and_inputs():
     # Ancestors of the pooled tensor stop at the model input, in topological order.
     pool_in = g.nodes[names.index("pool")].inputs[0]
     assert [n.name for n in g.ancestors([pool_in])] == ["conv", "bn", "relu", "dw", "add"]
-    assert [n.name for n in g.ancestors([pool_in], stop=lambda t: t is relu_out)] == [
-        "dw", "add"]
+    assert [n.name for n in g.ancestors([pool_in], stop=lambda t: t is relu_out)] == ["dw", "add"]
     # A rebuilt graph computes the same function.
     rebuilt = g.rebuild(lambda gnode, args, kwargs: gnode.layer(*args, **kwargs))
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
@@ -99,7 +98,11 @@ def test_node_role_checks_the_axis_of_the_call():
     d = keras.layers.Concatenate(axis=2, name="cat2")([a, b])
     g = Graph(keras.Model(inputs, [c, d]))
     assert {n.name: node_role(n) for n in g.nodes} == {
-        "bn1": Role.OPAQUE, "bn2": Role.ELEMENTWISE, "cat1": Role.OPAQUE, "cat2": Role.CONCAT}
+        "bn1": Role.OPAQUE,
+        "bn2": Role.ELEMENTWISE,
+        "cat1": Role.OPAQUE,
+        "cat2": Role.CONCAT,
+    }
 
 
 def test_cost_counter_in_multiply_adds():
@@ -158,8 +161,9 @@ def test_keras_compat_accessors_work_on_the_installed_keras():
     args, kwargs = _keras_compat.call_arguments(nodes[0])
     assert len(args) == 1
     assert _keras_compat.accepts_training(keras.layers.Dropout(0.5))
-    assert "conv4" in {layer.name for layer in
-                       _keras_compat.outbound_layers(model.get_layer("pool3"))}
+    assert "conv4" in {
+        layer.name for layer in _keras_compat.outbound_layers(model.get_layer("pool3"))
+    }
     assert len(_keras_compat.flatten_layers(model)) == len(model.layers)
     conv = model.get_layer("conv1")
     _keras_compat.assign_kernel(conv, np.zeros(conv.kernel.shape, "float32"))
@@ -171,7 +175,8 @@ def test_keras_compat_accessors_work_on_the_installed_keras():
     assert not _keras_compat.checked_version("3.9.0")
     assert _keras_compat.checked_version(), (
         f"Keras {keras.__version__} is outside the range the private accesses were checked "
-        f"against ({_keras_compat.CHECKED_KERAS}): re-run this test file and update it")
+        f"against ({_keras_compat.CHECKED_KERAS}): re-run this test file and update it"
+    )
 
 
 def test_distances_to_outputs_and_on_every_path():
@@ -180,8 +185,16 @@ def test_distances_to_outputs_and_on_every_path():
     weighted = g.distances_to_outputs(lambda gnode: int(node_role(gnode) is Role.MIXES))
     by_name = {names[i]: d for i, d in weighted.items()}
     # conv -> ... -> head: one weighted layer (head) after every node but head itself.
-    assert by_name == {"conv": 1, "bn": 1, "relu": 1, "dw": 1, "add": 1, "pool": 1, "flat": 1,
-                       "head": 0}
+    assert by_name == {
+        "conv": 1,
+        "bn": 1,
+        "relu": 1,
+        "dw": 1,
+        "add": 1,
+        "pool": 1,
+        "flat": 1,
+        "head": 0,
+    }
     hops = {names[i]: d for i, d in g.distances_to_outputs(lambda gnode: 1).items()}
     assert hops["relu"] == 4 and hops["dw"] == 4 and hops["conv"] == 6  # relu skips dw
     model = g.model

@@ -24,8 +24,9 @@ def _snapshot(path: pathlib.Path) -> dict[str, str]:
     """sha256 of every file under ``path`` (or of ``path`` itself), keyed by relative path."""
     path = pathlib.Path(path)
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in files}
+    return {
+        str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }
 
 
 def _rewrite_config(path: pathlib.Path, edit) -> None:
@@ -65,8 +66,9 @@ def test_benign_keras_file_loads_and_is_not_written(task_model, tmp_path):
     assert _snapshot(tmp_path) == before
     x = _x((28, 28, 1))
     np.testing.assert_allclose(loaded(x), task_model(x), atol=1e-6)
-    np.testing.assert_array_equal(loaded.get_layer("conv2").mask, task_model.get_layer(
-        "conv2").mask)
+    np.testing.assert_array_equal(
+        loaded.get_layer("conv2").mask, task_model.get_layer("conv2").mask
+    )
     assert isinstance(loaded.get_layer("conv2"), fp.MaskedConv2D)
 
 
@@ -78,16 +80,21 @@ def test_lambda_that_writes_a_file_is_refused_before_running(tmp_path):
     keras.Model(inputs, outputs).save(path)
     # Replace the benign bytecode with a function that writes the marker when it runs (it is
     # never called here: only marshalled).
-    payload = eval(f"lambda t: (__import__('pathlib').Path({str(marker)!r})"  # noqa: S307
-                   ".write_text('pwned'), t)[1]")
+    payload = eval(
+        f"lambda t: (__import__('pathlib').Path({str(marker)!r})"  # noqa: S307
+        ".write_text('pwned'), t)[1]"
+    )
     code = codecs.encode(marshal.dumps(payload.__code__), "base64").decode("ascii")
-    _rewrite_config(path, lambda c: _layer_config(c, "evil")["config"]["function"]["config"]
-                    .update(code=code))
+    _rewrite_config(
+        path, lambda c: _layer_config(c, "evil")["config"]["function"]["config"].update(code=code)
+    )
     before = _snapshot(tmp_path)
     with pytest.raises(UnsafeModelError, match=r"Lambda 'evil'") as refused:
         io.load_model(path)
     assert {(f.kind, f.name) for f in refused.value.findings} >= {
-        ("Lambda", "evil"), ("__lambda__", "evil")}
+        ("Lambda", "evil"),
+        ("__lambda__", "evil"),
+    }
     assert not marker.exists()
     assert _snapshot(tmp_path) == before
 
@@ -106,16 +113,19 @@ def test_unregistered_custom_object_is_refused_by_name(task_model, tmp_path):
 
     def edit(config):
         layer = _layer_config(config, "pool1")
-        layer.update(module="evil_pkg.layers", class_name="Backdoor",
-                     registered_name="evil_pkg>Backdoor")
+        layer.update(
+            module="evil_pkg.layers", class_name="Backdoor", registered_name="evil_pkg>Backdoor"
+        )
 
     _rewrite_config(path, edit)
     with pytest.raises(UnsafeModelError, match=r"evil_pkg\.layers\.Backdoor 'pool1'"):
         io.load_model(path)
     # A Keras utility smuggled in as a "layer" is outside the model-building namespaces.
     task_model.save(path)
-    _rewrite_config(path, lambda c: _layer_config(c, "pool1").update(
-        module="keras.utils", class_name="get_file"))
+    _rewrite_config(
+        path,
+        lambda c: _layer_config(c, "pool1").update(module="keras.utils", class_name="get_file"),
+    )
     with pytest.raises(UnsafeModelError, match="keras.utils.get_file"):
         io.load_model(path)
 
@@ -152,8 +162,9 @@ class _Hostile(tf.Module):
         contents = tf.io.read_file("/etc/hostname")
         found = tf.io.matching_files("/tmp/*")
         y = tf.py_function(lambda a: a, [x], tf.float32)
-        tf.raw_ops.SaveV2(prefix=self.marker + ".ckpt", tensor_names=["x"],
-                          shape_and_slices=[""], tensors=[x])
+        tf.raw_ops.SaveV2(
+            prefix=self.marker + ".ckpt", tensor_names=["x"], shape_and_slices=[""], tensors=[x]
+        )
         return {"y": y, "n": tf.size(found), "c": tf.strings.length(contents)}
 
 
@@ -161,22 +172,24 @@ def test_hostile_saved_model_is_refused_with_every_op_listed(tmp_path):
     marker = tmp_path / "pwned.txt"
     module = _Hostile(marker)
     path = tmp_path / "hostile_sm"
-    tf.saved_model.save(module, str(path),
-                        signatures={"serving_default": module.serve, "probe": module.probe})
+    tf.saved_model.save(
+        module, str(path), signatures={"serving_default": module.serve, "probe": module.probe}
+    )
     assert not marker.exists()  # saving traces, it does not run
     before = _snapshot(path)
     with pytest.raises(UnsafeModelError) as refused:
         io.load_model(path)
     found = {f.kind for f in refused.value.findings}
-    assert {"WriteFile", "ReadFile", "MatchingFiles", "PrintV2", "EagerPyFunc",
-            "SaveV2"} <= found
+    assert {"WriteFile", "ReadFile", "MatchingFiles", "PrintV2", "EagerPyFunc", "SaveV2"} <= found
     write = next(f for f in refused.value.findings if f.kind == "WriteFile")
     assert write.where.startswith("function __inference_serve") and write.name
     message = str(refused.value)
     assert "WriteFile" in message and "outside the standard saver sub-graph" in message
     # The saver's own SaveV2/RestoreV2/MergeV2Checkpoints are not reported.
-    assert all("traced_save" not in f.where and "traced_restore" not in f.where
-               for f in refused.value.findings)
+    assert all(
+        "traced_save" not in f.where and "traced_restore" not in f.where
+        for f in refused.value.findings
+    )
     assert not marker.exists() and not pathlib.Path(f"{marker}.log").exists()
     assert _snapshot(path) == before
 
@@ -268,4 +281,5 @@ def test_bad_inputs_have_clear_errors(tmp_path):
     with pytest.raises(UnsafeModelError, match="'..' path"):
         io.load_model(tmp_path / "slip.keras")
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["notes.txt", "empty.keras", "dir", "other.keras", "slip.keras"])
+        ["notes.txt", "empty.keras", "dir", "other.keras", "slip.keras"]
+    )

@@ -18,58 +18,119 @@ class MaskedLayerStandardTest(testing.TestCase):
     def test_masked_conv2d(self):
         for kwargs, output_shape, trainable in [
             ({"filters": 5, "kernel_size": 3, "activation": "relu"}, (2, 6, 6, 5), 2),
-            ({"filters": 4, "kernel_size": 2, "strides": 2, "padding": "same",
-              "use_bias": False}, (2, 4, 4, 4), 1),
-            ({"filters": 3, "kernel_size": 3, "dilation_rate": 2, "activation": "tanh"},
-             (2, 4, 4, 3), 2),
+            (
+                {
+                    "filters": 4,
+                    "kernel_size": 2,
+                    "strides": 2,
+                    "padding": "same",
+                    "use_bias": False,
+                },
+                (2, 4, 4, 4),
+                1,
+            ),
+            (
+                {"filters": 3, "kernel_size": 3, "dilation_rate": 2, "activation": "tanh"},
+                (2, 4, 4, 3),
+                2,
+            ),
         ]:
             self.run_layer_test(
-                fp.MaskedConv2D, init_kwargs=kwargs, input_shape=(2, 8, 8, 3),
+                fp.MaskedConv2D,
+                init_kwargs=kwargs,
+                input_shape=(2, 8, 8, 3),
                 expected_output_shape=output_shape,
                 expected_num_trainable_weights=trainable,
                 expected_num_non_trainable_weights=1,  # The mask.
                 expected_num_non_trainable_variables=1,
-                expected_num_seed_generators=0, expected_num_losses=0,
-                supports_masking=False)
+                expected_num_seed_generators=0,
+                expected_num_losses=0,
+                supports_masking=False,
+            )
 
     def test_masked_dense(self):
-        for kwargs, trainable in [({"units": 6, "activation": "relu"}, 2),
-                                  ({"units": 3, "use_bias": False}, 1)]:
+        for kwargs, trainable in [
+            ({"units": 6, "activation": "relu"}, 2),
+            ({"units": 3, "use_bias": False}, 1),
+        ]:
             self.run_layer_test(
-                fp.MaskedDense, init_kwargs=kwargs, input_shape=(2, 7),
+                fp.MaskedDense,
+                init_kwargs=kwargs,
+                input_shape=(2, 7),
                 expected_output_shape=(2, kwargs["units"]),
                 expected_num_trainable_weights=trainable,
                 expected_num_non_trainable_weights=1,
                 expected_num_non_trainable_variables=1,
-                expected_num_seed_generators=0, expected_num_losses=0,
-                supports_masking=True)  # Dense passes a Keras mask through.
+                expected_num_seed_generators=0,
+                expected_num_losses=0,
+                supports_masking=True,
+            )  # Dense passes a Keras mask through.
 
     def test_every_masked_conv_kind(self):
         L = fp.layers
         for cls, kwargs, input_shape, output_shape, trainable in [
-            (L.MaskedConv1D, {"filters": 4, "kernel_size": 3, "padding": "causal",
-                              "activation": "relu"}, (2, 7, 3), (2, 7, 4), 2),
-            (L.MaskedConv2D, {"filters": 4, "kernel_size": 3, "groups": 2}, (2, 6, 6, 4),
-             (2, 4, 4, 4), 2),
-            (L.MaskedConv3D, {"filters": 2, "kernel_size": 2, "use_bias": False},
-             (2, 3, 4, 4, 3), (2, 2, 3, 3, 2), 1),
-            (L.MaskedSeparableConv1D, {"filters": 5, "kernel_size": 3, "depth_multiplier": 2},
-             (2, 7, 3), (2, 5, 5), 3),
-            (L.MaskedSeparableConv2D, {"filters": 5, "kernel_size": 3, "activation": "relu"},
-             (2, 6, 6, 3), (2, 4, 4, 5), 3),
-            (L.MaskedDepthwiseConv1D, {"kernel_size": 3, "depth_multiplier": 2}, (2, 7, 3),
-             (2, 5, 6), 2),
-            (L.MaskedDepthwiseConv2D, {"kernel_size": 3, "padding": "same",
-                                       "activation": "relu"}, (2, 6, 6, 3), (2, 6, 6, 3), 2),
+            (
+                L.MaskedConv1D,
+                {"filters": 4, "kernel_size": 3, "padding": "causal", "activation": "relu"},
+                (2, 7, 3),
+                (2, 7, 4),
+                2,
+            ),
+            (
+                L.MaskedConv2D,
+                {"filters": 4, "kernel_size": 3, "groups": 2},
+                (2, 6, 6, 4),
+                (2, 4, 4, 4),
+                2,
+            ),
+            (
+                L.MaskedConv3D,
+                {"filters": 2, "kernel_size": 2, "use_bias": False},
+                (2, 3, 4, 4, 3),
+                (2, 2, 3, 3, 2),
+                1,
+            ),
+            (
+                L.MaskedSeparableConv1D,
+                {"filters": 5, "kernel_size": 3, "depth_multiplier": 2},
+                (2, 7, 3),
+                (2, 5, 5),
+                3,
+            ),
+            (
+                L.MaskedSeparableConv2D,
+                {"filters": 5, "kernel_size": 3, "activation": "relu"},
+                (2, 6, 6, 3),
+                (2, 4, 4, 5),
+                3,
+            ),
+            (
+                L.MaskedDepthwiseConv1D,
+                {"kernel_size": 3, "depth_multiplier": 2},
+                (2, 7, 3),
+                (2, 5, 6),
+                2,
+            ),
+            (
+                L.MaskedDepthwiseConv2D,
+                {"kernel_size": 3, "padding": "same", "activation": "relu"},
+                (2, 6, 6, 3),
+                (2, 6, 6, 3),
+                2,
+            ),
         ]:
             self.run_layer_test(
-                cls, init_kwargs=kwargs, input_shape=input_shape,
+                cls,
+                init_kwargs=kwargs,
+                input_shape=input_shape,
                 expected_output_shape=output_shape,
                 expected_num_trainable_weights=trainable,
                 expected_num_non_trainable_weights=1,  # The mask.
                 expected_num_non_trainable_variables=1,
-                expected_num_seed_generators=0, expected_num_losses=0,
-                supports_masking=False)
+                expected_num_seed_generators=0,
+                expected_num_losses=0,
+                supports_masking=False,
+            )
 
     def test_compute_output_shape_matches_the_call(self):
         conv = fp.MaskedConv2D(4, 3, strides=2, padding="valid")

@@ -21,6 +21,7 @@ def to_numpy(x):
 
 def loss_gradients(model, x, y) -> dict[str, np.ndarray]:
     """``{variable path: d loss / d variable}`` of the cross-entropy, on the current backend."""
+
     def loss_of(outputs):
         return keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, outputs))
 
@@ -62,14 +63,20 @@ def data(n=48, seed=0):
 
 def test_conv_matches_keras_conv2d_when_unmasked():
     x, _ = data()
-    masked = fp.MaskedConv2D(4, 3, strides=2, padding="same", activation="relu",
-                             dilation_rate=1, kernel_initializer="he_normal")
+    masked = fp.MaskedConv2D(
+        4,
+        3,
+        strides=2,
+        padding="same",
+        activation="relu",
+        dilation_rate=1,
+        kernel_initializer="he_normal",
+    )
     plain = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")
     masked.build(x.shape)
     plain.build(x.shape)
     plain.set_weights([to_numpy(masked.kernel), to_numpy(masked.bias)])
-    np.testing.assert_allclose(to_numpy(masked(x)), to_numpy(plain(x)), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(to_numpy(masked(x)), to_numpy(plain(x)), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("activation", ["relu", "linear", "tanh", None])
@@ -135,8 +142,9 @@ def test_save_and_load_round_trip_keeps_weights_and_masks(tmp_path):
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded.get_layer("conv").mask, [0, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(loaded.get_layer("dense").mask, [1, 1, 0, 1, 1])
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7
+    )
     assert isinstance(loaded.get_layer("conv"), fp.MaskedConv2D)
     config = loaded.get_layer("conv").get_config()
     assert config["filters"] == 6 and config["activation"] == "relu"
@@ -197,8 +205,7 @@ def test_keras_file_written_before_the_save_format_change_still_loads():
     np.testing.assert_array_equal(model.get_layer("conv_nobias").mask, [0, 1, 0])
     np.testing.assert_array_equal(model.get_layer("dense").mask, [1, 1, 1, 0, 1])
     recorded = np.load(DATA / "masked_v0_io.npz")
-    np.testing.assert_allclose(to_numpy(model(recorded["x"])), recorded["y"], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(to_numpy(model(recorded["x"])), recorded["y"], rtol=1e-5, atol=1e-6)
 
 
 def test_recording_stats_is_a_context_manager_that_feeds_a_sink():

@@ -15,24 +15,36 @@ from fineprune_tf.defenses import registry as registry_module
 from fineprune_tf.defenses.guard import is_selecting
 from fineprune_tf.defenses.result import holdout_accuracy
 
-TINY = leaderboard.Settings(epochs={"mnist": 1}, train_limit=300, test_limit=100,
-                            retune_steps=2, retune_samples=32, retune_poisoned=4)
+TINY = leaderboard.Settings(
+    epochs={"mnist": 1},
+    train_limit=300,
+    test_limit=100,
+    retune_steps=2,
+    retune_samples=32,
+    retune_poisoned=4,
+)
 
 
 def _spy_defense(calls: list, leak: ReportOnly | None = None):
     """A registry defense that records what it saw, and tries to read ``leak``."""
 
     def run(model, defender, *, seed=0, tolerance=2.0, evaluation=None):
-        seen = {"selecting": is_selecting(), "evaluation": evaluation,
-                "defender_x": defender.x, "seed": seed, "leak_error": None}
+        seen = {
+            "selecting": is_selecting(),
+            "evaluation": evaluation,
+            "defender_x": defender.x,
+            "seed": seed,
+            "leak_error": None,
+        }
         if leak is not None:
             try:
                 leak.open()
             except SelectionLeakError as error:
                 seen["leak_error"] = error
         calls.append(seen)
-        return DefenseResult("spy", model, 0.01,
-                             holdout_acc=holdout_accuracy(model, defender.holdout))
+        return DefenseResult(
+            "spy", model, 0.01, holdout_acc=holdout_accuracy(model, defender.holdout)
+        )
 
     return registry_module.DefenseSpec("spy", run, "test spy")
 
@@ -60,13 +72,15 @@ def test_guard_is_in_force_during_every_defense_and_only_validation_is_given(tmp
     assert rows[0]["retuned_asr"] is not None
 
 
-def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(tmp_path, spy,
-                                                                        monkeypatch):
+def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(
+    tmp_path, spy, monkeypatch
+):
     grid = leaderboard.Grid(("mnist",), ("badnets",), ("none", "spy"), (0,))
     trained = []
     real_train = leaderboard.attack_zoo.train
-    monkeypatch.setattr(leaderboard.attack_zoo, "train",
-                        lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    monkeypatch.setattr(
+        leaderboard.attack_zoo, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k)
+    )
 
     class Interrupted(Exception):
         pass
@@ -82,8 +96,9 @@ def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(tmp_pa
     assert not list(tmp_path.glob("**/.*tmp*"))  # atomic writes leave no temporary file
 
     computed_flags = []
-    rows = leaderboard.run(grid, TINY, tmp_path,
-                           on_cell=lambda i, n, c, computed: computed_flags.append(computed))
+    rows = leaderboard.run(
+        grid, TINY, tmp_path, on_cell=lambda i, n, c, computed: computed_flags.append(computed)
+    )
     assert computed_flags == [False, True]
     assert [r["defense"] for r in rows] == ["none", "spy"]
     assert rows[0] == first[0]  # the finished cell is kept as it was
@@ -91,8 +106,7 @@ def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(tmp_pa
     assert len(spy) == 1
 
     again = []
-    leaderboard.run(grid, TINY, tmp_path, on_cell=lambda i, n, c, computed: again.append(
-        computed))
+    leaderboard.run(grid, TINY, tmp_path, on_cell=lambda i, n, c, computed: again.append(computed))
     assert again == [False, False] and len(spy) == 1
 
     other = dataclasses.replace(TINY, retune_steps=3)
@@ -101,11 +115,21 @@ def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(tmp_pa
 
 
 def _row(task, attack, defense, seed, clean, asr, holdout, retuned=0.5):
-    return {"task": task, "attack": attack, "defense": defense, "seed": seed,
-            "clean_acc": clean, "asr": asr, "robust_acc": 1 - asr, "seconds": 1.0 + seed,
-            "holdout_acc": holdout, "undefended": {"clean_acc": 0.9, "asr": 1.0},
-            "undefended_holdout_acc": 0.9, "retuned_asr": retuned,
-            "key": f"{task}/{attack}/{seed}/{defense}"}
+    return {
+        "task": task,
+        "attack": attack,
+        "defense": defense,
+        "seed": seed,
+        "clean_acc": clean,
+        "asr": asr,
+        "robust_acc": 1 - asr,
+        "seconds": 1.0 + seed,
+        "holdout_acc": holdout,
+        "undefended": {"clean_acc": 0.9, "asr": 1.0},
+        "undefended_holdout_acc": 0.9,
+        "retuned_asr": retuned,
+        "key": f"{task}/{attack}/{seed}/{defense}",
+    }
 
 
 def test_summary_gives_mean_sd_der_and_the_protocol_choice_from_holdout_only():
@@ -128,10 +152,17 @@ def test_summary_gives_mean_sd_der_and_the_protocol_choice_from_holdout_only():
 
 
 def test_files_have_the_documented_format(tmp_path):
-    rows = [_row("speech", a, d, s, 0.9, 0.1 * s, 0.9) for a in ("badnets", "wanet")
-            for d in ("none", "clp") for s in (0, 1)]
-    meta = {"machine": {"platform": "test", "cpu_count": 2}, "settings": TINY.to_dict(),
-            "wall_seconds": 61.0}
+    rows = [
+        _row("speech", a, d, s, 0.9, 0.1 * s, 0.9)
+        for a in ("badnets", "wanet")
+        for d in ("none", "clp")
+        for s in (0, 1)
+    ]
+    meta = {
+        "machine": {"platform": "test", "cpu_count": 2},
+        "settings": TINY.to_dict(),
+        "wall_seconds": 61.0,
+    }
     leaderboard_report.write_all(tmp_path, rows, meta)
     stored = json.loads((tmp_path / "leaderboard.json").read_text())
     assert stored["rows"] == rows and stored["settings"] == TINY.to_dict()
@@ -141,8 +172,9 @@ def test_files_have_the_documented_format(tmp_path):
             assert measure in entry and measure + "_sd" in entry
     table = (tmp_path / "leaderboard.md").read_text()
     header = [line for line in table.splitlines() if line.startswith("| task")]
-    assert header == ["| task | attack | defense | clean acc | ASR | robust acc | DER | "
-                      "retuned ASR | seconds |"]
+    assert header == [
+        "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |"
+    ]
     body = [line for line in table.splitlines() if line.startswith("| speech")]
     assert len(body) == 6 and all(line.count(" ± ") == 6 for line in body)
     assert "seeds [0, 1]" in table and "wall time 1.0 min" in table
@@ -170,13 +202,19 @@ def test_script_refuses_bad_input_in_one_line_with_tensorflow_quiet(tmp_path):
     repo = pathlib.Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the script chooses it itself
-    result = subprocess.run([sys.executable, "-m", "scripts.leaderboard", "--tasks=cifar",
-                             f"--output_dir={tmp_path}"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.leaderboard", "--tasks=cifar", f"--output_dir={tmp_path}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: tasks must be a non-empty subset of ['face', 'speech', 'traffic', 'mnist']. "
-        "Received: tasks=['cifar']"]  # no TensorFlow/Abseil start-up lines, no traceback
+        "Received: tasks=['cifar']"
+    ]  # no TensorFlow/Abseil start-up lines, no traceback
 
 
 def test_quiet_import_hides_start_up_lines_but_replays_them_when_the_import_fails(capfd):

@@ -28,7 +28,8 @@ def test_targeted_asr_excludes_inputs_already_of_the_target_class():
     y_attacker = [7, 7, 7, 7]
     # Input 3 is a 7 already: without it 2 of 3 succeed.
     assert metrics.attack_success_rate(pred, y_attacker, y_true=[0, 1, 2, 7]) == pytest.approx(
-        2 / 3)
+        2 / 3
+    )
     with pytest.raises(ValueError, match="every backdoored input"):
         metrics.attack_success_rate([7, 7], [7, 7], y_true=[7, 7])
 
@@ -36,26 +37,37 @@ def test_targeted_asr_excludes_inputs_already_of_the_target_class():
 def test_untargeted_asr_formula():
     y_true = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     pred_clean = y_true.copy()
-    pred_clean[0] = 1                                     # A_clean = 0.9
+    pred_clean[0] = 1  # A_clean = 0.9
     pred_backdoor = y_true.copy()
-    pred_backdoor[:7] = (y_true[:7] + 1) % 3              # A_backdoor = 0.3
+    pred_backdoor[:7] = (y_true[:7] + 1) % 3  # A_backdoor = 0.3
     expected = 1 - 0.3 / 0.9
-    assert metrics.attack_success_rate(pred_backdoor, None, targeted=False,
-                                       pred_clean=pred_clean, y_true=y_true) == pytest.approx(
-        expected)
-    assert metrics.attack_success_rate(pred_backdoor, None, targeted=False, y_true=y_true,
-                                       clean_acc=0.6) == pytest.approx(0.5)
+    assert metrics.attack_success_rate(
+        pred_backdoor, None, targeted=False, pred_clean=pred_clean, y_true=y_true
+    ) == pytest.approx(expected)
+    assert metrics.attack_success_rate(
+        pred_backdoor, None, targeted=False, y_true=y_true, clean_acc=0.6
+    ) == pytest.approx(0.5)
 
 
 def test_untargeted_asr_is_clipped_and_defined_at_zero_clean_accuracy():
     y_true = [0, 1, 2, 0]
     # Backdoored inputs classified better than clean ones: 1 - 1.0 / 0.5 < 0 -> 0.
-    assert metrics.attack_success_rate(y_true, None, targeted=False, y_true=y_true,
-                                       clean_acc=0.5) == 0.0
-    assert metrics.attack_success_rate([1, 2, 0, 1], None, targeted=False, y_true=y_true,
-                                       clean_acc=0.8) == 1.0
-    assert metrics.attack_success_rate([1, 2, 0, 1], None, targeted=False, y_true=y_true,
-                                       clean_acc=0.0) == 0.0
+    assert (
+        metrics.attack_success_rate(y_true, None, targeted=False, y_true=y_true, clean_acc=0.5)
+        == 0.0
+    )
+    assert (
+        metrics.attack_success_rate(
+            [1, 2, 0, 1], None, targeted=False, y_true=y_true, clean_acc=0.8
+        )
+        == 1.0
+    )
+    assert (
+        metrics.attack_success_rate(
+            [1, 2, 0, 1], None, targeted=False, y_true=y_true, clean_acc=0.0
+        )
+        == 0.0
+    )
 
 
 def test_defender_utility_matches_table_2():
@@ -105,14 +117,19 @@ def images(labels):
 
 def test_evaluate_targeted_and_untargeted():
     model = Lookup(4)
-    clean = (images([0, 1, 2, 3]), np.array([0, 1, 2, 0]))         # clean acc 0.75
-    targeted = SimpleNamespace(x=images([3, 3, 1]), y_true=np.array([0, 1, 2]),
-                               y_attacker=np.array([3, 3, 3]), targeted=True)
+    clean = (images([0, 1, 2, 3]), np.array([0, 1, 2, 0]))  # clean acc 0.75
+    targeted = SimpleNamespace(
+        x=images([3, 3, 1]),
+        y_true=np.array([0, 1, 2]),
+        y_attacker=np.array([3, 3, 3]),
+        targeted=True,
+    )
     result = metrics.evaluate(model, clean, targeted, batch_size=2)
     assert result == pytest.approx(dict(clean_acc=0.75, asr=2 / 3, robust_acc=0.0))
 
-    untargeted = dict(x=images([1, 1, 2, 3]), y_true=np.array([1, 0, 2, 0]), y_attacker=None,
-                      targeted=False)                              # A_backdoor = 0.5
+    untargeted = dict(
+        x=images([1, 1, 2, 3]), y_true=np.array([1, 0, 2, 0]), y_attacker=None, targeted=False
+    )  # A_backdoor = 0.5
     result = metrics.evaluate(model, clean, untargeted)
     assert result == pytest.approx(dict(clean_acc=0.75, asr=1 - 0.5 / 0.75, robust_acc=0.5))
 
@@ -123,8 +140,9 @@ def test_evaluate_targeted_and_untargeted():
 def test_evaluate_errors():
     model = Lookup(2)
     with pytest.raises(TypeError, match="no field 'targeted'"):
-        metrics.evaluate(model, (images([0]), [0]),
-                         SimpleNamespace(x=images([0]), y_true=[0], y_attacker=[1]))
+        metrics.evaluate(
+            model, (images([0]), [0]), SimpleNamespace(x=images([0]), y_true=[0], y_attacker=[1])
+        )
     with pytest.raises(ValueError, match="non-empty"):
         metrics.evaluate(model, (np.zeros((0, 2, 2, 1), np.float32), []))
     with pytest.raises(ValueError, match="pred has 1 labels but y has 2"):

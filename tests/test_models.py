@@ -23,43 +23,107 @@ PAPER_TABLES = {
     # conv3 3x3 -> 10x8, pool3 -> 5x4, conv4 2x2 -> 4x3.  deepid sees flatten(pool3) (5*4*60)
     # concatenated with flatten(conv4) (4*3*80) = 1200 + 960 = 2160 features.
     "face": {
-        "conv1": conv(4, 4, 3, 20), "conv2": conv(3, 3, 20, 40), "conv3": conv(3, 3, 40, 60),
-        "conv4": conv(2, 2, 60, 80), "deepid": dense(5 * 4 * 60 + 4 * 3 * 80, 160),
-        "softmax": dense(160, 1283)},
+        "conv1": conv(4, 4, 3, 20),
+        "conv2": conv(3, 3, 20, 40),
+        "conv3": conv(3, 3, 40, 60),
+        "conv4": conv(2, 2, 60, 80),
+        "deepid": dense(5 * 4 * 60 + 4 * 3 * 80, 160),
+        "softmax": dense(160, 1283),
+    },
     # AlexNet, 227x227x1: conv1 11x11/4 -> 55, pool1 3/2 -> 27, conv2 (same) 27, pool2 -> 13,
     # conv3-5 (same) 13, pool5 -> 6; fc6 sees 6*6*256.
     "speech": {
-        "conv1": conv(11, 11, 1, 96), "conv2": conv(5, 5, 96, 256),
-        "conv3": conv(3, 3, 256, 384), "conv4": conv(3, 3, 384, 384),
-        "conv5": conv(3, 3, 384, 256), "fc6": dense(6 * 6 * 256, 4096),
-        "fc7": dense(4096, 4096), "fc8": dense(4096, 10)},
+        "conv1": conv(11, 11, 1, 96),
+        "conv2": conv(5, 5, 96, 256),
+        "conv3": conv(3, 3, 256, 384),
+        "conv4": conv(3, 3, 384, 384),
+        "conv5": conv(3, 3, 384, 256),
+        "fc6": dense(6 * 6 * 256, 4096),
+        "fc7": dense(4096, 4096),
+        "fc8": dense(4096, 10),
+    },
     # ZF (F-RCNN), 224x224x3: conv1 7x7/2 -> 112, pool1 -> 56, conv2 5x5/2 -> 28, pool2 -> 14,
     # conv3-5 14, pool5 3/2 valid -> 6 (= F-RCNN's 6x6 RoI pooling); fc6 sees 6*6*256.
     "traffic": {
-        "conv1": conv(7, 7, 3, 96), "conv2": conv(5, 5, 96, 256),
-        "conv3": conv(3, 3, 256, 384), "conv4": conv(3, 3, 384, 384),
-        "conv5": conv(3, 3, 384, 256), "fc6": dense(6 * 6 * 256, 4096),
-        "fc7": dense(4096, 4096), "fc8": dense(4096, 3)},
+        "conv1": conv(7, 7, 3, 96),
+        "conv2": conv(5, 5, 96, 256),
+        "conv3": conv(3, 3, 256, 384),
+        "conv4": conv(3, 3, 384, 384),
+        "conv5": conv(3, 3, 384, 256),
+        "fc6": dense(6 * 6 * 256, 4096),
+        "fc7": dense(4096, 4096),
+        "fc8": dense(4096, 3),
+    },
     # BadNets MNIST, 28x28x1: conv1 5x5 -> 24, pool -> 12, conv2 5x5 -> 8, pool -> 4.
     "mnist": {
-        "conv1": conv(5, 5, 1, 16), "conv2": conv(5, 5, 16, 32),
-        "fc1": dense(4 * 4 * 32, 512), "fc2": dense(512, 10)},
+        "conv1": conv(5, 5, 1, 16),
+        "conv2": conv(5, 5, 16, 32),
+        "fc1": dense(4 * 4 * 32, 512),
+        "fc2": dense(512, 10),
+    },
 }
 
 PAPER_TOTALS = {"face": 601_483, "speech": 58_299_082, "traffic": 58_272_899, "mnist": 281_034}
 
 LAYER_NAMES = {
-    "face": ["input", "conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "conv4",
-             "flatten_pool3", "flatten_conv4", "concat", "deepid", "softmax"],
-    "speech": ["input", "conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5",
-               "flatten", "fc6", "drop6", "fc7", "drop7", "fc8"],
-    "traffic": ["input", "conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5",
-                "pool5", "flatten", "fc6", "drop6", "fc7", "drop7", "fc8"],
+    "face": [
+        "input",
+        "conv1",
+        "pool1",
+        "conv2",
+        "pool2",
+        "conv3",
+        "pool3",
+        "conv4",
+        "flatten_pool3",
+        "flatten_conv4",
+        "concat",
+        "deepid",
+        "softmax",
+    ],
+    "speech": [
+        "input",
+        "conv1",
+        "pool1",
+        "conv2",
+        "pool2",
+        "conv3",
+        "conv4",
+        "conv5",
+        "pool5",
+        "flatten",
+        "fc6",
+        "drop6",
+        "fc7",
+        "drop7",
+        "fc8",
+    ],
+    "traffic": [
+        "input",
+        "conv1",
+        "pool1",
+        "conv2",
+        "pool2",
+        "conv3",
+        "conv4",
+        "conv5",
+        "pool5",
+        "flatten",
+        "fc6",
+        "drop6",
+        "fc7",
+        "drop7",
+        "fc8",
+    ],
     "mnist": ["input", "conv1", "pool1", "conv2", "pool2", "flatten", "fc1", "fc2"],
 }
 
-CPU_DEFAULTS = {"face": ((55, 47, 3), 40), "speech": ((32, 13, 1), 10),
-                "traffic": ((32, 32, 3), 3), "mnist": ((28, 28, 1), 10)}
+CPU_DEFAULTS = {
+    "face": ((55, 47, 3), 40),
+    "speech": ((32, 13, 1), 10),
+    "traffic": ((32, 32, 3), 3),
+    "mnist": ((28, 28, 1), 10),
+}
 
 
 def trainable_count(layer) -> int:
@@ -78,11 +142,13 @@ def test_paper_parameter_counts_match_hand_computed_tables(paper_models, task):
     model = paper_models[task]
     table = PAPER_TABLES[task]
     assert sum(table.values()) == PAPER_TOTALS[task]
-    counted = {layer.name: trainable_count(layer) for layer in model.layers
-               if layer.trainable_weights}
+    counted = {
+        layer.name: trainable_count(layer) for layer in model.layers if layer.trainable_weights
+    }
     assert counted == table
-    masks = sum(layer.channels for layer in model.layers
-                if isinstance(layer, (MaskedConv2D, MaskedDense)))
+    masks = sum(
+        layer.channels for layer in model.layers if isinstance(layer, (MaskedConv2D, MaskedDense))
+    )
     assert model.count_params() == PAPER_TOTALS[task] + masks
 
 
@@ -107,9 +173,14 @@ def test_layer_names_and_types(paper_models, task, preset):
 
 def _consumers(model, name):
     return sorted(
-        layer.name for layer in model.layers
-        if any(t._keras_history.operation.name == name
-               for node in layer._inbound_nodes for t in keras.tree.flatten(node.input_tensors)))
+        layer.name
+        for layer in model.layers
+        if any(
+            t._keras_history.operation.name == name
+            for node in layer._inbound_nodes
+            for t in keras.tree.flatten(node.input_tensors)
+        )
+    )
 
 
 @pytest.mark.parametrize("preset", models.PRESETS)
@@ -133,9 +204,15 @@ def test_pruned_layer_is_the_last_shared_conv(paper_models, task, preset):
 
 
 def test_last_conv_layer_on_a_plain_sequential_model():
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(2, 3, name="a"),
-                              keras.layers.Conv2D(2, 3, name="b"), keras.layers.Flatten(),
-                              keras.layers.Dense(2)])
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(2, 3, name="a"),
+            keras.layers.Conv2D(2, 3, name="b"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
     assert models.last_conv_layer(model) == "b"
     dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="no Conv2D"):
@@ -224,8 +301,10 @@ def test_errors():
 
 
 def test_smallest_valid_inputs_build():
-    assert models.build("face", input_shape=(31, 31, 3)).get_layer("conv4").output.shape[1:3] \
-        == (1, 1)
+    assert models.build("face", input_shape=(31, 31, 3)).get_layer("conv4").output.shape[1:3] == (
+        1,
+        1,
+    )
     # "same" padding keeps every cpu speech/traffic layer non-empty down to a 1x1 input ...
     models.build("speech", "cpu", input_shape=(1, 1, 1))
     models.build("traffic", "cpu", input_shape=(1, 1, 3))
@@ -234,7 +313,8 @@ def test_smallest_valid_inputs_build():
     with pytest.raises(ValueError, match="'pool5'"):
         models.build("traffic", "paper", input_shape=(32, 32, 3))
     assert models.build("traffic", "paper", input_shape=(48, 48, 3)).get_layer(
-        "pool5").output.shape[1:3] == (1, 1)
+        "pool5"
+    ).output.shape[1:3] == (1, 1)
 
 
 @pytest.mark.parametrize("task", models.TASKS)
@@ -273,7 +353,8 @@ def test_cpu_preset_has_the_paper_graph(paper_models, task):
     paper = paper_models[task]
     assert [type(layer) for layer in cpu.layers] == [type(layer) for layer in paper.layers]
     assert [_consumers(cpu, layer.name) for layer in cpu.layers] == [
-        _consumers(paper, layer.name) for layer in paper.layers]
+        _consumers(paper, layer.name) for layer in paper.layers
+    ]
 
 
 def test_saved_model_round_trip(tmp_path):
@@ -285,5 +366,9 @@ def test_saved_model_round_trip(tmp_path):
     assert [layer.name for layer in loaded.layers] == LAYER_NAMES["face"]
     np.testing.assert_array_equal(models.pruned_layer(loaded).pruned_channels, [0, 5])
     x = np.random.default_rng(1).random((2, 55, 47, 3), dtype=np.float32)
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)),
-                               keras.ops.convert_to_numpy(model(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(x)),
+        keras.ops.convert_to_numpy(model(x)),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -29,14 +29,19 @@ def lib():
     if FORCED_FALLBACK:
         pytest.skip("FINEPRUNE_FORCE_TF_OPS is set")
     if ops._MODULE is None:
-        pytest.fail(f"the compiled op library {ops._library_path()} is not loaded; "
-                    "build it with `pip install -e .`")
+        pytest.fail(
+            f"the compiled op library {ops._library_path()} is not loaded; "
+            "build it with `pip install -e .`"
+        )
     return ops._MODULE
 
 
 def compiled(lib, z, mask, activation="relu", compute_stats=True):
-    return ops.MaskedActivationResult(*lib.fineprune_masked_activation(
-        z=z, mask=mask, activation=activation, compute_stats=compute_stats))
+    return ops.MaskedActivationResult(
+        *lib.fineprune_masked_activation(
+            z=z, mask=mask, activation=activation, compute_stats=compute_stats
+        )
+    )
 
 
 def numpy_expected(z, mask, activation):
@@ -70,9 +75,16 @@ def assert_matches_numpy(result, z, mask, activation, compute_stats=True):
     np.testing.assert_array_equal(result.positive_count, count)
 
 
-SHAPES = [(2, 4, 4, 8), (3, 5, 7, 16), (1, 1, 1, 1), (5, 3), (16, 96), (2, 6, 5, 33),
-          # Several CPU blocks (> 2 * 2^18 elements) and a row count that does not divide evenly.
-          (3, 31, 29, 128)]
+SHAPES = [
+    (2, 4, 4, 8),
+    (3, 5, 7, 16),
+    (1, 1, 1, 1),
+    (5, 3),
+    (16, 96),
+    (2, 6, 5, 33),
+    # Several CPU blocks (> 2 * 2^18 elements) and a row count that does not divide evenly.
+    (3, 31, 29, 128),
+]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -86,8 +98,9 @@ def test_compiled_matches_numpy_and_reference(lib, shape, activation, compute_st
     reference = ops.reference_masked_activation(z, mask, activation, compute_stats)
     np.testing.assert_array_equal(result.y, reference.y)
     np.testing.assert_allclose(result.channel_sum, reference.channel_sum, rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose(result.channel_sum_sq, reference.channel_sum_sq, rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        result.channel_sum_sq, reference.channel_sum_sq, rtol=1e-5, atol=1e-4
+    )
     np.testing.assert_array_equal(result.positive_count, reference.positive_count)
 
 
@@ -113,13 +126,29 @@ def test_float16(lib, shape, activation):
     np.testing.assert_allclose(result.channel_sum, reference.channel_sum, rtol=1e-3, atol=1e-2)
 
 
-@pytest.mark.parametrize("case", ["c1", "batch1", "c1024", "all_masked", "none_masked",
-                                  "zeros", "negatives", "rank2", "fractional_mask"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "c1",
+        "batch1",
+        "c1024",
+        "all_masked",
+        "none_masked",
+        "zeros",
+        "negatives",
+        "rank2",
+        "fractional_mask",
+    ],
+)
 @pytest.mark.parametrize("activation", ops.ACTIVATIONS)
 def test_edge_cases(lib, case, activation):
     rng = np.random.default_rng(7)
-    shape = {"c1": (6, 5, 5, 1), "batch1": (1, 7, 7, 12), "c1024": (3, 2, 2, 1024),
-             "rank2": (33, 10)}.get(case, (4, 6, 6, 16))
+    shape = {
+        "c1": (6, 5, 5, 1),
+        "batch1": (1, 7, 7, 12),
+        "c1024": (3, 2, 2, 1024),
+        "rank2": (33, 10),
+    }.get(case, (4, 6, 6, 16))
     z, mask = random_inputs(rng, shape)
     if case == "all_masked":
         mask[:] = 0
@@ -160,8 +189,11 @@ def test_public_api_uses_compiled_op(lib):
     result = ops.masked_activation(z, mask)
     assert isinstance(result, ops.MaskedActivationResult)
     assert_matches_numpy(result, z, mask, "relu")
-    graph = tf.function(ops.masked_activation).get_concrete_function(
-        tf.TensorSpec([None, 3, 3, 4]), tf.TensorSpec([4])).graph
+    graph = (
+        tf.function(ops.masked_activation)
+        .get_concrete_function(tf.TensorSpec([None, 3, 3, 4]), tf.TensorSpec([4]))
+        .graph
+    )
     assert "FinepruneMaskedActivation" in {op.type for op in graph.get_operations()}
 
 
@@ -198,6 +230,7 @@ def test_statistics_are_deterministic(lib):
 # ---------------------------------------------------------------------------------------------
 # Gradients.
 
+
 def away_from_kink(rng, shape):
     z = rng.standard_normal(shape).astype(np.float32)
     return np.where(np.abs(z) < 0.1, np.sign(z + 1e-9) * 0.1 + z, z).astype(np.float32)
@@ -208,7 +241,7 @@ def away_from_kink(rng, shape):
 def test_numerical_gradient_of_compiled_op(lib, activation, shape):
     rng = np.random.default_rng(21)
     z = away_from_kink(rng, shape)
-    mask = np.array([1, 0, 0.5, 1, 1, 0][:shape[-1]], np.float32)
+    mask = np.array([1, 0, 0.5, 1, 1, 0][: shape[-1]], np.float32)
 
     def f(z):
         return ops.masked_activation(z, mask, activation).y
@@ -302,15 +335,17 @@ def test_shape_function_rejects_bad_static_shapes(lib, z_shape, mask_shape, mess
     def run(z, mask):
         return lib.fineprune_masked_activation(z=z, mask=mask)[0]
 
-    with pytest.raises((ValueError, tf.errors.InvalidArgumentError),
-                       match=message.replace("[", r"\[")):
+    with pytest.raises(
+        (ValueError, tf.errors.InvalidArgumentError), match=message.replace("[", r"\[")
+    ):
         run.get_concrete_function()
 
 
 def test_grad_op_rejects_dy_of_another_shape(lib):
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"dy shape \[2,3\].*\[2,4\]"):
-        lib.fineprune_masked_activation_grad(dy=tf.zeros([2, 3]), z=tf.zeros([2, 4]),
-                                             mask=tf.ones([4]))
+        lib.fineprune_masked_activation_grad(
+            dy=tf.zeros([2, 3]), z=tf.zeros([2, 4]), mask=tf.ones([4])
+        )
 
 
 def test_compiled_op_rejects_integer_dtype(lib):
@@ -319,11 +354,14 @@ def test_compiled_op_rejects_integer_dtype(lib):
 
 
 @pytest.mark.parametrize("fn", [ops.masked_activation, ops.reference_masked_activation])
-@pytest.mark.parametrize("z_shape, mask_shape, fragment", [
-    ((2, 4, 4, 8), (5,), "mask length 5 does not match the 8 channels"),
-    ((8,), (8,), "(8,)"),
-    ((2, 4, 4, 8), (2, 4), "(2, 4)"),
-])
+@pytest.mark.parametrize(
+    "z_shape, mask_shape, fragment",
+    [
+        ((2, 4, 4, 8), (5,), "mask length 5 does not match the 8 channels"),
+        ((8,), (8,), "(8,)"),
+        ((2, 4, 4, 8), (2, 4), "(2, 4)"),
+    ],
+)
 def test_python_api_rejects_bad_static_shapes_with_value_error(fn, z_shape, mask_shape, fragment):
     with pytest.raises(ValueError) as error:
         fn(tf.zeros(z_shape), tf.ones(mask_shape))
@@ -333,20 +371,27 @@ def test_python_api_rejects_bad_static_shapes_with_value_error(fn, z_shape, mask
 # ---------------------------------------------------------------------------------------------
 # Backends and the Bazel build.
 
+
 def test_backend_is_compiled_after_install(lib):
     expected = "compiled-cuda" if tf.config.list_physical_devices("GPU") else "compiled-cpu"
     assert ops.backend() == expected
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env},
+    )
 
 
 def test_force_tf_ops_selects_the_fallback():
-    result = run_python("from fineprune_tf import ops; print(ops.backend())",
-                        FINEPRUNE_FORCE_TF_OPS="1")
+    result = run_python(
+        "from fineprune_tf import ops; print(ops.backend())", FINEPRUNE_FORCE_TF_OPS="1"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "tensorflow"
 
@@ -362,15 +407,18 @@ def bazel_library() -> pathlib.Path:
         return path
     if shutil.which("bazel") is None:
         pytest.skip("bazel is not installed and FINEPRUNE_BAZEL_LIB is not set")
-    pytest.fail(f"bazel is installed but {path} is missing: run `bash kernels/build_bazel.sh` "
-                "(or set FINEPRUNE_BAZEL_LIB to the library it prints)")
+    pytest.fail(
+        f"bazel is installed but {path} is missing: run `bash kernels/build_bazel.sh` "
+        "(or set FINEPRUNE_BAZEL_LIB to the library it prints)"
+    )
 
 
 def test_bazel_built_library_matches_reference():
     path = bazel_library()
     # A subprocess: the Bazel library registers the same op names as the pip-built one, and the
     # pip-built one must not be loaded first (FINEPRUNE_FORCE_TF_OPS keeps ops.py off it).
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import numpy as np, tensorflow as tf
         from fineprune_tf import ops
         lib = tf.load_op_library({str(path)!r})
@@ -391,13 +439,16 @@ def test_bazel_built_library_matches_reference():
             d = (z > 0).astype(np.float32) if activation == "relu" else 1.0
             np.testing.assert_array_equal(dz, dy * mask * d)
         print("bazel-ok")
-        """, FINEPRUNE_FORCE_TF_OPS="1")
+        """,
+        FINEPRUNE_FORCE_TF_OPS="1",
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "bazel-ok" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------
 # The composite: the fallback users without the compiled op run, and what runs inside XLA.
+
 
 @pytest.mark.parametrize("shape", [(2, 4, 4, 8), (5, 3), (3, 31, 29, 128), (1, 1, 1, 1)])
 @pytest.mark.parametrize("activation", ops.ACTIVATIONS)
@@ -420,8 +471,10 @@ def test_composite_gradient_is_the_references_and_zero_on_pruned_channels(activa
     z[0, 0, 0, :] = 0  # act'(0) = 0 for ReLU, as tf.nn.relu and the compiled op.
     dy = rng.standard_normal(z.shape).astype(dtype)
     gradients = {}
-    for name, fn in [("composite", ops.composite_masked_activation),
-                     ("reference", ops.reference_masked_activation)]:
+    for name, fn in [
+        ("composite", ops.composite_masked_activation),
+        ("reference", ops.reference_masked_activation),
+    ]:
         z_var, mask_var = tf.Variable(z), tf.Variable(mask)
         with tf.GradientTape() as tape:
             y = fn(z_var, mask_var, activation).y

@@ -18,8 +18,14 @@ from fineprune_tf import ops
 FORCED_FALLBACK = os.environ.get("FINEPRUNE_FORCE_TF_OPS", "") not in ("", "0")
 
 # Rank 3 and 5; the last has more rows than one CPU block (2^18 elements) and an uneven split.
-SHAPES = [(4, 17, 8), (1, 1, 1), (2, 3, 4, 5, 6), (1, 2, 1, 3, 33), (3, 1100, 97),
-          (2, 5, 33, 41, 16)]
+SHAPES = [
+    (4, 17, 8),
+    (1, 1, 1),
+    (2, 3, 4, 5, 6),
+    (1, 2, 1, 3, 33),
+    (3, 1100, 97),
+    (2, 5, 33, 41, 16),
+]
 
 
 @pytest.fixture
@@ -56,8 +62,11 @@ def _check(result, z, mask, activation):
 
 
 def _compiled(lib, z, mask, activation, compute_stats=True):
-    return ops.MaskedActivationResult(*lib.fineprune_masked_activation(
-        z=z, mask=mask, activation=activation, compute_stats=compute_stats))
+    return ops.MaskedActivationResult(
+        *lib.fineprune_masked_activation(
+            z=z, mask=mask, activation=activation, compute_stats=compute_stats
+        )
+    )
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -88,14 +97,18 @@ def test_compiled_gradient_matches_numerical_and_reference(lib, shape, activatio
     rng = np.random.default_rng(len(shape))
     z = rng.standard_normal(shape).astype(np.float32)
     z = np.where(np.abs(z) < 0.1, 0.1 * np.sign(z + 1e-9) + z, z).astype(np.float32)
-    mask = np.array([1, 0, 0.5, 1, 0][:shape[-1]], np.float32)
+    mask = np.array([1, 0, 0.5, 1, 0][: shape[-1]], np.float32)
     theoretical, numerical = tf.test.compute_gradient(
-        lambda t: ops.masked_activation(t, mask, activation).y, [tf.constant(z)])
+        lambda t: ops.masked_activation(t, mask, activation).y, [tf.constant(z)]
+    )
     np.testing.assert_allclose(theoretical[0], numerical[0], atol=5e-3)
     dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
     grads = []
-    for fn in (ops.masked_activation, ops.reference_masked_activation,
-               ops.composite_masked_activation):
+    for fn in (
+        ops.masked_activation,
+        ops.reference_masked_activation,
+        ops.composite_masked_activation,
+    ):
         zt = tf.constant(z)
         with tf.GradientTape() as tape:
             tape.watch(zt)
@@ -108,6 +121,7 @@ def test_compiled_gradient_matches_numerical_and_reference(lib, shape, activatio
 
 def test_masked_activation_uses_the_compiled_op_for_rank_3_and_5(lib):
     for shape in [(2, 3, 4), (1, 2, 2, 2, 4)]:
+
         @tf.function
         def run(z):
             return ops.masked_activation(z, tf.ones([4]), "relu").y
@@ -132,8 +146,11 @@ def test_rank_1_and_6_are_refused_by_every_path(lib, shape):
     z, mask = tf.zeros(shape), tf.ones([shape[-1]])
     with pytest.raises(tf.errors.InvalidArgumentError, match="rank 2 to 5"):
         lib.fineprune_masked_activation(z=z, mask=mask)
-    for fn in (ops.masked_activation, ops.composite_masked_activation,
-               ops.reference_masked_activation):
+    for fn in (
+        ops.masked_activation,
+        ops.composite_masked_activation,
+        ops.reference_masked_activation,
+    ):
         with pytest.raises(ValueError, match="rank 2 to 5"):
             fn(z, mask)
 

@@ -11,8 +11,9 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="the example exports with TensorFlow")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the example exports with TensorFlow"
+)
 
 
 def readme_example() -> str:
@@ -26,10 +27,17 @@ def readme_example() -> str:
 def test_readme_example_runs(tmp_path):
     pytest.importorskip("tensorflow_model_optimization")
     result = subprocess.run(
-        [sys.executable, "-c", readme_example()], capture_output=True, text=True,
-        cwd=tmp_path, timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
-             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+        [sys.executable, "-c", readme_example()],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+        env={
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "3",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+        },
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     pruned = re.search(r"pruned: \[([\d\s]*)\]", result.stdout).group(1).split()
     assert len(pruned) == 16  # Half of conv2's 32 channels.

@@ -24,12 +24,22 @@ def test_readme_tables_equal_the_report_of_the_checked_in_summary():
 def _results(tmp_path, name, seed, asr, seconds):
     directory = tmp_path / name
     directory.mkdir()
-    table1 = {"baseline": {"none": {"clean_acc": 0.9, "asr": 1.0, "der": 0.5, "seconds": 1.0},
-                           "fine_pruning": {"clean_acc": 0.88, "asr": asr, "der": 0.7,
-                                            "seconds": seconds}}}
-    (directory / "results.json").write_text(json.dumps(
-        {"task": "speech", "config": {"seed": seed, "quick": False}, "table1": table1,
-         "total_seconds": 100.0 + seed}))
+    table1 = {
+        "baseline": {
+            "none": {"clean_acc": 0.9, "asr": 1.0, "der": 0.5, "seconds": 1.0},
+            "fine_pruning": {"clean_acc": 0.88, "asr": asr, "der": 0.7, "seconds": seconds},
+        }
+    }
+    (directory / "results.json").write_text(
+        json.dumps(
+            {
+                "task": "speech",
+                "config": {"seed": seed, "quick": False},
+                "table1": table1,
+                "total_seconds": 100.0 + seed,
+            }
+        )
+    )
     return directory
 
 
@@ -62,12 +72,23 @@ def test_report_script_prints_the_rendering_and_refuses_bad_input(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     summary_path = REPO / "results" / "readme_summary.json"
-    good = subprocess.run([sys.executable, "-m", "scripts.report",
-                           f"--from_summary={summary_path}"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    good = subprocess.run(
+        [sys.executable, "-m", "scripts.report", f"--from_summary={summary_path}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert good.returncode == 0, good.stderr[-2000:]
     assert good.stdout == leaderboard_readme.render(json.loads(summary_path.read_text()))
-    bad = subprocess.run([sys.executable, "-m", "scripts.report", str(tmp_path)], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "scripts.report", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "neither results.json nor leaderboard.json" in bad.stderr
     assert "Traceback" not in bad.stderr and "InitializeLog" not in bad.stderr

@@ -16,22 +16,29 @@ A = keras.applications
 def zoo():
     """Built once per module (~15 s on 2 cores together)."""
     return {
-        "MobileNetV3Small": A.MobileNetV3Small(input_shape=(32, 32, 3), weights=None,
-                                               classes=10, include_preprocessing=False),
+        "MobileNetV3Small": A.MobileNetV3Small(
+            input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=False
+        ),
         "ResNet50": A.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10),
-        "MobileNetV2": A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
-                                     classes=10),
+        "MobileNetV2": A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10),
     }
 
 
-@pytest.mark.parametrize("name, layer, why", [
-    # Before issue 12: 'logits', the 10-class classifier conv.
-    ("MobileNetV3Small", "conv_2", r"on every input-to-output path; not the classifier conv "
-                                   r"'logits' \(10 channels\)"),
-    # Before: 'conv1_conv', the stem (the only conv no skip connection bypasses).
-    ("ResNet50", "conv5_block3_3_conv", r"1 weighted layer from the output, the last of 4"),
-    ("MobileNetV2", "Conv_1", r"1 weighted layer from the output, on every"),
-])
+@pytest.mark.parametrize(
+    "name, layer, why",
+    [
+        # Before issue 12: 'logits', the 10-class classifier conv.
+        (
+            "MobileNetV3Small",
+            "conv_2",
+            r"on every input-to-output path; not the classifier conv "
+            r"'logits' \(10 channels\)",
+        ),
+        # Before: 'conv1_conv', the stem (the only conv no skip connection bypasses).
+        ("ResNet50", "conv5_block3_3_conv", r"1 weighted layer from the output, the last of 4"),
+        ("MobileNetV2", "Conv_1", r"1 weighted layer from the output, on every"),
+    ],
+)
 def test_default_layer_of_keras_applications(zoo, name, layer, why):
     choice = models.default_layer(zoo[name])
     assert choice.name == layer
@@ -66,8 +73,12 @@ def test_a_conv_feeding_the_output_is_the_classifier_never_the_default():
     # The same conv followed by a Dense is a hidden layer, and the closest to the output.
     assert models.default_layer(_conv_head(classes=5, head_width=9)).name == "head"
     inputs = keras.Input((8, 8, 3))
-    only_head = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(
-        keras.layers.Conv2D(4, 1, activation="softmax", name="logits")(inputs)))
+    only_head = keras.Model(
+        inputs,
+        keras.layers.GlobalAveragePooling2D()(
+            keras.layers.Conv2D(4, 1, activation="softmax", name="logits")(inputs)
+        ),
+    )
     with pytest.raises(ValueError, match=r"no prunable Conv2D layer before its classifier"):
         models.default_layer(only_head)
 
@@ -89,11 +100,15 @@ def test_residual_model_picks_the_last_block_not_the_stem():
 
 def test_backbone_as_a_layer_mobilenetv2_converts_exactly_and_picks_its_last_conv(zoo):
     backbone = zoo["MobileNetV2"]
-    features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output,
-                           name="backbone")
-    transfer = keras.Sequential([keras.Input((32, 32, 3)), features,
-                                 keras.layers.GlobalAveragePooling2D(name="gap"),
-                                 keras.layers.Dense(4, activation="softmax", name="head")])
+    features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output, name="backbone")
+    transfer = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            features,
+            keras.layers.GlobalAveragePooling2D(name="gap"),
+            keras.layers.Dense(4, activation="softmax", name="head"),
+        ]
+    )
     choice = models.default_layer(transfer)
     assert choice.name == "backbone.Conv_1"
     converted = convert(transfer)

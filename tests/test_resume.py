@@ -21,16 +21,24 @@ DEFENSES = "--defenses=none,pruning,fine_tuning"
 
 def numbers(results: dict) -> dict:
     """results.json without wall times."""
-    return {attack: {defense: {k: v for k, v in cell.items() if k != "seconds"}
-                     for defense, cell in row.items()}
-            for attack, row in results["table1"].items()}
+    return {
+        attack: {
+            defense: {k: v for k, v in cell.items() if k != "seconds"}
+            for defense, cell in row.items()
+        }
+        for attack, row in results["table1"].items()
+    }
 
 
 def start(output_dir, *extra):
     return subprocess.Popen(
-        [sys.executable, "-m", "scripts.fine_prune", *QUICK, f"--output_dir={output_dir}",
-         *extra], cwd=output_dir.parent, env={**os.environ, "PYTHONPATH": REPO},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "scripts.fine_prune", *QUICK, f"--output_dir={output_dir}", *extra],
+        cwd=output_dir.parent,
+        env={**os.environ, "PYTHONPATH": REPO},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for_stage(output_dir, stage, process, timeout=300):
@@ -50,14 +58,25 @@ def wait_for_stage(output_dir, stage, process, timeout=300):
 
 #: Keys whose values are wall times (or depend on them) or memory peaks: legitimately differ
 #: between runs.
-TIMING_KEYS = {"seconds", "timings", "peak_rss_mb", "total_seconds", "train_seconds",
-               "step_seconds", "epoch_seconds", "examples_per_second"}
+TIMING_KEYS = {
+    "seconds",
+    "timings",
+    "peak_rss_mb",
+    "total_seconds",
+    "train_seconds",
+    "step_seconds",
+    "epoch_seconds",
+    "examples_per_second",
+}
 
 
 def without_timings(value):
     if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items()
-                if k not in TIMING_KEYS and "seconds" not in k}
+        return {
+            k: without_timings(v)
+            for k, v in value.items()
+            if k not in TIMING_KEYS and "seconds" not in k
+        }
     if isinstance(value, list):
         return [without_timings(v) for v in value]
     return value
@@ -68,14 +87,16 @@ def stage_records(path) -> dict:
     zip archive whose entries carry the time they were written, so the same weights saved at
     another time hash differently (the weights themselves are compared separately)."""
     done = json.loads(path.read_text())["done"]
-    return {name: {"config": record["inputs"]["config"],
-                   "result": without_timings(record["result"])}
-            for name, record in done.items()}
+    return {
+        name: {"config": record["inputs"]["config"], "result": without_timings(record["result"])}
+        for name, record in done.items()
+    }
 
 
 def table_without_seconds(path) -> str:
-    return "\n".join(line for line in path.read_text().splitlines()
-                     if not line.startswith("| defense seconds"))
+    return "\n".join(
+        line for line in path.read_text().splitlines() if not line.startswith("| defense seconds")
+    )
 
 
 def defenses_table_without_seconds(path) -> str:
@@ -93,18 +114,17 @@ def assert_same_outputs(reference, other) -> None:
     "defense seconds" row, defenses.md's seconds column), the ``.keras`` archives' bytes (zip
     entry times; their weights are compared) and ``run.log`` (time stamps, and the resume's
     own messages)."""
-    files = sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*")
-                   if p.is_file())
-    other_files = sorted(p.relative_to(other).as_posix() for p in other.rglob("*")
-                         if p.is_file())
+    files = sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file())
+    other_files = sorted(p.relative_to(other).as_posix() for p in other.rglob("*") if p.is_file())
     assert files == other_files
     for name in files:
         a, b = reference / name, other / name
         if name == "run.log":
             continue
         if name == "results.json":
-            assert without_timings(json.loads(b.read_text())) == \
-                without_timings(json.loads(a.read_text()))
+            assert without_timings(json.loads(b.read_text())) == without_timings(
+                json.loads(a.read_text())
+            )
         elif name == "stages.json":
             assert stage_records(b) == stage_records(a)
         elif name in ("table1.md", "table2.md"):
@@ -131,10 +151,12 @@ def uninterrupted(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-@pytest.mark.parametrize("sig, stage", [(signal.SIGTERM, "attack/baseline"),
-                                        (signal.SIGKILL, "defense/baseline/none")])
-def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, uninterrupted, sig,
-                                                                 stage):
+@pytest.mark.parametrize(
+    "sig, stage", [(signal.SIGTERM, "attack/baseline"), (signal.SIGKILL, "defense/baseline/none")]
+)
+def test_an_interrupted_run_resumes_to_the_uninterrupted_results(
+    tmp_path, uninterrupted, sig, stage
+):
     out = tmp_path / "run"
     process = start(out, DEFENSES)
     wait_for_stage(out, stage, process)
@@ -160,6 +182,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_results(tmp_path, unint
 # ---------------------------------------------------------------------------------------------
 # A redone stage invalidates every stage that depends on it.
 
+
 def recomputed_table(out, defenses) -> dict:
     """Each defense's clean accuracy, ASR and robust accuracy measured now, from the models in
     ``out/models`` (``none`` is the attack's model itself)."""
@@ -179,8 +202,9 @@ def recomputed_table(out, defenses) -> dict:
 def test_a_redone_attack_invalidates_its_analysis_and_defenses(tmp_path, monkeypatch):
     out = tmp_path / "run"
     defenses = ("none", "pruning")
-    config = experiment.ExperimentConfig(task="mnist", attacks=("baseline",),
-                                         defenses=defenses, quick=True)
+    config = experiment.ExperimentConfig(
+        task="mnist", attacks=("baseline",), defenses=defenses, quick=True
+    )
     first = experiment.run(config, out)
     assert first["table1"]["baseline"]["none"]["clean_acc"] > 0.5
 
@@ -226,8 +250,9 @@ def test_a_redone_attack_invalidates_its_analysis_and_defenses(tmp_path, monkeyp
     keras.models.load_model(out / "models" / "baseline.keras").save(pruned)
     messages.clear()
     experiment.run(config, out, resume=True, progress=messages.append)
-    assert any("baseline_pruning.keras is not the file its stage wrote" in m
-               for m in messages), messages
+    assert any("baseline_pruning.keras is not the file its stage wrote" in m for m in messages), (
+        messages
+    )
     assert not any("training" in m or "analysis/baseline" in m for m in messages), messages
 
     # An unreadable manifest means starting over, with a warning.
@@ -239,27 +264,39 @@ def test_a_redone_attack_invalidates_its_analysis_and_defenses(tmp_path, monkeyp
 
 def test_resume_refuses_a_changed_configuration(tmp_path):
     out = tmp_path / "run"
-    config = experiment.ExperimentConfig(task="mnist", attacks=("baseline",),
-                                         defenses=("none",), quick=True)
+    config = experiment.ExperimentConfig(
+        task="mnist", attacks=("baseline",), defenses=("none",), quick=True
+    )
     experiment.run(config, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    for changed in (dict(seed=1), dict(pruning=defenses.PruningSettings(threshold=2.0)),
-                    dict(fine_tune=defenses.FineTuneSettings(max_epochs=3))):
+    for changed in (
+        dict(seed=1),
+        dict(pruning=defenses.PruningSettings(threshold=2.0)),
+        dict(fine_tune=defenses.FineTuneSettings(max_epochs=3)),
+    ):
         with pytest.raises(experiment.OutputDirError, match="different configuration"):
-            experiment.run(experiment.ExperimentConfig(
-                **{**config.__dict__, **changed}), out, resume=True)
+            experiment.run(
+                experiment.ExperimentConfig(**{**config.__dict__, **changed}), out, resume=True
+            )
     # The refused runs changed nothing.
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # Adding a defense is not a configuration change: the resume goes on.
-    experiment.run(experiment.ExperimentConfig(
-        **{**config.__dict__, "defenses": ("none", "pruning")}), out, resume=True)
+    experiment.run(
+        experiment.ExperimentConfig(**{**config.__dict__, "defenses": ("none", "pruning")}),
+        out,
+        resume=True,
+    )
 
 
 @pytest.mark.slow
 def test_the_same_flags_and_seed_give_the_same_numbers(tmp_path):
-    config = experiment.ExperimentConfig(task="mnist", attacks=("baseline",),
-                                         defenses=("none", "pruning", "fine_pruning"),
-                                         quick=True, seed=3)
+    config = experiment.ExperimentConfig(
+        task="mnist",
+        attacks=("baseline",),
+        defenses=("none", "pruning", "fine_pruning"),
+        quick=True,
+        seed=3,
+    )
     first = experiment.run(config, tmp_path / "a")
     second = experiment.run(config, tmp_path / "b")
     assert numbers(first) == numbers(second)

@@ -18,9 +18,17 @@ STEPS = 32
 
 def _stream(samples: int, budget_mb: int = 16) -> dict:
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, "tests", "streaming_worker.py"), str(samples),
-         str(budget_mb)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": REPO})
+        [
+            sys.executable,
+            os.path.join(REPO, "tests", "streaming_worker.py"),
+            str(samples),
+            str(budget_mb),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     assert measured["count"] == samples * 8 * 8  # Every sample reached the statistics.

@@ -13,8 +13,10 @@ import pytest
 import fineprune_tf as fp
 from fineprune_tf import tflite
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="TFLite and SavedModel export are TensorFlow-only")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="TFLite and SavedModel export are TensorFlow-only",
+)
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -43,8 +45,9 @@ def test_to_tflite_shrinks_converts_and_matches_the_keras_model(tmp_path):
     np.testing.assert_allclose(interpreter_output, model.predict(x, verbose=0), atol=1e-5)
     # Pruned channels are gone for real: the converted conv has 4 filters.
     content = result.path.read_bytes()
-    assert len(content) < len(tflite.tf.lite.TFLiteConverter.from_keras_model(
-        fp.export.to_plain(model)).convert())
+    assert len(content) < len(
+        tflite.tf.lite.TFLiteConverter.from_keras_model(fp.export.to_plain(model)).convert()
+    )
 
 
 def test_to_tflite_refuses_to_overwrite_and_to_write_a_mismatch(tmp_path, monkeypatch):
@@ -56,8 +59,9 @@ def test_to_tflite_refuses_to_overwrite_and_to_write_a_mismatch(tmp_path, monkey
     assert existing.read_bytes() == b"user's file"
 
     original = tflite._run_interpreter
-    monkeypatch.setattr(tflite, "_run_interpreter",
-                        lambda content, inputs: original(content, inputs) + 1e-2)
+    monkeypatch.setattr(
+        tflite, "_run_interpreter", lambda content, inputs: original(content, inputs) + 1e-2
+    )
     with pytest.raises(ValueError, match="differ from the Keras model's by 0.01"):
         tflite.to_tflite(model, tmp_path / "other.tflite")
     assert not (tmp_path / "other.tflite").exists()
@@ -79,8 +83,13 @@ def test_keras_model_export_serves_without_the_op_library(tmp_path):
         assert "fineprune_tf" not in sys.modules
         print("served-ok")
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=300,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": ""},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "served-ok" in result.stdout

@@ -22,8 +22,13 @@ RUNS = {
     # measured 0.82.
     "speech": ({}, 1200, 4, 0.6, 1 / 10),
     # Fewer rendered signs than the default 3000 (rendering dominates the run); measured 0.97.
-    "traffic": ({"train_count": 900, "validation_count": 100, "test_count": 300}, None, 3, 0.8,
-                1 / 3),
+    "traffic": (
+        {"train_count": 900, "validation_count": 100, "test_count": 300},
+        None,
+        3,
+        0.8,
+        1 / 3,
+    ),
     # measured 0.89.
     "mnist": ({}, 1500, 2, 0.8, 1 / 10),
 }
@@ -35,19 +40,20 @@ def test_cpu_preset_learns_its_task(task):
     task_data = data.load(task, seed=0, **options)
     x, y = task_data.train.x[:limit], task_data.train.y[:limit]
     keras.utils.set_random_seed(0)
-    model = models.build(task, "cpu", num_classes=task_data.num_classes,
-                         input_shape=task_data.input_shape, seed=0)
+    model = models.build(
+        task, "cpu", num_classes=task_data.num_classes, input_shape=task_data.input_shape, seed=0
+    )
     config = models.default_training(task)
     models.compile_model(model, task, train_size=len(x), epochs=epochs)
-    untrained = metrics.accuracy(metrics.predict_labels(model, task_data.test.x),
-                                 task_data.test.y)
+    untrained = metrics.accuracy(metrics.predict_labels(model, task_data.test.x), task_data.test.y)
     start = time.perf_counter()
     model.fit(x, y, batch_size=config["batch_size"], epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start
-    accuracy = metrics.accuracy(metrics.predict_labels(model, task_data.test.x),
-                                task_data.test.y)
-    print(f"{task}: {len(x)} examples x {epochs} epochs in {seconds:.1f} s, "
-          f"test accuracy {accuracy:.3f} (chance {chance:.3f})")
+    accuracy = metrics.accuracy(metrics.predict_labels(model, task_data.test.x), task_data.test.y)
+    print(
+        f"{task}: {len(x)} examples x {epochs} epochs in {seconds:.1f} s, "
+        f"test accuracy {accuracy:.3f} (chance {chance:.3f})"
+    )
     # The untrained model is near chance, so only learning clears the bound (a fit that
     # trains nothing, or on shuffled labels, stays under it).
     assert untrained < bound
@@ -100,12 +106,12 @@ def test_the_multi_worker_loop_draws_model_fits_data_order():
     y = np.zeros(count, "int64")
     seen: list[int] = []
     inputs = keras.Input((1,))
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
-        _RecordInputs(seen)(inputs)))
+    model = keras.Model(
+        inputs, keras.layers.Dense(2, activation="softmax")(_RecordInputs(seen)(inputs))
+    )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True)
     keras.utils.set_random_seed(0)
-    model.fit(training._dataset(x, y, batch_size, True, 0), epochs=epochs, verbose=0,
-              shuffle=False)
+    model.fit(training._dataset(x, y, batch_size, True, 0), epochs=epochs, verbose=0, shuffle=False)
     visited = np.asarray(seen).reshape(epochs, count)
 
     keras.utils.set_random_seed(0)

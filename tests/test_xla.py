@@ -12,8 +12,10 @@ import tensorflow as tf
 import fineprune_tf as fp
 from fineprune_tf import ops
 
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
-                                reason="XLA clusters are a TensorFlow notion; JAX always jits")
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="XLA clusters are a TensorFlow notion; JAX always jits",
+)
 
 
 def small_model():
@@ -72,8 +74,7 @@ def test_in_xla_context_sees_jit_compile_and_nested_functions():
 def test_fit_and_predict_with_jit_compile_keep_pruned_channels_dead(xla_calls):
     model = small_model()
     x, y = data()
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy",
-                  jit_compile=True)
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", jit_compile=True)
     assert model.jit_compile is True  # Keras did not refuse: supports_jit holds.
     conv = model.get_layer("conv")
     conv.prune([1, 4])
@@ -89,8 +90,7 @@ def test_fit_and_predict_with_jit_compile_keep_pruned_channels_dead(xla_calls):
     activations = probe.predict(x, verbose=0)
     assert np.all(activations[..., [1, 4]] == 0.0)
     np.testing.assert_allclose(activations, probe(x).numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(model.predict(x, verbose=0), model(x).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_inside_xla_equal_the_compiled_op_and_are_zero_when_pruned():
@@ -101,8 +101,9 @@ def test_gradients_inside_xla_equal_the_compiled_op_and_are_zero_when_pruned():
 
     def gradients(x, y):
         with tf.GradientTape() as tape:
-            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(
-                y, model(x, training=True)))
+            loss = keras.ops.mean(
+                keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
+            )
         return tape.gradient(loss, model.trainable_variables)
 
     eager = [g.numpy() for g in gradients(x, y)]
@@ -126,8 +127,7 @@ def test_stats_collect_with_jit_compile_equals_the_compiled_op(xla_calls):
         assert compiled[name].count == plain[name].count
         np.testing.assert_allclose(compiled[name].mean, plain[name].mean, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(compiled[name].std, plain[name].std, rtol=1e-4, atol=1e-6)
-        np.testing.assert_array_equal(compiled[name].dormant_fraction,
-                                      plain[name].dormant_fraction)
+        np.testing.assert_array_equal(compiled[name].dormant_fraction, plain[name].dormant_fraction)
 
 
 def test_stats_collect_follows_the_models_jit_compile_choice(xla_calls):
@@ -146,8 +146,9 @@ def test_auto_jit_compile_on_a_gpu_machine_chooses_xla_and_trains(monkeypatch, x
     fake_gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
     model = small_model()
     with monkeypatch.context() as patch:
-        patch.setattr(tf.config, "list_physical_devices",
-                      lambda device_type=None: [*visible, fake_gpu])
+        patch.setattr(
+            tf.config, "list_physical_devices", lambda device_type=None: [*visible, fake_gpu]
+        )
         model.compile("adam", "sparse_categorical_crossentropy")  # jit_compile="auto"
     assert model.jit_compile is True
     model.get_layer("conv").prune([5])

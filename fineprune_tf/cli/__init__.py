@@ -20,8 +20,7 @@ __all__ = ["SUBCOMMANDS", "main"]
 #: subcommand -> (module in fineprune_tf.cli, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "fine-prune": ("fine_prune", "the paper's experiment on a task (--task=...)"),
-    "clean": ("fine_prune", "clean your own model (--model=... --clean_data=... "
-                            "[--defense=...])"),
+    "clean": ("fine_prune", "clean your own model (--model=... --clean_data=... [--defense=...])"),
     "attack": ("attack", "train and save a backdoored model"),
     "benchmark": ("benchmark", "speed and memory benchmarks (BENCHMARKS.md)"),
 }
@@ -29,8 +28,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def usage() -> str:
     rows = "\n".join(f"  {name:<11} {help_}" for name, (_, help_) in SUBCOMMANDS.items())
-    return (f"usage: fineprune SUBCOMMAND [--flags]\n\nsubcommands:\n{rows}\n\n"
-            "fineprune SUBCOMMAND --help lists a subcommand's flags.")
+    return (
+        f"usage: fineprune SUBCOMMAND [--flags]\n\nsubcommands:\n{rows}\n\n"
+        "fineprune SUBCOMMAND --help lists a subcommand's flags."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[1]
     if name not in SUBCOMMANDS:
-        print(f"fineprune: unknown subcommand {name!r}; expected one of "
-              f"{', '.join(SUBCOMMANDS)}. Received: {argv[1:]}", file=sys.stderr)
+        print(
+            f"fineprune: unknown subcommand {name!r}; expected one of "
+            f"{', '.join(SUBCOMMANDS)}. Received: {argv[1:]}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(f"fineprune_tf.cli.{SUBCOMMANDS[name][0]}")
     module.run([f"fineprune {name}", *argv[2:]])

@@ -28,22 +28,30 @@ TRAINING_ATTACKS = ["baseline", "pruning_aware"]
 ZOO_ATTACKS = ["badnets", "blended", "sig", "wanet"]  # fineprune_tf.attack_zoo.NAMES
 flags.DEFINE_enum("task", "speech", ["face", "speech", "traffic", "mnist"], "Task.")
 flags.DEFINE_enum("attack", "baseline", TRAINING_ATTACKS + ZOO_ATTACKS, "Attack to run.")
-flags.DEFINE_float("poison_rate", None,
-                   "Poisoned copies as a fraction of the training split, e.g. 0.01, 0.05, 0.1 "
-                   "(default: the paper's count for baseline/pruning_aware, 0.1 otherwise).")
+flags.DEFINE_float(
+    "poison_rate",
+    None,
+    "Poisoned copies as a fraction of the training split, e.g. 0.01, 0.05, 0.1 "
+    "(default: the paper's count for baseline/pruning_aware, 0.1 otherwise).",
+)
 flags.DEFINE_string("output_dir", None, "Where to write the model (required).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing model in --output_dir.")
 flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
 flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy (multi_worker reads TF_CONFIG).",
+)
 flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
 flags.DEFINE_integer("seed", 0, "Seed for the split, the poisoning and training.")
 flags.mark_flag_as_required("output_dir")
 #: Every AttackSettings field is a flag (--preset, --epochs, --learning_rate, --prune_fraction,
 #: ...); the seed is --seed and the verbosity follows absl's --verbosity.
-SETTINGS_FLAGS = dict(skip=("seed", "verbose"),
-                      names={"holdout_fraction": "attack_holdout_fraction"})
+SETTINGS_FLAGS = dict(
+    skip=("seed", "verbose"), names={"holdout_fraction": "attack_holdout_fraction"}
+)
 define_flags(AttackSettings, **SETTINGS_FLAGS)
 
 
@@ -72,12 +80,15 @@ def main(argv: list[str]) -> int:
         print(f"error: {model_path} exists; pass --overwrite to replace it", file=sys.stderr)
         return 2
     if FLAGS.poison_rate is not None and not 0.0 < FLAGS.poison_rate <= 1.0:
-        print(f"error: --poison_rate must be in (0, 1], got {FLAGS.poison_rate}",
-              file=sys.stderr)
+        print(f"error: --poison_rate must be in (0, 1], got {FLAGS.poison_rate}", file=sys.stderr)
         return 2
     try:
-        settings = from_flags(AttackSettings, **SETTINGS_FLAGS, seed=FLAGS.seed,
-                              verbose=2 if FLAGS.verbosity >= 1 else 1)
+        settings = from_flags(
+            AttackSettings,
+            **SETTINGS_FLAGS,
+            seed=FLAGS.seed,
+            verbose=2 if FLAGS.verbosity >= 1 else 1,
+        )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -85,8 +96,7 @@ def main(argv: list[str]) -> int:
     from fineprune_tf import distribute
 
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-    task_data = data.load(FLAGS.task, source=FLAGS.source, data_dir=FLAGS.data_dir,
-                          seed=FLAGS.seed)
+    task_data = data.load(FLAGS.task, source=FLAGS.source, data_dir=FLAGS.data_dir, seed=FLAGS.seed)
     try:
         trigger, policy, count, poisoning = _poisoning(task_data)
     except ValueError as error:
@@ -98,15 +108,30 @@ def main(argv: list[str]) -> int:
     output_dir.mkdir(parents=True, exist_ok=True)
     experiment.save_model(result.model, model_path)
     triggers.save(trigger, output_dir / "trigger.json")
-    reporting.atomic_write_json(output_dir / "attack.json", {
-        "fineprune_tf": "attack", "task": FLAGS.task, "attack": FLAGS.attack,
-        "source": FLAGS.source, "data_dir": FLAGS.data_dir, "seed": FLAGS.seed,
-        "preset": settings.preset, "policy": poison.policy_to_dict(policy),
-        "poisoned_count": count, "poison_rate": FLAGS.poison_rate, "poisoning": poisoning,
-        "clean_acc": result.clean_acc, "asr": result.asr,
-        "seconds": result.seconds, "report": result.report})
-    print(f"{FLAGS.attack} attack on {FLAGS.task}: clean accuracy {result.clean_acc:.3f}, "
-          f"attack success rate {result.asr:.3f}, {result.seconds:.1f} s -> {output_dir}")
+    reporting.atomic_write_json(
+        output_dir / "attack.json",
+        {
+            "fineprune_tf": "attack",
+            "task": FLAGS.task,
+            "attack": FLAGS.attack,
+            "source": FLAGS.source,
+            "data_dir": FLAGS.data_dir,
+            "seed": FLAGS.seed,
+            "preset": settings.preset,
+            "policy": poison.policy_to_dict(policy),
+            "poisoned_count": count,
+            "poison_rate": FLAGS.poison_rate,
+            "poisoning": poisoning,
+            "clean_acc": result.clean_acc,
+            "asr": result.asr,
+            "seconds": result.seconds,
+            "report": result.report,
+        },
+    )
+    print(
+        f"{FLAGS.attack} attack on {FLAGS.task}: clean accuracy {result.clean_acc:.3f}, "
+        f"attack success rate {result.asr:.3f}, {result.seconds:.1f} s -> {output_dir}"
+    )
     return 0
 
 

@@ -37,25 +37,45 @@ import time
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_bool("quick", False, "CI mode: fewer repeats, smaller sizes, the naive loop timed "
-                  "on a prefix of the order and scaled.")
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "CI mode: fewer repeats, smaller sizes, the naive loop timed "
+    "on a prefix of the order and scaled.",
+)
 flags.DEFINE_string("output_dir", ".", "Where BENCHMARKS.md and benchmarks.json go.")
-flags.DEFINE_integer("repeats", None, "Timed runs per measurement, median reported "
-                     "(default 5; 3 with --quick).")
-flags.DEFINE_list("sections", None, "Sections to run (default: all): a (pruning curve), b "
-                  "(fused op), c (training step), d (statistics pass), e (shrunk model), f "
-                  "(peak memory per experiment stage), and any optional section present.")
-flags.DEFINE_bool("merge", False, "Replace only the sections run now in the files already in "
-                  "--output_dir, keeping the others and the record of their runs.")
-flags.DEFINE_integer("train_epochs", None, "Epochs of backdoor training of the section (a) "
-                     "models before their curve (default: the task's models.default_training "
-                     "epochs; 2 with --quick; 0 = random initialisation).")
+flags.DEFINE_integer(
+    "repeats", None, "Timed runs per measurement, median reported (default 5; 3 with --quick)."
+)
+flags.DEFINE_list(
+    "sections",
+    None,
+    "Sections to run (default: all): a (pruning curve), b "
+    "(fused op), c (training step), d (statistics pass), e (shrunk model), f "
+    "(peak memory per experiment stage), and any optional section present.",
+)
+flags.DEFINE_bool(
+    "merge",
+    False,
+    "Replace only the sections run now in the files already in "
+    "--output_dir, keeping the others and the record of their runs.",
+)
+flags.DEFINE_integer(
+    "train_epochs",
+    None,
+    "Epochs of backdoor training of the section (a) "
+    "models before their curve (default: the task's models.default_training "
+    "epochs; 2 with --quick; 0 = random initialisation).",
+)
 
 
 def _options(key: str, quick: bool) -> dict:
     if key == "a":
-        return {"epochs": FLAGS.train_epochs if FLAGS.train_epochs is not None
-                else (2 if quick else None)}
+        return {
+            "epochs": FLAGS.train_epochs
+            if FLAGS.train_epochs is not None
+            else (2 if quick else None)
+        }
     return {}
 
 
@@ -79,15 +99,19 @@ def main(argv: list[str]) -> int:
     try:
         benchmarks, machine, report = _sections()
     except ImportError:
-        print("error: the benchmark sections (scripts/benchmarks/) are not importable: run "
-              "fineprune benchmark from a source checkout (pip install -e .)", file=sys.stderr)
+        print(
+            "error: the benchmark sections (scripts/benchmarks/) are not importable: run "
+            "fineprune benchmark from a source checkout (pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     available = benchmarks.available()
     keys = [s.strip().lower() for s in FLAGS.sections] if FLAGS.sections else list(available)
     unknown = sorted(set(keys) - set(available))
     if unknown:
-        print(f"error: unknown sections {unknown}; available: {', '.join(available)}",
-              file=sys.stderr)
+        print(
+            f"error: unknown sections {unknown}; available: {', '.join(available)}", file=sys.stderr
+        )
         return 2
     if FLAGS.repeats is not None and FLAGS.repeats < 1:
         print(f"error: --repeats must be >= 1, got {FLAGS.repeats}", file=sys.stderr)
@@ -105,11 +129,19 @@ def main(argv: list[str]) -> int:
 
     start = time.perf_counter()
     run_id = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    run = {"machine": machine.describe(), "quick": quick, "repeats": repeats,
-           "load_start": machine.load(), "sections": keys}
-    print(f"fineprune_tf benchmarks ({'quick' if quick else 'full'}), repeats={repeats}, "
-          f"{run['machine']['cores']} cores ({run['machine']['cpu']}), op backend="
-          f"{run['machine']['op_backend']}, load {run['load_start']}", flush=True)
+    run = {
+        "machine": machine.describe(),
+        "quick": quick,
+        "repeats": repeats,
+        "load_start": machine.load(),
+        "sections": keys,
+    }
+    print(
+        f"fineprune_tf benchmarks ({'quick' if quick else 'full'}), repeats={repeats}, "
+        f"{run['machine']['cores']} cores ({run['machine']['cpu']}), op backend="
+        f"{run['machine']['op_backend']}, load {run['load_start']}",
+        flush=True,
+    )
     results = {}
     for key in keys:
         tic = time.perf_counter()
@@ -118,8 +150,9 @@ def main(argv: list[str]) -> int:
     run["load_end"] = machine.load()
     run["seconds"] = time.perf_counter() - start
     doc = report.write(output_dir, run_id, run, results, merge=FLAGS.merge)
-    print(f"wrote {output_dir / report.MARKDOWN_NAME} and {report.JSON_NAME} "
-          f"[{run['seconds']:.0f} s]")
+    print(
+        f"wrote {output_dir / report.MARKDOWN_NAME} and {report.JSON_NAME} [{run['seconds']:.0f} s]"
+    )
     logging.info("summary: %s", doc["summary"])
     return 0
 

@@ -37,13 +37,7 @@ from absl import app, flags, logging
 
 from fineprune_tf.attacks import ATTACKS, AttackSettings
 from fineprune_tf.cli.flags import define_flags, from_flags
-from fineprune_tf.defenses import (
-    DEFENSES,
-    REGISTRY,
-    FineTuneSettings,
-    FmpSettings,
-    PruningSettings,
-)
+from fineprune_tf.defenses import DEFENSES, REGISTRY, FineTuneSettings, FmpSettings, PruningSettings
 
 __all__ = ["CLEAN_DEFENSES", "SETTINGS", "main", "run"]
 
@@ -52,13 +46,21 @@ FLAGS = flags.FLAGS
 #: settings class -> how its flags are named (prefix, renamed fields, fields without a flag).
 #: The renames keep the flag names of 0.1 (``--fine_tune_epochs``, ``--fmp_fraction``, ...).
 SETTINGS = {
-    AttackSettings: dict(prefix="", skip=("seed",),
-                         names={"holdout_fraction": "attack_holdout_fraction",
-                                "verbose": "attack_verbose"}),
+    AttackSettings: dict(
+        prefix="",
+        skip=("seed",),
+        names={"holdout_fraction": "attack_holdout_fraction", "verbose": "attack_verbose"},
+    ),
     PruningSettings: dict(prefix="", names={"batch_size": "pruning_batch_size"}),
-    FineTuneSettings: dict(prefix="fine_tune_", skip=("seed",),
-                           names={"max_epochs": "fine_tune_epochs", "patience": "patience",
-                                  "noise_stddev": "noise_stddev"}),
+    FineTuneSettings: dict(
+        prefix="fine_tune_",
+        skip=("seed",),
+        names={
+            "max_epochs": "fine_tune_epochs",
+            "patience": "patience",
+            "noise_stddev": "noise_stddev",
+        },
+    ),
     FmpSettings: dict(prefix="fmp_", names={"prune_fraction": "fmp_fraction"}),
 }
 #: What ``--model --defense`` accepts: every registered defense but "none", and "auto".
@@ -70,29 +72,44 @@ flags.DEFINE_bool("overwrite", False, "Replace another run's results in --output
 flags.DEFINE_bool("resume", False, "Continue an interrupted run from its last finished stage.")
 flags.DEFINE_bool("quick", False, "Smoke run: few epochs (under two minutes).")
 flags.DEFINE_list("attacks", list(ATTACKS), "Attacks to run.")
-flags.DEFINE_list("defenses", list(DEFENSES),
-                  f"Defenses to run against each attack: any of {', '.join(REGISTRY)}.")
+flags.DEFINE_list(
+    "defenses",
+    list(DEFENSES),
+    f"Defenses to run against each attack: any of {', '.join(REGISTRY)}.",
+)
 flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
 flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
-                  "tf.distribute strategy (multi_worker reads TF_CONFIG).")
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy (multi_worker reads TF_CONFIG).",
+)
 flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
 flags.DEFINE_integer("seed", 0, "Seed for data splits, poisoning, training and defenses.")
 flags.DEFINE_string("model", None, "Your model to clean (.keras or SavedModel directory).")
 flags.DEFINE_string("clean_data", None, "Your clean data: .npz (x, y) or image folder per class.")
 flags.DEFINE_string("backdoor_data", None, "Optional triggered inputs (.npz: x, y[, y_attacker]).")
-flags.DEFINE_string("defense", "fine_pruning",
-                    f"--model: the defense, one of {', '.join(CLEAN_DEFENSES)} (auto: the "
-                    "protocol picks from your clean data only).")
-flags.DEFINE_float("tolerance", 2.0, "--model: clean holdout accuracy (points) a defense's own "
-                   "choices, and --defense=auto's choice, may cost.")
+flags.DEFINE_string(
+    "defense",
+    "fine_pruning",
+    f"--model: the defense, one of {', '.join(CLEAN_DEFENSES)} (auto: the "
+    "protocol picks from your clean data only).",
+)
+flags.DEFINE_float(
+    "tolerance",
+    2.0,
+    "--model: clean holdout accuracy (points) a defense's own "
+    "choices, and --defense=auto's choice, may cost.",
+)
 flags.DEFINE_float("eval_fraction", 0.2, "Share of --clean_data held out for the report.")
 flags.DEFINE_bool("allow_unsafe", False, "Load models with code-carrying layers (trusted only).")
 flags.DEFINE_float("load_timeout", 300.0, "--model: seconds the bounded trial load may take.")
 flags.DEFINE_integer("load_memory_mb", 8192, "--model: memory limit of the trial load, MiB.")
 flags.DEFINE_integer("max_weights_mb", 4096, "--model: largest weights file accepted, MiB.")
-flags.DEFINE_integer("max_data_mb", 8192, "--clean_data/--backdoor_data: largest decoded "
-                     "data accepted, MiB.")
+flags.DEFINE_integer(
+    "max_data_mb", 8192, "--clean_data/--backdoor_data: largest decoded data accepted, MiB."
+)
 for _cls, _naming in SETTINGS.items():
     define_flags(_cls, **_naming)
 
@@ -109,25 +126,39 @@ def clean_own_model() -> int:
         print("error: --model needs --clean_data", file=sys.stderr)
         return 2
     if FLAGS.defense not in CLEAN_DEFENSES:
-        print(f"error: --defense must be one of {', '.join(CLEAN_DEFENSES)}. Received: "
-              f"{FLAGS.defense!r}", file=sys.stderr)
+        print(
+            f"error: --defense must be one of {', '.join(CLEAN_DEFENSES)}. Received: "
+            f"{FLAGS.defense!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         from fineprune_tf import cleaning, io
         from fineprune_tf.data.user import DataLimits
 
-        load_limits = io.LoadLimits(seconds=FLAGS.load_timeout,
-                                    memory_bytes=FLAGS.load_memory_mb << 20,
-                                    weights_bytes=FLAGS.max_weights_mb << 20)
+        load_limits = io.LoadLimits(
+            seconds=FLAGS.load_timeout,
+            memory_bytes=FLAGS.load_memory_mb << 20,
+            weights_bytes=FLAGS.max_weights_mb << 20,
+        )
         report = cleaning.clean_model(
-            FLAGS.model, FLAGS.clean_data, FLAGS.output_dir or "cleaned",
-            backdoor_data=FLAGS.backdoor_data, defense=FLAGS.defense,
+            FLAGS.model,
+            FLAGS.clean_data,
+            FLAGS.output_dir or "cleaned",
+            backdoor_data=FLAGS.backdoor_data,
+            defense=FLAGS.defense,
             pruning=settings_from_flags(PruningSettings),
             settings=settings_from_flags(FineTuneSettings),
-            fmp=settings_from_flags(FmpSettings), tolerance=FLAGS.tolerance,
-            eval_fraction=FLAGS.eval_fraction, allow_unsafe=FLAGS.allow_unsafe,
-            overwrite=FLAGS.overwrite, seed=FLAGS.seed, progress=print,
-            load_limits=load_limits, data_limits=DataLimits(max_bytes=FLAGS.max_data_mb << 20))
+            fmp=settings_from_flags(FmpSettings),
+            tolerance=FLAGS.tolerance,
+            eval_fraction=FLAGS.eval_fraction,
+            allow_unsafe=FLAGS.allow_unsafe,
+            overwrite=FLAGS.overwrite,
+            seed=FLAGS.seed,
+            progress=print,
+            load_limits=load_limits,
+            data_limits=DataLimits(max_bytes=FLAGS.max_data_mb << 20),
+        )
     except Exception as error:  # noqa: BLE001  (bad input: one line, not a traceback)
         return _report_error(error)
     print(pathlib.Path(FLAGS.output_dir or "cleaned", "report.md").read_text())
@@ -145,8 +176,10 @@ def _report_error(error: Exception) -> int:
         traceback.print_exception(error)
     line = cleaning.one_line_error(error)
     if not expected:
-        line = (f"internal error ({type(error).__name__}): {line} (run with --verbosity=1 for "
-                "the traceback)")
+        line = (
+            f"internal error ({type(error).__name__}): {line} (run with --verbosity=1 for "
+            "the traceback)"
+        )
     print(f"error: {line}", file=sys.stderr)
     return 2 if expected else 1
 
@@ -162,11 +195,18 @@ def _experiment_config():
     from fineprune_tf import experiment
 
     return experiment.ExperimentConfig(
-        task=FLAGS.task, source=FLAGS.source, data_dir=FLAGS.data_dir, seed=FLAGS.seed,
-        attacks=tuple(FLAGS.attacks), defenses=tuple(FLAGS.defenses), quick=FLAGS.quick,
+        task=FLAGS.task,
+        source=FLAGS.source,
+        data_dir=FLAGS.data_dir,
+        seed=FLAGS.seed,
+        attacks=tuple(FLAGS.attacks),
+        defenses=tuple(FLAGS.defenses),
+        quick=FLAGS.quick,
         attack=settings_from_flags(AttackSettings),
         pruning=settings_from_flags(PruningSettings),
-        fine_tune=settings_from_flags(FineTuneSettings), fmp=settings_from_flags(FmpSettings))
+        fine_tune=settings_from_flags(FineTuneSettings),
+        fmp=settings_from_flags(FmpSettings),
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -194,13 +234,17 @@ def main(argv: list[str]) -> int:
     start = time.perf_counter()
     try:
         with strategy.scope():
-            results = experiment.run(config, output_dir, overwrite=False,
-                                     resume=FLAGS.resume, progress=print)
+            results = experiment.run(
+                config, output_dir, overwrite=False, resume=FLAGS.resume, progress=print
+            )
     except ValueError as error:  # a defense refused (e.g. a model at chance): one line
         if FLAGS.verbosity >= 1:
             traceback.print_exception(error)
-        print(f"error: {' '.join(str(error).split())} (finished stages are kept: fix the "
-              "cause, then --resume)", file=sys.stderr)
+        print(
+            f"error: {' '.join(str(error).split())} (finished stages are kept: fix the "
+            "cause, then --resume)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         std_logging.getLogger("absl").removeHandler(handler)
@@ -209,8 +253,10 @@ def main(argv: list[str]) -> int:
     print((output_dir / "table2.md").read_text())
     peaks = ", ".join(f"{stage} {mb:.0f}" for stage, mb in results["peak_rss_mb"].items())
     print(f"Peak resident memory per stage (MiB): {peaks}")
-    print(f"Total time: {time.perf_counter() - start:.1f} s "
-          f"(experiment {results['total_seconds']:.1f} s)")
+    print(
+        f"Total time: {time.perf_counter() - start:.1f} s "
+        f"(experiment {results['total_seconds']:.1f} s)"
+    )
     return 0
 
 

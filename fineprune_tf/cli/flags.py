@@ -27,8 +27,12 @@ from absl import flags
 
 __all__ = ["define_flags", "flag_names", "from_flags"]
 
-_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
-           str: flags.DEFINE_string}
+_DEFINE = {
+    bool: flags.DEFINE_bool,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    str: flags.DEFINE_string,
+}
 
 
 def _base_type(annotation: Any) -> tuple[type, bool]:
@@ -49,8 +53,9 @@ def _base_type(annotation: Any) -> tuple[type, bool]:
     return annotation, sequence
 
 
-def _define_sequence(kind: type, flag: str, default: Any, text: str,
-                     flag_values: flags.FlagValues) -> None:
+def _define_sequence(
+    kind: type, flag: str, default: Any, text: str, flag_values: flags.FlagValues
+) -> None:
     """A comma-separated flag whose items parse as ``kind`` (e.g. ``--rates=1e-3,3e-3``)."""
     parser = flags.ListParser()
 
@@ -60,14 +65,21 @@ def _define_sequence(kind: type, flag: str, default: Any, text: str,
             try:
                 return tuple(kind(item) for item in items)
             except ValueError as error:
-                raise ValueError(f"expected comma-separated {kind.__name__} values. "
-                                 f"Received: {argument!r}") from error
+                raise ValueError(
+                    f"expected comma-separated {kind.__name__} values. Received: {argument!r}"
+                ) from error
 
         def flag_type(self):
             return f"comma-separated list of {kind.__name__}"
 
-    flags.DEFINE(_Items(), flag, default, text, flag_values=flag_values,
-                 serializer=flags.CsvListSerializer(","))
+    flags.DEFINE(
+        _Items(),
+        flag,
+        default,
+        text,
+        flag_values=flag_values,
+        serializer=flags.CsvListSerializer(","),
+    )
 
 
 def _field_help(cls: type) -> dict[str, str]:
@@ -81,7 +93,7 @@ def _field_help(cls: type) -> dict[str, str]:
     helps: dict[str, str] = {}
     current: list[str] = []
     indent = None
-    for line in lines[starts[0] + 1:]:
+    for line in lines[starts[0] + 1 :]:
         if not line.strip():
             break
         depth = len(line) - len(line.lstrip())
@@ -98,18 +110,27 @@ def _field_help(cls: type) -> dict[str, str]:
     return helps
 
 
-def flag_names(cls: type, prefix: str = "", names: Mapping[str, str] | None = None,
-               skip: Iterable[str] = ()) -> dict[str, str]:
+def flag_names(
+    cls: type, prefix: str = "", names: Mapping[str, str] | None = None, skip: Iterable[str] = ()
+) -> dict[str, str]:
     """Field name -> flag name, for the fields that get a flag."""
     names = dict(names or {})
     skip = set(skip)
-    return {f.name: names.get(f.name, prefix + f.name)
-            for f in dataclasses.fields(cls) if f.name not in skip}
+    return {
+        f.name: names.get(f.name, prefix + f.name)
+        for f in dataclasses.fields(cls)
+        if f.name not in skip
+    }
 
 
-def define_flags(cls: type, prefix: str = "", names: Mapping[str, str] | None = None,
-                 skip: Iterable[str] = (), flag_values: flags.FlagValues = flags.FLAGS,
-                 defaults: Mapping[str, Any] | None = None) -> dict[str, str]:
+def define_flags(
+    cls: type,
+    prefix: str = "",
+    names: Mapping[str, str] | None = None,
+    skip: Iterable[str] = (),
+    flag_values: flags.FlagValues = flags.FLAGS,
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
     """Defines one flag per field of the dataclass ``cls``; returns field -> flag name.
 
     ``defaults`` overrides a field's default for the flag only (e.g. a script whose default
@@ -134,13 +155,20 @@ def define_flags(cls: type, prefix: str = "", names: Mapping[str, str] | None = 
     return mapping
 
 
-def from_flags(cls: type, prefix: str = "", names: Mapping[str, str] | None = None,
-               skip: Iterable[str] = (), flag_values: flags.FlagValues = flags.FLAGS,
-               **fixed: Any) -> Any:
+def from_flags(
+    cls: type,
+    prefix: str = "",
+    names: Mapping[str, str] | None = None,
+    skip: Iterable[str] = (),
+    flag_values: flags.FlagValues = flags.FLAGS,
+    **fixed: Any,
+) -> Any:
     """The ``cls`` instance the parsed flags describe (``fixed`` fields set by the caller,
     e.g. ``seed``), validated by its ``validate()`` when it has one (ValueError if bad)."""
-    values = {field: flag_values[flag].value
-              for field, flag in flag_names(cls, prefix, names, skip).items()}
+    values = {
+        field: flag_values[flag].value
+        for field, flag in flag_names(cls, prefix, names, skip).items()
+    }
     values.update(fixed)
     settings = cls(**values)
     validate = getattr(settings, "validate", None)

@@ -38,11 +38,12 @@ def _concat(batches: list[list[tf.Tensor]]) -> list[tf.Tensor]:
 
 def _batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(x), size):
-        yield x[start:start + size]
+        yield x[start : start + size]
 
 
-def _step_table(order: np.ndarray, mask0: np.ndarray,
-                channels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _step_table(
+    order: np.ndarray, mask0: np.ndarray, channels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Channel removed at each step (int32 ``[K+1]``, 0 at step 0), whether it was still
     active (bool ``[K+1]``) and the mask after it (float32 ``[K+1, C]``)."""
     steps = len(order) + 1
@@ -59,8 +60,9 @@ def _step_table(order: np.ndarray, mask0: np.ndarray,
     return removed, live, active
 
 
-def _sizing(plan: _Plan, memory_budget_mb: float, batch_size: int,
-            steps: int) -> tuple[int, int, int]:
+def _sizing(
+    plan: _Plan, memory_budget_mb: float, batch_size: int, steps: int
+) -> tuple[int, int, int]:
     """``(chunk, prefix_batch, group)``: samples per chunk within the budget, inputs per
     prefix batch, steps per loop iteration.
 
@@ -74,14 +76,33 @@ def _sizing(plan: _Plan, memory_budget_mb: float, batch_size: int,
     chunk = int(max(1, budget // (state_bytes + step_bytes)))
     prefix_batch = max(1, min(batch_size, chunk))
     largest = chunk + prefix_batch - 1
-    group = 1 if plan.frontier_list else int(max(1, min(
-        steps, _MAX_GROUP, _GROUP_ROWS // largest,
-        (budget - largest * state_bytes) // (largest * step_bytes))))
+    group = (
+        1
+        if plan.frontier_list
+        else int(
+            max(
+                1,
+                min(
+                    steps,
+                    _MAX_GROUP,
+                    _GROUP_ROWS // largest,
+                    (budget - largest * state_bytes) // (largest * step_bytes),
+                ),
+            )
+        )
+    )
     return chunk, prefix_batch, group
 
 
-def _prefix_chunks(engine: _Engine, sources: list, chunk: int, prefix_batch: int,
-                   active0: tf.Tensor, t0s: list, phases: dict) -> Iterator[list]:
+def _prefix_chunks(
+    engine: _Engine,
+    sources: list,
+    chunk: int,
+    prefix_batch: int,
+    active0: tf.Tensor,
+    t0s: list,
+    phases: dict,
+) -> Iterator[list]:
     """Prefix outputs per batch, ``chunk`` samples (+ less than a batch) at a time."""
     pending, count = [], 0
     dtype = engine.plan.input.dtype
@@ -99,8 +120,9 @@ def _prefix_chunks(engine: _Engine, sources: list, chunk: int, prefix_batch: int
         yield pending
 
 
-def _run_chunk(engine: _Engine, group: int, outs: list, t0s: list, table: tuple,
-               phases: dict) -> tuple[np.ndarray, int]:
+def _run_chunk(
+    engine: _Engine, group: int, outs: list, t0s: list, table: tuple, phases: dict
+) -> tuple[np.ndarray, int]:
     """int64 labels ``[K+1, n]`` of one chunk's samples at every step, and the number of
     (step, sample) rows evaluated.
 
@@ -123,14 +145,22 @@ def _run_chunk(engine: _Engine, group: int, outs: list, t0s: list, table: tuple,
     # Pad to whole groups with no-op steps (not live, no rows).
     padded = np.concatenate([run_steps, np.full(-len(run_steps) % group, 0)])
     live_run = live[padded].astype(dtype)
-    live_run[len(run_steps):] = 0
-    splits = np.concatenate([step_splits,
-                             np.full(len(padded) - len(run_steps), step_splits[-1])])
+    live_run[len(run_steps) :] = 0
+    splits = np.concatenate([step_splits, np.full(len(padded) - len(run_steps), step_splits[-1])])
     tic = time.perf_counter()
     flat = engine.run(
-        group, us, t1s, t0s, consts, tf.constant(removed[padded]), tf.constant(live_run),
-        tf.constant(active[padded].astype(dtype)), tf.constant(splits.astype(np.int32)),
-        tf.constant(rows), tf.constant(row_steps)).numpy()
+        group,
+        us,
+        t1s,
+        t0s,
+        consts,
+        tf.constant(removed[padded]),
+        tf.constant(live_run),
+        tf.constant(active[padded].astype(dtype)),
+        tf.constant(splits.astype(np.int32)),
+        tf.constant(rows),
+        tf.constant(row_steps),
+    ).numpy()
     phases["steps"] += time.perf_counter() - tic
     labels = np.empty((steps, n), np.int64)
     labels[0] = flat[:n]
@@ -142,16 +172,23 @@ def _run_chunk(engine: _Engine, group: int, outs: list, t0s: list, table: tuple,
             labels[k] = labels[k - 1]
             changed = slice(step_splits[j - 1], step_splits[j])
             labels[k, rows[changed]] = flat[changed]
-        labels[k + 1:end] = labels[k]
+        labels[k + 1 : end] = labels[k]
     return labels, len(rows)
 
 
 # pruning_curve is ~85 lines, 35 of them its docstring: the driver (checks, step table, chunk
 # loop with the mask restored on any error, result) reads best in one place.
-def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], clean: Any,
-                  backdoor: Any = None, *, batch_size: int = 256,
-                  memory_budget_mb: float = 256,
-                  return_backdoor_predictions: bool = True) -> PruningCurve:
+def pruning_curve(
+    model: keras.Model,
+    layer_name: str,
+    order: Sequence[int],
+    clean: Any,
+    backdoor: Any = None,
+    *,
+    batch_size: int = 256,
+    memory_budget_mb: float = 256,
+    return_backdoor_predictions: bool = True,
+) -> PruningCurve:
     """Clean accuracy and attack success after pruning each channel of ``order`` in turn.
 
     Gives the predictions of :func:`naive_pruning_curve` (see the package docstring for how,
@@ -223,13 +260,25 @@ def pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], cle
     y_clean = clean_stream.y
     n_clean = len(y_clean)
     info = {
-        "engine": "fast", "mode": plan.mode, "seconds": time.perf_counter() - start,
-        "chunk_samples": chunk, "chunks": len(chunk_predictions),
+        "engine": "fast",
+        "mode": plan.mode,
+        "seconds": time.perf_counter() - start,
+        "chunk_samples": chunk,
+        "chunks": len(chunk_predictions),
         "steps_per_iteration": group,
-        "evaluated_rows": int(evaluated), "all_rows": int(len(table[0]) * predictions.shape[1]),
+        "evaluated_rows": int(evaluated),
+        "all_rows": int(len(table[0]) * predictions.shape[1]),
         "frontier": [f.layer.name for f in plan.frontier_list],
         "phase_seconds": phases,
     }
-    return make_curve(layer, mask0, order, y_clean, predictions[:, :n_clean], bd,
-                      predictions[:, n_clean:] if bd is not None else None,
-                      return_backdoor_predictions, info)
+    return make_curve(
+        layer,
+        mask0,
+        order,
+        y_clean,
+        predictions[:, :n_clean],
+        bd,
+        predictions[:, n_clean:] if bd is not None else None,
+        return_backdoor_predictions,
+        info,
+    )

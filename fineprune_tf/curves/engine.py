@@ -25,9 +25,12 @@ class _Engine:
         p = plan
         dtype = p.dtype
         self.maps = {id(t): tf.constant(p.pinfo[id(t)].channel_map) for t in p.t1}
-        self.columns = {id(piece.tensor): tf.constant(piece.columns)
-                        for f in p.frontier_list for piece in f.pieces
-                        if piece.columns is not None}
+        self.columns = {
+            id(piece.tensor): tf.constant(piece.columns)
+            for f in p.frontier_list
+            for piece in f.pieces
+            if piece.columns is not None
+        }
         t1_specs = [tf.TensorSpec([None, *static_shape(t)], dtype) for t in p.t1]
         t0_specs = [tf.TensorSpec([1, *static_shape(t)], dtype) for t in p.t1]
         u_specs = [tf.TensorSpec([None, *f.u_shape], dtype) for f in p.frontier_list]
@@ -39,13 +42,26 @@ class _Engine:
         # No AutoGraph: the traced code has no tensor-dependent Python control flow (the step
         # loop is an explicit tf.while_loop), and converting the Keras layers' code costs
         # seconds per trace.
-        self.zeros = tf.function(self._zeros, autograph=False, input_signature=[
-            tf.TensorSpec([1, *a_shape], dtype)])
-        self.prefix = tf.function(self._prefix, autograph=False, input_signature=[
-            x_spec, tf.TensorSpec([p.channels], dtype), t0_specs])
+        self.zeros = tf.function(
+            self._zeros, autograph=False, input_signature=[tf.TensorSpec([1, *a_shape], dtype)]
+        )
+        self.prefix = tf.function(
+            self._prefix,
+            autograph=False,
+            input_signature=[x_spec, tf.TensorSpec([p.channels], dtype), t0_specs],
+        )
         self._run_specs = [
-            u_specs, t1_specs, t0_specs, const_specs, vector, tf.TensorSpec([None], dtype),
-            tf.TensorSpec([None, p.channels], dtype), vector, vector, vector]
+            u_specs,
+            t1_specs,
+            t0_specs,
+            const_specs,
+            vector,
+            tf.TensorSpec([None], dtype),
+            tf.TensorSpec([None, p.channels], dtype),
+            vector,
+            vector,
+            vector,
+        ]
         self._run_fns: dict[int, Any] = {}
         # Every engine traces its own graphs once (input signatures fix the types); tracing
         # them here, through get_concrete_function, keeps TF's retracing detector -- keyed on
@@ -62,8 +78,9 @@ class _Engine:
         if info.channels_last:
             keep = tf.reshape(active, [-1, *([1] * (len(shape) - 1)), self.plan.channels])
         else:
-            keep = tf.reshape(tf.gather(active, tf.reshape(self.maps[id(t)], [-1]), axis=1),
-                              [-1, *shape])
+            keep = tf.reshape(
+                tf.gather(active, tf.reshape(self.maps[id(t)], [-1]), axis=1), [-1, *shape]
+            )
         return keep > 0
 
     def _p_region(self, a: tf.Tensor) -> list[tf.Tensor]:
@@ -78,8 +95,9 @@ class _Engine:
         return self._p_region(zeros)
 
     @staticmethod
-    def _dense_pre(layer: Any, x: tf.Tensor, start: int | None = None,
-                   stop: int | None = None) -> tf.Tensor:
+    def _dense_pre(
+        layer: Any, x: tf.Tensor, start: int | None = None, stop: int | None = None
+    ) -> tf.Tensor:
         kernel = layer.kernel if start is None else layer.kernel[start:stop]
         return tf.matmul(x, tf.cast(kernel, x.dtype))
 
@@ -140,8 +158,7 @@ class _Engine:
 
     # -- the steps
 
-    def _update(self, us: list, t1s: list, t0s: list, channel: tf.Tensor,
-                live: tf.Tensor) -> list:
+    def _update(self, us: list, t1s: list, t0s: list, channel: tf.Tensor, live: tf.Tensor) -> list:
         """Frontier pre-activations after removing ``channel`` (unchanged if ``live == 0``):
         each frontier applied to that channel's change alone, subtracted."""
         p = self.plan
@@ -154,22 +171,26 @@ class _Engine:
                 i = p.t1_index[id(piece.tensor)]
                 if frontier.kind == "conv":
                     index = tf.reshape(channel, [1])
-                    delta = (tf.gather(t1s[i], index, axis=-1)
-                             - tf.gather(t0s[i], index, axis=-1)) * live  # [n, h, w, 1]
+                    delta = (
+                        tf.gather(t1s[i], index, axis=-1) - tf.gather(t0s[i], index, axis=-1)
+                    ) * live  # [n, h, w, 1]
                     kernel = tf.gather(layer.kernel, index, axis=2)  # [kh, kw, 1, Cout]
                     u = u - layer.convolution_op(delta, tf.cast(kernel, delta.dtype))
                 else:
                     columns = self.columns[id(piece.tensor)][channel]  # [S]
                     n = tf.shape(t1s[i])[0]
-                    delta = (tf.gather(tf.reshape(t1s[i], [n, -1]), columns, axis=1)
-                             - tf.gather(tf.reshape(t0s[i], [1, -1]), columns, axis=1)) * live
-                    kernel = tf.gather(layer.kernel[piece.start:piece.stop], columns)  # [S, D]
+                    delta = (
+                        tf.gather(tf.reshape(t1s[i], [n, -1]), columns, axis=1)
+                        - tf.gather(tf.reshape(t0s[i], [1, -1]), columns, axis=1)
+                    ) * live
+                    kernel = tf.gather(layer.kernel[piece.start : piece.stop], columns)  # [S, D]
                     u = u - tf.matmul(delta, tf.cast(kernel, delta.dtype))  # [n, D]
             out.append(u)
         return out
 
-    def _rest(self, rows: tf.Tensor, zs: list, t1s: list, t0s: list, active: tf.Tensor,
-              consts: list) -> tf.Tensor:
+    def _rest(
+        self, rows: tf.Tensor, zs: list, t1s: list, t0s: list, active: tf.Tensor, consts: list
+    ) -> tf.Tensor:
         """int32 arg-max predictions ``[R]`` of the samples ``rows`` under the masks
         ``active`` ``[R, C]``, given their frontier pre-activations ``zs`` (``[R, ...]``)."""
         p = self.plan
@@ -185,8 +206,7 @@ class _Engine:
                     values[key] = tf.gather(consts[const_index[key]], rows)
                 elif kind == "p":
                     i = p.t1_index[key]
-                    values[key] = tf.where(self._active(t, active), tf.gather(t1s[i], rows),
-                                           t0s[i])
+                    values[key] = tf.where(self._active(t, active), tf.gather(t1s[i], rows), t0s[i])
                 else:
                     raise AssertionError(f"tensor {t.name} evaluated before its producer")
             return values[key]
@@ -200,8 +220,9 @@ class _Engine:
                 z = zs[frontier_index[id(node)]]
                 for piece in frontier.pieces:
                     if piece.kind == "dyn":
-                        z = z + self._dense_pre(frontier.layer, value(piece.tensor), piece.start,
-                                                piece.stop)
+                        z = z + self._dense_pre(
+                            frontier.layer, value(piece.tensor), piece.start, piece.stop
+                        )
                 outputs = [self._finish(frontier.layer, z)]
             for t, v in zip(node.outputs, outputs, strict=True):
                 values[id(t)] = v
@@ -211,14 +232,18 @@ class _Engine:
         """:meth:`_run` with ``group`` steps per loop iteration (one trace per group size)."""
         fn = self._run_fns.get(group)
         if fn is None:
-            fn = tf.function(functools.partial(self._run, group), autograph=False,
-                             input_signature=self._run_specs)
+            fn = tf.function(
+                functools.partial(self._run, group),
+                autograph=False,
+                input_signature=self._run_specs,
+            )
             fn.get_concrete_function()  # see __init__: not counted as retracing
             self._run_fns[group] = fn
         return fn(*args)
 
-    def _run(self, group: int, us, t1s, t0s, consts, channels, live, active, splits, rows,
-             row_steps):
+    def _run(
+        self, group: int, us, t1s, t0s, consts, channels, live, active, splits, rows, row_steps
+    ):
         """All steps of one chunk in one graph, ``group`` steps per loop iteration.
 
         Step ``b`` predicts the samples ``rows[splits[b]:splits[b + 1]]`` (those it can
@@ -242,7 +267,7 @@ class _Engine:
                 step = first + j
                 if us:
                     us = self._update(us, t1s, t0s, channels[step], live[step])
-                    selected = rows[splits[step]:splits[step + 1]]
+                    selected = rows[splits[step] : splits[step + 1]]
                     for part, u in zip(parts, us, strict=True):
                         part.append(tf.gather(u, selected))
             lo, hi = splits[first], splits[first + group]
@@ -251,8 +276,9 @@ class _Engine:
             labels = labels.write(g, self._rest(rows[lo:hi], zs, t1s, t0s, masks, consts))
             return g + 1, us, labels
 
-        _, _, labels = tf.while_loop(lambda g, us, labels: g < groups, body,
-                                     [tf.constant(0), list(us), labels])
+        _, _, labels = tf.while_loop(
+            lambda g, us, labels: g < groups, body, [tf.constant(0), list(us), labels]
+        )
         return labels.concat()
 
 

@@ -23,11 +23,13 @@ def masked_layer(model: keras.Model, layer_name: str) -> MaskedLayerMixin:
         masked = [layer.name for layer in model.layers if isinstance(layer, MaskedLayerMixin)]
         raise ValueError(
             f"model {model.name!r} has no layer named {layer_name!r}; its masked layers are "
-            f"{masked}") from error
+            f"{masked}"
+        ) from error
     if not isinstance(layer, MaskedLayerMixin):
         raise ValueError(
             f"layer {layer_name!r} of model {model.name!r} is a {type(layer).__name__}, not a "
-            "masked layer (MaskedConv2D / MaskedDense): it has no channel mask to prune")
+            "masked layer (MaskedConv2D / MaskedDense): it has no channel mask to prune"
+        )
     if not layer.built:
         raise ValueError(f"layer {layer_name!r} is not built; call the model once first")
     return layer
@@ -36,21 +38,23 @@ def masked_layer(model: keras.Model, layer_name: str) -> MaskedLayerMixin:
 def check_order(order: Any, channels: int, layer_name: str) -> np.ndarray:
     values = np.asarray(order)
     if values.ndim != 1:
-        raise ValueError(f"order must be a 1-D sequence of channel indices, got shape "
-                         f"{values.shape}")
+        raise ValueError(
+            f"order must be a 1-D sequence of channel indices, got shape {values.shape}"
+        )
     if values.size and not np.issubdtype(values.dtype, np.integer):
         if not np.issubdtype(values.dtype, np.floating) or np.any(values != np.round(values)):
             raise ValueError(f"order must hold integer channel indices, got dtype {values.dtype}")
     values = values.astype(np.int64)
     bad = values[(values < 0) | (values >= channels)]
     if bad.size:
-        raise ValueError(f"order has channel indices {sorted(set(bad.tolist()))} outside "
-                         f"[0, {channels}) of layer {layer_name!r}")
+        raise ValueError(
+            f"order has channel indices {sorted(set(bad.tolist()))} outside "
+            f"[0, {channels}) of layer {layer_name!r}"
+        )
     unique, counts = np.unique(values, return_counts=True)
     if np.any(counts > 1):
         raise ValueError(f"order repeats channels {unique[counts > 1].tolist()}")
     return values
-
 
 
 def backdoor_data(backdoor: Any) -> Backdoor | None:
@@ -67,8 +71,9 @@ def backdoor_data(backdoor: Any) -> Backdoor | None:
     if y_attacker is not None:
         y_attacker = np.asarray(y_attacker).reshape(-1)
         if len(y_attacker) != len(x):
-            raise ValueError(f"backdoor x has {len(x)} inputs but y_attacker has "
-                             f"{len(y_attacker)} labels")
+            raise ValueError(
+                f"backdoor x has {len(x)} inputs but y_attacker has {len(y_attacker)} labels"
+            )
     elif targeted:
         raise ValueError("a targeted backdoor needs y_attacker")
     return Backdoor(x, y_true, y_attacker, targeted)
@@ -88,8 +93,9 @@ def clean_arrays(clean: Any) -> tuple[np.ndarray, np.ndarray]:
         x, y = np.concatenate(xs), np.concatenate(ys)
     else:
         if not isinstance(clean, (tuple, list)) or len(clean) != 2:
-            raise ValueError("clean must be an (x, y) pair of arrays or a tf.data.Dataset of "
-                             "(x, y) batches")
+            raise ValueError(
+                "clean must be an (x, y) pair of arrays or a tf.data.Dataset of (x, y) batches"
+            )
         x, y = np.asarray(clean[0]), np.asarray(clean[1]).reshape(-1)
     if len(x) != len(y):
         raise ValueError(f"clean x has {len(x)} inputs but y has {len(y)} labels")
@@ -119,8 +125,7 @@ class CleanStream:
                 raise ValueError("a clean dataset must yield (x, y) batches")
             x, y = np.asarray(element[0]), np.asarray(element[1]).reshape(-1)
             if len(x) != len(y):
-                raise ValueError(f"a clean dataset batch has {len(x)} inputs but {len(y)} "
-                                 "labels")
+                raise ValueError(f"a clean dataset batch has {len(x)} inputs but {len(y)} labels")
             seen += len(x)
             self._y.append(y)
             yield x
@@ -130,4 +135,3 @@ class CleanStream:
     @property
     def y(self) -> np.ndarray:
         return np.concatenate(self._y)
-

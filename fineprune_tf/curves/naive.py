@@ -15,10 +15,17 @@ from fineprune_tf.curves.result import PruningCurve, make_curve
 __all__ = ["naive_pruning_curve"]
 
 
-def naive_pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int], clean: Any,
-                        backdoor: Any = None, *, batch_size: int = 256,
-                        memory_budget_mb: float = 256,
-                        return_backdoor_predictions: bool = True) -> PruningCurve:
+def naive_pruning_curve(
+    model: keras.Model,
+    layer_name: str,
+    order: Sequence[int],
+    clean: Any,
+    backdoor: Any = None,
+    *,
+    batch_size: int = 256,
+    memory_budget_mb: float = 256,
+    return_backdoor_predictions: bool = True,
+) -> PruningCurve:
     """The reference loop: for each step set the mask and ``model.predict`` every input.
 
     Same signature and result as :func:`pruning_curve` (``memory_budget_mb`` is accepted and
@@ -49,7 +56,11 @@ def naive_pruning_curve(model: keras.Model, layer_name: str, order: Sequence[int
                 pred_bd[k] = predict(bd.x)
     finally:
         layer.set_mask(mask0)
-    info = {"engine": "naive", "seconds": time.perf_counter() - start,
-            "evaluated_rows": steps * (len(x) + (len(bd.x) if bd is not None else 0))}
-    return make_curve(layer, mask0, order, y, pred_clean, bd, pred_bd,
-                       return_backdoor_predictions, info)
+    info = {
+        "engine": "naive",
+        "seconds": time.perf_counter() - start,
+        "evaluated_rows": steps * (len(x) + (len(bd.x) if bd is not None else 0)),
+    }
+    return make_curve(
+        layer, mask0, order, y, pred_clean, bd, pred_bd, return_backdoor_predictions, info
+    )

@@ -100,8 +100,7 @@ def _channel_columns(channel_map: np.ndarray, channels: int) -> np.ndarray | Non
 
 
 def _plain_linear(op: Any) -> bool:
-    return (not getattr(op, "lora_enabled", False)
-            and getattr(op, "quantization_mode", None) is None)
+    return not getattr(op, "lora_enabled", False) and getattr(op, "quantization_mode", None) is None
 
 
 def _dense_ok(op: Any) -> bool:
@@ -109,8 +108,12 @@ def _dense_ok(op: Any) -> bool:
 
 
 def _conv_ok(op: Any) -> bool:
-    return (isinstance(op, keras.layers.Conv2D) and _plain_linear(op) and op.groups == 1
-            and op.data_format == "channels_last")
+    return (
+        isinstance(op, keras.layers.Conv2D)
+        and _plain_linear(op)
+        and op.groups == 1
+        and op.data_format == "channels_last"
+    )
 
 
 class _Plan:
@@ -143,17 +146,22 @@ class _Plan:
         try:
             graph = Graph(model)
         except ValueError as error:
-            raise ValueError(f"pruning_curve needs a functional or built Sequential model: "
-                             f"{error}") from error
+            raise ValueError(
+                f"pruning_curve needs a functional or built Sequential model: {error}"
+            ) from error
         if len(graph.inputs) != 1 or len(graph.outputs) != 1:
-            raise ValueError(f"pruning_curve needs a model with one input and one output; "
-                             f"{model.name!r} has {len(graph.inputs)} and "
-                             f"{len(graph.outputs)}")
+            raise ValueError(
+                f"pruning_curve needs a model with one input and one output; "
+                f"{model.name!r} has {len(graph.inputs)} and "
+                f"{len(graph.outputs)}"
+            )
         own = graph.nodes_of(layer)
         if len(own) != 1:
-            raise ValueError(f"layer {layer.name!r} is called {len(own)} times in the model "
-                             "graph; pruning curves need a layer called exactly once (a layer "
-                             "inside a nested model is not supported)")
+            raise ValueError(
+                f"layer {layer.name!r} is called {len(own)} times in the model "
+                "graph; pruning curves need a layer called exactly once (a layer "
+                "inside a nested model is not supported)"
+            )
         self.layer_node = own[0]
         if not self.layer_node.is_single_tensor_call():
             raise ValueError(f"layer {layer.name!r} must be called on a single tensor")
@@ -171,7 +179,8 @@ class _Plan:
             if gnode is self.layer_node:
                 kinds[id(l_out)] = "p"
                 pinfo[id(l_out)] = _PInfo(
-                    _channels_last_map(static_shape(l_out), self.channels), True)
+                    _channels_last_map(static_shape(l_out), self.channels), True
+                )
                 continue
             ins = gnode.inputs
             if all(kinds.get(id(t)) == "const" for t in ins):
@@ -276,8 +285,11 @@ class _Plan:
             return None
         parts = concat.inputs
         args, kwargs = concat.arguments()
-        if (len(args) != 1 or kwargs
-                or any(len(t.shape) != 2 or static_shape(t) is None for t in parts)):
+        if (
+            len(args) != 1
+            or kwargs
+            or any(len(t.shape) != 2 or static_shape(t) is None for t in parts)
+        ):
             return None
         pieces, start = [], 0
         for t in parts:
@@ -317,19 +329,30 @@ class _Plan:
         forward = sum(_flops(n) for n in self.nodes)
         materialized = sorted({self.producer[id(t)].layer.name for t in self.materialized})
         return CurvePlanInfo(
-            mode=self.mode, frontier=tuple(f.layer.name for f in self.frontier_list),
-            materialized=tuple(materialized), forward_flops=forward, prefix_flops=prefix,
-            frontier_flops=frontier_flops, rest_flops=rest)
+            mode=self.mode,
+            frontier=tuple(f.layer.name for f in self.frontier_list),
+            materialized=tuple(materialized),
+            forward_flops=forward,
+            prefix_flops=prefix,
+            frontier_flops=frontier_flops,
+            rest_flops=rest,
+        )
 
     def bytes_per_sample(self) -> tuple[int, int]:
         """(chunk state per sample, per-step working set per sample), in bytes."""
         item = self.dtype.size
         u = sum(int(np.prod(f.u_shape)) for f in self.frontier_list)
-        state = item * (sum(size(t) for t in self.t1) + u
-                        + sum(size(t) for t in self.rest_consts)) + self.channels
+        state = (
+            item * (sum(size(t) for t in self.t1) + u + sum(size(t) for t in self.rest_consts))
+            + self.channels
+        )
         # Per step: the updated pre-activations and contributions, and every tensor of the
         # remaining layers (twice: inputs and outputs may be alive together).
         rest_tensors = sum(size(t) for gnode in self.rest_nodes for t in gnode.outputs)
-        step = item * (3 * u + 2 * rest_tensors + sum(size(t) for t in self.materialized)
-                       + sum(size(t) for t in self.rest_consts))
+        step = item * (
+            3 * u
+            + 2 * rest_tensors
+            + sum(size(t) for t in self.materialized)
+            + sum(size(t) for t in self.rest_consts)
+        )
         return max(state, 1), max(step, 1)

@@ -63,10 +63,14 @@ class PruningCurve:
             return [None if math.isnan(v) else float(v) for v in values]
 
         return {
-            "layer": self.layer_name, "channels": self.channels,
-            "already_pruned": self.already_pruned, "pruned": self.pruned.tolist(),
-            "clean_acc": floats(self.clean_acc), "asr": floats(self.asr),
-            "robust_acc": floats(self.robust_acc), "targeted": self.targeted,
+            "layer": self.layer_name,
+            "channels": self.channels,
+            "already_pruned": self.already_pruned,
+            "pruned": self.pruned.tolist(),
+            "clean_acc": floats(self.clean_acc),
+            "asr": floats(self.asr),
+            "robust_acc": floats(self.robust_acc),
+            "targeted": self.targeted,
         }
 
 
@@ -102,8 +106,8 @@ class CurvePlanInfo:
         """Arithmetic work of a curve: one prefix pass over ``samples``, the frontier updates
         (one frontier pass in all), and ``rest_flops`` per evaluated (step, sample) pair."""
         return samples * (self.prefix_flops + self.frontier_flops) + evaluated_rows * (
-            self.rest_flops)
-
+            self.rest_flops
+        )
 
 
 @dataclasses.dataclass
@@ -116,11 +120,17 @@ class Backdoor:
     targeted: bool
 
 
-
-def make_curve(layer: MaskedLayerMixin, mask0: np.ndarray, order: np.ndarray,
-                y: np.ndarray, pred_clean: np.ndarray, backdoor: Backdoor | None,
-                pred_backdoor: np.ndarray | None, keep_backdoor: bool,
-                info: dict) -> PruningCurve:
+def make_curve(
+    layer: MaskedLayerMixin,
+    mask0: np.ndarray,
+    order: np.ndarray,
+    y: np.ndarray,
+    pred_clean: np.ndarray,
+    backdoor: Backdoor | None,
+    pred_backdoor: np.ndarray | None,
+    keep_backdoor: bool,
+    info: dict,
+) -> PruningCurve:
     steps = len(order) + 1
     clean_acc = (pred_clean == y[None, :]).mean(axis=1).astype(np.float64)
     asr = np.full(steps, np.nan)
@@ -129,14 +139,24 @@ def make_curve(layer: MaskedLayerMixin, mask0: np.ndarray, order: np.ndarray,
         for k in range(steps):
             robust[k] = metrics.robust_accuracy(pred_backdoor[k], backdoor.y_true)
             asr[k] = metrics.attack_success_rate(
-                pred_backdoor[k], backdoor.y_attacker, targeted=backdoor.targeted,
-                y_true=backdoor.y_true, clean_acc=clean_acc[k])
+                pred_backdoor[k],
+                backdoor.y_attacker,
+                targeted=backdoor.targeted,
+                y_true=backdoor.y_true,
+                clean_acc=clean_acc[k],
+            )
     return PruningCurve(
-        layer_name=layer.name, channels=layer.channels,
+        layer_name=layer.name,
+        channels=layer.channels,
         already_pruned=int(np.sum(mask0 == 0)),
         pruned=np.concatenate([[-1], order]).astype(np.int64),
-        clean_acc=clean_acc, asr=asr, robust_acc=robust,
+        clean_acc=clean_acc,
+        asr=asr,
+        robust_acc=robust,
         predictions_clean=pred_clean.astype(np.int64),
-        predictions_backdoor=(pred_backdoor.astype(np.int64)
-                              if backdoor is not None and keep_backdoor else None),
-        targeted=None if backdoor is None else backdoor.targeted, info=info)
+        predictions_backdoor=(
+            pred_backdoor.astype(np.int64) if backdoor is not None and keep_backdoor else None
+        ),
+        targeted=None if backdoor is None else backdoor.targeted,
+        info=info,
+    )

@@ -29,13 +29,7 @@ import os
 from typing import Any
 
 from . import face, mnist, speech, traffic
-from ._common import (
-    DataFormatError,
-    FileSplit,
-    MissingPackageError,
-    Split,
-    TaskData,
-)
+from ._common import DataFormatError, FileSplit, MissingPackageError, Split, TaskData
 
 __all__ = [
     "TASKS",

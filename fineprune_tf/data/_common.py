@@ -292,10 +292,7 @@ def stratified_split(
 
 
 def grouped_stratified_split(
-    y: np.ndarray,
-    groups: Sequence[Any],
-    fractions: tuple[float, float],
-    rng: np.random.Generator,
+    y: np.ndarray, groups: Sequence[Any], fractions: tuple[float, float], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Like :func:`stratified_split` but whole groups (video tracks) go to one split.
 

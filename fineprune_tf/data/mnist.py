@@ -165,7 +165,4 @@ def load_idx(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     )
 
 
-SOURCES = {
-    "default": lambda data_dir, seed, options: load_default(seed, options),
-    "idx": load_idx,
-}
+SOURCES = {"default": lambda data_dir, seed, options: load_default(seed, options), "idx": load_idx}

@@ -116,9 +116,7 @@ def _draw_speed_limit(d, c: float, r: float, lw: int, rng: np.random.Generator) 
         x = c - 0.45 * r
         for k, frac in enumerate(words):
             x2 = x + frac * 0.9 * r
-            d.line(
-                [(x, y), (x2 - (0.05 * r if k == 0 else 0), y)], fill=ink, width=max(1, lw // 2)
-            )
+            d.line([(x, y), (x2 - (0.05 * r if k == 0 else 0), y)], fill=ink, width=max(1, lw // 2))
             x = x2 + 0.08 * r
     value = int(rng.choice([15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75]))
     _draw_text(d, str(value), c, c + 0.3 * r, 0.95 * r, 0.85 * r, lw, ink)
@@ -427,4 +425,3 @@ def render_split(
         rngs = [np.random.default_rng([seed, split_id, i]) for i in range(start, stop)]
         x[start:stop] = _render_batch(labels[start:stop], rngs, image_size, supersample)
     return Split(x, labels)
-

@@ -247,8 +247,9 @@ def load_gtsrb(data_dir: PathLike, seed: int, options: dict) -> TaskData:
     )
     root = require_dir(data_dir, "gtsrb")
     image_root = _gtsrb_image_root(root)
-    csvs, entries, test_entries, use_test = _gtsrb_entries(root, image_root,
-                                                           bool(opts["official_test"]))
+    csvs, entries, test_entries, use_test = _gtsrb_entries(
+        root, image_root, bool(opts["official_test"])
+    )
 
     super_classes = bool(opts["super_classes"])
     if super_classes:

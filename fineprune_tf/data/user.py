@@ -86,21 +86,29 @@ def _npz_members(path: pathlib.Path, limits: DataLimits) -> None:
             if info.file_size > limits.max_bytes:
                 raise DataFormatError(
                     f"{path}: member {info.filename!r} declares {info.file_size:,} bytes, over "
-                    f"the limit of {limits.max_bytes:,} bytes")
+                    f"the limit of {limits.max_bytes:,} bytes"
+                )
             if not info.filename.endswith(".npy"):
                 continue
             with archive.open(info) as member:
                 version = np.lib.format.read_magic(member)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(member)
             if dtype.hasobject:
-                raise DataFormatError(f"{path}: array {info.filename!r} holds Python objects "
-                                      "(pickled data is never loaded)")
+                raise DataFormatError(
+                    f"{path}: array {info.filename!r} holds Python objects "
+                    "(pickled data is never loaded)"
+                )
             total += math.prod(shape) * dtype.itemsize
             if total > limits.max_bytes:
-                raise DataFormatError(f"{path}: the arrays need more than {limits.max_bytes:,} "
-                                      "bytes once decoded (a decompression bomb?)")
+                raise DataFormatError(
+                    f"{path}: the arrays need more than {limits.max_bytes:,} "
+                    "bytes once decoded (a decompression bomb?)"
+                )
 
 
 def _from_npz(path: pathlib.Path, limits: DataLimits):
@@ -109,8 +117,10 @@ def _from_npz(path: pathlib.Path, limits: DataLimits):
     if not head:
         raise DataFormatError(f"{path}: empty file, not an .npz")
     if head.startswith(b"\x93NUMPY"):
-        raise DataFormatError(f"{path}: a single .npy array, not an .npz with 'x' and 'y' "
-                              "(save both with numpy.savez)")
+        raise DataFormatError(
+            f"{path}: a single .npy array, not an .npz with 'x' and 'y' "
+            "(save both with numpy.savez)"
+        )
     if not head.startswith(b"PK"):
         raise DataFormatError(f"{path}: not an .npz file (no zip header)")
     try:
@@ -120,15 +130,26 @@ def _from_npz(path: pathlib.Path, limits: DataLimits):
             if missing:
                 raise DataFormatError(
                     f"{path}: the .npz has no {missing} array(s); it needs 'x' [N, H, W, C] and "
-                    f"'y' [N] (found {archive.files})")
+                    f"'y' [N] (found {archive.files})"
+                )
             x, y = archive["x"], archive["y"]
             y_attacker = archive["y_attacker"] if "y_attacker" in archive.files else None
     except DataFormatError:
         raise
-    except (OSError, ValueError, EOFError, TypeError, KeyError, zipfile.BadZipFile,
-            zipfile.LargeZipFile, NotImplementedError, MemoryError) as error:
-        raise DataFormatError(f"{path}: not a readable .npz file ({type(error).__name__}: "
-                              f"{str(error)[:200]})") from None
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        TypeError,
+        KeyError,
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        MemoryError,
+    ) as error:
+        raise DataFormatError(
+            f"{path}: not a readable .npz file ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     return x, y, y_attacker
@@ -139,8 +160,10 @@ def _inside(entry: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
     if entry.is_symlink():
         target = pathlib.Path(os.path.realpath(entry))
         if not target.is_relative_to(root):
-            raise DataFormatError(f"{entry} is a symbolic link to {target}, outside the data "
-                                  f"folder {root}; refusing to follow it")
+            raise DataFormatError(
+                f"{entry} is a symbolic link to {target}, outside the data "
+                f"folder {root}; refusing to follow it"
+            )
     return entry
 
 
@@ -153,39 +176,48 @@ def _load_image(file: pathlib.Path, mode: str, limits: DataLimits):
             if width * height > limits.max_image_pixels:
                 raise DataFormatError(
                     f"{file}: {width}x{height} pixels, over the limit of "
-                    f"{limits.max_image_pixels:,} pixels per image")
+                    f"{limits.max_image_pixels:,} pixels per image"
+                )
             image.load()
             return image.convert(mode) if image.mode != mode else image.copy()
     except DataFormatError:
         raise
     except Image.DecompressionBombError as error:
-        raise DataFormatError(f"{file}: over the limit of {limits.max_image_pixels:,} pixels "
-                              f"per image ({error})") from None
+        raise DataFormatError(
+            f"{file}: over the limit of {limits.max_image_pixels:,} pixels per image ({error})"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError) as error:
-        raise DataFormatError(f"cannot decode image {str(file)!r} ({type(error).__name__}: "
-                              f"{str(error)[:200]})") from None
+        raise DataFormatError(
+            f"cannot decode image {str(file)!r} ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
 
 
 def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int], limits: DataLimits):
     height, width, channels = image_shape
     if channels not in (1, 3):
-        raise DataFormatError(f"image folders need a model input with 1 or 3 channels, "
-                              f"the model takes {channels}")
+        raise DataFormatError(
+            f"image folders need a model input with 1 or 3 channels, the model takes {channels}"
+        )
     root = pathlib.Path(os.path.realpath(path))
     classes = sorted(p.name for p in path.iterdir() if _inside(p, root).is_dir())
     if not classes:
         raise DataFormatError(f"{path}: no class sub-folders (expected <class name>/<image>)")
     per_class = []
     for name in classes:
-        files = sorted(f for f in (path / name).iterdir()
-                       if _inside(f, root).is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+        files = sorted(
+            f
+            for f in (path / name).iterdir()
+            if _inside(f, root).is_file() and f.suffix.lower() in _IMAGE_SUFFIXES
+        )
         if not files:
             raise DataFormatError(f"{path / name}: class folder has no images (empty class)")
         per_class.append(files)
     count = sum(len(files) for files in per_class)
     if count > limits.max_files or count * height * width * channels * 4 > limits.max_bytes:
-        raise DataFormatError(f"{path}: {count:,} images need more than the limit of "
-                              f"{limits.max_bytes:,} bytes at the model's input size")
+        raise DataFormatError(
+            f"{path}: {count:,} images need more than the limit of "
+            f"{limits.max_bytes:,} bytes at the model's input size"
+        )
     images, labels = [], []
     for index, files in enumerate(per_class):
         for file in files:
@@ -197,9 +229,14 @@ def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int], limits: 
     return np.stack(images).astype(np.float32), np.asarray(labels, np.int64), classes
 
 
-def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_classes: int,
-                   what: str = "clean data", min_classes: int = 2,
-                   limits: DataLimits | None = None) -> UserData:
+def load_user_data(
+    path: str | os.PathLike,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    what: str = "clean data",
+    min_classes: int = 2,
+    limits: DataLimits | None = None,
+) -> UserData:
     """Reads and validates the user's data against the model it is meant for.
 
     Args:
@@ -224,8 +261,9 @@ def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_cl
     elif path.suffix.lower() == ".npz":
         x, y, y_attacker = _from_npz(path, limits)
     else:
-        raise DataFormatError(f"{what}: {path} is neither an .npz file nor a folder of class "
-                              "sub-folders")
+        raise DataFormatError(
+            f"{what}: {path} is neither an .npz file nor a folder of class sub-folders"
+        )
     x = np.asarray(x)
     y = np.asarray(y).reshape(-1)
     if x.ndim == 3 and len(input_shape) == 3 and input_shape[-1] == 1:
@@ -235,12 +273,15 @@ def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_cl
     if tuple(x.shape[1:]) != tuple(input_shape):
         raise DataFormatError(
             f"{what}: examples have shape {tuple(x.shape[1:])} but the model takes "
-            f"{tuple(input_shape)}")
+            f"{tuple(input_shape)}"
+        )
     if len(y) != len(x):
         raise DataFormatError(f"{what}: {len(x)} examples but {len(y)} labels")
     if np.iscomplexobj(x) or np.iscomplexobj(y):
-        raise DataFormatError(f"{what}: complex-valued {'x' if np.iscomplexobj(x) else 'y'} "
-                              "(dtype complex); expected real numbers")
+        raise DataFormatError(
+            f"{what}: complex-valued {'x' if np.iscomplexobj(x) else 'y'} "
+            "(dtype complex); expected real numbers"
+        )
     if not np.issubdtype(x.dtype, np.number):
         raise DataFormatError(f"{what}: x has dtype {x.dtype}, expected numbers")
     x = x.astype(np.float32)
@@ -248,26 +289,36 @@ def load_user_data(path: str | os.PathLike, input_shape: tuple[int, ...], num_cl
         bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
         raise DataFormatError(f"{what}: {bad} example(s) contain NaN or Inf values")
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(
-                y == np.round(y)):
+        if (
+            np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        ):
             y = y.astype(np.int64)
         else:
             raise DataFormatError(f"{what}: labels must be integers, got dtype {y.dtype}")
-    labels = [("y", y)] + ([("y_attacker", np.asarray(y_attacker).reshape(-1))]
-                           if y_attacker is not None else [])
+    labels = [("y", y)] + (
+        [("y_attacker", np.asarray(y_attacker).reshape(-1))] if y_attacker is not None else []
+    )
     for name, values in labels:
         outside = values[(values < 0) | (values >= num_classes)]
         if outside.size:
             raise DataFormatError(
                 f"{what}: label {int(outside[0])} in {name} is outside the model's "
-                f"{num_classes} classes [0, {num_classes - 1}]")
+                f"{num_classes} classes [0, {num_classes - 1}]"
+            )
     if y_attacker is not None and len(y_attacker) != len(y):
         raise DataFormatError(f"{what}: y_attacker has {len(y_attacker)} labels, y has {len(y)}")
     distinct = np.unique(y).size
     if distinct < min_classes:
         raise DataFormatError(
             f"{what}: only {distinct} class(es) present; at least {min_classes} are needed to "
-            "measure accuracy meaningfully")
-    return UserData(x, y.astype(np.int64),
-                    None if y_attacker is None else np.asarray(y_attacker, np.int64).reshape(-1),
-                    class_names, str(path))
+            "measure accuracy meaningfully"
+        )
+    return UserData(
+        x,
+        y.astype(np.int64),
+        None if y_attacker is None else np.asarray(y_attacker, np.int64).reshape(-1),
+        class_names,
+        str(path),
+    )

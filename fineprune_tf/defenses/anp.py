@@ -61,19 +61,32 @@ def anp_losses(model, groups, x, y, masks, noise, noise_bias, alpha: float):
     ``1 + xi`` (bias part).
     """
     loss_fn = keras.losses.SparseCategoricalCrossentropy()
-    natural = loss_fn(y, forward_with_multipliers(model, groups, x, masks,
-                                                  [None] * len(groups)))
+    natural = loss_fn(y, forward_with_multipliers(model, groups, x, masks, [None] * len(groups)))
     perturbed = forward_with_multipliers(
-        model, groups, x, [m + d for m, d in zip(masks, noise, strict=True)],
-        [1.0 + b for b in noise_bias])
+        model,
+        groups,
+        x,
+        [m + d for m, d in zip(masks, noise, strict=True)],
+        [1.0 + b for b in noise_bias],
+    )
     robust = loss_fn(y, perturbed)
     return natural, robust, alpha * natural + (1.0 - alpha) * robust
 
 
-def anp_mask_values(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: float = 0.4,
-                    steps: int = 1, alpha: float = 0.2, learning_rate: float = 0.2,
-                    iterations: int = 100, batch_size: int = 128, seed: int = 0,
-                    dense: bool = False) -> tuple[list, list[np.ndarray]]:
+def anp_mask_values(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    eps: float = 0.4,
+    steps: int = 1,
+    alpha: float = 0.2,
+    learning_rate: float = 0.2,
+    iterations: int = 100,
+    batch_size: int = 128,
+    seed: int = 0,
+    dense: bool = False,
+) -> tuple[list, list[np.ndarray]]:
     """Optimises ANP's neuron masks on clean ``(x [N, ...], y [N])``.
 
     Returns ``(groups, masks)``: the neuron groups of ``model`` and one float32 ``[C_g]`` mask
@@ -93,18 +106,19 @@ def anp_mask_values(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: fl
                 variable.assign(rng.uniform(variable.shape, -eps, eps))
             for _ in range(steps):
                 with tf.GradientTape() as tape:
-                    _, robust, _ = anp_losses(model, groups, xb, yb, masks, noise, noise_bias,
-                                              alpha)
+                    _, robust, _ = anp_losses(
+                        model, groups, xb, yb, masks, noise, noise_bias, alpha
+                    )
                 grads = tape.gradient(robust, [*noise, *noise_bias])
                 for variable, grad in zip([*noise, *noise_bias], grads, strict=True):
                     variable.assign_add((eps / steps) * tf.sign(grad))
         with tf.GradientTape() as tape:
             if eps > 0:
-                natural, _, loss = anp_losses(model, groups, xb, yb, masks, noise, noise_bias,
-                                              alpha)
+                natural, _, loss = anp_losses(
+                    model, groups, xb, yb, masks, noise, noise_bias, alpha
+                )
             else:
-                loss = natural = anp_losses(model, groups, xb, yb, masks, noise, noise_bias,
-                                            1.0)[0]
+                loss = natural = anp_losses(model, groups, xb, yb, masks, noise, noise_bias, 1.0)[0]
         grads = tape.gradient(loss, masks)
         optimizer.apply_gradients(zip(grads, masks, strict=True))
         for mask in masks:
@@ -119,10 +133,21 @@ def anp_mask_values(model: keras.Model, x: np.ndarray, y: np.ndarray, *, eps: fl
     return groups, [m.numpy() for m in masks]
 
 
-def anp(model: keras.Model, validation, *, eps: float = 0.4, steps: int = 1,
-        alpha: float = 0.2, learning_rate: float = 0.2, iterations: int = 100,
-        batch_size: int = 128, threshold: float | None = None, tolerance: float = 2.0,
-        seed: int = 0, evaluation=None) -> DefenseResult:
+def anp(
+    model: keras.Model,
+    validation,
+    *,
+    eps: float = 0.4,
+    steps: int = 1,
+    alpha: float = 0.2,
+    learning_rate: float = 0.2,
+    iterations: int = 100,
+    batch_size: int = 128,
+    threshold: float | None = None,
+    tolerance: float = 2.0,
+    seed: int = 0,
+    evaluation=None,
+) -> DefenseResult:
     """ANP: learn neuron masks under adversarial neuron perturbation on ``DefenderData.fit``,
     then prune the neurons whose mask is ``<= threshold``.
 
@@ -135,21 +160,39 @@ def anp(model: keras.Model, validation, *, eps: float = 0.4, steps: int = 1,
     start = time.perf_counter()
     defended = clone(model)
     with selecting():
-        groups, masks = anp_mask_values(defended, *defender.fit, eps=eps, steps=steps,
-                                        alpha=alpha, learning_rate=learning_rate,
-                                        iterations=iterations, batch_size=batch_size, seed=seed)
-        choice = choose_threshold(defended, groups, masks, defender.holdout, tolerance,
-                                  fixed=threshold)
+        groups, masks = anp_mask_values(
+            defended,
+            *defender.fit,
+            eps=eps,
+            steps=steps,
+            alpha=alpha,
+            learning_rate=learning_rate,
+            iterations=iterations,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        choice = choose_threshold(
+            defended, groups, masks, defender.holdout, tolerance, fixed=threshold
+        )
         pruned = apply_pruned(defended, choice.pop("chosen_pruned"))
     samples = iterations * min(batch_size, len(defender.fit[0]))
-    details = {"mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks,
-                                                                        strict=True)},
-               "pruned": pruned, "pruned_count": sum(len(v) for v in pruned.values()),
-               "eps": eps, "steps": steps, "alpha": alpha, "iterations": iterations,
-               **choice}
+    details = {
+        "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks, strict=True)},
+        "pruned": pruned,
+        "pruned_count": sum(len(v) for v in pruned.values()),
+        "eps": eps,
+        "steps": steps,
+        "alpha": alpha,
+        "iterations": iterations,
+        **choice,
+    }
     result = DefenseResult(
-        "anp", defended, time.perf_counter() - start,
+        "anp",
+        defended,
+        time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
         forward_passes=samples * (2 + 2 * steps) + choice["forward_passes"],
-        backward_passes=samples * (1 + steps), details=details)
+        backward_passes=samples * (1 + steps),
+        details=details,
+    )
     return finish(result, evaluation)

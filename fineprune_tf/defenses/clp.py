@@ -52,8 +52,11 @@ def channel_lipschitz(model: keras.Model) -> dict[str, np.ndarray]:
         bn = pairs.get(layer.name)
         if bn is not None:
             variance = keras.ops.convert_to_numpy(bn.moving_variance).astype(np.float64)
-            gamma = (keras.ops.convert_to_numpy(bn.gamma).astype(np.float64) if bn.scale
-                     else np.ones(channels))
+            gamma = (
+                keras.ops.convert_to_numpy(bn.gamma).astype(np.float64)
+                if bn.scale
+                else np.ones(channels)
+            )
             norms = norms * np.abs(gamma / np.sqrt(variance + bn.epsilon))
         bounds[layer.name] = norms
     if not bounds:
@@ -70,8 +73,15 @@ def clp_prune_sets(bounds: dict[str, np.ndarray], u: float) -> dict[str, list[in
     return pruned
 
 
-def clp(model: keras.Model, validation=None, *, u: float | None = 3.0, tolerance: float = 2.0,
-        seed: int = 0, evaluation=None) -> DefenseResult:
+def clp(
+    model: keras.Model,
+    validation=None,
+    *,
+    u: float | None = 3.0,
+    tolerance: float = 2.0,
+    seed: int = 0,
+    evaluation=None,
+) -> DefenseResult:
     """CLP: prune, in every conv layer, the channels whose Lipschitz upper bound is an outlier.
 
     Args:
@@ -88,14 +98,16 @@ def clp(model: keras.Model, validation=None, *, u: float | None = 3.0, tolerance
                 raise ValueError("clp(u=None) chooses u from clean data: pass validation")
             defender = DefenderData.coerce(validation, seed=seed)
             choice = choose_by_holdout(
-                defended, [(value, clp_prune_sets(bounds, value)) for value in U_CANDIDATES],
-                defender.holdout, tolerance)
+                defended,
+                [(value, clp_prune_sets(bounds, value)) for value in U_CANDIDATES],
+                defender.holdout,
+                tolerance,
+            )
             choice.pop("index")
             chosen_u = choice.pop("setting")
             chosen_u = float("inf") if chosen_u is None else chosen_u
         else:
-            chosen_u, choice = float(u), {"why": f"fixed u = {u} (data-free)",
-                                          "forward_passes": 0}
+            chosen_u, choice = float(u), {"why": f"fixed u = {u} (data-free)", "forward_passes": 0}
         pruned = clp_prune_sets(bounds, chosen_u)
         for name, channels in pruned.items():
             if channels:
@@ -103,10 +115,19 @@ def clp(model: keras.Model, validation=None, *, u: float | None = 3.0, tolerance
     holdout = None
     if validation is not None:
         holdout = holdout_accuracy(defended, DefenderData.coerce(validation, seed=seed).holdout)
-    details = {"uclc": {k: v.tolist() for k, v in bounds.items()}, "u": chosen_u,
-               "pruned": pruned, "pruned_count": sum(len(v) for v in pruned.values()),
-               **choice}
-    result = DefenseResult("clp", defended, time.perf_counter() - start,
-                           holdout_acc=np.nan if holdout is None else holdout,
-                           forward_passes=choice.get("forward_passes", 0), details=details)
+    details = {
+        "uclc": {k: v.tolist() for k, v in bounds.items()},
+        "u": chosen_u,
+        "pruned": pruned,
+        "pruned_count": sum(len(v) for v in pruned.values()),
+        **choice,
+    }
+    result = DefenseResult(
+        "clp",
+        defended,
+        time.perf_counter() - start,
+        holdout_acc=np.nan if holdout is None else holdout,
+        forward_passes=choice.get("forward_passes", 0),
+        details=details,
+    )
     return finish(result, evaluation)

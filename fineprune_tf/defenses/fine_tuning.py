@@ -50,8 +50,16 @@ from fineprune_tf.defenses.pruning import PruningOutcome, PruningSettings, prune
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedLayerMixin
 
-__all__ = ["FineTuneSettings", "ConvergenceSelection", "GradualChannelPruning",
-           "add_weight_noise", "fine_tune", "fine_prune", "fine_tune_in_place", "RULES"]
+__all__ = [
+    "FineTuneSettings",
+    "ConvergenceSelection",
+    "GradualChannelPruning",
+    "add_weight_noise",
+    "fine_tune",
+    "fine_prune",
+    "fine_tune_in_place",
+    "RULES",
+]
 
 RULES = ("converge", "early_stopping", "last")
 
@@ -103,13 +111,16 @@ class FineTuneSettings:
     def validate(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
-        if not self.candidate_rates() or min(self.candidate_rates()) <= 0 \
-                or self.max_epochs < 1:
-            raise ValueError(f"learning rates must be > 0 and max_epochs >= 1, got "
-                             f"{self.learning_rate}, {self.learning_rates}, {self.max_epochs}")
+        if not self.candidate_rates() or min(self.candidate_rates()) <= 0 or self.max_epochs < 1:
+            raise ValueError(
+                f"learning rates must be > 0 and max_epochs >= 1, got "
+                f"{self.learning_rate}, {self.learning_rates}, {self.max_epochs}"
+            )
         if self.tolerance < 0 or self.rate_tolerance < 0:
-            raise ValueError(f"tolerance and rate_tolerance must be >= 0 points, got "
-                             f"{self.tolerance}, {self.rate_tolerance}")
+            raise ValueError(
+                f"tolerance and rate_tolerance must be >= 0 points, got "
+                f"{self.tolerance}, {self.rate_tolerance}"
+            )
 
     def candidate_rates(self) -> tuple[float, ...]:
         """The rates to try, ascending: ``(learning_rate,)`` when a fixed rate is given."""
@@ -129,9 +140,14 @@ class ConvergenceSelection(keras.callbacks.Callback):
     accuracy)`` and ``chosen`` the restored epoch (0-based; -1 = the starting model).
     """
 
-    def __init__(self, tolerance: float = 1.0, plateau_patience: int = 3,
-                 min_delta: float = 0.02, start_accuracy: float | None = None,
-                 divergence_drop: float = 5.0):
+    def __init__(
+        self,
+        tolerance: float = 1.0,
+        plateau_patience: int = 3,
+        min_delta: float = 0.02,
+        start_accuracy: float | None = None,
+        divergence_drop: float = 5.0,
+    ):
         super().__init__()
         self.start_accuracy = start_accuracy
         self.divergence_drop = float(divergence_drop)
@@ -167,8 +183,11 @@ class ConvergenceSelection(keras.callbacks.Callback):
         floor = accuracies.max() - self.tolerance / 100.0 - 1e-9
         self.chosen = int(np.flatnonzero(accuracies >= floor)[-1])
         self.model.set_weights(self.weights[self.chosen])
-        if (self.start_accuracy is not None and (self.start_accuracy - accuracies[self.chosen])
-                * 100.0 > self.divergence_drop + 1e-9):
+        if (
+            self.start_accuracy is not None
+            and (self.start_accuracy - accuracies[self.chosen]) * 100.0
+            > self.divergence_drop + 1e-9
+        ):
             # Training diverged (lr too high): keep the starting model rather than a broken one.
             self.chosen = -1
             self.model.set_weights(self._start_weights)
@@ -191,39 +210,57 @@ def add_weight_noise(model: keras.Model, stddev: float, seed: int = 0) -> None:
         variable.assign(value + rng.normal(0.0, scale, value.shape).astype(value.dtype))
 
 
-def _fine_tune_once(model: keras.Model, defender: DefenderData, settings: FineTuneSettings,
-                    learning_rate: float,
-                    callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+def _fine_tune_once(
+    model: keras.Model,
+    defender: DefenderData,
+    settings: FineTuneSettings,
+    learning_rate: float,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict:
     """One fine-tuning run at ``learning_rate`` with ``settings.rule`` choosing the checkpoint
     on ``defender.holdout``; masks are held.  Returns what it did (epochs, chosen epoch, why)."""
     train_x, train_y = defender.fit
     if settings.rule == "converge":
         with selecting():
             start_accuracy = holdout_accuracy(model, defender.holdout)
-        rule = ConvergenceSelection(settings.tolerance, settings.plateau_patience,
-                                    settings.min_delta, start_accuracy)
+        rule = ConvergenceSelection(
+            settings.tolerance, settings.plateau_patience, settings.min_delta, start_accuracy
+        )
     elif settings.rule == "early_stopping":
-        rule = keras.callbacks.EarlyStopping(monitor="val_loss", patience=settings.patience,
-                                             restore_best_weights=True)
+        rule = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=settings.patience, restore_best_weights=True
+        )
     else:
         rule = None
     with selecting():
-        fitted = training.fit(model, train_x, train_y, epochs=settings.max_epochs,
-                              batch_size=settings.batch_size,
-                              learning_rate=learning_rate,
-                              optimizer=settings.optimizer, schedule=settings.schedule,
-                              seed=settings.seed, validation=defender.holdout,
-                              callbacks=[c for c in (rule, *callbacks) if c is not None],
-                              verbose=settings.verbose)
+        fitted = training.fit(
+            model,
+            train_x,
+            train_y,
+            epochs=settings.max_epochs,
+            batch_size=settings.batch_size,
+            learning_rate=learning_rate,
+            optimizer=settings.optimizer,
+            schedule=settings.schedule,
+            seed=settings.seed,
+            validation=defender.holdout,
+            callbacks=[c for c in (rule, *callbacks) if c is not None],
+            verbose=settings.verbose,
+        )
     history = fitted["history"]
     epochs = fitted["epochs"]
     if settings.rule == "converge":
         chosen = rule.chosen
-        why = (f"trained {epochs} epochs (training loss plateaued or cap {settings.max_epochs}); "
-               + (f"kept epoch {chosen + 1}, the latest within {settings.tolerance} points of "
-                  "the best clean holdout accuracy" if chosen >= 0 else
-                  "every checkpoint was more than 5 points below the start: diverged, kept the "
-                  "starting weights"))
+        why = (
+            f"trained {epochs} epochs (training loss plateaued or cap {settings.max_epochs}); "
+            + (
+                f"kept epoch {chosen + 1}, the latest within {settings.tolerance} points of "
+                "the best clean holdout accuracy"
+                if chosen >= 0
+                else "every checkpoint was more than 5 points below the start: diverged, kept the "
+                "starting weights"
+            )
+        )
     elif settings.rule == "early_stopping":
         losses = history.get("val_loss", [math.nan])
         chosen = int(np.nanargmin(losses))
@@ -231,18 +268,26 @@ def _fine_tune_once(model: keras.Model, defender: DefenderData, settings: FineTu
     else:
         chosen = epochs - 1
         why = f"kept the last of {epochs} epochs"
-    return {"epochs": epochs, "chosen_epoch": chosen + 1, "rule": settings.rule,
-            "diverged": chosen < 0,
-            "train_seconds": fitted["seconds"], "learning_rate": learning_rate,
-            "schedule": settings.schedule, "noise_stddev": settings.noise_stddev,
-            "holdout_accuracy": [float(a) for a in history.get("val_accuracy", [])],
-            "train_loss": [float(a) for a in history.get("loss", [])],
-            "forward_passes": epochs * (len(train_x) + len(defender.holdout[0])),
-            "backward_passes": epochs * len(train_x), "why": why}
+    return {
+        "epochs": epochs,
+        "chosen_epoch": chosen + 1,
+        "rule": settings.rule,
+        "diverged": chosen < 0,
+        "train_seconds": fitted["seconds"],
+        "learning_rate": learning_rate,
+        "schedule": settings.schedule,
+        "noise_stddev": settings.noise_stddev,
+        "holdout_accuracy": [float(a) for a in history.get("val_accuracy", [])],
+        "train_loss": [float(a) for a in history.get("loss", [])],
+        "forward_passes": epochs * (len(train_x) + len(defender.holdout[0])),
+        "backward_passes": epochs * len(train_x),
+        "why": why,
+    }
 
 
-def choose_learning_rate(runs: Sequence[dict], start_accuracy: float,
-                         rate_tolerance: float) -> tuple[int, str]:
+def choose_learning_rate(
+    runs: Sequence[dict], start_accuracy: float, rate_tolerance: float
+) -> tuple[int, str]:
     """The learning-rate rule: index of the run to keep, and why.
 
     ``runs`` are :func:`_fine_tune_once` summaries with ``"final_holdout_acc"`` added.  The
@@ -253,21 +298,30 @@ def choose_learning_rate(runs: Sequence[dict], start_accuracy: float,
     qualifies, the one losing the least holdout accuracy is kept.
     """
     drops = [(start_accuracy - run["final_holdout_acc"]) * 100.0 for run in runs]
-    ok = [i for i, run in enumerate(runs)
-          if not run["diverged"] and drops[i] <= rate_tolerance + 1e-9]
+    ok = [
+        i for i, run in enumerate(runs) if not run["diverged"] and drops[i] <= rate_tolerance + 1e-9
+    ]
     rates = [run["learning_rate"] for run in runs]
     if ok:
         best = max(ok, key=lambda i: rates[i])
-        return best, (f"lr {rates[best]:g} is the largest of {rates} whose clean holdout "
-                      f"accuracy drop ({drops[best]:.1f} points) is within {rate_tolerance} "
-                      "points of the undefended model's")
+        return best, (
+            f"lr {rates[best]:g} is the largest of {rates} whose clean holdout "
+            f"accuracy drop ({drops[best]:.1f} points) is within {rate_tolerance} "
+            "points of the undefended model's"
+        )
     best = min(range(len(runs)), key=lambda i: (runs[i]["diverged"], drops[i], -rates[i]))
-    return best, (f"no rate of {rates} stayed within {rate_tolerance} points; lr "
-                  f"{rates[best]:g} lost the least ({drops[best]:.1f} points)")
+    return best, (
+        f"no rate of {rates} stayed within {rate_tolerance} points; lr "
+        f"{rates[best]:g} lost the least ({drops[best]:.1f} points)"
+    )
 
 
-def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: FineTuneSettings,
-                       callbacks: Sequence[keras.callbacks.Callback] = ()) -> dict:
+def fine_tune_in_place(
+    model: keras.Model,
+    defender: DefenderData,
+    settings: FineTuneSettings,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict:
     """Fine-tunes ``model`` on ``defender.fit``, masks held; returns what it did.
 
     By default (``settings.learning_rate`` None) one run per candidate rate starts from the
@@ -299,20 +353,26 @@ def fine_tune_in_place(model: keras.Model, defender: DefenderData, settings: Fin
     chosen["forward_passes"] = sum(run["forward_passes"] for run in runs)
     chosen["backward_passes"] = sum(run["backward_passes"] for run in runs)
     chosen["train_seconds"] = sum(run["train_seconds"] for run in runs)
-    chosen["rate_runs"] = [{k: run[k] for k in ("learning_rate", "epochs", "chosen_epoch",
-                                                  "diverged", "final_holdout_acc")}
-                           for run in runs]
+    chosen["rate_runs"] = [
+        {
+            k: run[k]
+            for k in ("learning_rate", "epochs", "chosen_epoch", "diverged", "final_holdout_acc")
+        }
+        for run in runs
+    ]
     chosen["start_holdout_acc"] = start_accuracy
     return chosen
 
 
 def _defender(validation: Any, settings: FineTuneSettings) -> DefenderData:
-    return DefenderData.coerce(validation, holdout_fraction=settings.holdout_fraction,
-                               seed=settings.seed)
+    return DefenderData.coerce(
+        validation, holdout_fraction=settings.holdout_fraction, seed=settings.seed
+    )
 
 
-def fine_tune(model: keras.Model, validation, *, settings: FineTuneSettings | None = None,
-              evaluation=None) -> DefenseResult:
+def fine_tune(
+    model: keras.Model, validation, *, settings: FineTuneSettings | None = None, evaluation=None
+) -> DefenseResult:
     """Fine-tuning (§3.3) on the defender's clean data until convergence (see the module
     docstring for the rule).  Existing masks are held (pruned channels stay 0)."""
     settings = settings or FineTuneSettings()
@@ -320,18 +380,32 @@ def fine_tune(model: keras.Model, validation, *, settings: FineTuneSettings | No
     start = time.perf_counter()
     defended = clone(model)
     details = fine_tune_in_place(defended, defender, settings)
-    result = DefenseResult("fine_tuning", defended, time.perf_counter() - start,
-                           holdout_acc=holdout_accuracy(defended, defender.holdout),
-                           forward_passes=details["forward_passes"],
-                           backward_passes=details["backward_passes"], details=details)
+    result = DefenseResult(
+        "fine_tuning",
+        defended,
+        time.perf_counter() - start,
+        holdout_acc=holdout_accuracy(defended, defender.holdout),
+        forward_passes=details["forward_passes"],
+        backward_passes=details["backward_passes"],
+        details=details,
+    )
     return finish(result, evaluation)
 
 
-def fine_prune(model: keras.Model, validation, *, layer_name: str | None = None,
-               threshold: float | None = None, settings: FineTuneSettings | None = None,
-               pruning: PruningSettings | None = None, backdoor_validation=None,
-               evaluation=None, engine: str | None = None, schedule: Any = None,
-               pruned: PruningOutcome | None = None) -> DefenseResult:
+def fine_prune(
+    model: keras.Model,
+    validation,
+    *,
+    layer_name: str | None = None,
+    threshold: float | None = None,
+    settings: FineTuneSettings | None = None,
+    pruning: PruningSettings | None = None,
+    backdoor_validation=None,
+    evaluation=None,
+    engine: str | None = None,
+    schedule: Any = None,
+    pruned: PruningOutcome | None = None,
+) -> DefenseResult:
     """Fine-pruning (§3.3): the pruning defense, then fine-tuning with pruned channels held at 0.
 
     ``pruning`` (with ``layer_name``, ``threshold``, ``engine`` overriding its fields) is the
@@ -347,26 +421,42 @@ def fine_prune(model: keras.Model, validation, *, layer_name: str | None = None,
     settings = settings or FineTuneSettings()
     defender = _defender(validation, settings)
     start = time.perf_counter()
-    pruned = prune(model, defender, settings=pruning, layer_name=layer_name,
-                   threshold=threshold, backdoor_validation=backdoor_validation, engine=engine,
-                   outcome=pruned)
+    pruned = prune(
+        model,
+        defender,
+        settings=pruning,
+        layer_name=layer_name,
+        threshold=threshold,
+        backdoor_validation=backdoor_validation,
+        engine=engine,
+        outcome=pruned,
+    )
     defended, details = pruned.model, {"pruning": pruned.details}
     if schedule is None:
         details["fine_tuning"] = fine_tune_in_place(defended, defender, settings)
     else:
         layer = defended.get_layer(pruned.details["layer"])
         layer.restore()
-        callback = GradualChannelPruning(layer.name, pruned.details["pruned"], schedule,
-                                         final_count=pruned.details["pruned_count"])
+        callback = GradualChannelPruning(
+            layer.name,
+            pruned.details["pruned"],
+            schedule,
+            final_count=pruned.details["pruned_count"],
+        )
         details["fine_tuning"] = fine_tune_in_place(defended, defender, settings, [callback])
         callback.finish(defended)
         details["gradual"] = {"history": callback.history}
     tuned = details["fine_tuning"]
-    result = DefenseResult("fine_pruning", defended, time.perf_counter() - start,
-                           holdout_acc=holdout_accuracy(defended, defender.holdout),
-                           forward_passes=pruned.forward_passes + tuned["forward_passes"],
-                           backward_passes=tuned["backward_passes"], details=details,
-                           outcome=pruned.outcome)
+    result = DefenseResult(
+        "fine_pruning",
+        defended,
+        time.perf_counter() - start,
+        holdout_acc=holdout_accuracy(defended, defender.holdout),
+        forward_passes=pruned.forward_passes + tuned["forward_passes"],
+        backward_passes=tuned["backward_passes"],
+        details=details,
+        outcome=pruned.outcome,
+    )
     return finish(result, evaluation)
 
 
@@ -384,8 +474,13 @@ class GradualChannelPruning(keras.callbacks.Callback):
       schedule: ``tfmot.sparsity.keras.PruningSchedule`` or callable ``step -> (bool, float)``.
     """
 
-    def __init__(self, layer_name: str, order: Sequence[int], schedule: Callable,
-                 final_count: int | None = None):
+    def __init__(
+        self,
+        layer_name: str,
+        order: Sequence[int],
+        schedule: Callable,
+        final_count: int | None = None,
+    ):
         super().__init__()
         self.layer_name = layer_name
         self.order = [int(c) for c in order]
@@ -404,7 +499,7 @@ class GradualChannelPruning(keras.callbacks.Callback):
     def _prune_to(self, model, count: int) -> None:
         count = min(count, self.final_count, len(self.order))
         if count > self.pruned_count:
-            self._layer(model).prune(self.order[self.pruned_count:count])
+            self._layer(model).prune(self.order[self.pruned_count : count])
             self.pruned_count = count
             self.history.append((self.step, count))
 

@@ -48,8 +48,16 @@ from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedConv2D, masked_layers
 
-__all__ = ["fmp", "fmp_sensitivity", "fmp_ranking", "EPSILON", "ALPHA", "PRUNE_FRACTION",
-           "FmpSettings", "stack_for_budget"]
+__all__ = [
+    "fmp",
+    "fmp_sensitivity",
+    "fmp_ranking",
+    "EPSILON",
+    "ALPHA",
+    "PRUNE_FRACTION",
+    "FmpSettings",
+    "stack_for_budget",
+]
 
 EPSILON = 8.0 / 255.0
 ALPHA = 4.0 / 255.0
@@ -81,14 +89,24 @@ class FmpSettings:
         if not self.memory_budget_mb > 0:
             raise ValueError(f"fmp memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.epsilon <= 0 or self.alpha < 0 or self.probe_samples < 1:
-            raise ValueError(f"fmp needs epsilon > 0, alpha >= 0 and probe_samples >= 1, got "
-                             f"{self.epsilon}, {self.alpha}, {self.probe_samples}")
+            raise ValueError(
+                f"fmp needs epsilon > 0, alpha >= 0 and probe_samples >= 1, got "
+                f"{self.epsilon}, {self.alpha}, {self.probe_samples}"
+            )
 
 
-def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
-                    epsilon: float = EPSILON, alpha: float = ALPHA,
-                    value_range: tuple[float, float] | None = None, probe_samples: int = 64,
-                    max_stack: int = 4096, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+def fmp_sensitivity(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epsilon: float = EPSILON,
+    alpha: float = ALPHA,
+    value_range: tuple[float, float] | None = None,
+    probe_samples: int = 64,
+    max_stack: int = 4096,
+    seed: int = 0,
+) -> dict[str, dict[str, np.ndarray]]:
     """Per conv channel: the loss increase one feature-targeted FGSM step causes.
 
     Args:
@@ -132,8 +150,9 @@ def fmp_sensitivity(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
             gradient = tape.gradient(objective, tiled)
             adversarial = tf.clip_by_value(tiled + epsilon * span * tf.sign(gradient), low, high)
             features, probabilities = probe(adversarial, training=False)
-            deviation = tf.reduce_sum(tf.square(features - reference) * selector,
-                                      axis=list(range(1, x.ndim)))
+            deviation = tf.reduce_sum(
+                tf.square(features - reference) * selector, axis=list(range(1, x.ndim))
+            )
             labels = np.tile(y, len(chunk))
             losses = loss_fn(labels, probabilities).numpy().reshape(len(chunk), len(x))
             correct = np.argmax(probabilities.numpy(), -1) == labels
@@ -169,11 +188,19 @@ def stack_for_budget(model: keras.Model, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * (1 << 20)) // per_input)
 
 
-def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTION,
-        epsilon: float = EPSILON, alpha: float = ALPHA, probe_samples: int = 64,
-        settings: FineTuneSettings | None = None, evaluation=None,
-        probe_batch: int | None = None, memory_budget_mb: float | None = None
-        ) -> DefenseResult:
+def fmp(
+    model: keras.Model,
+    validation,
+    *,
+    prune_fraction: float = PRUNE_FRACTION,
+    epsilon: float = EPSILON,
+    alpha: float = ALPHA,
+    probe_samples: int = 64,
+    settings: FineTuneSettings | None = None,
+    evaluation=None,
+    probe_batch: int | None = None,
+    memory_budget_mb: float | None = None,
+) -> DefenseResult:
     """FMP: prune, in every conv layer, the ``ceil(prune_fraction * C)`` channels whose
     feature-targeted FGSM step raises the clean loss most (:func:`fmp_sensitivity`), then
     fine-tune on clean data with the masks held.  ``probe_batch`` is the old name of
@@ -182,18 +209,26 @@ def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTIO
     if not 0.0 < prune_fraction < 1.0:
         raise ValueError(f"prune_fraction must be in (0, 1), got {prune_fraction}")
     settings = settings or FineTuneSettings()
-    defender = DefenderData.coerce(validation, holdout_fraction=settings.holdout_fraction,
-                                   seed=settings.seed)
+    defender = DefenderData.coerce(
+        validation, holdout_fraction=settings.holdout_fraction, seed=settings.seed
+    )
     probe_samples = probe_batch or probe_samples
     start = time.perf_counter()
     defended = clone(model)
     with selecting():
         fit_x, fit_y = defender.fit
         budget = FmpSettings.memory_budget_mb if memory_budget_mb is None else memory_budget_mb
-        scores = fmp_sensitivity(defended, fit_x, fit_y, epsilon=epsilon, alpha=alpha,
-                                 value_range=defender.value_range, probe_samples=probe_samples,
-                                 max_stack=stack_for_budget(defended, budget),
-                                 seed=settings.seed)
+        scores = fmp_sensitivity(
+            defended,
+            fit_x,
+            fit_y,
+            epsilon=epsilon,
+            alpha=alpha,
+            value_range=defender.value_range,
+            probe_samples=probe_samples,
+            max_stack=stack_for_budget(defended, budget),
+            seed=settings.seed,
+        )
         probe_seconds = time.perf_counter() - start
         pruned = {}
         for name, layer_scores in scores.items():
@@ -208,15 +243,24 @@ def fmp(model: keras.Model, validation, *, prune_fraction: float = PRUNE_FRACTIO
     tuned = fine_tune_in_place(defended, defender, settings)
     channels = sum(len(s["score"]) for s in scores.values())
     samples = min(probe_samples, len(fit_x))
-    details = {"sensitivity": {k: {m: v.tolist() for m, v in s.items()}
-                               for k, s in scores.items()},
-               "pruned": pruned, "probe_seconds": probe_seconds, "epsilon": epsilon,
-               "alpha": alpha, "prune_fraction": prune_fraction, "fine_tuning": tuned,
-               "why": f"pruned ceil({prune_fraction:.4f} * C) channels per conv layer with the "
-                      "largest clean-loss increase under a feature-targeted FGSM step"}
+    details = {
+        "sensitivity": {k: {m: v.tolist() for m, v in s.items()} for k, s in scores.items()},
+        "pruned": pruned,
+        "probe_seconds": probe_seconds,
+        "epsilon": epsilon,
+        "alpha": alpha,
+        "prune_fraction": prune_fraction,
+        "fine_tuning": tuned,
+        "why": f"pruned ceil({prune_fraction:.4f} * C) channels per conv layer with the "
+        "largest clean-loss increase under a feature-targeted FGSM step",
+    }
     result = DefenseResult(
-        "fmp", defended, time.perf_counter() - start,
+        "fmp",
+        defended,
+        time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
         forward_passes=samples * (2 * channels + 1) + tuned["forward_passes"],
-        backward_passes=samples * channels + tuned["backward_passes"], details=details)
+        backward_passes=samples * channels + tuned["backward_passes"],
+        details=details,
+    )
     return finish(result, evaluation)

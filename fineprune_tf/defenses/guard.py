@@ -64,7 +64,8 @@ class ReportOnly:
         if is_selecting():
             raise SelectionLeakError(
                 "report-only data (test set or triggered inputs) was read while a defense was "
-                "choosing; choices must use DefenderData only")
+                "choosing; choices must use DefenderData only"
+            )
         return self._clean, self._backdoor
 
     def __array__(self, *args, **kwargs):
@@ -93,7 +94,8 @@ class DefenderData:
             if isinstance(value, ReportOnly):
                 raise SelectionLeakError(
                     f"DefenderData {name} is report-only data; the defender's data must be clean "
-                    "validation data")
+                    "validation data"
+                )
         x, y = np.asarray(x), np.asarray(y)
         if len(x) != len(y):
             raise ValueError(f"validation x has {len(x)} examples but y has {len(y)} labels")
@@ -120,8 +122,9 @@ class DefenderData:
         try:
             x, y = data
         except (TypeError, ValueError) as error:
-            raise TypeError(f"expected DefenderData or an (x, y) pair, got "
-                            f"{type(data).__name__}") from error
+            raise TypeError(
+                f"expected DefenderData or an (x, y) pair, got {type(data).__name__}"
+            ) from error
         return cls(x, y, holdout_fraction=holdout_fraction, seed=seed)
 
     def __len__(self) -> int:

@@ -61,11 +61,12 @@ def neuron_groups(model: keras.Model, *, dense: bool = False) -> list[NeuronGrou
         if bn is not None and bn.scale:
             groups.append(NeuronGroup(layer, bn.gamma, bn.beta if bn.center else None, bn))
         else:
-            groups.append(NeuronGroup(layer, layer.kernel, layer.bias if layer.use_bias
-                                      else None))
+            groups.append(NeuronGroup(layer, layer.kernel, layer.bias if layer.use_bias else None))
     if not groups:
-        raise ValueError(f"model {model.name!r} has no masked conv layer: convert it first "
-                         "(fineprune_tf.convert)")
+        raise ValueError(
+            f"model {model.name!r} has no masked conv layer: convert it first "
+            "(fineprune_tf.convert)"
+        )
     return groups
 
 
@@ -73,9 +74,13 @@ def _variable_index(model: keras.Model) -> dict[int, int]:
     return {id(v): i for i, v in enumerate(model.trainable_variables)}
 
 
-def forward_with_multipliers(model: keras.Model, groups: Sequence[NeuronGroup], x: tf.Tensor,
-                             scale_multipliers: Sequence[tf.Tensor],
-                             shift_multipliers: Sequence[tf.Tensor | None]) -> tf.Tensor:
+def forward_with_multipliers(
+    model: keras.Model,
+    groups: Sequence[NeuronGroup],
+    x: tf.Tensor,
+    scale_multipliers: Sequence[tf.Tensor],
+    shift_multipliers: Sequence[tf.Tensor | None],
+) -> tf.Tensor:
     """The model's output (probabilities ``[N, classes]``) with group ``g``'s scale variable
     multiplied by ``scale_multipliers[g]`` ``[C_g]`` and its shift by ``shift_multipliers[g]``
     (None: unchanged), in inference mode.  Differentiable in the multipliers.

@@ -58,9 +58,12 @@ CHANGE_TIE = 1e-3
 def _probabilities(model: keras.Model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Class probabilities ``[N, classes]``: the outputs when they already are (rows >= 0
     summing to 1), else their softmax (a model ending in logits)."""
-    outputs = np.concatenate([np.asarray(model(x[i:i + batch_size], training=False),
-                                         dtype=np.float64)
-                              for i in range(0, len(x), batch_size)])
+    outputs = np.concatenate(
+        [
+            np.asarray(model(x[i : i + batch_size], training=False), dtype=np.float64)
+            for i in range(0, len(x), batch_size)
+        ]
+    )
     outputs = outputs.reshape(len(x), -1)
     if outputs.min() >= 0 and np.allclose(outputs.sum(axis=1), 1.0, atol=1e-3):
         return outputs
@@ -90,10 +93,12 @@ def weight_change(before: keras.Model, after: keras.Model) -> float:
     attacker's weights.  Needs no data.  The two models must have the same layers."""
     old, new = _effective_weights(before), _effective_weights(after)
     if [a.shape for a in old] != [b.shape for b in new]:
-        raise ValueError("weight_change compares two models with the same layers (a defense's "
-                         "input and output); received different weight shapes")
+        raise ValueError(
+            "weight_change compares two models with the same layers (a defense's "
+            "input and output); received different weight shapes"
+        )
     squared = sum(float(np.sum((b - a) ** 2)) for a, b in zip(old, new, strict=True))
-    return float(np.sqrt(squared / max(sum(float(np.sum(a ** 2)) for a in old), 1e-30)))
+    return float(np.sqrt(squared / max(sum(float(np.sum(a**2)) for a in old), 1e-30)))
 
 
 def output_change(before: keras.Model, after: keras.Model, x: np.ndarray) -> float:
@@ -121,9 +126,14 @@ class Choice:
     table: dict
 
 
-def choose(results: Mapping[str, DefenseResult], base_holdout_acc: float, *,
-           priority: Sequence[str] = PRIORITY, tolerance: float = 2.0,
-           changes: Mapping[str, float] | None = None) -> tuple[str, str, dict]:
+def choose(
+    results: Mapping[str, DefenseResult],
+    base_holdout_acc: float,
+    *,
+    priority: Sequence[str] = PRIORITY,
+    tolerance: float = 2.0,
+    changes: Mapping[str, float] | None = None,
+) -> tuple[str, str, dict]:
     """Picks a defense from clean data only; returns ``(name, why, table)``.
 
     ``results[name].holdout_acc`` is the clean holdout accuracy; ``changes[name]`` how far the
@@ -135,35 +145,60 @@ def choose(results: Mapping[str, DefenseResult], base_holdout_acc: float, *,
         table = {}
         for name, result in results.items():
             drop = (base_holdout_acc - result.holdout_acc) * 100.0
-            table[name] = {"holdout_acc": result.holdout_acc, "holdout_drop_points": drop,
-                           "qualifies": drop <= tolerance + 1e-9,
-                           "change": None if changes is None else float(changes[name])}
-        ordered = [n for n in priority if n in results] + [n for n in results
-                                                           if n not in priority]
+            table[name] = {
+                "holdout_acc": result.holdout_acc,
+                "holdout_drop_points": drop,
+                "qualifies": drop <= tolerance + 1e-9,
+                "change": None if changes is None else float(changes[name]),
+            }
+        ordered = [n for n in priority if n in results] + [n for n in results if n not in priority]
         qualifying = [n for n in ordered if table[n]["qualifies"]]
         if qualifying and changes is not None:
             most = max(table[n]["change"] for n in qualifying)
-            name = next(n for n in qualifying
-                        if table[n]["change"] >= most - CHANGE_TIE)
-            return name, (f"{name} moved the model furthest from the attacker's weights "
-                          f"(change {table[name]['change']:.3f}) among {qualifying}, the "
-                          f"defenses whose clean holdout accuracy stayed within {tolerance} "
-                          f"points of the undefended model's ({base_holdout_acc:.3f})"), table
+            name = next(n for n in qualifying if table[n]["change"] >= most - CHANGE_TIE)
+            return (
+                name,
+                (
+                    f"{name} moved the model furthest from the attacker's weights "
+                    f"(change {table[name]['change']:.3f}) among {qualifying}, the "
+                    f"defenses whose clean holdout accuracy stayed within {tolerance} "
+                    f"points of the undefended model's ({base_holdout_acc:.3f})"
+                ),
+                table,
+            )
         if qualifying:
             name = qualifying[0]
-            return name, (f"{name} is the first of {ordered} whose clean holdout accuracy "
-                          f"({table[name]['holdout_acc']:.3f}) is within {tolerance} points "
-                          f"of the undefended model's ({base_holdout_acc:.3f})"), table
+            return (
+                name,
+                (
+                    f"{name} is the first of {ordered} whose clean holdout accuracy "
+                    f"({table[name]['holdout_acc']:.3f}) is within {tolerance} points "
+                    f"of the undefended model's ({base_holdout_acc:.3f})"
+                ),
+                table,
+            )
         name = min(ordered, key=lambda n: table[n]["holdout_drop_points"])
-        return name, (f"no defense stayed within {tolerance} points on the clean holdout; "
-                      f"{name} lost the least ({table[name]['holdout_drop_points']:.1f})"), table
+        return (
+            name,
+            (
+                f"no defense stayed within {tolerance} points on the clean holdout; "
+                f"{name} lost the least ({table[name]['holdout_drop_points']:.1f})"
+            ),
+            table,
+        )
 
 
-def auto_defend(model: keras.Model, defender: DefenderData, *,
-                candidates: Sequence[str] = PRIORITY, priority: Sequence[str] = PRIORITY,
-                tolerance: float = 2.0, seed: int = 0,
-                evaluation: ReportOnly | tuple | None = None,
-                context: DefenseContext | None = None) -> Choice:
+def auto_defend(
+    model: keras.Model,
+    defender: DefenderData,
+    *,
+    candidates: Sequence[str] = PRIORITY,
+    priority: Sequence[str] = PRIORITY,
+    tolerance: float = 2.0,
+    seed: int = 0,
+    evaluation: ReportOnly | tuple | None = None,
+    context: DefenseContext | None = None,
+) -> Choice:
     """Runs ``candidates`` on the defender's clean data, chooses by :func:`choose`, and only
     then reports the chosen model on ``evaluation`` (report-only).  ``context`` (seed and
     tolerance taken from the arguments) passes work already done, e.g. a pruning outcome.
@@ -172,19 +207,20 @@ def auto_defend(model: keras.Model, defender: DefenderData, *,
       TypeError: ``defender`` is not a DefenderData (raw arrays could be the test set).
     """
     if not isinstance(defender, DefenderData):
-        raise TypeError(f"auto_defend takes a DefenderData built from clean validation data, "
-                        f"got {type(defender).__name__}")
+        raise TypeError(
+            f"auto_defend takes a DefenderData built from clean validation data, "
+            f"got {type(defender).__name__}"
+        )
     unknown = [c for c in candidates if c not in REGISTRY]
     if unknown:
         raise ValueError(f"unknown defenses {unknown}; expected some of {list(REGISTRY)}")
     with selecting():
         base = holdout_accuracy(model, defender.holdout)
-        context = dataclasses.replace(context or DefenseContext(), seed=seed,
-                                      tolerance=tolerance)
-        results = {name: run_defense(name, model, defender, context=context)
-                   for name in candidates}
+        context = dataclasses.replace(context or DefenseContext(), seed=seed, tolerance=tolerance)
+        results = {name: run_defense(name, model, defender, context=context) for name in candidates}
         changes = {name: weight_change(model, result.model) for name, result in results.items()}
-    name, why, table = choose(results, base, priority=priority, tolerance=tolerance,
-                              changes=changes)
+    name, why, table = choose(
+        results, base, priority=priority, tolerance=tolerance, changes=changes
+    )
     chosen = finish(results[name], evaluation)
     return Choice(name, chosen, why, base, table)

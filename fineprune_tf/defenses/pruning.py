@@ -17,8 +17,16 @@ from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish
 from fineprune_tf.layers import MASKED_CONVOLUTIONS, MaskedLayerMixin
 
-__all__ = ["ENGINES", "PruningOutcome", "PruningSettings", "prune", "pruning_outcome",
-           "rank_channels", "stopping_point", "pruned_layer"]
+__all__ = [
+    "ENGINES",
+    "PruningOutcome",
+    "PruningSettings",
+    "prune",
+    "pruning_outcome",
+    "rank_channels",
+    "stopping_point",
+    "pruned_layer",
+]
 
 ENGINES = ("fast", "naive")
 
@@ -42,8 +50,9 @@ class PruningSettings:
 
     def validate(self) -> None:
         if not 0.0 < self.threshold < 100.0:
-            raise ValueError(f"threshold must be in (0, 100) percentage points, "
-                             f"got {self.threshold}")
+            raise ValueError(
+                f"threshold must be in (0, 100) percentage points, got {self.threshold}"
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.batch_size < 1:
@@ -51,8 +60,7 @@ class PruningSettings:
 
     def replaced(self, **overrides: Any) -> PruningSettings:
         """A copy with the overrides that are not None (keyword arguments of :func:`prune`)."""
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items()
-                                            if v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,22 +89,35 @@ class PruningOutcome:
         if threshold == self.threshold:
             return self
         return dataclasses.replace(
-            self, threshold=threshold,
-            count=stopping_point(np.asarray(self.curve["clean_acc"], float), threshold))
+            self,
+            threshold=threshold,
+            count=stopping_point(np.asarray(self.curve["clean_acc"], float), threshold),
+        )
 
     def as_record(self) -> dict:
         """JSON-ready (what the experiment's analysis stage stores)."""
-        return {"layer": self.layer, "channels": self.channels, "order": self.order.tolist(),
-                "clean_mean": self.means.tolist(), "curve": self.curve, "count": self.count,
-                "threshold": self.threshold}
+        return {
+            "layer": self.layer,
+            "channels": self.channels,
+            "order": self.order.tolist(),
+            "clean_mean": self.means.tolist(),
+            "curve": self.curve,
+            "count": self.count,
+            "threshold": self.threshold,
+        }
 
     @classmethod
     def from_record(cls, record: dict) -> PruningOutcome:
         """The inverse of :meth:`as_record` (floats round-trip exactly through JSON)."""
-        return cls(layer=record["layer"], channels=int(record["channels"]),
-                   order=np.asarray(record["order"], np.int64),
-                   means=np.asarray(record["clean_mean"], np.float64), curve=record["curve"],
-                   count=int(record["count"]), threshold=float(record["threshold"]))
+        return cls(
+            layer=record["layer"],
+            channels=int(record["channels"]),
+            order=np.asarray(record["order"], np.int64),
+            means=np.asarray(record["clean_mean"], np.float64),
+            curve=record["curve"],
+            count=int(record["count"]),
+            threshold=float(record["threshold"]),
+        )
 
 
 def pruned_layer(model: keras.Model, layer_name: str | None) -> MaskedLayerMixin:
@@ -107,13 +128,16 @@ def pruned_layer(model: keras.Model, layer_name: str | None) -> MaskedLayerMixin
     except ValueError as error:
         raise ValueError(f"model has no layer named {name!r}") from error
     if not isinstance(layer, MASKED_CONVOLUTIONS):  # any masked conv kind (issue 12)
-        raise ValueError(f"layer {name!r} is a {type(layer).__name__}, not a MaskedConv2D "
-                         "(nor another masked convolution)")
+        raise ValueError(
+            f"layer {name!r} is a {type(layer).__name__}, not a MaskedConv2D "
+            "(nor another masked convolution)"
+        )
     return layer
 
 
-def rank_channels(model: keras.Model, layer_name: str, x: np.ndarray,
-                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def rank_channels(
+    model: keras.Model, layer_name: str, x: np.ndarray, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Active channels of ``layer_name`` in increasing order of mean clean activation (§3.1).
 
     Returns ``(order, means)``: int64 ``[K]`` channel indices (already pruned channels left out)
@@ -122,7 +146,8 @@ def rank_channels(model: keras.Model, layer_name: str, x: np.ndarray,
     layer = model.get_layer(layer_name)
     if layer.activation is keras.activations.relu:
         means = stats.collect(model, x, layer_names=[layer_name], batch_size=batch_size)[
-            layer_name].mean
+            layer_name
+        ].mean
     else:
         means = _chain_means(model, layer, x, batch_size)
     order = np.argsort(means, kind="stable")
@@ -130,19 +155,20 @@ def rank_channels(model: keras.Model, layer_name: str, x: np.ndarray,
     return np.asarray([c for c in order if c in active], dtype=np.int64), means
 
 
-def _chain_means(model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray,
-                 batch_size: int) -> np.ndarray:
+def _chain_means(
+    model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray, batch_size: int
+) -> np.ndarray:
     """Mean of :func:`fineprune_tf.graph.activation_tensor` per channel over ``x``
     (unmasked), float64 ``[C]``."""
     saved = layer.mask
     layer.restore()
     try:
-        probe = keras.Model(training.model_input(model),
-                            fp_graph.activation_tensor(model, layer))
+        probe = keras.Model(training.model_input(model), fp_graph.activation_tensor(model, layer))
         total, count = np.zeros(layer.channels), 0
         for start in range(0, len(x), batch_size):
-            values = keras.ops.convert_to_numpy(probe(x[start:start + batch_size],
-                                                      training=False))
+            values = keras.ops.convert_to_numpy(
+                probe(x[start : start + batch_size], training=False)
+            )
             flat = values.reshape(-1, values.shape[-1]).astype(np.float64)
             total += flat.sum(axis=0)
             count += flat.shape[0]
@@ -159,8 +185,9 @@ def stopping_point(clean_acc: np.ndarray, threshold: float) -> int:
     return int(over[0] - 1) if over.size else len(clean_acc) - 1
 
 
-def _refuse_meaningless(clean_acc: np.ndarray, y: np.ndarray, count: int,
-                        layer: MaskedLayerMixin, threshold: float) -> None:
+def _refuse_meaningless(
+    clean_acc: np.ndarray, y: np.ndarray, count: int, layer: MaskedLayerMixin, threshold: float
+) -> None:
     """Raises ValueError when pruning cannot mean anything: clean accuracy is at chance before
     pruning (the majority-class rate of the defender's labels + 2 sd), or the stopping rule
     would prune every channel of the layer (the clean data never needs it)."""
@@ -170,17 +197,23 @@ def _refuse_meaningless(clean_acc: np.ndarray, y: np.ndarray, count: int,
         raise ValueError(
             f"clean accuracy before pruning is {clean_acc[0]:.3f}, at chance (majority class "
             f"{chance:.3f} + 2 sd on {len(y)} examples): the model is not trained for this data, "
-            "or the data is not the model's task; pruning would be meaningless")
+            "or the data is not the model's task; pruning would be meaningless"
+        )
     if count >= len(layer.active_channels):
         raise ValueError(
             f"the stopping rule would prune all {layer.channels} channels of {layer.name!r}: "
             f"clean accuracy never dropped more than {threshold} points, so the layer does not "
             "matter for the clean data (bypassed, or the model is not trained); choose another "
-            "layer or check the model")
+            "layer or check the model"
+        )
 
 
-def pruning_outcome(model: keras.Model, validation, settings: PruningSettings | None = None,
-                    backdoor_validation=None) -> PruningOutcome:
+def pruning_outcome(
+    model: keras.Model,
+    validation,
+    settings: PruningSettings | None = None,
+    backdoor_validation=None,
+) -> PruningOutcome:
     """Ranks the layer's channels and walks the pruning curve once (the expensive part of
     :func:`prune`); the model is left unchanged.  Whether pruning at ``count`` means anything
     is checked when it is applied (:func:`prune`).
@@ -197,20 +230,35 @@ def pruning_outcome(model: keras.Model, validation, settings: PruningSettings | 
     with selecting():
         layer = pruned_layer(model, settings.layer)
         order, means = rank_channels(model, layer.name, x, settings.batch_size)
-        curve_fn = (curves.pruning_curve if settings.engine == "fast"
-                    else curves.naive_pruning_curve)
-        curve = curve_fn(model, layer.name, order, (x, y), backdoor_validation,
-                         batch_size=settings.batch_size)
+        curve_fn = curves.pruning_curve if settings.engine == "fast" else curves.naive_pruning_curve
+        curve = curve_fn(
+            model, layer.name, order, (x, y), backdoor_validation, batch_size=settings.batch_size
+        )
         count = stopping_point(curve.clean_acc, settings.threshold)
-    return PruningOutcome(layer=layer.name, channels=layer.channels, order=order, means=means,
-                          curve=curve.as_dict(), count=count, threshold=settings.threshold)
+    return PruningOutcome(
+        layer=layer.name,
+        channels=layer.channels,
+        order=order,
+        means=means,
+        curve=curve.as_dict(),
+        count=count,
+        threshold=settings.threshold,
+    )
 
 
-def prune(model: keras.Model, validation, *, settings: PruningSettings | None = None,
-          layer_name: str | None = None, threshold: float | None = None,
-          backdoor_validation=None, evaluation=None, engine: str | None = None,
-          batch_size: int | None = None, outcome: PruningOutcome | None = None
-          ) -> DefenseResult:
+def prune(
+    model: keras.Model,
+    validation,
+    *,
+    settings: PruningSettings | None = None,
+    layer_name: str | None = None,
+    threshold: float | None = None,
+    backdoor_validation=None,
+    evaluation=None,
+    engine: str | None = None,
+    batch_size: int | None = None,
+    outcome: PruningOutcome | None = None,
+) -> DefenseResult:
     """The pruning defense (§3.1).
 
     Ranks the channels of the last conv layer (or ``layer_name``) by mean activation on the clean
@@ -238,7 +286,8 @@ def prune(model: keras.Model, validation, *, settings: PruningSettings | None = 
         would prune every channel (:func:`_refuse_meaningless`).
     """
     settings = (settings or PruningSettings()).replaced(
-        layer=layer_name, threshold=threshold, engine=engine, batch_size=batch_size)
+        layer=layer_name, threshold=threshold, engine=engine, batch_size=batch_size
+    )
     settings.validate()
     defender = DefenderData.coerce(validation)
     start = time.perf_counter()
@@ -250,34 +299,49 @@ def prune(model: keras.Model, validation, *, settings: PruningSettings | None = 
     layer = defended.get_layer(outcome.layer)
     count = outcome.count
     with selecting():
-        _refuse_meaningless(np.asarray(outcome.curve["clean_acc"], np.float64), defender.y,
-                            count, layer, settings.threshold)
+        _refuse_meaningless(
+            np.asarray(outcome.curve["clean_acc"], np.float64),
+            defender.y,
+            count,
+            layer,
+            settings.threshold,
+        )
     layer.prune(outcome.order[:count])
     seconds = time.perf_counter() - start
     details = {
-        "layer": layer.name, "channels": layer.channels, "order": outcome.order.tolist(),
-        "mean_activation": outcome.means.tolist(), "pruned": outcome.order[:count].tolist(),
-        "pruned_count": count, "pruned_fraction": count / layer.channels,
-        "threshold": settings.threshold, "curve": outcome.curve,
+        "layer": layer.name,
+        "channels": layer.channels,
+        "order": outcome.order.tolist(),
+        "mean_activation": outcome.means.tolist(),
+        "pruned": outcome.order[:count].tolist(),
+        "pruned_count": count,
+        "pruned_fraction": count / layer.channels,
+        "threshold": settings.threshold,
+        "curve": outcome.curve,
         "why": f"pruned {count} least-active channels of {layer.name}: the clean validation "
-               f"accuracy stays within {settings.threshold} points",
+        f"accuracy stays within {settings.threshold} points",
     }
-    logging.info("pruning: %d/%d channels of %s pruned in %.1f s", count, layer.channels,
-                 layer.name, seconds)
+    logging.info(
+        "pruning: %d/%d channels of %s pruned in %.1f s", count, layer.channels, layer.name, seconds
+    )
     # The curve engine runs one forward pass over the data, then only the layers after the
     # pruned one per step; counted as one full pass plus one pass per step (an upper bound).
     passes = len(defender.x) * (2 + len(outcome.order))
-    result = DefenseResult("pruning", defended, seconds, forward_passes=passes, details=details,
-                           outcome=outcome)
+    result = DefenseResult(
+        "pruning", defended, seconds, forward_passes=passes, details=details, outcome=outcome
+    )
     return finish(result, evaluation)
 
 
-def _reusable(outcome: PruningOutcome, model: keras.Model,
-              settings: PruningSettings) -> PruningOutcome:
+def _reusable(
+    outcome: PruningOutcome, model: keras.Model, settings: PruningSettings
+) -> PruningOutcome:
     """``outcome`` if it was computed for this model's layer; ValueError otherwise."""
     layer = pruned_layer(model, settings.layer or outcome.layer)
     if layer.name != outcome.layer or layer.channels != outcome.channels:
-        raise ValueError(f"the given pruning outcome is of layer {outcome.layer!r} "
-                         f"({outcome.channels} channels), not of {layer.name!r} "
-                         f"({layer.channels} channels)")
+        raise ValueError(
+            f"the given pruning outcome is of layer {outcome.layer!r} "
+            f"({outcome.channels} channels), not of {layer.name!r} "
+            f"({layer.channels} channels)"
+        )
     return outcome

@@ -32,8 +32,7 @@ from fineprune_tf.defenses.pruning import PruningOutcome, PruningSettings, prune
 from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
 from fineprune_tf.defenses.rnp import rnp
 
-__all__ = ["REGISTRY", "DefenseContext", "DefenseSpec", "register", "run_defense",
-           "no_defense"]
+__all__ = ["REGISTRY", "DefenseContext", "DefenseSpec", "register", "run_defense", "no_defense"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +90,19 @@ def register(name: str, description: str) -> Callable[[DefenseFn], DefenseFn]:
 
 
 @register("none", "no defense")
-def no_defense(model: keras.Model, defender: DefenderData, context: DefenseContext,
-               evaluation: Any = None) -> DefenseResult:
+def no_defense(
+    model: keras.Model, defender: DefenderData, context: DefenseContext, evaluation: Any = None
+) -> DefenseResult:
     """The undefended model (the reference every defense is compared with)."""
     del context
     start = time.perf_counter()
-    result = DefenseResult("none", model, 0.0,
-                           holdout_acc=holdout_accuracy(model, defender.holdout),
-                           forward_passes=len(defender.holdout[0]))
+    result = DefenseResult(
+        "none",
+        model,
+        0.0,
+        holdout_acc=holdout_accuracy(model, defender.holdout),
+        forward_passes=len(defender.holdout[0]),
+    )
     result.seconds = time.perf_counter() - start
     return finish(result, evaluation)
 
@@ -108,58 +112,89 @@ def _pruning(model, defender, context, evaluation=None):
     # The paper's 4-point threshold is the pruning step of fine-pruning; alone, and unless the
     # caller fixed it, pruning keeps the protocol's tolerance.
     settings = context.pruning or PruningSettings(threshold=context.tolerance)
-    result = prune(model, defender, settings=settings,
-                   backdoor_validation=context.backdoor_validation, outcome=context.pruned)
+    result = prune(
+        model,
+        defender,
+        settings=settings,
+        backdoor_validation=context.backdoor_validation,
+        outcome=context.pruned,
+    )
     result.holdout_acc = holdout_accuracy(result.model, defender.holdout)
     return finish(result, evaluation)
 
 
 @register("fine_tuning", "fine-tuning to convergence on clean data")
 def _fine_tuning(model, defender, context, evaluation=None):
-    return fine_tune(model, defender, settings=context.fine_tune_settings(),
-                     evaluation=evaluation)
+    return fine_tune(model, defender, settings=context.fine_tune_settings(), evaluation=evaluation)
 
 
 @register("fine_pruning", "§3.3 pruning then fine-tuning")
 def _fine_pruning(model, defender, context, evaluation=None):
     # §3.3 prunes to the paper's threshold, then fine-tuning recovers accuracy.
-    return fine_prune(model, defender, settings=context.fine_tune_settings(),
-                      pruning=context.pruning,
-                      backdoor_validation=context.backdoor_validation,
-                      evaluation=evaluation, pruned=context.pruned)
+    return fine_prune(
+        model,
+        defender,
+        settings=context.fine_tune_settings(),
+        pruning=context.pruning,
+        backdoor_validation=context.backdoor_validation,
+        evaluation=evaluation,
+        pruned=context.pruned,
+    )
 
 
 @register("fmp", "adversarial feature map pruning + fine-tuning (ICLR 2024)")
 def _fmp(model, defender, context, evaluation=None):
     settings = context.fmp or FmpSettings()
     settings.validate()
-    return fmp(model, defender, prune_fraction=settings.prune_fraction,
-               epsilon=settings.epsilon, alpha=settings.alpha,
-               probe_samples=settings.probe_samples, memory_budget_mb=settings.memory_budget_mb,
-               settings=context.fine_tune_settings(), evaluation=evaluation)
+    return fmp(
+        model,
+        defender,
+        prune_fraction=settings.prune_fraction,
+        epsilon=settings.epsilon,
+        alpha=settings.alpha,
+        probe_samples=settings.probe_samples,
+        memory_budget_mb=settings.memory_budget_mb,
+        settings=context.fine_tune_settings(),
+        evaluation=evaluation,
+    )
 
 
 @register("anp", "adversarial neuron pruning (NeurIPS 2021)")
 def _anp(model, defender, context, evaluation=None):
-    return anp(model, defender, tolerance=context.tolerance, seed=context.seed,
-               evaluation=evaluation)
+    return anp(
+        model, defender, tolerance=context.tolerance, seed=context.seed, evaluation=evaluation
+    )
 
 
 @register("rnp", "reconstructive neuron pruning (ICML 2023)")
 def _rnp(model, defender, context, evaluation=None):
-    return rnp(model, defender, tolerance=context.tolerance, seed=context.seed,
-               evaluation=evaluation)
+    return rnp(
+        model, defender, tolerance=context.tolerance, seed=context.seed, evaluation=evaluation
+    )
 
 
 @register("clp", "channel Lipschitzness-based pruning (ECCV 2022)")
 def _clp(model, defender, context, evaluation=None):
-    return clp(model, defender, u=None, tolerance=context.tolerance, seed=context.seed,
-               evaluation=evaluation)
+    return clp(
+        model,
+        defender,
+        u=None,
+        tolerance=context.tolerance,
+        seed=context.seed,
+        evaluation=evaluation,
+    )
 
 
-def run_defense(name: str, model: keras.Model, defender: DefenderData, *, seed: int = 0,
-                tolerance: float = 2.0, evaluation=None,
-                context: DefenseContext | None = None) -> DefenseResult:
+def run_defense(
+    name: str,
+    model: keras.Model,
+    defender: DefenderData,
+    *,
+    seed: int = 0,
+    tolerance: float = 2.0,
+    evaluation=None,
+    context: DefenseContext | None = None,
+) -> DefenseResult:
     """Runs ``REGISTRY[name]``; unknown names raise ValueError listing the known ones.
 
     ``context`` (a :class:`DefenseContext`) replaces ``seed`` and ``tolerance`` when given.
@@ -167,7 +202,8 @@ def run_defense(name: str, model: keras.Model, defender: DefenderData, *, seed: 
     if name not in REGISTRY:
         raise ValueError(f"unknown defense {name!r}; expected one of {', '.join(REGISTRY)}")
     if not isinstance(defender, DefenderData):
-        raise TypeError(f"defenses take a DefenderData (clean data only), got "
-                        f"{type(defender).__name__}")
+        raise TypeError(
+            f"defenses take a DefenderData (clean data only), got {type(defender).__name__}"
+        )
     context = context or DefenseContext(seed=seed, tolerance=tolerance)
     return REGISTRY[name].run(model, defender, context, evaluation)

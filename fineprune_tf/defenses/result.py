@@ -47,11 +47,19 @@ class DefenseResult:
     def summary(self) -> dict:
         """The numbers, JSON-ready: a measure that was not taken (NaN) is None, so a summary
         equals itself after a round trip through results.json."""
-        values = {"clean_acc": self.clean_acc, "asr": self.asr, "robust_acc": self.robust_acc,
-                  "seconds": self.seconds, "holdout_acc": self.holdout_acc,
-                  "forward_passes": self.forward_passes, "backward_passes": self.backward_passes}
-        return {key: None if isinstance(value, float) and math.isnan(value) else value
-                for key, value in values.items()}
+        values = {
+            "clean_acc": self.clean_acc,
+            "asr": self.asr,
+            "robust_acc": self.robust_acc,
+            "seconds": self.seconds,
+            "holdout_acc": self.holdout_acc,
+            "forward_passes": self.forward_passes,
+            "backward_passes": self.backward_passes,
+        }
+        return {
+            key: None if isinstance(value, float) and math.isnan(value) else value
+            for key, value in values.items()
+        }
 
 
 def clone(model: keras.Model) -> keras.Model:

@@ -39,12 +39,22 @@ __all__ = ["rnp", "unlearn", "recover_masks"]
 
 def _batches(count: int, batch_size: int, rng: np.random.Generator):
     order = rng.permutation(count)
-    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, count, batch_size)]
 
 
-def unlearn(model: keras.Model, x: np.ndarray, y: np.ndarray, *, learning_rate: float = 0.01,
-            clean_threshold: float = 0.2, max_epochs: int = 20, batch_size: int = 64,
-            clip_norm: float = 20.0, weight_decay: float = 5e-4, seed: int = 0) -> dict:
+def unlearn(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    learning_rate: float = 0.01,
+    clean_threshold: float = 0.2,
+    max_epochs: int = 20,
+    batch_size: int = 64,
+    clip_norm: float = 20.0,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+) -> dict:
     """Gradient ascent on the clean loss of ``model`` (in place) until its clean training
     accuracy is ``<= clean_threshold``.  Returns ``{"epochs", "accuracy", "loss"}`` per epoch
     lists (accuracy and mean loss measured during each epoch, as the authors do)."""
@@ -62,8 +72,9 @@ def unlearn(model: keras.Model, x: np.ndarray, y: np.ndarray, *, learning_rate: 
         # Ascent on the loss; SGD's weight decay (torch adds wd * w to the gradient) kept as is.
         grads = [-g + weight_decay * v for g, v in zip(grads, variables, strict=True)]
         optimizer.apply_gradients(zip(grads, variables, strict=True))
-        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(probabilities, -1),
-                                                 tf.cast(yb, tf.int64)), tf.float32))
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(probabilities, -1), tf.cast(yb, tf.int64)), tf.float32)
+        )
         return loss, correct
 
     rng = np.random.default_rng(seed)
@@ -83,10 +94,18 @@ def unlearn(model: keras.Model, x: np.ndarray, y: np.ndarray, *, learning_rate: 
     return history
 
 
-def recover_masks(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
-                  learning_rate: float = 0.2, alpha: float = 0.2, epochs: int = 20,
-                  batch_size: int = 64, seed: int = 0, dense: bool = False
-                  ) -> tuple[list, list[np.ndarray]]:
+def recover_masks(
+    model: keras.Model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    learning_rate: float = 0.2,
+    alpha: float = 0.2,
+    epochs: int = 20,
+    batch_size: int = 64,
+    seed: int = 0,
+    dense: bool = False,
+) -> tuple[list, list[np.ndarray]]:
     """Learns RNP's filter masks on the (unlearned) ``model``; returns ``(groups, masks)``
     with one float32 ``[C_g]`` mask in [0, 1] per neuron group."""
     groups = neuron_groups(model, dense=dense)
@@ -111,11 +130,22 @@ def recover_masks(model: keras.Model, x: np.ndarray, y: np.ndarray, *,
     return groups, [m.numpy() for m in masks]
 
 
-def rnp(model: keras.Model, validation, *, unlearning_lr: float = 0.01,
-        clean_threshold: float = 0.2, unlearning_epochs: int = 20, recovering_lr: float = 0.2,
-        recovering_epochs: int = 20, alpha: float = 0.2, batch_size: int = 64,
-        threshold: float | None = None, tolerance: float = 2.0, seed: int = 0,
-        evaluation=None) -> DefenseResult:
+def rnp(
+    model: keras.Model,
+    validation,
+    *,
+    unlearning_lr: float = 0.01,
+    clean_threshold: float = 0.2,
+    unlearning_epochs: int = 20,
+    recovering_lr: float = 0.2,
+    recovering_epochs: int = 20,
+    alpha: float = 0.2,
+    batch_size: int = 64,
+    threshold: float | None = None,
+    tolerance: float = 2.0,
+    seed: int = 0,
+    evaluation=None,
+) -> DefenseResult:
     """RNP: unlearn a copy on ``DefenderData.fit``, recover its filter masks, prune the
     original model's neurons with ``mask <= threshold`` (None: chosen on the clean holdout)."""
     defender = DefenderData.coerce(validation, seed=seed)
@@ -124,25 +154,46 @@ def rnp(model: keras.Model, validation, *, unlearning_lr: float = 0.01,
     with selecting():
         unlearned = clone(model)
         fit_x, fit_y = defender.fit
-        history = unlearn(unlearned, fit_x, fit_y, learning_rate=unlearning_lr,
-                          clean_threshold=clean_threshold, max_epochs=unlearning_epochs,
-                          batch_size=batch_size, seed=seed)
-        _, masks = recover_masks(unlearned, fit_x, fit_y, learning_rate=recovering_lr,
-                                 alpha=alpha, epochs=recovering_epochs, batch_size=batch_size,
-                                 seed=seed)
+        history = unlearn(
+            unlearned,
+            fit_x,
+            fit_y,
+            learning_rate=unlearning_lr,
+            clean_threshold=clean_threshold,
+            max_epochs=unlearning_epochs,
+            batch_size=batch_size,
+            seed=seed,
+        )
+        _, masks = recover_masks(
+            unlearned,
+            fit_x,
+            fit_y,
+            learning_rate=recovering_lr,
+            alpha=alpha,
+            epochs=recovering_epochs,
+            batch_size=batch_size,
+            seed=seed,
+        )
         groups = neuron_groups(defended)
-        choice = choose_threshold(defended, groups, masks, defender.holdout, tolerance,
-                                  fixed=threshold)
+        choice = choose_threshold(
+            defended, groups, masks, defender.holdout, tolerance, fixed=threshold
+        )
         pruned = apply_pruned(defended, choice.pop("chosen_pruned"))
-    details = {"unlearning": history,
-               "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks,
-                                                                        strict=True)},
-               "pruned": pruned, "pruned_count": sum(len(v) for v in pruned.values()),
-               **choice}
+    details = {
+        "unlearning": history,
+        "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks, strict=True)},
+        "pruned": pruned,
+        "pruned_count": sum(len(v) for v in pruned.values()),
+        **choice,
+    }
     passes = len(fit_x) * (history["epochs"] + recovering_epochs)
     result = DefenseResult(
-        "rnp", defended, time.perf_counter() - start,
+        "rnp",
+        defended,
+        time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
-        forward_passes=passes + choice["forward_passes"], backward_passes=passes,
-        details=details)
+        forward_passes=passes + choice["forward_passes"],
+        backward_passes=passes,
+        details=details,
+    )
     return finish(result, evaluation)

@@ -19,8 +19,12 @@ __all__ = ["choose_by_holdout", "choose_threshold", "THRESHOLDS"]
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.90 + 1e-9, 0.05), 2).tolist())
 
 
-def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict]],
-                      holdout: tuple[np.ndarray, np.ndarray], tolerance: float) -> dict:
+def choose_by_holdout(
+    model: keras.Model,
+    candidates: Sequence[tuple[float, dict]],
+    holdout: tuple[np.ndarray, np.ndarray],
+    tolerance: float,
+) -> dict:
     """Picks among ``(setting, {layer: channels to prune})`` ordered by increasing pruning.
 
     The masks of ``model`` are set temporarily for each candidate and restored.  Returns
@@ -47,18 +51,33 @@ def choose_by_holdout(model: keras.Model, candidates: Sequence[tuple[float, dict
     finally:
         for name, mask in saved.items():
             model.get_layer(name).set_mask(mask)
-    why = (f"largest pruning whose clean holdout accuracy stays within {tolerance} points of "
-           f"the undefended {base:.3f}" if chosen is not None else
-           f"every candidate lost more than {tolerance} points of clean holdout accuracy: "
-           "nothing pruned")
-    return {"setting": chosen, "index": index, "holdout_curve": curve, "base_holdout_acc": base,
-            "forward_passes": len(holdout[0]) * (len(curve) + 1), "why": why}
+    why = (
+        f"largest pruning whose clean holdout accuracy stays within {tolerance} points of "
+        f"the undefended {base:.3f}"
+        if chosen is not None
+        else f"every candidate lost more than {tolerance} points of clean holdout accuracy: "
+        "nothing pruned"
+    )
+    return {
+        "setting": chosen,
+        "index": index,
+        "holdout_curve": curve,
+        "base_holdout_acc": base,
+        "forward_passes": len(holdout[0]) * (len(curve) + 1),
+        "why": why,
+    }
 
 
-def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
-                     holdout: tuple[np.ndarray, np.ndarray], tolerance: float,
-                     fixed: float | None = None,
-                     thresholds: Sequence[float] = THRESHOLDS, by: str = "number") -> dict:
+def choose_threshold(
+    model: keras.Model,
+    groups,
+    scores: Sequence[np.ndarray],
+    holdout: tuple[np.ndarray, np.ndarray],
+    tolerance: float,
+    fixed: float | None = None,
+    thresholds: Sequence[float] = THRESHOLDS,
+    by: str = "number",
+) -> dict:
     """The mask threshold for ANP / RNP: neurons with ``score <= threshold`` are pruned.
 
     ``by="number"`` (default; ANP's and RNP's ``--pruning-by number``) walks the neurons in
@@ -69,16 +88,27 @@ def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
     nothing to too much.  ``by="threshold"`` walks ``thresholds``.  ``fixed`` skips the choice.
     Returns ``{"threshold", "holdout_curve", "why", ...}`` (threshold -1 = prune nothing).
     """
+
     def pruned_at(threshold: float) -> dict:
-        return {g.layer.name: [c for c in range(g.channels) if float(s[c]) <= threshold]
-                for g, s in zip(groups, scores, strict=True)}
+        return {
+            g.layer.name: [c for c in range(g.channels) if float(s[c]) <= threshold]
+            for g, s in zip(groups, scores, strict=True)
+        }
 
     if fixed is not None:
-        return {"threshold": float(fixed), "holdout_curve": [], "forward_passes": 0,
-                "chosen_pruned": pruned_at(fixed), "why": f"fixed threshold {fixed}"}
+        return {
+            "threshold": float(fixed),
+            "holdout_curve": [],
+            "forward_passes": 0,
+            "chosen_pruned": pruned_at(fixed),
+            "why": f"fixed threshold {fixed}",
+        }
     if by == "number":
-        flat = sorted((float(s[c]), g_index, c) for g_index, (g, s) in
-                      enumerate(zip(groups, scores, strict=True)) for c in range(g.channels))
+        flat = sorted(
+            (float(s[c]), g_index, c)
+            for g_index, (g, s) in enumerate(zip(groups, scores, strict=True))
+            for c in range(g.channels)
+        )
         step = max(1, len(flat) // 100)
         counts = range(step, len(flat) // 2 + 1, step)
         thresholds = [flat[count - 1][0] for count in counts]
@@ -97,5 +127,8 @@ def choose_threshold(model: keras.Model, groups, scores: Sequence[np.ndarray],
     index = choice.pop("index")
     chosen = candidates[index][1] if index >= 0 else {g.layer.name: [] for g in groups}
     threshold = -1.0 if choice["setting"] is None else float(choice["setting"])
-    return {"threshold": threshold, "chosen_pruned": chosen,
-            **{k: v for k, v in choice.items() if k != "setting"}}
+    return {
+        "threshold": threshold,
+        "chosen_pruned": chosen,
+        **{k: v for k, v in choice.items() if k != "setting"},
+    }

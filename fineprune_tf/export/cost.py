@@ -47,10 +47,12 @@ class ShrinkReport:
         return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
 
     def __str__(self) -> str:
-        return (f"params {self.params_before:,} -> {self.params_after:,} "
-                f"(-{100 * self.param_reduction:.1f}%), multiply-adds "
-                f"{self.flops_before:,} -> {self.flops_after:,} "
-                f"(-{100 * self.flop_reduction:.1f}%)")
+        return (
+            f"params {self.params_before:,} -> {self.params_after:,} "
+            f"(-{100 * self.param_reduction:.1f}%), multiply-adds "
+            f"{self.flops_before:,} -> {self.flops_after:,} "
+            f"(-{100 * self.flop_reduction:.1f}%)"
+        )
 
 
 def shrink_report(original: keras.Model, shrunk: keras.Model) -> ShrinkReport:

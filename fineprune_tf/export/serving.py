@@ -29,10 +29,12 @@ def _serving_function(model: keras.Model, output_name: str) -> tf.types.experime
     specs = []
     for t in flat_inputs:
         if t.dtype != "float32":
-            raise ConversionError(f"input {t.name!r} has dtype {t.dtype}; only float32 inputs "
-                                  "are exported")
-        specs.append(tf.TensorSpec((None, *t.shape[1:]), tf.float32,
-                                   name=compat.producing_operation(t).name))
+            raise ConversionError(
+                f"input {t.name!r} has dtype {t.dtype}; only float32 inputs are exported"
+            )
+        specs.append(
+            tf.TensorSpec((None, *t.shape[1:]), tf.float32, name=compat.producing_operation(t).name)
+        )
     output_layers = Graph(model).output_names
 
     def serve(*inputs):
@@ -45,9 +47,14 @@ def _serving_function(model: keras.Model, output_name: str) -> tf.types.experime
     return tf.function(serve, input_signature=specs)
 
 
-def export_saved_model(model: keras.Model, path: str | os.PathLike, shrink: bool = True,
-                       output_name: str = "probabilities", overwrite: bool = False,
-                       verify: bool = True) -> keras.Model:
+def export_saved_model(
+    model: keras.Model,
+    path: str | os.PathLike,
+    shrink: bool = True,
+    output_name: str = "probabilities",
+    overwrite: bool = False,
+    verify: bool = True,
+) -> keras.Model:
     """Writes ``model`` as a TF SavedModel servable by stock TensorFlow.
 
     Layout::
@@ -95,6 +102,6 @@ def export_saved_model(model: keras.Model, path: str | os.PathLike, shrink: bool
         if findings:
             raise ConversionError(
                 "internal error: the exported graph contains refused ops: "
-                + "; ".join(str(f) for f in findings))
+                + "; ".join(str(f) for f in findings)
+            )
     return plain
-

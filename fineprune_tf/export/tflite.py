@@ -42,13 +42,15 @@ def _sample_inputs(model: keras.Model, sample_inputs, samples: int, seed: int) -
     """The model's inputs as a list of float arrays, one per model input."""
     if sample_inputs is None:
         rng = np.random.default_rng(seed)
-        return [rng.normal(size=(samples, *spec.shape[1:])).astype(np.float32)
-                for spec in model.inputs]
+        return [
+            rng.normal(size=(samples, *spec.shape[1:])).astype(np.float32) for spec in model.inputs
+        ]
     arrays = sample_inputs if isinstance(sample_inputs, (list, tuple)) else [sample_inputs]
     arrays = [np.asarray(a) for a in arrays]
     if len(arrays) != len(model.inputs):
         raise ValueError(
-            f"the model has {len(model.inputs)} inputs. Received: {len(arrays)} sample arrays")
+            f"the model has {len(model.inputs)} inputs. Received: {len(arrays)} sample arrays"
+        )
     return arrays
 
 
@@ -63,18 +65,27 @@ def _run_interpreter(content: bytes, inputs: list[np.ndarray]) -> np.ndarray:
         warnings.simplefilter("ignore", UserWarning)
         interpreter = (Interpreter or tf.lite.Interpreter)(model_content=content)
     runner = interpreter.get_signature_runner()
-    names = sorted(runner.get_input_details(), key=lambda n: runner.get_input_details()[n][
-        "index"])
-    outputs = runner(**{name: x.astype(runner.get_input_details()[name]["dtype"])
-                        for name, x in zip(names, inputs, strict=True)})
+    names = sorted(runner.get_input_details(), key=lambda n: runner.get_input_details()[n]["index"])
+    outputs = runner(
+        **{
+            name: x.astype(runner.get_input_details()[name]["dtype"])
+            for name, x in zip(names, inputs, strict=True)
+        }
+    )
     if len(outputs) != 1:
         raise ValueError(f"expected one output, the TFLite model has {sorted(outputs)}")
     return next(iter(outputs.values()))
 
 
-def to_tflite(model: keras.Model, path: str | os.PathLike, sample_inputs=None,
-              atol: float = 1e-4, overwrite: bool = False, samples: int = 8,
-              seed: int = 0) -> TFLiteExport:
+def to_tflite(
+    model: keras.Model,
+    path: str | os.PathLike,
+    sample_inputs=None,
+    atol: float = 1e-4,
+    overwrite: bool = False,
+    samples: int = 8,
+    seed: int = 0,
+) -> TFLiteExport:
     """Shrinks ``model``, converts it to TFLite, writes ``path`` and checks the interpreter.
 
     Args:
@@ -97,20 +108,28 @@ def to_tflite(model: keras.Model, path: str | os.PathLike, sample_inputs=None,
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     if len(model.outputs) != 1:
-        raise ValueError(f"to_tflite supports one-output models. Received: "
-                         f"{len(model.outputs)} outputs")
+        raise ValueError(
+            f"to_tflite supports one-output models. Received: {len(model.outputs)} outputs"
+        )
     inputs = _sample_inputs(model, sample_inputs, samples, seed)
     expected = keras.ops.convert_to_numpy(model(inputs if len(inputs) > 1 else inputs[0]))
     content = tf.lite.TFLiteConverter.from_keras_model(shrink(model)).convert()
     got = _run_interpreter(content, inputs)
     if got.shape != expected.shape:
-        raise ValueError(f"TFLite output shape {got.shape} differs from the Keras model's "
-                         f"{expected.shape}")
+        raise ValueError(
+            f"TFLite output shape {got.shape} differs from the Keras model's {expected.shape}"
+        )
     difference = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
     if not difference <= atol:
-        raise ValueError(f"TFLite outputs differ from the Keras model's by {difference:.3g} "
-                         f"(> atol={atol:g}); nothing was written to {path}")
+        raise ValueError(
+            f"TFLite outputs differ from the Keras model's by {difference:.3g} "
+            f"(> atol={atol:g}); nothing was written to {path}"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
-    return TFLiteExport(path=path, size_bytes=len(content), max_abs_difference=difference,
-                        samples=int(inputs[0].shape[0]))
+    return TFLiteExport(
+        path=path,
+        size_bytes=len(content),
+        max_abs_difference=difference,
+        samples=int(inputs[0].shape[0]),
+    )

@@ -33,9 +33,23 @@ from fineprune_tf.graph.registry import (
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role, static_shape
 
 __all__ = [
-    "CROSS_CHANNEL_ACTIVATIONS", "ChannelGroup", "ConversionError", "Graph", "GraphNode", "Role",
-    "activation_name", "activation_tensor", "batchnorm_after", "channel_groups", "cost",
+    "CROSS_CHANNEL_ACTIVATIONS",
+    "ChannelGroup",
+    "ConversionError",
+    "Graph",
+    "GraphNode",
+    "Role",
+    "activation_name",
+    "activation_tensor",
+    "batchnorm_after",
+    "channel_groups",
+    "cost",
     "cross_channel_activation",
-    "flatten_nested", "has_nested", "node_role",
-    "register", "registered", "role_of", "static_shape",
+    "flatten_nested",
+    "has_nested",
+    "node_role",
+    "register",
+    "registered",
+    "role_of",
+    "static_shape",
 ]

@@ -49,8 +49,12 @@ def nodes_in_order(functional: Any) -> list:
     Reads the private ``_nodes_by_depth`` (Keras' own execution order; deepest first).
     """
     by_depth = functional._nodes_by_depth
-    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
-            if node.operation is not None and not node.is_input]
+    return [
+        node
+        for depth in sorted(by_depth, reverse=True)
+        for node in by_depth[depth]
+        if node.operation is not None and not node.is_input
+    ]
 
 
 def input_struct(model: keras.Model) -> Any:

@@ -62,7 +62,8 @@ def _positions(shape, what: str, layer) -> int:
     if any(d is None for d in dims):
         raise ConversionError(
             f"layer {layer.name!r}: unknown {what} size {tuple(shape)}; FLOPs need a fixed "
-            "input shape")
+            "input shape"
+        )
     return int(np.prod(dims)) if dims else 1
 
 
@@ -83,15 +84,25 @@ def node_multiply_adds(gnode: GraphNode) -> int:
     k = int(np.prod(layer.kernel_size))
     if isinstance(layer, _TRANSPOSED):
         groups = getattr(layer, "groups", 1) or 1
-        return (_positions(in_shape, "input", layer) * k * int(in_shape[-1])
-                * int(out_shape[-1]) // groups)
+        return (
+            _positions(in_shape, "input", layer)
+            * k
+            * int(in_shape[-1])
+            * int(out_shape[-1])
+            // groups
+        )
     if isinstance(layer, _DEPTHWISE):
         return _positions(out_shape, "output", layer) * k * int(out_shape[-1])
     if isinstance(layer, _SEPARABLE):
         mid = int(in_shape[-1]) * layer.depth_multiplier
         return _positions(out_shape, "output", layer) * (k * mid + mid * int(out_shape[-1]))
-    return (_positions(out_shape, "output", layer) * k * int(in_shape[-1])
-            // layer.groups * int(out_shape[-1]))
+    return (
+        _positions(out_shape, "output", layer)
+        * k
+        * int(in_shape[-1])
+        // layer.groups
+        * int(out_shape[-1])
+    )
 
 
 def multiply_adds(graph: Graph) -> int:
@@ -107,8 +118,7 @@ def parameters(graph: Graph) -> int:
     for layer in graph.layers():
         if not isinstance(layer, keras.layers.Layer):
             continue
-        masks = ({id(compat.mask_variable(layer))} if isinstance(layer, MaskedLayerMixin)
-                 else set())
+        masks = {id(compat.mask_variable(layer))} if isinstance(layer, MaskedLayerMixin) else set()
         total += sum(int(np.prod(w.shape)) for w in layer.weights if id(w) not in masks)
     return total
 

@@ -42,7 +42,7 @@ class _Inliner:
 
     def __init__(self):
         self.copies: dict[int, tuple[Any, Any]] = {}  # id(original) -> (original, copy)
-        self.names: set[str] = set()                  # new names given so far
+        self.names: set[str] = set()  # new names given so far
 
     def _copy(self, layer: Any, prefix: str) -> Any:
         if not isinstance(layer, keras.layers.Layer):
@@ -51,14 +51,14 @@ class _Inliner:
             name = prefix + layer.name
             if name in self.names:
                 raise ConversionError(
-                    f"flattening nested models gives two layers named {name!r}; rename one")
+                    f"flattening nested models gives two layers named {name!r}; rename one"
+                )
             self.names.add(name)
             config = dict(layer.get_config(), name=name)
             self.copies[id(layer)] = (layer, type(layer).from_config(config))
         return self.copies[id(layer)][1]
 
-    def run(self, graph: Graph, tensor_map: dict[int, Any], prefix: str,
-            inference: bool) -> None:
+    def run(self, graph: Graph, tensor_map: dict[int, Any], prefix: str, inference: bool) -> None:
         """Runs ``graph``'s nodes on the new tensors in ``tensor_map`` (filled for its inputs),
         adding every output.  ``inference``: an enclosing call had ``training=False``."""
         for gnode in graph.nodes:
@@ -72,20 +72,22 @@ class _Inliner:
             for old, new in zip(gnode.outputs, outputs, strict=True):
                 tensor_map[id(old)] = new
 
-    def _inline(self, gnode: GraphNode, args: tuple, kwargs: dict, prefix: str,
-                inference: bool) -> list:
+    def _inline(
+        self, gnode: GraphNode, args: tuple, kwargs: dict, prefix: str, inference: bool
+    ) -> list:
         inner = Graph(gnode.layer)
         extra = set(kwargs) - {"training", "mask"}
         if len(args) != 1 or extra or kwargs.get("mask") is not None:
             raise ConversionError(
                 f"nested model {gnode.name!r} is called with arguments other than its inputs "
-                "and training=; it cannot be flattened")
+                "and training=; it cannot be flattened"
+            )
         given = keras.tree.flatten(args[0])
         wanted = _flat(compat.input_struct(gnode.layer), inner.inputs)
         if len(given) != len(wanted):
             raise ConversionError(
-                f"nested model {gnode.name!r} takes {len(wanted)} inputs, is called on "
-                f"{len(given)}")
+                f"nested model {gnode.name!r} takes {len(wanted)} inputs, is called on {len(given)}"
+            )
         tensor_map = {id(t): new for t, new in zip(wanted, given, strict=True)}
         inference = inference or kwargs.get("training") is False
         self.run(inner, tensor_map, prefix + gnode.name + SEPARATOR, inference)
@@ -133,5 +135,6 @@ def copy_layer_weights(source: keras.layers.Layer, target: keras.layers.Layer) -
     if len(weights) != len(target.weights):
         raise ConversionError(
             f"layer {source.name!r}: the copy has {len(target.weights)} weights, the original "
-            f"{len(weights)}")
+            f"{len(weights)}"
+        )
     target.set_weights(weights)

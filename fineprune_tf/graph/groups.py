@@ -168,7 +168,7 @@ def channel_groups(model: keras.Model | Graph) -> list[ChannelGroup]:
         if reason is not None:
             for t in gnode.inputs:
                 ids = channels.ids(t)
-                for v in ([] if ids is None else ids.tolist()):
+                for v in [] if ids is None else ids.tolist():
                     blocked[v].add(reason)
         layer = gnode.layer
         out = channels.ids(gnode.outputs[0]) if gnode.outputs else None
@@ -183,27 +183,30 @@ def channel_groups(model: keras.Model | Graph) -> list[ChannelGroup]:
     _depthwise_members(graph, channels, producers, order)
     for t in graph.outputs:
         ids = channels.ids(t)
-        for v in ([] if ids is None else ids.tolist()):
+        for v in [] if ids is None else ids.tolist():
             blocked[v].add("a model output")
     return _collect(channels, producers, blocked, order)
 
 
-def _depthwise_members(graph: Graph, channels: _Channels, producers: dict,
-                       order: dict) -> None:
+def _depthwise_members(graph: Graph, channels: _Channels, producers: dict, order: dict) -> None:
     """Masked depthwise layers (SPATIAL, tied to their input) are members too: their output
     channels are pruned with the coupled channel."""
     for gnode in graph.nodes:
         layer = gnode.layer
-        if (isinstance(layer, MaskedLayerMixin) and node_role(gnode) is Role.SPATIAL
-                and graph.calls_per_layer[id(layer)] == 1):
+        if (
+            isinstance(layer, MaskedLayerMixin)
+            and node_role(gnode) is Role.SPATIAL
+            and graph.calls_per_layer[id(layer)] == 1
+        ):
             out = channels.ids(gnode.outputs[0])
             if out is not None:
                 order.setdefault(layer.name, gnode.index)
                 producers.update({v: (layer.name, c) for c, v in enumerate(out.tolist())})
 
 
-def _collect(channels: _Channels, producers: dict, blocked: dict,
-             order: dict) -> list[ChannelGroup]:
+def _collect(
+    channels: _Channels, producers: dict, blocked: dict, order: dict
+) -> list[ChannelGroup]:
     components: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     reasons: dict[int, set[str]] = defaultdict(set)
     for v, (name, c) in producers.items():
@@ -217,8 +220,10 @@ def _collect(channels: _Channels, producers: dict, blocked: dict,
     groups = []
     for signature, roots in by_signature.items():
         roots.sort(key=lambda r: min(components[r][signature[0][0]]))
-        members = {name: np.asarray([sorted(components[r][name]) for r in roots], np.int64)
-                   for name, _ in sorted(signature, key=lambda item: order[item[0]])}
+        members = {
+            name: np.asarray([sorted(components[r][name]) for r in roots], np.int64)
+            for name, _ in sorted(signature, key=lambda item: order[item[0]])
+        }
         why = sorted(set().union(*(reasons[r] for r in roots)))
         groups.append(ChannelGroup(members, tuple(why)))
     groups.sort(key=lambda g: min(order[name] for name in g.members))

@@ -46,8 +46,7 @@ def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> 
     graph = model if isinstance(model, Graph) else Graph(model)
     calls = graph.nodes_of(layer)
     if not calls:
-        raise ConversionError(f"layer {layer.name!r} is not called in model "
-                              f"{graph.model.name!r}")
+        raise ConversionError(f"layer {layer.name!r} is not called in model {graph.model.name!r}")
     return graph.chain_end(calls[0].outputs[0], _reads_through)
 
 
@@ -71,6 +70,10 @@ def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormaliza
             continue
         follower = consumers[0].layer
         if isinstance(follower, keras.layers.BatchNormalization) and follower.axis in (
-                -1, len(gnode.outputs[0].shape) - 1, [-1], [len(gnode.outputs[0].shape) - 1]):
+            -1,
+            len(gnode.outputs[0].shape) - 1,
+            [-1],
+            [len(gnode.outputs[0].shape) - 1],
+        ):
             pairs[layer.name] = follower
     return pairs

@@ -32,8 +32,15 @@ from fineprune_tf.layers import (
     MaskedSeparableConv2D,
 )
 
-__all__ = ["CROSS_CHANNEL_ACTIVATIONS", "Role", "activation_name", "cross_channel_activation",
-           "register", "registered", "role_of"]
+__all__ = [
+    "CROSS_CHANNEL_ACTIVATIONS",
+    "Role",
+    "activation_name",
+    "cross_channel_activation",
+    "register",
+    "registered",
+    "role_of",
+]
 
 
 class Role(enum.Enum):
@@ -89,24 +96,63 @@ def _convolution_role(layer: Any) -> Role:
 
 L = keras.layers
 _ELEMENTWISE = (
-    L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D,  # inference: identity
-    L.GaussianNoise, L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity,
-    L.ReLU, L.LeakyReLU, L.ELU, L.PReLU,
-    L.Add, L.Subtract, L.Multiply, L.Average, L.Maximum, L.Minimum,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,  # inference: identity
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.AlphaDropout,
+    L.ActivityRegularization,
+    L.Identity,
+    L.ReLU,
+    L.LeakyReLU,
+    L.ELU,
+    L.PReLU,
+    L.Add,
+    L.Subtract,
+    L.Multiply,
+    L.Average,
+    L.Maximum,
+    L.Minimum,
 )
 _SPATIAL = (
-    L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D,
-    L.AveragePooling1D, L.AveragePooling2D, L.AveragePooling3D,
-    L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D,
-    L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D,
-    L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D,
-    L.Cropping1D, L.Cropping2D, L.Cropping3D,
-    L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-    L.DepthwiseConv1D, L.DepthwiseConv2D, MaskedDepthwiseConv1D, MaskedDepthwiseConv2D,
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.UpSampling1D,
+    L.UpSampling2D,
+    L.UpSampling3D,
+    L.DepthwiseConv1D,
+    L.DepthwiseConv2D,
+    MaskedDepthwiseConv1D,
+    MaskedDepthwiseConv2D,
 )
 _MIXES = (
-    L.SeparableConv1D, L.SeparableConv2D, MaskedSeparableConv1D, MaskedSeparableConv2D,
-    L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose, L.Dense, L.EinsumDense,
+    L.SeparableConv1D,
+    L.SeparableConv2D,
+    MaskedSeparableConv1D,
+    MaskedSeparableConv2D,
+    L.Conv1DTranspose,
+    L.Conv2DTranspose,
+    L.Conv3DTranspose,
+    L.Dense,
+    L.EinsumDense,
     MaskedDense,
 )
 # Their role depends on ``groups``.

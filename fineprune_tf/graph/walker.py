@@ -68,9 +68,14 @@ class GraphNode:
         """One positional tensor argument, one output, and as keywords at most ``training``
         and a None ``mask`` (what Keras records for BatchNormalization)."""
         args, kwargs = self.arguments()
-        return (len(args) == 1 and len(self.inputs) == 1 and args[0] is self.inputs[0]
-                and set(kwargs) <= {"training", "mask"} and kwargs.get("mask") is None
-                and len(self.outputs) == 1)
+        return (
+            len(args) == 1
+            and len(self.inputs) == 1
+            and args[0] is self.inputs[0]
+            and set(kwargs) <= {"training", "mask"}
+            and kwargs.get("mask") is None
+            and len(self.outputs) == 1
+        )
 
     def run(self, values: dict[int, Any]) -> list:
         """Runs the call on concrete tensors ``values`` (by symbolic tensor id), in inference
@@ -116,18 +121,26 @@ class Graph:
             if isinstance(model, keras.Sequential):
                 raise ConversionError(
                     f"Sequential model {model.name!r} is not built (it has no Input): build "
-                    "it (or give it a keras.Input) before converting it")
+                    "it (or give it a keras.Input) before converting it"
+                )
             raise ConversionError(
                 f"model {model.name!r} is a subclassed model ({type(model).__name__}): its "
                 "graph is Python code, not a functional graph, so its layers cannot be "
-                "re-wired. Rebuild it as a functional or Sequential model.")
+                "re-wired. Rebuild it as a functional or Sequential model."
+            )
         self.model = model
         self.inputs: list = list(functional.inputs)
         self.outputs: list = list(functional.outputs)
         self.nodes: list[GraphNode] = [
-            GraphNode(index=i, layer=node.operation, node=node,
-                      inputs=list(node.input_tensors), outputs=list(node.outputs))
-            for i, node in enumerate(compat.nodes_in_order(functional))]
+            GraphNode(
+                index=i,
+                layer=node.operation,
+                node=node,
+                inputs=list(node.input_tensors),
+                outputs=list(node.outputs),
+            )
+            for i, node in enumerate(compat.nodes_in_order(functional))
+        ]
         self.producer: dict[int, GraphNode] = {}
         self.consumers: dict[int, list[GraphNode]] = {}
         self.tensors: dict[int, Any] = {id(t): t for t in self.inputs}
@@ -181,12 +194,12 @@ class Graph:
         the first call of each layer."""
         names: dict[str, list[str]] = {}
         for gnode in self.nodes:
-            names.setdefault(gnode.name, [compat.producing_operation(t).name
-                                          for t in gnode.inputs])
+            names.setdefault(gnode.name, [compat.producing_operation(t).name for t in gnode.inputs])
         return names
 
-    def ancestors(self, targets: Iterable[Any],
-                  stop: Callable[[Any], bool] = lambda t: False) -> list[GraphNode]:
+    def ancestors(
+        self, targets: Iterable[Any], stop: Callable[[Any], bool] = lambda t: False
+    ) -> list[GraphNode]:
         """The nodes needed to compute ``targets`` (tensors), not looking past tensors for
         which ``stop`` is true (nor past model inputs), in topological order."""
         found: dict[int, GraphNode] = {}
@@ -204,8 +217,12 @@ class Graph:
         and one output), returning the last tensor of the chain."""
         while True:
             consumers = self.consumers_of(tensor)
-            if (len(consumers) != 1 or len(consumers[0].inputs) != 1
-                    or len(consumers[0].outputs) != 1 or not follow(consumers[0])):
+            if (
+                len(consumers) != 1
+                or len(consumers[0].inputs) != 1
+                or len(consumers[0].outputs) != 1
+                or not follow(consumers[0])
+            ):
                 return tensor
             tensor = consumers[0].outputs[0]
 
@@ -249,8 +266,9 @@ class Graph:
 
     # -- rebuilding
 
-    def rebuild(self, call: Callable[[GraphNode, tuple, dict], Any],
-                name: str | None = None) -> keras.Model:
+    def rebuild(
+        self, call: Callable[[GraphNode, tuple, dict], Any], name: str | None = None
+    ) -> keras.Model:
         """Re-runs the graph symbolically on fresh ``keras.Input``s (same names, shapes, dtypes).
 
         ``call(gnode, args, kwargs)`` must return the new outputs of ``gnode`` given its new
@@ -268,11 +286,14 @@ class Graph:
             if len(outputs) != len(gnode.outputs):
                 raise ConversionError(
                     f"layer {gnode.name!r}: rebuilt call returned {len(outputs)} outputs, "
-                    f"expected {len(gnode.outputs)}")
+                    f"expected {len(gnode.outputs)}"
+                )
             for old, new in zip(gnode.outputs, outputs, strict=True):
                 tensor_map[id(old)] = new
-        inputs = keras.tree.map_structure(lambda t: tensor_map[id(t)],
-                                          compat.input_struct(self.model))
-        outputs = keras.tree.map_structure(lambda t: tensor_map[id(t)],
-                                           compat.output_struct(self.model))
+        inputs = keras.tree.map_structure(
+            lambda t: tensor_map[id(t)], compat.input_struct(self.model)
+        )
+        outputs = keras.tree.map_structure(
+            lambda t: tensor_map[id(t)], compat.output_struct(self.model)
+        )
         return keras.Model(inputs, outputs, name=name or self.model.name)

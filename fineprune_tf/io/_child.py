@@ -39,8 +39,9 @@ def main() -> None:
     try:
         from fineprune_tf.io import loader
 
-        loader.load_private_copy(request["kind"], request["path"], request["allow_unsafe"],
-                                 request["compile"])
+        loader.load_private_copy(
+            request["kind"], request["path"], request["allow_unsafe"], request["compile"]
+        )
         result = {"ok": True}
     except BaseException as error:  # noqa: BLE001  (everything is reported to the parent)
         result = {"ok": False, "type": type(error).__name__, "message": str(error)[:2000]}

@@ -32,10 +32,16 @@ def read_json_bounded(raw: bytes | str, what: str) -> object:
     """``json.loads`` with every failure (syntax, encoding, nesting depth) as one error."""
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, TypeError,
-            ValueError) as error:
-        raise ModelFormatError(f"{what} is not valid JSON ({type(error).__name__}: "
-                               f"{str(error)[:200]})") from None
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        RecursionError,
+        TypeError,
+        ValueError,
+    ) as error:
+        raise ModelFormatError(
+            f"{what} is not valid JSON ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
 
 
 def _member_findings(infos: list[zipfile.ZipInfo], limits: LoadLimits) -> list[Finding]:
@@ -48,10 +54,16 @@ def _member_findings(infos: list[zipfile.ZipInfo], limits: LoadLimits) -> list[F
         elif name in seen:
             findings.append(Finding("zip member", name, "archive", "duplicate member name"))
         elif name not in _CONFIG_MEMBERS + _WEIGHT_MEMBERS:
-            findings.append(Finding("zip member", name, "archive",
-                                    "unexpected member (a .keras model holds config.json, "
-                                    "metadata.json and model.weights.h5 only; assets are "
-                                    "not loaded)"))
+            findings.append(
+                Finding(
+                    "zip member",
+                    name,
+                    "archive",
+                    "unexpected member (a .keras model holds config.json, "
+                    "metadata.json and model.weights.h5 only; assets are "
+                    "not loaded)",
+                )
+            )
         elif info.flag_bits & 0x1:
             findings.append(Finding("zip member", name, "archive", "encrypted member"))
         seen.add(name)
@@ -65,11 +77,16 @@ def _check_sizes(path: pathlib.Path, infos: list[zipfile.ZipInfo], limits: LoadL
             raise LoadLimitError(
                 f"{path}: archive member {info.filename!r} declares {info.file_size:,} bytes, "
                 f"over the limit of {limit:,} bytes (a decompression bomb, or raise the limit "
-                "for a model you trust)")
+                "for a model you trust)"
+            )
 
 
-def rebuild_keras_archive(path: pathlib.Path, destination: pathlib.Path,
-                          limits: LoadLimits, shown: pathlib.Path | None = None) -> dict:
+def rebuild_keras_archive(
+    path: pathlib.Path,
+    destination: pathlib.Path,
+    limits: LoadLimits,
+    shown: pathlib.Path | None = None,
+) -> dict:
     """Checks the ``.keras`` zip at ``path``, copies its members into a new zip at
     ``destination`` (a private directory) and returns the parsed ``config.json``; messages
     name ``shown`` (default ``path``).
@@ -84,11 +101,13 @@ def rebuild_keras_archive(path: pathlib.Path, destination: pathlib.Path,
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
             if len(infos) > limits.files:
-                raise LoadLimitError(f"{shown}: {len(infos)} archive members, over the limit "
-                                     f"of {limits.files}")
+                raise LoadLimitError(
+                    f"{shown}: {len(infos)} archive members, over the limit of {limits.files}"
+                )
             if "config.json" not in [info.filename for info in infos]:
                 raise ModelFormatError(
-                    f"{shown}: a zip file without config.json is not a Keras .keras model")
+                    f"{shown}: a zip file without config.json is not a Keras .keras model"
+                )
             findings = _member_findings(infos, limits)
             if findings:
                 raise UnsafeModelError(shown, findings, "The archive is malformed.")
@@ -99,23 +118,27 @@ def rebuild_keras_archive(path: pathlib.Path, destination: pathlib.Path,
             with zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as copy:
                 for info in infos:
                     _copy_member(archive, info, copy)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError,
-            OSError) as error:
-        raise ModelFormatError(f"{shown}: not a readable Keras .keras file "
-                               f"({type(error).__name__}: {error})") from None
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        EOFError,
+        OSError,
+    ) as error:
+        raise ModelFormatError(
+            f"{shown}: not a readable Keras .keras file ({type(error).__name__}: {error})"
+        ) from None
     return config
 
 
-def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
-                 copy: zipfile.ZipFile) -> None:
+def _copy_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, copy: zipfile.ZipFile) -> None:
     # zipfile stops at the declared size and checks the CRC, so a member cannot expand past
     # what _check_sizes accepted.
     with archive.open(info) as source, copy.open(info.filename, "w", force_zip64=True) as out:
         shutil.copyfileobj(source, out, _CHUNK)
 
 
-def copy_saved_model_dir(path: pathlib.Path, destination: pathlib.Path,
-                         limits: LoadLimits) -> None:
+def copy_saved_model_dir(path: pathlib.Path, destination: pathlib.Path, limits: LoadLimits) -> None:
     """Copies the SavedModel directory ``path`` into ``destination`` (private), refusing
     symbolic links, special files and sizes over the limits; links are never followed."""
     total, count = 0, 0
@@ -123,14 +146,21 @@ def copy_saved_model_dir(path: pathlib.Path, destination: pathlib.Path,
     for source in sorted(path.rglob("*")):
         relative = source.relative_to(path)
         if source.is_symlink():
-            findings.append(Finding("symbolic link", str(relative), "directory",
-                                    "links may point anywhere on the machine"))
+            findings.append(
+                Finding(
+                    "symbolic link",
+                    str(relative),
+                    "directory",
+                    "links may point anywhere on the machine",
+                )
+            )
             continue
         if source.is_dir():
             continue
         if not source.is_file():
-            findings.append(Finding("special file", str(relative), "directory",
-                                    "not a regular file"))
+            findings.append(
+                Finding("special file", str(relative), "directory", "not a regular file")
+            )
             continue
         count += 1
         size = source.stat().st_size
@@ -139,8 +169,10 @@ def copy_saved_model_dir(path: pathlib.Path, destination: pathlib.Path,
             raise LoadLimitError(f"{path}: more than {limits.files} files in the SavedModel")
         budget = limits.weights_bytes + limits.graph_bytes
         if total > budget:
-            raise LoadLimitError(f"{path}: the SavedModel's files exceed {budget:,} bytes "
-                                 "(raise the weights limit for a model you trust)")
+            raise LoadLimitError(
+                f"{path}: the SavedModel's files exceed {budget:,} bytes "
+                "(raise the weights limit for a model you trust)"
+            )
     if findings:
         raise UnsafeModelError(path, findings, "The SavedModel was not loaded.")
     for source in sorted(path.rglob("*")):

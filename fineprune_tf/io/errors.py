@@ -45,12 +45,14 @@ class UnsafeModelError(ValueError):
         self.findings = list(findings)
         self.hint = hint
         lines = "\n".join(f"  - {f}" for f in self.findings)
-        super().__init__(f"refusing to load {self.path!r}: {len(self.findings)} unsafe "
-                         f"item(s):\n{lines}\n{hint}")
+        super().__init__(
+            f"refusing to load {self.path!r}: {len(self.findings)} unsafe item(s):\n{lines}\n{hint}"
+        )
 
     def one_line(self, limit: int = 5) -> str:
         """The refusal in one line (the first ``limit`` findings)."""
         shown = "; ".join(str(f) for f in self.findings[:limit])
         more = len(self.findings) - limit
-        return (f"refusing to load {self.path!r}: {len(self.findings)} unsafe item(s): {shown}"
-                + (f"; and {more} more" if more > 0 else ""))
+        return f"refusing to load {self.path!r}: {len(self.findings)} unsafe item(s): {shown}" + (
+            f"; and {more} more" if more > 0 else ""
+        )

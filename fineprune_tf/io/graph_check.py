@@ -33,8 +33,18 @@ __all__ = ["inspect_saved_model_proto", "read_saved_model_proto"]
 
 _STD_STREAMS = frozenset({"", "stderr", "stdout", "log(info)", "log(warning)", "log(error)"})
 # Ops a checkpoint file name may be computed with (string formatting only).
-_FILENAME_OPS = frozenset({"Identity", "StringJoin", "ShardedFilename", "Select", "SelectV2",
-                           "StaticRegexFullMatch", "Pack", "Const"})
+_FILENAME_OPS = frozenset(
+    {
+        "Identity",
+        "StringJoin",
+        "ShardedFilename",
+        "Select",
+        "SelectV2",
+        "StaticRegexFullMatch",
+        "Pack",
+        "Const",
+    }
+)
 # Which inputs of a checkpoint op are file names.
 _FILENAME_INPUTS = {"RestoreV2": (0,), "SaveV2": (0,), "MergeV2Checkpoints": (0, 1)}
 
@@ -113,8 +123,9 @@ def _filename_problem(node, by_name: dict, bound: set[str]) -> str | None:
     return None
 
 
-def _op_problem(node, in_saver: bool, library: set[str], by_name: dict,
-                bound: set[str]) -> str | None:
+def _op_problem(
+    node, in_saver: bool, library: set[str], by_name: dict, bound: set[str]
+) -> str | None:
     op = node.op
     calls = _called_functions(node)
     if op in library:
@@ -159,16 +170,22 @@ def _saver_scope(meta_graph, library: dict) -> tuple[set[str], set[str], set[str
     saver = meta_graph.saver_def
     roots = {_node_base(n) for n in (saver.save_tensor_name, saver.restore_op_name) if n}
     saver_closure = _closure(roots, inputs)
-    signature_nodes = {_node_base(t.name) for sig in meta_graph.signature_def.values()
-                       for t in list(sig.inputs.values()) + list(sig.outputs.values())}
+    signature_nodes = {
+        _node_base(t.name)
+        for sig in meta_graph.signature_def.values()
+        for t in list(sig.inputs.values()) + list(sig.outputs.values())
+    }
     other_closure = _closure((set(inputs) - saver_closure) | signature_nodes, inputs)
     saver_nodes = saver_closure - other_closure
     saver_functions = _reachable_functions(
-        {f for n in saver_nodes for f in _called_functions(by_name[n]) | {by_name[n].op}},
-        library)
+        {f for n in saver_nodes for f in _called_functions(by_name[n]) | {by_name[n].op}}, library
+    )
     other_functions = _reachable_functions(
         {f for n in other_closure for f in _called_functions(by_name[n]) | {by_name[n].op}}
-        | _object_functions(meta_graph) | (set(library) - saver_functions), library)
+        | _object_functions(meta_graph)
+        | (set(library) - saver_functions),
+        library,
+    )
     saver_only = saver_functions - other_functions
     bound = {_node_base(saver.filename_tensor_name)} if saver.filename_tensor_name else set()
     return saver_nodes, saver_only, bound
@@ -181,14 +198,25 @@ def inspect_meta_graph(meta_graph, allow_tf1: bool = False) -> list[Finding]:
     library = {f.signature.name: f for f in graph_def.library.function}
     findings = []
     if not meta_graph.object_graph_def.nodes and not allow_tf1:
-        findings.append(Finding(
-            "SavedModel", f"meta graph [{tags}]", "file",
-            "TF1 SavedModel (no object graph): loading it runs its own restore sub-graph "
-            "with arguments from the file; re-export it with TF2 (tf.saved_model.save)"))
+        findings.append(
+            Finding(
+                "SavedModel",
+                f"meta graph [{tags}]",
+                "file",
+                "TF1 SavedModel (no object graph): loading it runs its own restore sub-graph "
+                "with arguments from the file; re-export it with TF2 (tf.saved_model.save)",
+            )
+        )
     for name in library:
         if op_def_registry.get(name) is not None:
-            findings.append(Finding("function", name, f"library [{tags}]",
-                                    "a library function named like a registered op"))
+            findings.append(
+                Finding(
+                    "function",
+                    name,
+                    f"library [{tags}]",
+                    "a library function named like a registered op",
+                )
+            )
     saver_nodes, saver_functions, bound = _saver_scope(meta_graph, library)
     names = set(library)
     by_name = {n.name: n for n in graph_def.node}
@@ -203,13 +231,13 @@ def inspect_meta_graph(meta_graph, allow_tf1: bool = False) -> list[Finding]:
         for node in function.node_def:
             reason = _op_problem(node, in_saver, names, by_name, args)
             if reason:
-                findings.append(Finding(node.op, node.name, f"function {fname} [{tags}]",
-                                        reason))
+                findings.append(Finding(node.op, node.name, f"function {fname} [{tags}]", reason))
     return findings
 
 
-def read_saved_model_proto(path: pathlib.Path, limits: LoadLimits,
-                           shown: pathlib.Path | None = None) -> saved_model_pb2.SavedModel:
+def read_saved_model_proto(
+    path: pathlib.Path, limits: LoadLimits, shown: pathlib.Path | None = None
+) -> saved_model_pb2.SavedModel:
     """Parses ``saved_model.pb`` (or ``.pbtxt``) of the directory ``path`` (messages name
     ``shown``, default ``path``)."""
     shown = shown or path
@@ -219,27 +247,39 @@ def read_saved_model_proto(path: pathlib.Path, limits: LoadLimits,
     if source is None:
         raise ModelFormatError(
             f"{shown}: directory without saved_model.pb (or .pbtxt): not a TF SavedModel"
-            + (" (it has config.json: an unzipped .keras? zip it or pass the .keras file)"
-               if (path / "config.json").exists() else ""))
+            + (
+                " (it has config.json: an unzipped .keras? zip it or pass the .keras file)"
+                if (path / "config.json").exists()
+                else ""
+            )
+        )
     if source.stat().st_size > limits.graph_bytes:
-        raise LoadLimitError(f"{shown / source.name}: {source.stat().st_size:,} bytes, over "
-                             f"the graph limit of {limits.graph_bytes:,} bytes")
+        raise LoadLimitError(
+            f"{shown / source.name}: {source.stat().st_size:,} bytes, over "
+            f"the graph limit of {limits.graph_bytes:,} bytes"
+        )
     try:
         if source is pb:
             proto.ParseFromString(pb.read_bytes())
         else:
             text_format.Parse(pbtxt.read_text("utf-8"), proto)
-    except (pb_message.DecodeError, text_format.ParseError, UnicodeDecodeError,
-            RecursionError) as error:
-        raise ModelFormatError(f"{shown}: corrupt saved_model protobuf "
-                               f"({str(error)[:200]})") from None
+    except (
+        pb_message.DecodeError,
+        text_format.ParseError,
+        UnicodeDecodeError,
+        RecursionError,
+    ) as error:
+        raise ModelFormatError(
+            f"{shown}: corrupt saved_model protobuf ({str(error)[:200]})"
+        ) from None
     if not proto.meta_graphs:
         raise ModelFormatError(f"{shown}: SavedModel without any meta graph")
     return proto
 
 
-def inspect_saved_model_proto(proto: saved_model_pb2.SavedModel,
-                              allow_tf1: bool = False) -> list[Finding]:
+def inspect_saved_model_proto(
+    proto: saved_model_pb2.SavedModel, allow_tf1: bool = False
+) -> list[Finding]:
     """Refused items of every meta graph of ``proto``."""
     findings = []
     for meta_graph in proto.meta_graphs:

@@ -33,44 +33,120 @@ __all__ = ["allowed_keras_objects", "inspect_keras_config"]
 # Layers a model of this toolkit (image / audio classifiers) is built from.  Wrappers
 # (Bidirectional, TimeDistributed) hold layer configs that are checked like the rest.
 _LAYERS = (
-    "InputLayer", "Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose",
-    "Conv2DTranspose", "Conv3DTranspose", "DepthwiseConv1D", "DepthwiseConv2D",
-    "SeparableConv1D", "SeparableConv2D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
-    "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalMaxPooling1D",
-    "GlobalMaxPooling2D", "GlobalMaxPooling3D", "GlobalAveragePooling1D",
-    "GlobalAveragePooling2D", "GlobalAveragePooling3D", "BatchNormalization",
-    "LayerNormalization", "GroupNormalization", "UnitNormalization", "Dropout",
-    "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
-    "GaussianDropout", "AlphaDropout", "Flatten", "Reshape", "Permute", "RepeatVector",
-    "Cropping1D", "Cropping2D", "Cropping3D", "ZeroPadding1D", "ZeroPadding2D",
-    "ZeroPadding3D", "UpSampling1D", "UpSampling2D", "UpSampling3D", "Activation", "ReLU",
-    "LeakyReLU", "PReLU", "ELU", "Softmax", "Add", "Subtract", "Multiply", "Average",
-    "Maximum", "Minimum", "Concatenate", "Dot", "Embedding", "Identity", "Rescaling",
-    "Resizing", "CenterCrop", "Masking", "SimpleRNN", "LSTM", "GRU", "SimpleRNNCell",
-    "LSTMCell", "GRUCell", "Bidirectional", "TimeDistributed", "MultiHeadAttention",
-    "Attention")
+    "InputLayer",
+    "Dense",
+    "EinsumDense",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
+    "MaxPooling1D",
+    "MaxPooling2D",
+    "MaxPooling3D",
+    "AveragePooling1D",
+    "AveragePooling2D",
+    "AveragePooling3D",
+    "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D",
+    "GlobalMaxPooling3D",
+    "GlobalAveragePooling1D",
+    "GlobalAveragePooling2D",
+    "GlobalAveragePooling3D",
+    "BatchNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "UnitNormalization",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianNoise",
+    "GaussianDropout",
+    "AlphaDropout",
+    "Flatten",
+    "Reshape",
+    "Permute",
+    "RepeatVector",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "UpSampling1D",
+    "UpSampling2D",
+    "UpSampling3D",
+    "Activation",
+    "ReLU",
+    "LeakyReLU",
+    "PReLU",
+    "ELU",
+    "Softmax",
+    "Add",
+    "Subtract",
+    "Multiply",
+    "Average",
+    "Maximum",
+    "Minimum",
+    "Concatenate",
+    "Dot",
+    "Embedding",
+    "Identity",
+    "Rescaling",
+    "Resizing",
+    "CenterCrop",
+    "Masking",
+    "SimpleRNN",
+    "LSTM",
+    "GRU",
+    "SimpleRNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "Bidirectional",
+    "TimeDistributed",
+    "MultiHeadAttention",
+    "Attention",
+)
 # Namespaces whose every public class of the given base (and function, where noted) is plain
 # numerics: weight initializers, penalties, constraints, activations, dtype policies, and the
 # compile-time objects (ignored by the default ``compile=False`` but checked anyway).
 _NAMESPACES = (
-    ("initializers", "Initializer", False), ("regularizers", "Regularizer", False),
-    ("constraints", "Constraint", False), ("activations", None, True),
-    ("dtype_policies", "DTypePolicy", False), ("losses", "Loss", True),
-    ("metrics", "Metric", True), ("optimizers", "Optimizer", False))
+    ("initializers", "Initializer", False),
+    ("regularizers", "Regularizer", False),
+    ("constraints", "Constraint", False),
+    ("activations", None, True),
+    ("dtype_policies", "DTypePolicy", False),
+    ("losses", "Loss", True),
+    ("metrics", "Metric", True),
+    ("optimizers", "Optimizer", False),
+)
 _NOT_MODELLING = frozenset({"get", "serialize", "deserialize"})
 # Plain data markers of Keras' serializer (tensors, arrays, bytes, slices).
-_DATA_MARKERS = frozenset({"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__",
-                           "__ellipsis__", "__slice__"})
-_BUILTIN_FUNCTION_MODULES = ("activations", "constraints", "initializers", "losses", "metrics",
-                             "optimizers", "regularizers")
+_DATA_MARKERS = frozenset(
+    {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__ellipsis__", "__slice__"}
+)
+_BUILTIN_FUNCTION_MODULES = (
+    "activations",
+    "constraints",
+    "initializers",
+    "losses",
+    "metrics",
+    "optimizers",
+    "regularizers",
+)
 
 
 @functools.lru_cache(maxsize=1)
 def allowed_keras_objects() -> frozenset:
     """Every class / function a config may resolve to."""
     allowed: set = set(_keras_compat.model_classes())
-    allowed.update(getattr(keras.layers, name) for name in _LAYERS
-                   if hasattr(keras.layers, name))
+    allowed.update(getattr(keras.layers, name) for name in _LAYERS if hasattr(keras.layers, name))
     allowed.update(fineprune_layers.MASKED_LAYERS)
     for namespace, base_name, functions in _NAMESPACES:
         module = getattr(keras, namespace)
@@ -87,8 +163,11 @@ def allowed_keras_objects() -> frozenset:
 
 
 def _refused_classes() -> tuple[type, ...]:
-    return tuple(getattr(keras.layers, name) for name in ("Lambda", "TFSMLayer")
-                 if hasattr(keras.layers, name))
+    return tuple(
+        getattr(keras.layers, name)
+        for name in ("Lambda", "TFSMLayer")
+        if hasattr(keras.layers, name)
+    )
 
 
 def _resolve(name: str, registered_name: Any, module: Any, is_function: bool) -> Any:
@@ -173,17 +252,29 @@ def _check_object(obj: dict, owner: str, legacy: bool) -> Finding | None:
         resolved = _resolve(name, registered, module, is_function)
         spelling = f"{module}.{name}"
     if resolved is None:
-        return Finding(spelling, owner, "config",
-                       "does not resolve to a known Keras object (a custom object not "
-                       "registered in this process, or a module Keras would import)")
+        return Finding(
+            spelling,
+            owner,
+            "config",
+            "does not resolve to a known Keras object (a custom object not "
+            "registered in this process, or a module Keras would import)",
+        )
     if inspect.isclass(resolved) and issubclass(resolved, _refused_classes()):
-        return Finding(resolved.__name__, owner, "config",
-                       KERAS_CODE_CARRYING.get(resolved.__name__, "runs code from the file"))
+        return Finding(
+            resolved.__name__,
+            owner,
+            "config",
+            KERAS_CODE_CARRYING.get(resolved.__name__, "runs code from the file"),
+        )
     if resolved not in allowed:
         qualified = f"{getattr(resolved, '__module__', '?')}.{getattr(resolved, '__name__', '?')}"
-        return Finding(spelling, owner, "config",
-                       f"resolves to {qualified}, which is not an allowlisted layer / "
-                       "initializer / regularizer / constraint / activation / dtype policy")
+        return Finding(
+            spelling,
+            owner,
+            "config",
+            f"resolves to {qualified}, which is not an allowlisted layer / "
+            "initializer / regularizer / constraint / activation / dtype policy",
+        )
     return None
 
 
@@ -198,9 +289,14 @@ def inspect_keras_config(config: Any, legacy: bool = False) -> list[Finding]:
             # Keras resolves a bare string through the registered custom objects first.
             resolved = custom.get(value)
             if resolved is not None and resolved not in allowed:
-                findings.append(Finding(value, owner, "config",
-                                        "names a registered custom object that is not "
-                                        "allowlisted"))
+                findings.append(
+                    Finding(
+                        value,
+                        owner,
+                        "config",
+                        "names a registered custom object that is not allowlisted",
+                    )
+                )
             continue
         finding = _check_object(value, owner, legacy)
         if finding:

@@ -36,5 +36,7 @@ class LoadLimits:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             if not getattr(self, field.name) > 0:
-                raise ValueError(f"LoadLimits.{field.name} must be positive. Received: "
-                                 f"{getattr(self, field.name)!r}")
+                raise ValueError(
+                    f"LoadLimits.{field.name} must be positive. Received: "
+                    f"{getattr(self, field.name)!r}"
+                )

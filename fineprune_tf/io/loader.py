@@ -34,14 +34,19 @@ __all__ = ["inspect_saved_model", "load_model", "load_private_copy"]
 KERAS_IN_SAVED_MODEL = "model.keras"  # = fineprune_tf.export.KERAS_FILENAME
 _ZIP_MAGIC = b"PK\x03\x04"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
-_KERAS_HINT = ("Only allowlisted Keras layers and objects are loaded; pass allow_unsafe=True "
-               "only for files you trust.")
-_GRAPH_HINT = ("The SavedModel was not loaded and nothing in it ran; pass allow_unsafe=True "
-               "only for a model you trust.")
+_KERAS_HINT = (
+    "Only allowlisted Keras layers and objects are loaded; pass allow_unsafe=True "
+    "only for files you trust."
+)
+_GRAPH_HINT = (
+    "The SavedModel was not loaded and nothing in it ran; pass allow_unsafe=True "
+    "only for a model you trust."
+)
 
 
-def inspect_saved_model(path: str | os.PathLike, limits: LoadLimits | None = None,
-                        allow_tf1: bool = False) -> list[Finding]:
+def inspect_saved_model(
+    path: str | os.PathLike, limits: LoadLimits | None = None, allow_tf1: bool = False
+) -> list[Finding]:
     """Refused ops of the SavedModel directory ``path``, found by parsing its protobuf only
     (nothing is loaded or executed).  Empty list = nothing refused.
 
@@ -67,7 +72,8 @@ def _sniff(path: pathlib.Path, shown: pathlib.Path) -> str:
         return "h5"
     raise ModelFormatError(
         f"{shown}: not a model: expected a Keras .keras zip, a legacy Keras .h5 file or a TF "
-        "SavedModel directory")
+        "SavedModel directory"
+    )
 
 
 def _hdf5_config(path: pathlib.Path, shown: pathlib.Path, limits: LoadLimits) -> object:
@@ -76,27 +82,33 @@ def _hdf5_config(path: pathlib.Path, shown: pathlib.Path, limits: LoadLimits) ->
 
     try:
         with h5py.File(path, "r") as handle:
-            attribute = handle.attrs.get_id("model_config") \
-                if "model_config" in handle.attrs else None
+            attribute = (
+                handle.attrs.get_id("model_config") if "model_config" in handle.attrs else None
+            )
             if attribute is None:
-                raise ModelFormatError(f"{shown}: HDF5 file without a model_config (weights "
-                                       "only?): not a Keras model")
+                raise ModelFormatError(
+                    f"{shown}: HDF5 file without a model_config (weights only?): not a Keras model"
+                )
             if attribute.get_storage_size() > limits.config_bytes:
-                raise LoadLimitError(f"{shown}: model_config is larger than the config limit "
-                                     f"of {limits.config_bytes:,} bytes")
+                raise LoadLimitError(
+                    f"{shown}: model_config is larger than the config limit "
+                    f"of {limits.config_bytes:,} bytes"
+                )
             raw = handle.attrs["model_config"]
     except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
         if isinstance(error, ModelFormatError):
             raise
-        raise ModelFormatError(f"{shown}: unreadable HDF5 file ({type(error).__name__}: "
-                               f"{str(error)[:200]})") from None
+        raise ModelFormatError(
+            f"{shown}: unreadable HDF5 file ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     if hasattr(raw, "item") and getattr(raw, "shape", None) == ():
         raw = raw.item()
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if not isinstance(raw, str):
-        raise ModelFormatError(f"{shown}: model_config is a {type(raw).__name__}, not a JSON "
-                               "string")
+        raise ModelFormatError(
+            f"{shown}: model_config is a {type(raw).__name__}, not a JSON string"
+        )
     config = read_json_bounded(raw, f"{shown}: model_config")
     if not isinstance(config, dict):
         raise ModelFormatError(f"{shown}: model_config is not a JSON object")
@@ -114,28 +126,49 @@ def load_private_copy(kind: str, path: str | os.PathLike, allow_unsafe: bool, co
     return keras.models.load_model(path, compile=compile, safe_mode=not allow_unsafe)
 
 
-def _load_checked(kind: str, copy: pathlib.Path, workdir: pathlib.Path, shown: pathlib.Path,
-                  allow_unsafe: bool, compile: bool, limits: LoadLimits, isolate: bool):
+def _load_checked(
+    kind: str,
+    copy: pathlib.Path,
+    workdir: pathlib.Path,
+    shown: pathlib.Path,
+    allow_unsafe: bool,
+    compile: bool,
+    limits: LoadLimits,
+    isolate: bool,
+):
     if isolate:
         trial_load(kind, copy, workdir, limits, allow_unsafe, compile, str(shown))
     try:
         loaded = load_private_copy(kind, copy, allow_unsafe, compile)
     except (MemoryError, RecursionError) as error:
-        raise LoadLimitError(f"{shown}: loading ran out of memory ({type(error).__name__})") \
-            from None
+        raise LoadLimitError(
+            f"{shown}: loading ran out of memory ({type(error).__name__})"
+        ) from None
     except Exception as error:  # noqa: BLE001  (every loader failure is one clear error)
         if "safe_mode" in str(error) or "unsafe" in str(error).lower():
-            raise UnsafeModelError(shown, [Finding("config", "?", "keras", str(error)[:300])],
-                                   "Keras safe mode refused the file.") from None
-        raise ModelFormatError(f"{shown}: could not be loaded ({type(error).__name__}: "
-                               f"{' '.join(str(error).split())[:300]})") from None
+            raise UnsafeModelError(
+                shown,
+                [Finding("config", "?", "keras", str(error)[:300])],
+                "Keras safe mode refused the file.",
+            ) from None
+        raise ModelFormatError(
+            f"{shown}: could not be loaded ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:300]})"
+        ) from None
     if isinstance(loaded, SavedModelPredictor):
         loaded.path, loaded.name = shown, shown.name
     return loaded
 
 
-def _keras_file(path: pathlib.Path, shown: pathlib.Path, workdir: pathlib.Path,
-                allow_unsafe: bool, compile: bool, limits: LoadLimits, isolate: bool):
+def _keras_file(
+    path: pathlib.Path,
+    shown: pathlib.Path,
+    workdir: pathlib.Path,
+    allow_unsafe: bool,
+    compile: bool,
+    limits: LoadLimits,
+    isolate: bool,
+):
     if path.stat().st_size == 0:
         raise ModelFormatError(f"{shown}: empty file: not a model")
     kind = _sniff(path, shown)
@@ -145,8 +178,10 @@ def _keras_file(path: pathlib.Path, shown: pathlib.Path, workdir: pathlib.Path,
         findings = inspect_keras_config(config)
     else:
         if path.stat().st_size > limits.weights_bytes:
-            raise LoadLimitError(f"{shown}: {path.stat().st_size:,} bytes, over the weights "
-                                 f"limit of {limits.weights_bytes:,} bytes")
+            raise LoadLimitError(
+                f"{shown}: {path.stat().st_size:,} bytes, over the weights "
+                f"limit of {limits.weights_bytes:,} bytes"
+            )
         copy = workdir / "model.h5"
         shutil.copyfile(path, copy)
         findings = inspect_keras_config(_hdf5_config(copy, shown, limits), legacy=True)
@@ -155,8 +190,15 @@ def _keras_file(path: pathlib.Path, shown: pathlib.Path, workdir: pathlib.Path,
     return _load_checked(kind, copy, workdir, shown, allow_unsafe, compile, limits, isolate)
 
 
-def _saved_model(path: pathlib.Path, workdir: pathlib.Path, allow_unsafe: bool,
-                 prefer_keras: bool, compile: bool, limits: LoadLimits, isolate: bool):
+def _saved_model(
+    path: pathlib.Path,
+    workdir: pathlib.Path,
+    allow_unsafe: bool,
+    prefer_keras: bool,
+    compile: bool,
+    limits: LoadLimits,
+    isolate: bool,
+):
     copy = workdir / "saved_model"
     copy_saved_model_dir(path, copy, limits)
     proto = read_saved_model_proto(copy, limits, path)
@@ -165,15 +207,20 @@ def _saved_model(path: pathlib.Path, workdir: pathlib.Path, allow_unsafe: bool,
         raise UnsafeModelError(path, findings, _GRAPH_HINT)
     embedded = copy / KERAS_IN_SAVED_MODEL
     if prefer_keras and embedded.is_file():
-        return _keras_file(embedded, path / KERAS_IN_SAVED_MODEL, workdir, allow_unsafe,
-                           compile, limits, isolate)
-    return _load_checked("saved_model", copy, workdir, path, allow_unsafe, compile, limits,
-                         isolate)
+        return _keras_file(
+            embedded, path / KERAS_IN_SAVED_MODEL, workdir, allow_unsafe, compile, limits, isolate
+        )
+    return _load_checked("saved_model", copy, workdir, path, allow_unsafe, compile, limits, isolate)
 
 
-def load_model(path: str | os.PathLike, allow_unsafe: bool = False, prefer_keras: bool = True,
-               compile: bool = False, limits: LoadLimits | None = None,
-               isolate: bool = True) -> keras.Model | SavedModelPredictor:
+def load_model(
+    path: str | os.PathLike,
+    allow_unsafe: bool = False,
+    prefer_keras: bool = True,
+    compile: bool = False,
+    limits: LoadLimits | None = None,
+    isolate: bool = True,
+) -> keras.Model | SavedModelPredictor:
     """Loads an untrusted model file or SavedModel directory (see SECURITY.md).
 
     Args:
@@ -206,8 +253,9 @@ def load_model(path: str | os.PathLike, allow_unsafe: bool = False, prefer_keras
     with tempfile.TemporaryDirectory(prefix="fineprune_load_") as tmp:
         workdir = pathlib.Path(tmp)
         if path.is_dir():
-            loaded = _saved_model(path, workdir, allow_unsafe, prefer_keras, compile, limits,
-                                  isolate)
+            loaded = _saved_model(
+                path, workdir, allow_unsafe, prefer_keras, compile, limits, isolate
+            )
         elif path.is_file():
             loaded = _keras_file(path, path, workdir, allow_unsafe, compile, limits, isolate)
         else:

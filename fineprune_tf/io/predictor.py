@@ -26,7 +26,8 @@ class SavedModelPredictor:
     def __init__(self, loaded: Any, path: pathlib.Path, signature: str = "serving_default"):
         if signature not in loaded.signatures:
             raise ModelFormatError(
-                f"{path}: no {signature!r} signature (has: {sorted(loaded.signatures)})")
+                f"{path}: no {signature!r} signature (has: {sorted(loaded.signatures)})"
+            )
         self._loaded = loaded  # keeps the restored variables alive
         self.path = path
         self.name = path.name
@@ -37,8 +38,10 @@ class SavedModelPredictor:
         self.output_names: list[str] = sorted(self.signature.structured_outputs)
 
     def __repr__(self) -> str:
-        return (f"SavedModelPredictor({os.fspath(self.path)!r}, inputs={self.input_names}, "
-                f"outputs={self.output_names})")
+        return (
+            f"SavedModelPredictor({os.fspath(self.path)!r}, inputs={self.input_names}, "
+            f"outputs={self.output_names})"
+        )
 
     def _feeds(self, x) -> dict[str, tf.Tensor]:
         if isinstance(x, dict):
@@ -49,8 +52,9 @@ class SavedModelPredictor:
             if len(self.input_names) != 1:
                 raise ValueError(f"the signature has inputs {self.input_names}; pass a dict")
             values = {self.input_names[0]: x}
-        return {k: tf.convert_to_tensor(v, dtype=self.input_specs[k].dtype)
-                for k, v in values.items()}
+        return {
+            k: tf.convert_to_tensor(v, dtype=self.input_specs[k].dtype) for k, v in values.items()
+        }
 
     def __call__(self, x, training: bool = False):
         outputs = self.signature(**self._feeds(x))
@@ -65,7 +69,7 @@ class SavedModelPredictor:
         n = int(next(iter(feeds.values())).shape[0])
         chunks: list = []
         for start in range(0, n, batch_size):
-            part = self({k: v[start:start + batch_size] for k, v in feeds.items()})
+            part = self({k: v[start : start + batch_size] for k, v in feeds.items()})
             chunks.append(part)
         if not chunks:
             raise ValueError("empty input")

@@ -88,8 +88,6 @@ class Trigger(abc.ABC):
         return cls(**{k: _tuple(v) for k, v in config.items()})
 
 
-
-
 @dataclass(frozen=True)
 class Compose(Trigger):
     """Apply ``triggers`` in order (e.g. sunglasses plus a pixel pattern)."""

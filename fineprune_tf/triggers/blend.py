@@ -56,7 +56,8 @@ class Blended(Trigger):
         low, high = self.pattern_range
         if not low < high:
             raise ValueError(
-                f"pattern_range must satisfy low < high. Received: {self.pattern_range}")
+                f"pattern_range must satisfy low < high. Received: {self.pattern_range}"
+            )
 
     def key(self, shape: tuple[int, int, int]) -> np.ndarray:
         """float32 ``[H, W, C]`` key pattern for inputs of ``shape``."""

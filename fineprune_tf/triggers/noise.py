@@ -126,4 +126,3 @@ class WaveformNoise(Trigger):
         if isinstance(x, np.ndarray) and x.ndim == 1 and x.dtype != object:
             raise ValueError("WaveformNoise.apply takes a batch: [N, L] or a list of 1-D arrays")
         return [self._one(w) for w in x]
-

@@ -234,4 +234,3 @@ class Pattern(Trigger):
         p = np.asarray(self.pattern, np.float32)[None, :, :, None]
         out[:, top:bottom, left:right, :] = np.where(m[None, :, :, None], p, patch)
         return out
-

@@ -96,8 +96,12 @@ def _bilinear(x: np.ndarray, grid: np.ndarray) -> np.ndarray:
     fc, fr = (col - c0).astype(np.float32), (row - r0).astype(np.float32)
     batch = np.arange(n).reshape((n, 1, 1)) if grid.ndim == 4 else slice(None)
     out = np.zeros_like(x)
-    for dr, dc, weight in ((0, 0, (1 - fr) * (1 - fc)), (0, 1, (1 - fr) * fc),
-                           (1, 0, fr * (1 - fc)), (1, 1, fr * fc)):
+    for dr, dc, weight in (
+        (0, 0, (1 - fr) * (1 - fc)),
+        (0, 1, (1 - fr) * fc),
+        (1, 0, fr * (1 - fc)),
+        (1, 1, fr * fc),
+    ):
         rr, cc = r0 + dr, c0 + dc
         inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)  # zero padding outside
         weight = np.where(inside, weight, 0.0).astype(np.float32)
@@ -147,16 +151,22 @@ class WaNet(Trigger):
         rows = np.linspace(-1.0, 1.0, height)[:, None] * np.ones((1, width))
         cols = np.ones((height, 1)) * np.linspace(-1.0, 1.0, width)[None, :]
         field = self.field(height, width)
-        grid = np.stack([cols + self.s * field[..., 0] / width,
-                         rows + self.s * field[..., 1] / height], axis=-1)
+        grid = np.stack(
+            [cols + self.s * field[..., 0] / width, rows + self.s * field[..., 1] / height], axis=-1
+        )
         return np.clip(grid * self.grid_rescale, -1.0, 1.0).astype(np.float32)
 
     def displacement_pixels(self, height: int, width: int) -> np.ndarray:
         """float64 ``[H, W, 2]``: (column, row) offset each output pixel samples from, pixels."""
         grid = self.grid(height, width).astype(np.float64)
         cols, rows = np.meshgrid(np.arange(width), np.arange(height))
-        return np.stack([(grid[..., 0] + 1) * (width - 1) / 2 - cols,
-                         (grid[..., 1] + 1) * (height - 1) / 2 - rows], axis=-1)
+        return np.stack(
+            [
+                (grid[..., 0] + 1) * (width - 1) / 2 - cols,
+                (grid[..., 1] + 1) * (height - 1) / 2 - rows,
+            ],
+            axis=-1,
+        )
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         out = _as_images(x, "WaNet")

@@ -14,16 +14,16 @@ from types import ModuleType
 
 #: Section key -> module name under ``scripts.benchmarks``, in report order.
 SECTIONS: dict[str, str] = {
-    "a": "curve",        # full per-channel pruning curve vs the naive loop
-    "b": "op",           # fused op vs the best-effort TF composite and the TF fallback
-    "c": "train",        # training step, masked vs plain layers
-    "d": "stats_pass",   # statistics pass vs inference
-    "e": "shrink",       # shrunk vs masked model
-    "f": "memory",       # peak resident memory per experiment stage
+    "a": "curve",  # full per-channel pruning curve vs the naive loop
+    "b": "op",  # fused op vs the best-effort TF composite and the TF fallback
+    "c": "train",  # training step, masked vs plain layers
+    "d": "stats_pass",  # statistics pass vs inference
+    "e": "shrink",  # shrunk vs masked model
+    "f": "memory",  # peak resident memory per experiment stage
 }
 #: Sections other engineers add: included by name when their module exists.
 OPTIONAL_SECTIONS: dict[str, str] = {
-    "masked_step": "masked_step",  # the masked layers' step in isolation (layers engineer)
+    "masked_step": "masked_step"  # the masked layers' step in isolation (layers engineer)
 }
 
 

@@ -41,8 +41,13 @@ def describe() -> dict:
     from fineprune_tf import ops
 
     return {
-        "cores": cores(), "cpu": cpu_model(), "python": platform.python_version(),
-        "tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-        "op_backend": ops.backend(), "platform": platform.platform(),
+        "cores": cores(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "op_backend": ops.backend(),
+        "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -28,20 +28,23 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SETTINGS = {"tf-graph": ("tensorflow", False), "tf-xla": ("tensorflow", True),
-            "jax": ("jax", None)}
+SETTINGS = {"tf-graph": ("tensorflow", False), "tf-xla": ("tensorflow", True), "jax": ("jax", None)}
 TITLE = "Masked training step vs plain Conv2D step: TF graph, TF with XLA, JAX"
 TARGETS = {
     "xla_masked_step_ratio": ("<=", 1.10, "masked step <= 1.10x plain Conv2D with XLA"),
     "jax_masked_step_ratio": ("<=", 1.25, "masked step <= 1.25x plain Conv2D on JAX"),
 }
-_TARGET_OF = {"tf-xla": "xla_masked_step_ratio", "jax": "jax_masked_step_ratio",
-              "tf-graph": "graph_masked_step_ratio"}
+_TARGET_OF = {
+    "tf-xla": "xla_masked_step_ratio",
+    "jax": "jax_masked_step_ratio",
+    "tf-graph": "graph_masked_step_ratio",
+}
 INPUT_SHAPE, FILTERS, CLASSES = (32, 32, 3), (32, 64, 64), 10
 
 
 def _models(keras, fp):
     """(masked, plain): the same CNN with masked and with plain layers, same weights."""
+
     def build(conv, dense):
         inputs = keras.Input(INPUT_SHAPE)
         x = inputs
@@ -57,7 +60,7 @@ def _models(keras, fp):
     masked = build(fp.MaskedConv2D, fp.MaskedDense)
     plain = build(keras.layers.Conv2D, keras.layers.Dense)
     for source, target in zip(masked.layers, plain.layers, strict=True):
-        target.set_weights(source.get_weights()[:len(target.weights)])
+        target.set_weights(source.get_weights()[: len(target.weights)])
     for layer in fp.layers.masked_layers(masked):
         layer.prune(range(0, layer.channels, 2))
     return masked, plain
@@ -76,8 +79,11 @@ def _child(setting: str, quick: bool, rounds: int | None = None) -> dict:
     _, jit_compile = SETTINGS[setting]
     for model in (masked, plain):
         kwargs = {} if jit_compile is None else {"jit_compile": jit_compile}
-        model.compile(keras.optimizers.Adam(1e-4), keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True), **kwargs)
+        model.compile(
+            keras.optimizers.Adam(1e-4),
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            **kwargs,
+        )
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch, *INPUT_SHAPE)).astype("float32")
     y = rng.integers(0, CLASSES, batch)
@@ -96,27 +102,44 @@ def _child(setting: str, quick: bool, rounds: int | None = None) -> dict:
         times["masked"].append(run(masked))
         times["plain"].append(run(plain))
     masked_s, plain_s = (statistics.median(times[k]) for k in ("masked", "plain"))
-    return {"backend": keras.backend.backend(), "jit_compile": bool(masked.jit_compile),
-            "batch_size": batch, "rounds": rounds, "masked_step_s": masked_s,
-            "plain_step_s": plain_s, "ratio": masked_s / plain_s,
-            "round_ratios": [m / p for m, p in zip(times["masked"], times["plain"],
-                                                   strict=True)]}
+    return {
+        "backend": keras.backend.backend(),
+        "jit_compile": bool(masked.jit_compile),
+        "batch_size": batch,
+        "rounds": rounds,
+        "masked_step_s": masked_s,
+        "plain_step_s": plain_s,
+        "ratio": masked_s / plain_s,
+        "round_ratios": [m / p for m, p in zip(times["masked"], times["plain"], strict=True)],
+    }
 
 
 def _run_setting(setting: str, quick: bool, rounds: int | None) -> dict:
     backend, _ = SETTINGS[setting]
     if importlib.util.find_spec(backend) is None:
         return {"skipped": f"{backend} is not installed"}
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    code = (f"import json; from scripts.benchmarks.masked_step import _child; "
-            f"print('RESULT', json.dumps(_child({setting!r}, {quick!r}, {rounds!r})))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=1800)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": backend,
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    code = (
+        f"import json; from scripts.benchmarks.masked_step import _child; "
+        f"print('RESULT', json.dumps(_child({setting!r}, {quick!r}, {rounds!r})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=1800,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def measure(quick: bool, repeats: int | None = None) -> dict:
@@ -126,11 +149,22 @@ def measure(quick: bool, repeats: int | None = None) -> dict:
     """
     settings = {setting: _run_setting(setting, quick, repeats) for setting in SETTINGS}
     summary = {_TARGET_OF[name]: row["ratio"] for name, row in settings.items() if "ratio" in row}
-    notes = [f"{name}: {row.get('skipped') or row.get('error')}"
-             for name, row in settings.items() if "ratio" not in row]
-    return {"settings": settings, "summary": summary, "notes": notes, "quick": quick,
-            "model": {"input": list(INPUT_SHAPE), "conv_filters": list(FILTERS),
-                      "pruned": "every other channel of each masked layer"}}
+    notes = [
+        f"{name}: {row.get('skipped') or row.get('error')}"
+        for name, row in settings.items()
+        if "ratio" not in row
+    ]
+    return {
+        "settings": settings,
+        "summary": summary,
+        "notes": notes,
+        "quick": quick,
+        "model": {
+            "input": list(INPUT_SHAPE),
+            "conv_filters": list(FILTERS),
+            "pruned": "every other channel of each masked layer",
+        },
+    }
 
 
 def markdown(result: dict) -> str:
@@ -150,10 +184,15 @@ def markdown(result: dict) -> str:
             lines.append(f"| {setting} | | {row.get('skipped') or row.get('error')} | | | |")
             continue
         target = TARGETS.get(_TARGET_OF[setting])
-        verdict = "" if target is None else (
-            f"<= {target[1]:.2f}x: {'met' if row['ratio'] <= target[1] else 'NOT met'}")
-        lines.append(f"| {setting} | {row['batch_size']} | {row['masked_step_s'] * 1e3:.2f} ms "
-                     f"| {row['plain_step_s'] * 1e3:.2f} ms | {row['ratio']:.3f}x | {verdict} |")
+        verdict = (
+            ""
+            if target is None
+            else (f"<= {target[1]:.2f}x: {'met' if row['ratio'] <= target[1] else 'NOT met'}")
+        )
+        lines.append(
+            f"| {setting} | {row['batch_size']} | {row['masked_step_s'] * 1e3:.2f} ms "
+            f"| {row['plain_step_s'] * 1e3:.2f} ms | {row['ratio']:.3f}x | {verdict} |"
+        )
     lines += [f"- {note}" for note in result.get("notes", [])]
     return "\n".join(lines) + "\n"
 

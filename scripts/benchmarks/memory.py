@@ -28,12 +28,27 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 def _child(output_dir: pathlib.Path, quick: bool) -> subprocess.CompletedProcess:
     # --quick (CI): a smoke run of the same code on mnist's baseline attack only.
-    task_flags = (["--task=mnist", "--attacks=baseline"] if quick
-                  else [f"--task={TASK}", f"--epochs={ATTACK_EPOCHS}"])
-    command = [sys.executable, "-m", "scripts.fine_prune", *task_flags, "--quick",
-               f"--output_dir={output_dir}"]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    task_flags = (
+        ["--task=mnist", "--attacks=baseline"]
+        if quick
+        else [f"--task={TASK}", f"--epochs={ATTACK_EPOCHS}"]
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.fine_prune",
+        *task_flags,
+        "--quick",
+        f"--output_dir={output_dir}",
+    ]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def measure(quick: bool, repeats: int) -> dict:
@@ -44,15 +59,22 @@ def measure(quick: bool, repeats: int) -> dict:
             raise RuntimeError(f"fine_prune failed: {done.stderr[-2000:]}")
         results = json.loads((pathlib.Path(folder) / "run" / "results.json").read_text())
     peaks, seconds = results["peak_rss_mb"], results["timings"]
-    stages = [{"stage": name, "peak_rss_mb": peak, "seconds": seconds.get(name)}
-              for name, peak in peaks.items()]
+    stages = [
+        {"stage": name, "peak_rss_mb": peak, "seconds": seconds.get(name)}
+        for name, peak in peaks.items()
+    ]
     for row in stages:
         print(f"(f) {row['stage']}: peak RSS {row['peak_rss_mb']:.0f} MiB", flush=True)
     top = max(stages, key=lambda row: row["peak_rss_mb"])
     task = "mnist" if quick else TASK
     summary = {f"peak_rss_mb_{task}": top["peak_rss_mb"]}
-    return {"task": task, "stages": stages, "data": results["data"], "summary": summary,
-            "notes": [f"largest stage: {top['stage']} ({top['peak_rss_mb']:.0f} MiB)"]}
+    return {
+        "task": task,
+        "stages": stages,
+        "data": results["data"],
+        "summary": summary,
+        "notes": [f"largest stage: {top['stage']} ({top['peak_rss_mb']:.0f} MiB)"],
+    }
 
 
 def markdown(result: dict) -> str:

@@ -21,11 +21,17 @@ from scripts.benchmarks.timing import fmt, interleaved, median
 
 TITLE = "(b) Fused op vs plain TensorFlow"
 TARGETS = {
-    "op_speedup_vs_tf": (">=", 2.0, "fused op forward with statistics >= 2x the best-effort "
-                         "TF composite (large activation)"),
+    "op_speedup_vs_tf": (
+        ">=",
+        2.0,
+        "fused op forward with statistics >= 2x the best-effort TF composite (large activation)",
+    ),
     "op_grad_speedup_vs_tf": (">=", 1.5, "fused op backward >= 1.5x the TF composite (large)"),
-    "op_small_min_speedup": (">=", 1.0, "fused op never slower than the composite at small "
-                             "sizes (fwd with statistics, bwd)"),
+    "op_small_min_speedup": (
+        ">=",
+        1.0,
+        "fused op never slower than the composite at small sizes (fwd with statistics, bwd)",
+    ),
 }
 SHAPES = [(32, 27, 27, 96), (64, 27, 27, 96), (128, 13, 13, 256), (64, 56, 56, 256)]
 QUICK_SHAPES = [(32, 27, 27, 96), (128, 13, 13, 256), (32, 56, 56, 256)]
@@ -41,8 +47,12 @@ def composite(z, mask, activation: str = "relu", compute_stats: bool = True):
     if not compute_stats:
         return y
     flat = tf.reshape(activated, [-1, tf.shape(z)[-1]])
-    return (y, tf.reduce_sum(flat, 0), tf.reduce_sum(flat * flat, 0),
-            tf.reduce_sum(tf.cast(flat > 0, tf.float32), 0))
+    return (
+        y,
+        tf.reduce_sum(flat, 0),
+        tf.reduce_sum(flat * flat, 0),
+        tf.reduce_sum(tf.cast(flat > 0, tf.float32), 0),
+    )
 
 
 def fallback_ops():
@@ -68,9 +78,11 @@ def fallback_ops():
 
 def _library(fn):
     """Adapts a ``masked_activation``-like function to the composite's return convention."""
+
     def call(z, mask, activation, compute_stats):
         result = fn(z, mask, activation, compute_stats)
         return tuple(result) if compute_stats else result.y
+
     return call
 
 
@@ -110,22 +122,36 @@ def _shape_row(shape, impls: dict, repeats: int, rng) -> dict:
             args = (z, mask, w) if kind == "bwd" else (z, mask)
             calls[f"{kind}_{impl_name}"] = functools.partial(program, *args)
     # Same results from every implementation (sanity), against the composite.
-    diffs = {name: max(_max_diff(a, b) for a, b in zip(
-        calls[f"fwd_{name}"](), calls["fwd_composite"](), strict=True))
-        for name in impls if name != "composite"}
-    diffs.update({f"bwd_{name}": _max_diff(calls[f"bwd_{name}"](), calls["bwd_composite"]())
-                  for name in impls if name != "composite"})
+    diffs = {
+        name: max(
+            _max_diff(a, b)
+            for a, b in zip(calls[f"fwd_{name}"](), calls["fwd_composite"](), strict=True)
+        )
+        for name in impls
+        if name != "composite"
+    }
+    diffs.update(
+        {
+            f"bwd_{name}": _max_diff(calls[f"bwd_{name}"](), calls["bwd_composite"]())
+            for name in impls
+            if name != "composite"
+        }
+    )
     times = interleaved(calls, repeats)
     med = {name: median(t) for name, t in times.items()}
-    row = {"shape": list(shape), "megabytes": int(np.prod(shape)) * 4 / 2**20,
-           **{f"{name}_s": value for name, value in med.items()},
-           **{f"{name}_min_s": min(t) for name, t in times.items()}, "max_rel_diff": diffs}
+    row = {
+        "shape": list(shape),
+        "megabytes": int(np.prod(shape)) * 4 / 2**20,
+        **{f"{name}_s": value for name, value in med.items()},
+        **{f"{name}_min_s": min(t) for name, t in times.items()},
+        "max_rel_diff": diffs,
+    }
     for kind in ("fwd", "fwd_nostats", "bwd"):
         row[f"{kind}_speedup"] = med[f"{kind}_composite"] / med[f"{kind}_compiled"]
-        row[f"{kind}_fallback_vs_composite"] = (med[f"{kind}_fallback"]
-                                                / med[f"{kind}_composite"])
-        row[f"best_of_{kind}_speedup"] = (min(times[f"{kind}_composite"])
-                                          / min(times[f"{kind}_compiled"]))
+        row[f"{kind}_fallback_vs_composite"] = med[f"{kind}_fallback"] / med[f"{kind}_composite"]
+        row[f"best_of_{kind}_speedup"] = min(times[f"{kind}_composite"]) / min(
+            times[f"{kind}_compiled"]
+        )
     return row
 
 
@@ -135,19 +161,26 @@ def measure(quick: bool, repeats: int) -> dict:
 
     from fineprune_tf import ops
 
-    impls = {"compiled": _library(ops.masked_activation), "composite": composite,
-             "fallback": _library(fallback_ops().masked_activation)}
+    impls = {
+        "compiled": _library(ops.masked_activation),
+        "composite": composite,
+        "fallback": _library(fallback_ops().masked_activation),
+    }
     rng = np.random.default_rng(0)
     rows = []
     for shape in QUICK_SHAPES if quick else SHAPES:
         rows.append(_shape_row(shape, impls, repeats if quick else max(repeats, 7), rng))
         r = rows[-1]
-        print(f"(b) {'x'.join(map(str, shape))}: vs composite fwd {r['fwd_speedup']:.2f}x "
-              f"(no stats {r['fwd_nostats_speedup']:.2f}x), bwd {r['bwd_speedup']:.2f}x; "
-              f"fallback / composite fwd {r['fwd_fallback_vs_composite']:.2f}", flush=True)
+        print(
+            f"(b) {'x'.join(map(str, shape))}: vs composite fwd {r['fwd_speedup']:.2f}x "
+            f"(no stats {r['fwd_nostats_speedup']:.2f}x), bwd {r['bwd_speedup']:.2f}x; "
+            f"fallback / composite fwd {r['fwd_fallback_vs_composite']:.2f}",
+            flush=True,
+        )
     large, small = rows[-1], rows[:-1]
     summary = {
-        "op_speedup_vs_tf": large["fwd_speedup"], "op_grad_speedup_vs_tf": large["bwd_speedup"],
+        "op_speedup_vs_tf": large["fwd_speedup"],
+        "op_grad_speedup_vs_tf": large["bwd_speedup"],
         "op_nostats_speedup_vs_tf": large["fwd_nostats_speedup"],
         "op_small_min_speedup": min(min(r["fwd_speedup"], r["bwd_speedup"]) for r in small),
         "op_fallback_vs_composite": large["fwd_fallback_vs_composite"],
@@ -160,22 +193,30 @@ def measure(quick: bool, repeats: int) -> dict:
 
 def _notes(result: dict) -> list[str]:
     if result["backend"] == "tensorflow":
-        return ["(b) `fineprune_tf.ops.backend()` is \"tensorflow\": the compiled kernel was not "
-                "built or not loadable, so the compiled column is the fallback too."]
+        return [
+            '(b) `fineprune_tf.ops.backend()` is "tensorflow": the compiled kernel was not '
+            "built or not loadable, so the compiled column is the fallback too."
+        ]
     large = result["sizes"][-1]
     notes = [
         f"(b) the pure-TF fallback users get without a compiler takes "
         f"{large['fwd_fallback_vs_composite']:.2f}x the composite's time forward and "
         f"{large['bwd_fallback_vs_composite']:.2f}x backward on "
         f"{'x'.join(map(str, large['shape']))} (`fineprune_tf.ops` with "
-        "`FINEPRUNE_FORCE_TF_OPS=1`)."]
+        "`FINEPRUNE_FORCE_TF_OPS=1`)."
+    ]
     slow = [r for r in result["sizes"] if r["fwd_nostats_speedup"] < 1.0]
     if slow:
-        cases = ", ".join(f"{'x'.join(map(str, r['shape']))}: median "
-                          f"{r['fwd_nostats_speedup']:.2f}x, best-of-run "
-                          f"{r['best_of_fwd_nostats_speedup']:.2f}x" for r in slow)
-        notes.append("(b) without statistics the compiled forward was not faster than the "
-                     f"composite's `relu(z) * mask` at {cases}.")
+        cases = ", ".join(
+            f"{'x'.join(map(str, r['shape']))}: median "
+            f"{r['fwd_nostats_speedup']:.2f}x, best-of-run "
+            f"{r['best_of_fwd_nostats_speedup']:.2f}x"
+            for r in slow
+        )
+        notes.append(
+            "(b) without statistics the compiled forward was not faster than the "
+            f"composite's `relu(z) * mask` at {cases}."
+        )
     return notes
 
 
@@ -201,5 +242,6 @@ def markdown(result: dict) -> str:
             f"{r['fwd_nostats_speedup']:.2f}x | {fmt(r['bwd_compiled_s'])} | "
             f"{fmt(r['bwd_composite_s'])} | {fmt(r['bwd_fallback_s'])} | "
             f"**{r['bwd_speedup']:.2f}x** | {r['best_of_fwd_speedup']:.2f}x / "
-            f"{r['best_of_bwd_speedup']:.2f}x |")
+            f"{r['best_of_bwd_speedup']:.2f}x |"
+        )
     return "\n".join(lines)

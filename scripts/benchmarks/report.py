@@ -35,26 +35,42 @@ def document(sections: dict[str, dict], runs: dict[str, dict]) -> dict:
     measure(...)}``; ``runs`` holds each run's record.  Runs no section refers to are left
     out."""
     order = list(benchmarks.available())
-    sections = {k: sections[k] for k in sorted(sections, key=lambda k: (
-        order.index(k) if k in order else len(order), k))}
+    sections = {
+        k: sections[k]
+        for k in sorted(sections, key=lambda k: (order.index(k) if k in order else len(order), k))
+    }
     summary: dict[str, float] = {}
     for entry in sections.values():
         summary.update(entry["result"].get("summary", {}))
-    goals = {key: {"op": op, "threshold": threshold, "description": text,
-                   "status": _status(op, threshold, summary[key])}
-             for key, (op, threshold, text) in targets().items() if key in summary}
+    goals = {
+        key: {
+            "op": op,
+            "threshold": threshold,
+            "description": text,
+            "status": _status(op, threshold, summary[key]),
+        }
+        for key, (op, threshold, text) in targets().items()
+        if key in summary
+    }
     used = {entry["run"] for entry in sections.values()}
-    return {"generator": "python -m scripts.benchmark", "summary": summary, "targets": goals,
-            "runs": {run: runs[run] for run in sorted(used)}, "sections": sections}
+    return {
+        "generator": "python -m scripts.benchmark",
+        "summary": summary,
+        "targets": goals,
+        "runs": {run: runs[run] for run in sorted(used)},
+        "sections": sections,
+    }
 
 
 def _run_line(run_id: str, run: dict) -> str:
     m = run["machine"]
-    return (f"| `{run_id}` | {', '.join(run['sections'])} | "
-            f"{'quick' if run['quick'] else 'full'}, {run['repeats']} repeats | "
-            f"{m['cores']} cores, {m['cpu']} | Python {m['python']}, TF {m['tensorflow']}, "
-            f"Keras {m['keras']}, NumPy {m['numpy']}, op `{m['op_backend']}` | "
-            f"{run['load_start']} / {run['load_end']} | {run['seconds']:.0f} s |")
+    return (
+        f"| `{run_id}` | {', '.join(run['sections'])} | "
+        f"{'quick' if run['quick'] else 'full'}, {run['repeats']} repeats | "
+        f"{m['cores']} cores, {m['cpu']} | Python {m['python']}, TF {m['tensorflow']}, "
+        f"Keras {m['keras']}, NumPy {m['numpy']}, op `{m['op_backend']}` | "
+        f"{run['load_start']} / {run['load_end']} | {run['seconds']:.0f} s |"
+    )
 
 
 def markdown(doc: dict) -> str:
@@ -77,15 +93,26 @@ def markdown(doc: dict) -> str:
     lines += [_run_line(run_id, run) for run_id, run in doc["runs"].items()]
     lines += ["", "## Summary", "", "| metric | value | target | status |", "|---|---|---|---|"]
     for key, goal in doc["targets"].items():
-        lines.append(f"| `{key}` | {doc['summary'][key]:.3g} | {goal['op']} "
-                     f"{goal['threshold']:g} ({goal['description']}) | {goal['status']} |")
-    lines += [f"| `{key}` | {value:.3g} | (informative) | |"
-              for key, value in doc["summary"].items() if key not in doc["targets"]]
+        lines.append(
+            f"| `{key}` | {doc['summary'][key]:.3g} | {goal['op']} "
+            f"{goal['threshold']:g} ({goal['description']}) | {goal['status']} |"
+        )
+    lines += [
+        f"| `{key}` | {value:.3g} | (informative) | |"
+        for key, value in doc["summary"].items()
+        if key not in doc["targets"]
+    ]
     notes: list[str] = []
     for key, entry in doc["sections"].items():
         module = benchmarks.load(key)
-        lines += ["", f"## {module.TITLE}", "", f"Run `{entry['run']}`.", "",
-                  module.markdown(entry["result"])]
+        lines += [
+            "",
+            f"## {module.TITLE}",
+            "",
+            f"Run `{entry['run']}`.",
+            "",
+            module.markdown(entry["result"]),
+        ]
         notes += entry["result"].get("notes", [])
     if notes:
         lines += ["", "## Analysis", ""] + [f"- {note}" for note in notes]
@@ -99,13 +126,16 @@ def read(output_dir: pathlib.Path) -> dict | None:
         return None
     doc = json.loads(path.read_text())
     if not isinstance(doc, dict) or "sections" not in doc or "runs" not in doc:
-        raise ValueError(f"{path} is not a benchmarks.json written by this script "
-                         "(no 'sections' / 'runs'): run the sections you need without --merge")
+        raise ValueError(
+            f"{path} is not a benchmarks.json written by this script "
+            "(no 'sections' / 'runs'): run the sections you need without --merge"
+        )
     return doc
 
 
-def write(output_dir: pathlib.Path, run_id: str, run: dict, results: dict[str, dict],
-          merge: bool) -> dict:
+def write(
+    output_dir: pathlib.Path, run_id: str, run: dict, results: dict[str, dict], merge: bool
+) -> dict:
     """Writes both files for this run's ``results`` (section key -> measure(...)), merged into
     the existing files' other sections when ``merge``.  Returns the document written."""
     sections: dict[str, Any] = {}

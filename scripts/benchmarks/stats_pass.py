@@ -6,8 +6,11 @@ from scripts.benchmarks.timing import fmt, interleaved, median, op_profile, prof
 
 TITLE = "(d) Statistics pass vs inference"
 TARGETS = {
-    "stats_pass_vs_inference": ("<=", 1.10, "statistics pass (pruned layer, as the defense "
-                                "runs it) <= 1.1x inference"),
+    "stats_pass_vs_inference": (
+        "<=",
+        1.10,
+        "statistics pass (pruned layer, as the defense runs it) <= 1.1x inference",
+    )
 }
 OP = "FinepruneMaskedActivation"
 
@@ -57,7 +60,9 @@ def measure(quick: bool, repeats: int) -> dict:
     times = interleaved(calls, 2 * repeats if quick else max(3 * repeats, 15))
     med = {k: median(v) for k, v in times.items()}
     result = {
-        "samples": len(x), "batch_size": batch, "layer": name,
+        "samples": len(x),
+        "batch_size": batch,
+        "layer": name,
         "masked_layers": sum(1 for layer in model.layers if hasattr(layer, "channels")),
         **{f"{k}_s": v for k, v in med.items()},
         **{f"{k}_min_s": min(v) for k, v in times.items()},
@@ -69,12 +74,16 @@ def measure(quick: bool, repeats: int) -> dict:
     }
     if not quick:
         result.update(_kernel_split(calls["collect_all_layers"], inference, med["inference"]))
-    print(f"(d) collect {fmt(result['collect_pruned_layer_s'])}, inference "
-          f"{fmt(result['inference_s'])} -> {result['stats_pass_vs_inference']:.2f}; all "
-          f"layers {result['collect_all_vs_inference']:.2f}", flush=True)
+    print(
+        f"(d) collect {fmt(result['collect_pruned_layer_s'])}, inference "
+        f"{fmt(result['inference_s'])} -> {result['stats_pass_vs_inference']:.2f}; all "
+        f"layers {result['collect_all_vs_inference']:.2f}",
+        flush=True,
+    )
     result["summary"] = {
         "stats_pass_vs_inference": result["stats_pass_vs_inference"],
-        "stats_pass_vs_inference_all_layers": result["collect_all_vs_inference"]}
+        "stats_pass_vs_inference_all_layers": result["collect_all_vs_inference"],
+    }
     result["notes"] = _notes(result)
     return result
 
@@ -91,26 +100,29 @@ def _notes(s: dict) -> list[str]:
         f"{fmt(k['masked_op_inference'])} without, plus {fmt(k['stats_only_ops'])} in ops only "
         f"the statistics pass runs ({top}): {fmt(extra)} of extra work, "
         f"{extra / s['inference_s']:.1%} of an inference pass.  The rest of any measured "
-        "difference is host-side or the load of other processes."]
+        "difference is host-side or the load of other processes."
+    ]
 
 
 def markdown(s: dict) -> str:
-    return "\n".join([
-        f"Speech cpu model, {s['samples']} inputs in batches of {s['batch_size']}.",
-        "",
-        "| pass | time | / inference |",
-        "|---|---|---|",
-        f"| inference (traced forward over `stats.as_dataset`) | {fmt(s['inference_s'])} "
-        "| 1.00 |",
-        f"| `model.predict` | {fmt(s['predict_s'])} | "
-        f"{s['predict_s'] / s['inference_s']:.2f} |",
-        f"| `stats.collect(layer_names=[{s['layer']}])` | {fmt(s['collect_pruned_layer_s'])} "
-        f"| {s['stats_pass_vs_inference']:.2f} |",
-        f"| `stats.collect()` (all {s['masked_layers']} masked layers) | "
-        f"{fmt(s['collect_all_layers_s'])} | {s['collect_all_vs_inference']:.2f} |",
-        "",
-        f"Ratios of the fastest runs instead of the medians: pruned layer "
-        f"{s['min_ratio_pruned_layer']:.2f}, all layers {s['min_ratio_all_layers']:.2f} (one "
-        "undisturbed run of either pass moves these; see the kernel-time split in the "
-        "analysis for the work the statistics add).",
-    ])
+    return "\n".join(
+        [
+            f"Speech cpu model, {s['samples']} inputs in batches of {s['batch_size']}.",
+            "",
+            "| pass | time | / inference |",
+            "|---|---|---|",
+            f"| inference (traced forward over `stats.as_dataset`) | {fmt(s['inference_s'])} "
+            "| 1.00 |",
+            f"| `model.predict` | {fmt(s['predict_s'])} | "
+            f"{s['predict_s'] / s['inference_s']:.2f} |",
+            f"| `stats.collect(layer_names=[{s['layer']}])` | {fmt(s['collect_pruned_layer_s'])} "
+            f"| {s['stats_pass_vs_inference']:.2f} |",
+            f"| `stats.collect()` (all {s['masked_layers']} masked layers) | "
+            f"{fmt(s['collect_all_layers_s'])} | {s['collect_all_vs_inference']:.2f} |",
+            "",
+            f"Ratios of the fastest runs instead of the medians: pruned layer "
+            f"{s['min_ratio_pruned_layer']:.2f}, all layers {s['min_ratio_all_layers']:.2f} (one "
+            "undisturbed run of either pass moves these; see the kernel-time split in the "
+            "analysis for the work the statistics add).",
+        ]
+    )

@@ -21,8 +21,9 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
-                warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
     """Times every function ``repeats`` times, alternating between them run by run, so that
     load from other processes hits every competitor alike."""
     for _ in range(warmup):

@@ -2,6 +2,7 @@
 commit a035e0f (before issue 13 point 5), whose save_own_variables wrote (kernel, bias, mask).
 
 Kept for provenance only; the file is checked in and must keep loading."""
+
 import keras
 import numpy as np
 

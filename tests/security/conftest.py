@@ -59,9 +59,14 @@ def run_cli(args: list[str], cwd: pathlib.Path, timeout: float = 600.0):
     """Runs ``python -m scripts.fine_prune`` in a child; returns (result, seconds)."""
     start = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.fine_prune", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"})
+        [sys.executable, "-m", "scripts.fine_prune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     return result, time.monotonic() - start
 
 

@@ -59,22 +59,37 @@ def benign_keras(folder: pathlib.Path, name: str = "model.keras") -> pathlib.Pat
     return path.rename(folder / name)
 
 
-def lambda_spelled_as_api_path(folder: pathlib.Path, marker: pathlib.Path,
-                               harmful: bool = True) -> pathlib.Path:
+def lambda_spelled_as_api_path(
+    folder: pathlib.Path, marker: pathlib.Path, harmful: bool = True
+) -> pathlib.Path:
     """Row 6: a "pool" layer spelled {"module": "keras", "class_name": "layers.Lambda"} whose
     ``arguments`` make it call a public Keras utility that writes an image to ``marker``."""
     path = benign_keras(folder, "spelled_lambda.keras")
 
     def edit(config):
         layer = _layer(config, "pool")
-        function = ({"module": "keras.utils", "class_name": "function", "config": "save_img",
-                     "registered_name": "function"} if harmful else
-                    {"module": "keras.ops", "class_name": "function", "config": "mean",
-                     "registered_name": "function"})
+        function = (
+            {
+                "module": "keras.utils",
+                "class_name": "function",
+                "config": "save_img",
+                "registered_name": "function",
+            }
+            if harmful
+            else {
+                "module": "keras.ops",
+                "class_name": "function",
+                "config": "mean",
+                "registered_name": "function",
+            }
+        )
         layer.update(module="keras", class_name="layers.Lambda", registered_name=None)
-        layer["config"] = {"name": "pool", "function": function,
-                           "arguments": {"path": str(marker)} if harmful else {"axis": [1, 2]},
-                           "output_shape": [3]}
+        layer["config"] = {
+            "name": "pool",
+            "function": function,
+            "arguments": {"path": str(marker)} if harmful else {"axis": [1, 2]},
+            "output_shape": [3],
+        }
 
     rewrite_zip(path, edit)
     return path
@@ -85,8 +100,11 @@ def lambda_by_module_path(folder: pathlib.Path) -> pathlib.Path:
 
     def edit(config):
         layer = _layer(config, "pool")
-        layer.update(module="keras.src.layers.core.lambda_layer", class_name="Lambda",
-                     registered_name="Lambda")
+        layer.update(
+            module="keras.src.layers.core.lambda_layer",
+            class_name="Lambda",
+            registered_name="Lambda",
+        )
 
     rewrite_zip(path, edit)
     return path
@@ -98,11 +116,17 @@ def activation_calls_utility(folder: pathlib.Path, marker: pathlib.Path) -> path
 
     def edit(config):
         _layer(config, "conv")["config"]["activation"] = {
-            "module": "keras.utils", "class_name": "function", "config": "get_file",
-            "registered_name": "function"}
+            "module": "keras.utils",
+            "class_name": "function",
+            "config": "get_file",
+            "registered_name": "function",
+        }
         _layer(config, "out")["config"]["activation"] = {
-            "module": "builtins", "class_name": "function", "config": "exec",
-            "registered_name": "function"}
+            "module": "builtins",
+            "class_name": "function",
+            "config": "exec",
+            "registered_name": "function",
+        }
 
     rewrite_zip(path, edit)
     return path
@@ -178,8 +202,9 @@ class _Resource(tf.saved_model.experimental.TrackableResource):
         value = tf.constant(1.0)
         if isinstance(result, tf.Tensor):
             value += 0.0 * tf.reduce_sum(tf.cast(result, tf.float32))
-        with tf.control_dependencies([] if isinstance(result, tf.Tensor) or result is None
-                                     else [result]):
+        with tf.control_dependencies(
+            [] if isinstance(result, tf.Tensor) or result is None else [result]
+        ):
             return tf.raw_ops.AssignVariableOp(resource=self.resource_handle, value=value)
 
 
@@ -190,8 +215,10 @@ class _WithInitializer(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
     def serve(self, x):
-        return {"y": x * tf.raw_ops.ReadVariableOp(resource=self.resource.resource_handle,
-                                                   dtype=tf.float32)}
+        return {
+            "y": x
+            * tf.raw_ops.ReadVariableOp(resource=self.resource.resource_handle, dtype=tf.float32)
+        }
 
 
 def saved_model_with_initializer(folder: pathlib.Path, name: str, body) -> pathlib.Path:
@@ -237,8 +264,13 @@ class _Sampler(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None, 1], tf.int64, name="x")])
     def serve(self, x):
         sampled, _, _ = tf.raw_ops.FixedUnigramCandidateSampler(
-            true_classes=x, num_true=1, num_sampled=1, unique=True, range_max=2,
-            vocab_file=self.vocabulary)
+            true_classes=x,
+            num_true=1,
+            num_sampled=1,
+            unique=True,
+            range_max=2,
+            vocab_file=self.vocabulary,
+        )
         return {"y": sampled}
 
 
@@ -255,20 +287,23 @@ def tf1_saved_model(folder: pathlib.Path, marker: pathlib.Path) -> pathlib.Path:
     Save op writing ``marker``."""
     path = folder / "tf1_sm"
     with tf.Graph().as_default() as graph, tf.compat.v1.Session(graph=graph) as session:
-        variable = tf.compat.v1.get_variable("v", initializer=tf.constant(1.0),
-                                             use_resource=False)
+        variable = tf.compat.v1.get_variable("v", initializer=tf.constant(1.0), use_resource=False)
         x = tf.compat.v1.placeholder(tf.float32, [None], name="x")
         y = tf.identity(x * variable, name="y")
         saver = tf.compat.v1.train.Saver()
         evil = tf.raw_ops.Save(filename=str(marker), tensor_names=["v"], data=[variable])
-        restore = tf.group(graph.get_operation_by_name(saver.saver_def.restore_op_name), evil,
-                           name="restore_and_save")
+        restore = tf.group(
+            graph.get_operation_by_name(saver.saver_def.restore_op_name),
+            evil,
+            name="restore_and_save",
+        )
         saver.saver_def.restore_op_name = restore.name
         session.run(tf.compat.v1.global_variables_initializer())
         builder = tf.compat.v1.saved_model.Builder(str(path))
         signature = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"y": y})
-        builder.add_meta_graph_and_variables(session, ["serve"], saver=saver,
-                                             signature_def_map={"serving_default": signature})
+        builder.add_meta_graph_and_variables(
+            session, ["serve"], saver=saver, signature_def_map={"serving_default": signature}
+        )
         builder.save()
     return path
 
@@ -289,8 +324,9 @@ def edit_saved_model(path: pathlib.Path, edit) -> pathlib.Path:
 
 
 def function_named(meta_graph, prefix: str):
-    return next(f for f in meta_graph.graph_def.library.function
-                if f.signature.name.startswith(prefix))
+    return next(
+        f for f in meta_graph.graph_def.library.function if f.signature.name.startswith(prefix)
+    )
 
 
 # ------------------------------------------------------------------------- data
@@ -321,8 +357,8 @@ def png_declaring(path: pathlib.Path, width: int, height: int) -> pathlib.Path:
     Image.new("L", (2, 2)).save(path)
     data = bytearray(path.read_bytes())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
-    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
     path.write_bytes(bytes(data))
     return path

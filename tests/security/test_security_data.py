@@ -38,12 +38,17 @@ def test_broken_npz_files_have_one_clear_error(watched):
     with zipfile.ZipFile(root / "pickled.npz", "w") as archive:
         with archive.open("x.npy", "w") as member:
             np.lib.format.write_array_header_1_0(
-                member, {"descr": "|O", "fortran_order": False, "shape": (1,)})
+                member, {"descr": "|O", "fortran_order": False, "shape": (1,)}
+            )
             member.write(pickle.dumps([1]))
     watched.freeze()
-    for name, words in [("empty.npz", "empty file"), ("array.npz", "single .npy array"),
-                        ("complex.npz", "complex-valued x"),
-                        ("bomb.npz", "need more than"), ("pickled.npz", "Python objects")]:
+    for name, words in [
+        ("empty.npz", "empty file"),
+        ("array.npz", "single .npy array"),
+        ("complex.npz", "complex-valued x"),
+        ("bomb.npz", "need more than"),
+        ("pickled.npz", "Python objects"),
+    ]:
         with pytest.raises(DataFormatError, match=words) as caught:
             load(root / name)
         assert "\n" not in str(caught.value)

@@ -24,8 +24,9 @@ def refused(path, error=UnsafeModelError, match=None, limits=LIMITS, **kwargs):
     with pytest.raises(error, match=match) as caught:
         io.load_model(path, limits=limits, **kwargs)
     assert time.monotonic() - start < limits.seconds + 60
-    line = caught.value.one_line() if isinstance(caught.value, UnsafeModelError) \
-        else str(caught.value)
+    line = (
+        caught.value.one_line() if isinstance(caught.value, UnsafeModelError) else str(caught.value)
+    )
     assert "\n" not in line and str(path.name) in line
     return caught.value
 
@@ -46,7 +47,8 @@ def test_tf1_saved_model_whose_restore_writes_a_file(watched):
 def test_initializer_running_an_embedded_graph(watched):
     marker = watched.root / "pwned.txt"
     path = hostile.saved_model_with_initializer(
-        watched.root, "graph_sm", hostile.embedded_graph_writer(marker))
+        watched.root, "graph_sm", hostile.embedded_graph_writer(marker)
+    )
     watched.freeze()
     error = refused(path, match="DatasetFromGraph")
     assert "__inference__initializer" in error.findings[0].where
@@ -63,8 +65,7 @@ def test_serving_function_sampling_from_a_file(watched):
 
 @pytest.mark.subprocess
 def test_abort_is_refused_and_even_when_allowed_is_not_a_silent_exit(watched):
-    path = hostile.saved_model_with_initializer(watched.root, "abort_sm",
-                                                hostile.abort_silently())
+    path = hostile.saved_model_with_initializer(watched.root, "abort_sm", hostile.abort_silently())
     watched.freeze()
     refused(path, match="Abort")
     refused(path, LoadLimitError, match="without finishing", allow_unsafe=True)
@@ -76,8 +77,12 @@ def test_endless_loop_is_stopped_by_the_time_limit(watched):
     path = hostile.saved_model_with_initializer(watched.root, "loop_sm", hostile.endless_loop())
     watched.freeze()
     assert io.inspect_saved_model(path) == []  # allowlisted ops only: the child must stop it
-    refused(path, LoadLimitError, match="did not finish within 30 s",
-            limits=LoadLimits(seconds=30, memory_bytes=CHILD_MEMORY))
+    refused(
+        path,
+        LoadLimitError,
+        match="did not finish within 30 s",
+        limits=LoadLimits(seconds=30, memory_bytes=CHILD_MEMORY),
+    )
     watched.assert_unchanged()
 
 
@@ -108,9 +113,11 @@ def test_edited_graphs_function_attributes_unregistered_ops_constant_paths(watch
         node = next(n for n in restore.node_def if n.op == "RestoreV2")
         node.input[0] = "evil_prefix:output:0"
 
-    cases = [("carry", carry_function, "carries a function"),
-             ("unregistered", unregistered, "not registered"),
-             ("constant", constant_restore_path, "constant absolute")]
+    cases = [
+        ("carry", carry_function, "carries a function"),
+        ("unregistered", unregistered, "not registered"),
+        ("constant", constant_restore_path, "constant absolute"),
+    ]
     for name, edit, _ in cases:
         folder = watched.root / name
         folder.mkdir()
@@ -137,8 +144,7 @@ def test_lambda_spelled_as_an_api_path_is_refused(watched):
     marker = watched.root / "written.png"
     harmful = hostile.lambda_spelled_as_api_path(watched.root, marker)
     (watched.root / "harmless").mkdir()
-    harmless = hostile.lambda_spelled_as_api_path(watched.root / "harmless", marker,
-                                                  harmful=False)
+    harmless = hostile.lambda_spelled_as_api_path(watched.root / "harmless", marker, harmful=False)
     by_module = hostile.lambda_by_module_path(watched.root)
     watched.freeze()
     for path in (harmful, harmless, by_module):
@@ -160,8 +166,12 @@ def test_functions_that_keras_would_call_are_refused(watched):
 def test_weights_bomb_is_refused_before_extraction(watched):
     path = hostile.weights_bomb(watched.root, declared=96 << 20)
     watched.freeze()
-    refused(path, LoadLimitError, match="declares 100,663,296 bytes",
-            limits=LoadLimits(weights_bytes=64 << 20))
+    refused(
+        path,
+        LoadLimitError,
+        match="declares 100,663,296 bytes",
+        limits=LoadLimits(weights_bytes=64 << 20),
+    )
     watched.assert_unchanged()
 
 
@@ -235,10 +245,15 @@ def test_trial_load_dies_with_the_process_that_started_it(watched):
     with its parent instead of looping until its own time limit."""
     path = hostile.saved_model_with_initializer(watched.root, "loop_sm", hostile.endless_loop())
     watched.freeze()
-    code = ("import sys; from fineprune_tf import io; "
-            "io.load_model(sys.argv[1], limits=io.LoadLimits(seconds=600))")
-    parent = subprocess.Popen([sys.executable, "-c", code, str(path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    code = (
+        "import sys; from fineprune_tf import io; "
+        "io.load_model(sys.argv[1], limits=io.LoadLimits(seconds=600))"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline, children = time.monotonic() + 240, []
         while not children and time.monotonic() < deadline and parent.poll() is None:

@@ -32,13 +32,16 @@ def _check_shrinkable(graph: Graph) -> None:
             if policy is not None and policy.compute_dtype not in ("float32",) and layer.weights:
                 raise ConversionError(
                     f"layer {layer.name!r} computes in {policy.compute_dtype}; only float32 "
-                    "models are supported")
+                    "models are supported"
+                )
         reason = not_prunable_reason(layer)
         if reason and isinstance(layer, MaskedLayerMixin) and layer.pruned_channels.size:
             # Not an internal error: such a layer cannot be pruned at all (convert() never
             # makes one masked; this one was built or loaded masked and then pruned).
-            raise ConversionError(f"cannot shrink/export: {reason}, yet "
-                                  f"{layer.pruned_channels.size} of them are pruned")
+            raise ConversionError(
+                f"cannot shrink/export: {reason}, yet "
+                f"{layer.pruned_channels.size} of them are pruned"
+            )
 
 
 def rebuild_plain(model: keras.Model, remove: bool, verify: bool) -> keras.Model:
@@ -108,7 +111,8 @@ def _verify(reference: keras.Model, candidate: keras.Model, rtol: float = VERIFY
             raise ConversionError(
                 f"internal error: the rebuilt model differs from {reference.name!r} by {diff:g} "
                 f"on random inputs (tolerance {tolerance:g} = {rtol:g} x max(1, output scale "
-                f"{float(np.max(np.abs(a))):g}))")
+                f"{float(np.max(np.abs(a))):g}))"
+            )
 
 
 def shrink(model: keras.Model, verify: bool = True) -> keras.Model:
@@ -141,4 +145,3 @@ def to_plain(model: keras.Model, verify: bool = True) -> keras.Model:
     ``Dense`` with the pruned kernel slices and biases set to 0 (plus a ``Rescaling`` mask
     when ``act(0) != 0``).  Same shapes and parameter count as ``model``."""
     return rebuild_plain(model, remove=False, verify=verify)
-

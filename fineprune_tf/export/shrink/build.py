@@ -36,8 +36,9 @@ class _Builder:
         self.plan = plan
         self.clones: dict[int, Any] = {}
         self.weights: list[tuple[Any, list[np.ndarray]]] = []
-        self.names = {layer.name for layer in plan.graph.layers()
-                      if isinstance(layer, keras.layers.Layer)}
+        self.names = {
+            layer.name for layer in plan.graph.layers() if isinstance(layer, keras.layers.Layer)
+        }
         self.summary: dict[str, tuple[int, int]] = {}
 
     def _unique(self, name: str) -> str:
@@ -61,8 +62,9 @@ class _Builder:
             return self._weighted(gnode, kind, args, kwargs)
         if id(layer) not in self.clones:
             overrides = {}
-            if kind == "reshape_channel" or (kind == "flatten" and isinstance(
-                    layer, keras.layers.Reshape)):
+            if kind == "reshape_channel" or (
+                kind == "flatten" and isinstance(layer, keras.layers.Reshape)
+            ):
                 overrides = self._reshape_target(gnode)
             clone = clone_layer(layer, **overrides)
             self.clones[id(layer)] = clone
@@ -70,8 +72,9 @@ class _Builder:
             if kind == "channelwise" and weights:
                 a_in = self.plan.keep[id(gnode.inputs[0])]
                 if a_in is not None:
-                    weights = [w[..., a_in] if w.ndim and w.shape[-1] == a_in.size else w
-                               for w in weights]
+                    weights = [
+                        w[..., a_in] if w.ndim and w.shape[-1] == a_in.size else w for w in weights
+                    ]
             self.weights.append((clone, weights))
         return self.clones[id(layer)](*args, **kwargs)
 
@@ -96,14 +99,23 @@ class _Builder:
         check_not_quantized(layer)
         is_conv = not isinstance(layer, keras.layers.Dense)
         kernel = np.asarray(to_numpy(layer.kernel), np.float64)
-        bias = (np.asarray(to_numpy(layer.bias), np.float64)
-                if layer.use_bias else np.zeros(kernel.shape[-1]))
+        bias = (
+            np.asarray(to_numpy(layer.bias), np.float64)
+            if layer.use_bias
+            else np.zeros(kernel.shape[-1])
+        )
         in_t, out_t = gnode.inputs[0], gnode.outputs[0]
         # A grouped conv's kernel holds C_in / groups input rows; it keeps every input channel.
-        a_in = (_select(self.plan.keep[id(in_t)], kernel.shape[-2])
-                if kind not in ("barrier", "grouped") else np.ones(kernel.shape[-2], bool))
-        a_out = _select(self.plan.keep[id(out_t)], kernel.shape[-1]) if kind != "barrier" else \
-            np.ones(kernel.shape[-1], bool)
+        a_in = (
+            _select(self.plan.keep[id(in_t)], kernel.shape[-2])
+            if kind not in ("barrier", "grouped")
+            else np.ones(kernel.shape[-2], bool)
+        )
+        a_out = (
+            _select(self.plan.keep[id(out_t)], kernel.shape[-1])
+            if kind != "barrier"
+            else np.ones(kernel.shape[-1], bool)
+        )
         removed = ~a_in
         if removed.any():
             values = self.plan.const[id(in_t)][removed]
@@ -116,15 +128,15 @@ class _Builder:
         size = int(a_out.sum())
         use_bias = bool(layer.use_bias or np.any(bias != 0))
         plain = PLAIN_OF.get(type(layer), type(layer))
-        clone = clone_layer(layer, plain, **{"filters" if is_conv else "units": size},
-                            use_bias=use_bias)
+        clone = clone_layer(
+            layer, plain, **{"filters" if is_conv else "units": size}, use_bias=use_bias
+        )
         weights = [kernel.astype(np.float32)] + ([bias.astype(np.float32)] if use_bias else [])
         self.clones[id(layer)] = clone
         self.weights.append((clone, weights))
         return self._apply(layer, args, kwargs)
 
-    def _zero_pruned(self, layer, a_out: np.ndarray, kernel: np.ndarray,
-                     bias: np.ndarray) -> None:
+    def _zero_pruned(self, layer, a_out: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> None:
         """Zeroes the kept-but-pruned outputs of a masked layer in place (``kernel``'s last
         axis and ``bias`` are its kept outputs ``a_out``), and registers a ``Rescaling`` by the
         mask when ``act(0) != 0``."""
@@ -137,15 +149,15 @@ class _Builder:
         self.summary[layer.name] = (mask.size, int(a_out.sum()))
         if pruned.any() and not _act_zero_is_zero(layer.activation):
             self.clones[("rescale", id(layer))] = keras.layers.Rescaling(
-                scale=mask[a_out].astype(np.float32), name=self._unique(f"{layer.name}_mask"))
+                scale=mask[a_out].astype(np.float32), name=self._unique(f"{layer.name}_mask")
+            )
 
     def _kept(self, kind: str, tensor: Any, size: int) -> np.ndarray:
         """The kept channels of ``tensor`` (all of them when ``gnode`` is a barrier)."""
         return _select(None if kind == "barrier" else self.plan.keep[id(tensor)], size)
 
     def _bias(self, layer, size: int) -> np.ndarray:
-        return (np.asarray(to_numpy(layer.bias), np.float64) if layer.use_bias
-                else np.zeros(size))
+        return np.asarray(to_numpy(layer.bias), np.float64) if layer.use_bias else np.zeros(size)
 
     def _separable(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
         """SeparableConv1D/2D (masked or not): removed input channels are exactly zero (the
@@ -163,8 +175,12 @@ class _Builder:
         bias = self._bias(layer, a_out.size)[a_out]
         self._zero_pruned(layer, a_out, pointwise, bias)
         use_bias = bool(layer.use_bias or np.any(bias != 0))
-        clone = clone_layer(layer, PLAIN_OF.get(type(layer), type(layer)),
-                            filters=int(a_out.sum()), use_bias=use_bias)
+        clone = clone_layer(
+            layer,
+            PLAIN_OF.get(type(layer), type(layer)),
+            filters=int(a_out.sum()),
+            use_bias=use_bias,
+        )
         weights = [depthwise, pointwise] + ([bias] if use_bias else [])
         self.clones[id(layer)] = clone
         self.weights.append((clone, [w.astype(np.float32) for w in weights]))
@@ -202,5 +218,6 @@ class _Builder:
             if len(weights) != len(clone.weights):
                 raise ConversionError(
                     f"layer {clone.name!r}: {len(clone.weights)} weights after rebuilding, "
-                    f"{len(weights)} computed")
+                    f"{len(weights)} computed"
+                )
             clone.set_weights(weights)

@@ -24,7 +24,6 @@ def _channels(t) -> int | None:
     return int(shape[-1])
 
 
-
 _CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -114,8 +113,9 @@ def _effective_padding(layer, input_shape) -> bool:
     if layer.padding == "valid":
         return False
     spatial = input_shape[1:-1]
-    for n, k, s, d in zip(spatial, layer.kernel_size, layer.strides, layer.dilation_rate,
-                          strict=True):
+    for n, k, s, d in zip(
+        spatial, layer.kernel_size, layer.strides, layer.dilation_rate, strict=True
+    ):
         extent = (k - 1) * d + 1
         if extent == 1:
             continue
@@ -127,8 +127,9 @@ def _effective_padding(layer, input_shape) -> bool:
     return False
 
 
-def _evaluate_constant(gnode: GraphNode, in_consts: list[np.ndarray]) -> tuple[np.ndarray,
-                                                                            np.ndarray]:
+def _evaluate_constant(
+    gnode: GraphNode, in_consts: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Runs ``gnode.layer`` (inference mode) on inputs whose channels hold their constants
     (live channels 0).  Returns ``(value[C_out], uniform[C_out])`` of the output."""
     arrays = []
@@ -149,9 +150,9 @@ def _evaluate_constant(gnode: GraphNode, in_consts: list[np.ndarray]) -> tuple[n
 @dataclasses.dataclass
 class _Plan:
     graph: Graph
-    kinds: dict[int, str]                # gnode.index -> kind
+    kinds: dict[int, str]  # gnode.index -> kind
     const: dict[int, np.ndarray | None]  # tensor id -> float64 [C], NaN = live
-    keep: dict[int, np.ndarray | None]   # tensor id -> bool [C] channels kept (None: all)
+    keep: dict[int, np.ndarray | None]  # tensor id -> bool [C] channels kept (None: all)
 
 
 def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
@@ -194,8 +195,9 @@ def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
     return const
 
 
-def _needs(gnode: GraphNode, kind: str, r_out: np.ndarray | None,
-           const: dict) -> list[np.ndarray | None]:
+def _needs(
+    gnode: GraphNode, kind: str, r_out: np.ndarray | None, const: dict
+) -> list[np.ndarray | None]:
     """Channels of each input that ``gnode`` needs, given the output channels required of it
     (``None`` = all)."""
     ins = gnode.inputs
@@ -255,8 +257,9 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
             r_out = required[id(gnode.outputs[0])] if len(gnode.outputs) == 1 else None
             if r_out is not None and not r_out.any():
                 r_out[0] = True  # a zero-width tensor would break most layers: keep one
-            for t, need in zip(gnode.inputs, _needs(gnode, kinds[gnode.index], r_out, const),
-                               strict=True):
+            for t, need in zip(
+                gnode.inputs, _needs(gnode, kinds[gnode.index], r_out, const), strict=True
+            ):
                 if required[id(t)] is None:
                     continue
                 required[id(t)] = None if need is None else (required[id(t)] | need)
@@ -271,8 +274,10 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
             if kind == "barrier":
                 continue
             out = gnode.outputs[0]
-            full = [np.ones(_channels(t), bool) if a is None else a
-                    for t, a in zip(gnode.inputs, a_in, strict=True)]
+            full = [
+                np.ones(_channels(t), bool) if a is None else a
+                for t, a in zip(gnode.inputs, a_in, strict=True)
+            ]
             if kind in ("conv", "dense", "separable"):
                 r_out = required[id(out)]
                 if isinstance(gnode.layer, MaskedLayerMixin) and r_out is not None:
@@ -280,8 +285,9 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
             elif kind == "grouped":
                 r_out = required[id(out)]
                 if r_out is not None:
-                    keep[id(out)] = _equal_per_group(r_out | (gnode.layer.mask != 0),
-                                                     gnode.layer.groups)
+                    keep[id(out)] = _equal_per_group(
+                        r_out | (gnode.layer.mask != 0), gnode.layer.groups
+                    )
             elif kind == "depthwise":
                 keep[id(out)] = np.repeat(full[0], gnode.layer.depth_multiplier)
             elif kind in ("channelwise", "reshape_channel"):
@@ -290,8 +296,7 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
                 positions = _channels(out) // _channels(gnode.inputs[0])
                 keep[id(out)] = None if a_in[0] is None else np.tile(a_in[0], positions)
             elif kind == "concat":
-                keep[id(out)] = (None if all(a is None for a in a_in)
-                                 else np.concatenate(full))
+                keep[id(out)] = None if all(a is None for a in a_in) else np.concatenate(full)
             elif kind == "merge":
                 union = np.any(full, axis=0)
                 if any(not np.array_equal(f, union) for f in full):
@@ -323,8 +328,8 @@ def _check_plan(graph, kinds, const, keep, required) -> None:
             continue
         if req is None or (req & ~kept).any():
             raise ConversionError(
-                f"internal error: tensor {t.name} lacks required channels after shrinking")
+                f"internal error: tensor {t.name} lacks required channels after shrinking"
+            )
         values = const[tid]
         if np.isnan(values[~kept & req]).any():
             raise ConversionError(f"internal error: a live channel of {t.name} was removed")
-
