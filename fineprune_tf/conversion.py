@@ -28,6 +28,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph import (
     ConversionError,
     Graph,
@@ -39,7 +40,6 @@ from fineprune_tf.graph import (
     has_nested,
     node_role,
 )
-from fineprune_tf.graph import _keras_compat as compat
 from fineprune_tf.graph.flatten import copy_layer_weights
 
 # Layers built into Keras that run code or load artefacts chosen by the model's author.

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import activations, ops
 
+from fineprune_tf import _keras_compat
 from fineprune_tf import ops as fp_ops
 from fineprune_tf.activations import activation_name, cross_channel_activation
 
@@ -399,8 +400,6 @@ MASKED_LAYERS: tuple[type, ...] = tuple(PLAIN_OF)
 
 def masked_layers(model: keras.Model) -> list[MaskedLayerMixin]:
     """All masked layers of ``model`` (nested models included), in ``model.layers`` order."""
-    from fineprune_tf.graph import _keras_compat  # graph imports this module: import late.
-
     return [
         layer
         for layer in _keras_compat.flatten_layers(model)

@@ -7,8 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from fineprune_tf import graph, models
-from fineprune_tf.graph import Graph, Role, _keras_compat, cost, node_role, role_of
+from fineprune_tf import _keras_compat, graph, models
+from fineprune_tf.graph import Graph, Role, cost, node_role, role_of
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
 

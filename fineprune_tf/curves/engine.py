@@ -9,8 +9,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.curves.plan import _Plan
-from fineprune_tf.graph import _keras_compat as compat
 from fineprune_tf.graph import static_shape
 from fineprune_tf.layers import MaskedLayerMixin
 

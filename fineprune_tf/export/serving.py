@@ -9,11 +9,11 @@ import shutil
 import keras
 import tensorflow as tf
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf import io as fp_io
 from fineprune_tf.conversion import ConversionError
 from fineprune_tf.export.shrink import rebuild_plain
 from fineprune_tf.graph import Graph
-from fineprune_tf.graph import _keras_compat as compat
 
 __all__ = ["KERAS_FILENAME", "export_saved_model"]
 

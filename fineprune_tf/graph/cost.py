@@ -26,7 +26,7 @@ import dataclasses
 import keras
 import numpy as np
 
-from fineprune_tf.graph import _keras_compat as compat
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.walker import Graph, GraphNode
 from fineprune_tf.layers import MaskedLayerMixin

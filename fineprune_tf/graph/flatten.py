@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from fineprune_tf.graph import _keras_compat as compat
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.walker import Graph, GraphNode
 

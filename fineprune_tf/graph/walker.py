@@ -2,7 +2,7 @@
 
 Every other module that needs a model's structure (curves, shrink/export, conversion, the
 defenses' activation read-out, the default pruned layer) walks a :class:`Graph` rather than
-Keras' private node tables (those are read once, in :mod:`fineprune_tf.graph._keras_compat`).
+Keras' private node tables (those are read once, in :mod:`fineprune_tf._keras_compat`).
 
 Designed to be the base of dependency groups (Torch-Pruning's DepGraph builds its groups from
 the same three facts: each node's inputs and outputs and each operation's type, with
@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from fineprune_tf.graph import _keras_compat as compat
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.registry import Role, role_of
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import keras
 
+from fineprune_tf import _keras_compat
 from fineprune_tf import layers as fineprune_layers
-from fineprune_tf.graph import _keras_compat
 
 from .errors import Finding
 from .op_allowlist import KERAS_CODE_CARRYING

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from absl import logging
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.conversion import (
     ConversionError,
     check_layers,
@@ -17,7 +18,6 @@ from fineprune_tf.conversion import (
 from fineprune_tf.export.shrink.build import _Builder
 from fineprune_tf.export.shrink.plan import UNKNOWN_DIM, _plan
 from fineprune_tf.graph import Graph
-from fineprune_tf.graph import _keras_compat as compat
 from fineprune_tf.layers import MaskedLayerMixin
 
 __all__ = ["VERIFY_RTOL", "rebuild_plain", "shrink", "to_plain", "verify_tolerance"]
