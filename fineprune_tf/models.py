@@ -33,6 +33,9 @@ Every convolution is a :class:`~fineprune_tf.layers.MaskedConv2D` with a fused R
 are of the ReLU output, which is what §3.1 ranks neurons by), every hidden fully connected
 layer a :class:`~fineprune_tf.layers.MaskedDense` with ReLU, and the classifier a plain
 ``keras.layers.Dense`` with softmax.  Models output class probabilities ``[N, num_classes]``.
+
+The default layer to prune in any model (:func:`default_layer`, :class:`LayerChoice`) lives in
+:mod:`fineprune_tf.layer_choice` and is re-exported here.
 """
 
 from __future__ import annotations
@@ -43,14 +46,7 @@ from dataclasses import dataclass, replace
 import keras
 import numpy as np
 
-from fineprune_tf.graph import (
-    Graph,
-    Role,
-    cross_channel_activation,
-    flatten_nested,
-    has_nested,
-    node_role,
-)
+from fineprune_tf.layer_choice import LayerChoice, default_layer, last_conv_layer
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 from fineprune_tf.recipes import SCHEDULES, compile_model, default_training, make_optimizer
 
@@ -424,101 +420,6 @@ def build(
         kernel_initializer=keras.initializers.GlorotUniform(next(seeds)),
     )(x)
     return keras.Model(inputs, outputs, name=f"{task}_{preset}")
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """The default pruned layer and why it was chosen (for the CLI to print)."""
-
-    name: str
-    reason: str
-
-
-def _candidate_convs(graph: Graph) -> list:
-    """Conv2D layers (MaskedConv2D included) whose channels can be pruned one by one: called
-    once, channels_last, not grouped, no cross-channel activation (softmax, ...)."""
-    found = []
-    for layer in graph.layers():
-        if (
-            isinstance(layer, keras.layers.Conv2D)
-            and graph.calls_per_layer[id(layer)] == 1
-            and layer.data_format == "channels_last"
-            and layer.groups == 1
-            and not cross_channel_activation(layer)
-        ):
-            found.append(layer)
-    return found
-
-
-def default_layer(model: keras.Model) -> LayerChoice:
-    """The layer a defense prunes when none is given: the last prunable convolution before the
-    classifier head, by graph distance from the output.
-
-    Distance is the number of weighted (channel-mixing: conv, dense) layers after the conv on
-    the shortest path to a model output.  Convolutions at distance 0 reach the output through
-    parameter-free layers only: they *are* the classifier (MobileNetV3's 1x1 ``logits`` conv,
-    whose width is the class count) and are never chosen.  Among the closest of the others, a
-    conv that every input-to-output path goes through *and* whose channels reach the output
-    without being summed into others (no Add/Multiply/... on some path) is preferred: the
-    paper's "last convolutional layer of the shared trunk", ``conv3`` of DeepID, whose
-    ``conv4`` branch ``pool3`` bypasses into a concatenation (§3.1).  Otherwise the last in
-    execution order: in a ResNet the stem is on every path too, but identity skips sum it
-    into every later block, so the last block's last conv is chosen.  For models from
-    :func:`build` the choice is ``PRUNED_LAYER[task]``.  A model with nested models is read
-    flattened (:func:`fineprune_tf.graph.flatten_nested`): the name is then the one
-    :func:`fineprune_tf.convert` gives, e.g. ``backbone.Conv_1``.
-
-    Raises:
-      ValueError: no Conv2D, or none that can be pruned (the message says why).
-    """
-    graph = Graph(model)
-    if has_nested(graph):  # names then refer to the flat model convert() makes
-        graph = Graph(flatten_nested(model))
-    convs = _candidate_convs(graph)
-    if not any(isinstance(layer, keras.layers.Conv2D) for layer in graph.layers()):
-        raise ValueError(f"model {model.name!r} has no Conv2D layer")
-    mixes = graph.distances_to_outputs(lambda g: int(node_role(g) is Role.MIXES))
-    distance = {id(g.layer): mixes[g.index] for g in graph.nodes if g.index in mixes}
-    # Distance 0 covers "a conv whose width is the class count and that feeds the output".
-    heads = [c for c in convs if distance.get(id(c)) == 0]
-    usable = [c for c in convs if distance.get(id(c), 0) > 0]
-    if not usable:
-        raise ValueError(
-            f"model {model.name!r} has no prunable Conv2D layer before its classifier"
-            + (
-                f" (the classifier convs {[c.name for c in heads]} are not pruned)"
-                if heads
-                else " (grouped, shared, channels_first or softmax convs only)"
-            )
-        )
-    nearest = min(distance[id(c)] for c in usable)
-    closest = [c for c in usable if distance[id(c)] == nearest]
-    merges = graph.distances_to_outputs(
-        lambda g: int(node_role(g) is Role.ELEMENTWISE and len(g.inputs) > 1)
-    )
-    unsummed = {id(g.layer) for g in graph.nodes if merges.get(g.index) == 0}
-    trunk = [c for c in closest if id(c) in unsummed and graph.on_every_path(c)]
-    chosen = (trunk or closest)[-1]
-    reason = (
-        f"{chosen.name!r} ({chosen.filters} channels) is the last prunable conv before "
-        f"the classifier: {nearest} weighted layer{'s' if nearest != 1 else ''} from "
-        "the output"
-    )
-    if trunk:
-        reason += ", on every input-to-output path"
-    elif len(closest) > 1:
-        reason += f", the last of {len(closest)} at that distance"
-    if heads:
-        reason += f"; not the classifier conv{'s' if len(heads) > 1 else ''} " + ", ".join(
-            f"{c.name!r} ({c.filters} channels)" for c in heads
-        )
-    return LayerChoice(chosen.name, reason)
-
-
-def last_conv_layer(model: keras.Model) -> str:
-    """Name of :func:`default_layer` (the choice without its reason), for
-    ``model.get_layer`` and ``fineprune_tf.stats.collect(layer_names=...)``."""
-    return default_layer(model).name
 
 
 def pruned_layer(model: keras.Model, task: str | None = None) -> MaskedConv2D:

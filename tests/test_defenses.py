@@ -1,5 +1,7 @@
 """Defenses: pruning (§3.1), fine-tuning, fine-pruning (§3.3), gradual schedules, FMP, noise."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from tensorflow_model_optimization.python.core.sparsity.keras import pruning_sch
 
 from fineprune_tf import defenses, metrics, poison
 from fineprune_tf.defenses.fmp import fmp_ranking
-from fineprune_tf.layers import MaskedConv2D, MaskedDense
+from fineprune_tf.layers import MaskedConv1D, MaskedConv2D, MaskedDense
 
 TRIGGER_VALUE = 4.0
 
@@ -85,6 +87,38 @@ def test_pruning_removes_the_dormant_backdoor_neuron_first(engine):
     # The user's model is untouched.
     np.testing.assert_array_equal(model.get_layer("conv").mask, [1, 1, 1, 1])
     assert result.seconds > 0
+
+
+def planted_conv1d_model() -> keras.Model:
+    """:func:`planted_backdoor_model` over a sequence: input [N, 16, 1], a MaskedConv1D with
+    the same four hand-set channels, GlobalAveragePooling1D, the same classifier."""
+    inputs = keras.Input((16, 1))
+    conv = MaskedConv1D(4, 1, activation="relu", name="conv")
+    pooled = keras.layers.GlobalAveragePooling1D(name="gap")(conv(inputs))
+    classifier = keras.layers.Dense(2, activation="softmax", name="out")
+    outputs = classifier(pooled)
+    conv.kernel.assign(np.array([1.0, -1.0, 1.0, 0.5], np.float32).reshape(1, 1, 4))
+    conv.bias.assign(np.array([0.0, 1.0, -2.0, 0.0], np.float32))
+    weights = np.array([[0.0, 10.0], [10.0, 0.0], [100.0, 0.0], [0.0, 0.0]], np.float32)
+    classifier.kernel.assign(weights)
+    classifier.bias.assign(np.array([0.0, 0.01], np.float32))
+    return keras.Model(inputs, outputs)
+
+
+def test_pruning_a_conv1d_model_without_a_layer_name():
+    # Before: "model has no Conv2D layer" (the default layer considered Conv2D only).
+    (x, y), backdoor = planted_data(300, seed=1)
+    backdoor = dataclasses.replace(backdoor, x=backdoor.x.reshape(-1, 16, 1))
+    result = defenses.prune(
+        planted_conv1d_model(),
+        (x.reshape(-1, 16, 1), y),
+        threshold=4.0,
+        backdoor_validation=backdoor,
+    )
+    assert result.details["layer"] == "conv"
+    assert result.details["pruned"] == [2, 3]
+    np.testing.assert_allclose(result.details["curve"]["asr"][:3], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(result.model.get_layer("conv").mask, [1, 1, 0, 0])
 
 
 def test_fast_and_naive_engines_choose_the_same_channels():

@@ -215,7 +215,7 @@ def test_last_conv_layer_on_a_plain_sequential_model():
     )
     assert models.last_conv_layer(model) == "b"
     dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="no Conv2D"):
+    with pytest.raises(ValueError, match="no convolution layer"):
         models.last_conv_layer(dense_only)
 
 

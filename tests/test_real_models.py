@@ -79,7 +79,7 @@ def test_a_conv_feeding_the_output_is_the_classifier_never_the_default():
             keras.layers.Conv2D(4, 1, activation="softmax", name="logits")(inputs)
         ),
     )
-    with pytest.raises(ValueError, match=r"no prunable Conv2D layer before its classifier"):
+    with pytest.raises(ValueError, match=r"no prunable convolution layer before its classifier"):
         models.default_layer(only_head)
 
 
@@ -115,3 +115,59 @@ def test_backbone_as_a_layer_mobilenetv2_converts_exactly_and_picks_its_last_con
     assert converted.get_layer(choice.name).channels == 1280
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(transfer(x)), atol=1e-6)
+
+
+_KINDS = {
+    # kind: (input shape, layer factory); every kind's stock and masked class.
+    "Conv1D": ((12, 2), lambda name: keras.layers.Conv1D(5, 3, name=name)),
+    "Conv3D": ((6, 6, 6, 2), lambda name: keras.layers.Conv3D(5, 3, name=name)),
+    "SeparableConv1D": ((12, 2), lambda name: keras.layers.SeparableConv1D(5, 3, name=name)),
+    "SeparableConv2D": ((8, 8, 2), lambda name: keras.layers.SeparableConv2D(5, 3, name=name)),
+    "DepthwiseConv1D": (
+        (12, 2),
+        lambda name: keras.layers.DepthwiseConv1D(3, depth_multiplier=2, name=name),
+    ),
+    "DepthwiseConv2D": (
+        (8, 8, 2),
+        lambda name: keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name=name),
+    ),
+}
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["stock", "masked"])
+@pytest.mark.parametrize("kind", sorted(_KINDS))
+def test_every_conv_kind_gets_a_default_layer(kind, masked):
+    # Before: "model ... has no Conv2D layer" for all of these.
+    shape, make = _KINDS[kind]
+    inputs = keras.Input(shape)
+    x = make("first")(inputs)
+    x = keras.layers.Activation("relu")(make("second")(x))
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(x))
+    model = keras.Model(inputs, outputs)
+    if masked:
+        model = convert(model)
+        assert type(model.get_layer("second")).__name__ == f"Masked{kind}"
+    choice = models.default_layer(model)
+    assert choice.name == "second"
+    # Depthwise layers have no ``filters``: 2 input channels x depth_multiplier 2 twice.
+    channels = 8 if kind.startswith("Depthwise") else 5
+    assert choice.reason.startswith(f"'second' ({channels} channels)"), choice.reason
+
+
+def test_a_grouped_conv_counts_as_a_weighted_layer():
+    # A grouped 1x1 conv as the classifier: ``body`` is one weighted layer from the output, not
+    # the classifier (before: distance 0, so "no prunable ... (the classifier convs ['body'])").
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(6, 3, activation="relu", name="body")(inputs)
+    x = keras.layers.Conv2D(4, 1, groups=2, name="grouped_head")(x)
+    outputs = keras.layers.Activation("softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    choice = models.default_layer(keras.Model(inputs, outputs))
+    assert choice.name == "body"
+    assert "1 weighted layer from the output" in choice.reason
+    assert "not the classifier" not in choice.reason
+
+
+def test_a_model_without_convolutions_is_refused_in_one_line():
+    dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match=r"has no convolution layer \(Conv1D/2D/3D"):
+        models.default_layer(dense_only)
