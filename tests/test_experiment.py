@@ -23,7 +23,7 @@ def quick_config(**overrides):
 
 
 def op_determinism_enabled() -> bool:
-    # TensorFlow has no public getter; experiment._swap_tf_state reads the same flag.
+    # TensorFlow has no public getter; determinism._swap_tf_state reads the same flag.
     from tensorflow.python.framework import config
 
     return bool(config.is_op_determinism_enabled())

@@ -1,0 +1,101 @@
+"""The user's inputs: the model loaded safely, checked and converted to masked layers, the layer
+to prune, and the clean data split into the defender's part and the part reported on."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import keras
+import numpy as np
+
+from fineprune_tf import conversion, io, models
+from fineprune_tf.cleaning.errors import CleaningError
+from fineprune_tf.data.user import UserData
+
+__all__ = ["check_model", "choose_layer", "load_masked", "split_clean_data"]
+
+
+def load_masked(
+    model_path: str | os.PathLike,
+    allow_unsafe: bool,
+    load_limits: io.LoadLimits | None,
+    progress: Callable[[str], None],
+) -> keras.Model:
+    """The user's model loaded safely, checked and converted to masked layers."""
+    progress(
+        f"loading {model_path} ("
+        + ("allow_unsafe: refusals skipped, limits kept" if allow_unsafe else "safe mode")
+        + ")"
+    )
+    loaded = io.load_model(model_path, allow_unsafe=allow_unsafe, limits=load_limits)
+    check_model(loaded)
+    try:
+        return conversion.convert(loaded)  # Flattens nested models: backbone.<layer>.
+    except conversion.ConversionError as error:
+        raise CleaningError(str(error)) from None
+
+
+def check_model(model: keras.Model | io.SavedModelPredictor) -> tuple[tuple[int, ...], int]:
+    """``(input_shape [H, W, C], classes)`` of a model with one image input and one class
+    output; raises :class:`CleaningError` for any other."""
+    if isinstance(model, io.SavedModelPredictor):
+        raise CleaningError(
+            "this SavedModel has no Keras model inside (no model.keras): it can be evaluated "
+            "but its channels cannot be pruned or fine-tuned; export it from Keras as .keras"
+        )
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise CleaningError(
+            f"the model has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; one image input and one class output are supported"
+        )
+    input_shape = tuple(model.inputs[0].shape[1:])
+    if len(input_shape) != 3 or None in input_shape:
+        raise CleaningError(f"the model's input shape {input_shape} is not a fixed [H, W, C]")
+    classes = model.outputs[0].shape[-1]
+    if classes is None or len(model.outputs[0].shape) != 2 or classes < 2:
+        raise CleaningError(
+            f"the model's output shape {tuple(model.outputs[0].shape)} is not "
+            "[N, classes] with at least 2 classes"
+        )
+    return input_shape, int(classes)
+
+
+def choose_layer(model: keras.Model, layer: str | None, progress: Callable[[str], None]) -> str:
+    """The layer to prune in the converted ``model`` (nested models are flattened by then, so a
+    backbone's layer is ``backbone.<name>``; ``backbone/<name>`` is accepted too)."""
+    convs = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Conv2D)]
+    if not convs:
+        raise CleaningError("the model has no Conv2D layer: there are no channels to prune")
+    if layer is None:
+        try:
+            choice = models.default_layer(model)
+        except ValueError as error:
+            raise CleaningError(str(error)) from None
+        progress(f"layer: {choice.reason} (give --layer to choose another)")
+        return choice.name
+    names = [lay.name for lay in model.layers]
+    if layer not in names and layer.replace("/", ".") in names:
+        layer = layer.replace("/", ".")
+    if layer not in names:
+        raise CleaningError(f"--layer {layer!r} does not exist; conv layers: {convs}")
+    if layer not in convs:
+        kind = type(model.get_layer(layer)).__name__
+        raise CleaningError(
+            f"--layer {layer!r} is a {kind}, not a conv layer; conv layers: {convs}"
+        )
+    return layer
+
+
+def split_clean_data(data: UserData, fraction: float, seed: int) -> tuple[tuple, tuple]:
+    """``((x, y) kept for the defense, (x, y) held out to report on)``: a seeded permutation
+    with ``fraction`` of the examples held out."""
+    order = np.random.default_rng(seed).permutation(len(data.y))
+    count = int(round(len(order) * fraction))
+    if fraction > 0 and (count < 1 or len(order) - count < 2):
+        raise CleaningError(
+            f"clean data has {len(order)} examples: too few to hold out "
+            f"{fraction:.0%} for evaluation"
+        )
+    held, kept = order[:count], order[count:]
+    return (data.x[kept], data.y[kept]), (data.x[held], data.y[held])

@@ -1,0 +1,278 @@
+"""The cleaning run: validate the options, load and check the inputs, prune once, run the
+chosen defense (or ``auto``'s protocol), then write the models and the report into the output
+folder under its manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import keras
+import numpy as np
+from absl import logging
+
+from fineprune_tf import defenses, export, io, metrics, reporting
+from fineprune_tf.cleaning.errors import CleaningError
+from fineprune_tf.cleaning.inputs import choose_layer, load_masked, split_clean_data
+from fineprune_tf.cleaning.output_folder import (
+    Manifest,
+    check_output_dir,
+    defended_file,
+    remove_previous,
+)
+from fineprune_tf.cleaning.report import activation_report, defense_facts, markdown
+from fineprune_tf.data.user import DataLimits, load_user_data
+from fineprune_tf.stage_store import save_model
+
+__all__ = ["DEFENSE_CHOICES", "clean_model", "defend", "save_models"]
+
+#: ``--defense`` values: every registered defense but "none", and "auto" (the protocol).
+DEFENSE_CHOICES = tuple(name for name in defenses.REGISTRY if name != "none") + ("auto",)
+
+
+def clean_model(
+    model_path: str | os.PathLike,
+    clean_data: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    layer: str | None = None,
+    backdoor_data: str | os.PathLike | None = None,
+    threshold: float | None = None,
+    defense: str = "fine_pruning",
+    settings: defenses.FineTuneSettings | None = None,
+    pruning: defenses.PruningSettings | None = None,
+    fmp: defenses.FmpSettings | None = None,
+    tolerance: float = 2.0,
+    eval_fraction: float = 0.2,
+    allow_unsafe: bool = False,
+    export_serving: bool = True,
+    overwrite: bool = False,
+    seed: int = 0,
+    progress: Callable[[str], None] = logging.info,
+    load_limits: io.LoadLimits | None = None,
+    data_limits: DataLimits | None = None,
+) -> dict:
+    """Defends the user's model with ``defense``; writes ``OUTPUT_FILES`` (and the defended
+    model, :func:`defended_file`) to ``output_dir``.
+
+    Args:
+      model_path: a ``.keras`` / ``.h5`` file or a SavedModel holding ``model.keras``.
+      clean_data: ``.npz`` (``x``, ``y``) or an image folder per class (see
+        ``fineprune_tf.data.user``); ``eval_fraction`` of it is held out to report on, the rest
+        is the defender's data every choice is made from.
+      output_dir: where the results go; refused if it overlaps an input, or is not empty and
+        not a previous run; a previous run is replaced (its listed files only) when
+        ``overwrite``.
+      layer, threshold: the conv layer to prune (default: the last conv layer on every path)
+        and the clean-accuracy drop pruning may cost (points); override ``pruning``'s fields.
+      backdoor_data: optional triggered inputs (``.npz`` with ``x``, true ``y`` and, for a
+        targeted backdoor, ``y_attacker``) to measure the attack success rate (report only).
+      defense: a name of ``defenses.REGISTRY`` (``fine_pruning`` by default) or ``"auto"``
+        (``defenses.auto_defend`` picks one from the clean data only).
+      settings, pruning, fmp: fine-tuning, pruning and FMP settings (defaults: the classes').
+      tolerance: clean holdout accuracy (points) a defense's own choices, and ``auto``'s
+        choice, may cost.
+      load_limits, data_limits: size / time / memory limits for the model and the data.
+
+    Returns:
+      The report (also written as ``report.json``).  The pruning curve is computed once: the
+      pruning row, the chosen defense and ``auto``'s candidates all reuse it.
+    """
+    start = time.perf_counter()
+    if defense not in DEFENSE_CHOICES:
+        raise CleaningError(
+            f"defense must be one of {', '.join(DEFENSE_CHOICES)}. Received: {defense!r}"
+        )
+    pruning = (pruning or defenses.PruningSettings()).replaced(threshold=threshold)
+    settings = settings or defenses.FineTuneSettings(seed=seed)
+    try:
+        for part in (pruning, settings, fmp or defenses.FmpSettings()):
+            part.validate()
+    except ValueError as error:
+        raise CleaningError(str(error)) from None
+    if not 0.0 <= eval_fraction < 1.0:
+        raise CleaningError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    output_dir = pathlib.Path(output_dir)
+    inputs = [pathlib.Path(model_path), pathlib.Path(clean_data)] + (
+        [pathlib.Path(backdoor_data)] if backdoor_data else []
+    )
+    previous = check_output_dir(output_dir, inputs, overwrite)
+
+    model = load_masked(model_path, allow_unsafe, load_limits, progress)
+    pruning = dataclasses.replace(
+        pruning, layer=choose_layer(model, layer or pruning.layer, progress)
+    )
+    input_shape, classes = tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
+    clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
+    backdoor = None
+    if backdoor_data is not None:
+        backdoor = load_user_data(
+            backdoor_data, input_shape, classes, "backdoor data", min_classes=1, limits=data_limits
+        )
+    defense_data, evaluation_data = split_clean_data(clean, eval_fraction, seed)
+    if eval_fraction == 0:
+        evaluation_data = defense_data
+    if np.unique(defense_data[1]).size < 2:
+        raise CleaningError("the clean data left for the defense holds a single class")
+    defender = defenses.DefenderData(
+        *defense_data, holdout_fraction=settings.holdout_fraction, seed=settings.seed
+    )
+    evaluation = defenses.ReportOnly(evaluation_data, backdoor)
+
+    before = metrics.evaluate(model, evaluation_data, backdoor)
+    progress(
+        f"original model: clean accuracy {before['clean_acc']:.3f}"
+        + ("" if backdoor is None else f", attack success {before['asr']:.3f}")
+    )
+    outcome = defenses.pruning_outcome(model, defender, pruning, backdoor)
+    pruned = defenses.prune(
+        model, defender, settings=pruning, outcome=outcome, evaluation=evaluation
+    )
+    progress(
+        f"pruning: {pruned.details['pruned_count']}/{pruned.details['channels']} channels "
+        f"of {pruning.layer}, clean accuracy {pruned.clean_acc:.3f}"
+    )
+    context = defenses.DefenseContext(
+        seed=seed,
+        tolerance=tolerance,
+        pruning=pruning,
+        fine_tune=settings,
+        fmp=fmp,
+        pruned=outcome,
+        backdoor_validation=backdoor,
+    )
+    chosen, choice = defend(defense, model, defender, context, evaluation, pruned)
+    progress(
+        f"{chosen.defense}: clean accuracy {chosen.clean_acc:.3f}"
+        + ("" if backdoor is None else f", attack success {chosen.asr:.3f}")
+        + f" ({choice['why']})"
+    )
+
+    check_output_dir(output_dir, inputs, overwrite)  # nothing changed while we computed
+    defended_name = defended_file(chosen.defense)
+    if previous:
+        remove_previous(output_dir, previous, (defended_name,))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(output_dir)
+    serving = save_models(
+        output_dir, manifest, model, pruned, chosen, defended_name, export_serving
+    )
+
+    curve = pruned.details["curve"]
+    activations = activation_report(model, pruning.layer, defense_data[0], backdoor, outcome.means)
+    manifest.add("pruning_curve.png", "activations.png")
+    reporting.plot_pruning_curve(
+        curve,
+        pruned.details["channels"],
+        output_dir / "pruning_curve.png",
+        title=pruning.layer,
+        stop=pruned.details["pruned_count"],
+    )
+    reporting.plot_activations(
+        activations["clean_mean"],
+        activations.get("backdoor_mean", activations["clean_mean"]),
+        output_dir / "activations.png",
+        title=pruning.layer,
+    )
+    report = {
+        "model": str(model_path),
+        "clean_data": str(clean_data),
+        "backdoor_data": None if backdoor_data is None else str(backdoor_data),
+        "layer": pruning.layer,
+        "threshold": pruning.threshold,
+        "examples": {
+            "defense": len(defense_data[1]),
+            "evaluation": len(evaluation_data[1]),
+            "backdoor": 0 if backdoor is None else len(backdoor.y),
+        },
+        "original": before,
+        "pruning": {
+            **pruned.summary(),
+            "pruned": pruned.details["pruned"],
+            "pruned_fraction": pruned.details["pruned_fraction"],
+        },
+        "defense": {**choice, "chosen": chosen.defense, "model_file": defended_name},
+        chosen.defense: {**chosen.summary(), **defense_facts(chosen)},
+        "curve": curve,
+        "activations": activations,
+        "serving": serving,
+        "fine_tune_settings": dataclasses.asdict(settings),
+        "pruning_settings": dataclasses.asdict(pruning),
+        "seconds": time.perf_counter() - start,
+    }
+    manifest.add("report.json", "report.md")
+    reporting.atomic_write_json(output_dir / "report.json", reporting._jsonable(report))
+    reporting.atomic_write_text(output_dir / "report.md", markdown(report))
+    progress(f"done in {report['seconds']:.1f}s; results in {output_dir}")
+    return report
+
+
+def save_models(
+    output_dir: pathlib.Path,
+    manifest: Manifest,
+    model: keras.Model,
+    pruned: defenses.DefenseResult,
+    chosen: defenses.DefenseResult,
+    defended_name: str,
+    export_serving: bool,
+) -> dict | None:
+    """Writes pruned.keras, the defended model and its SavedModel; returns the serving
+    facts (None without ``export_serving``)."""
+    manifest.add("pruned.keras", defended_name)
+    save_model(pruned.model, output_dir / "pruned.keras")
+    if defended_name != "pruned.keras":
+        save_model(chosen.model, output_dir / defended_name)
+    if not export_serving:
+        return None
+    try:
+        plain = export.export_saved_model(chosen.model, output_dir / "saved_model")
+    finally:
+        manifest.add_tree("saved_model")
+    params_before, flops_before = export.count_params_and_flops(model)
+    params_after, flops_after = export.count_params_and_flops(plain)
+    return {
+        "path": str(output_dir / "saved_model"),
+        "params": [params_before, params_after],
+        "flops": [flops_before, flops_after],
+    }
+
+
+def defend(
+    name: str,
+    model: keras.Model,
+    defender: defenses.DefenderData,
+    context: defenses.DefenseContext,
+    evaluation: defenses.ReportOnly,
+    pruned: defenses.DefenseResult,
+) -> tuple[defenses.DefenseResult, dict]:
+    """Runs ``name`` (or the protocol for ``auto``); returns the result and what was chosen
+    and why: ``{"requested", "why", "candidates"}`` (candidates: auto's table, else None)."""
+    if name == "pruning":
+        return pruned, {"requested": name, "why": pruned.details["why"], "candidates": None}
+    if name != "auto":
+        result = defenses.run_defense(name, model, defender, context=context, evaluation=evaluation)
+        return result, {
+            "requested": name,
+            "why": result.details.get("why") or f"{name} was requested (--defense)",
+            "candidates": None,
+        }
+    # auto: the protocol's candidates choose their own settings (pruning alone at the
+    # tolerance), reusing the pruning curve already computed.
+    auto_context = dataclasses.replace(context, pruning=None, fine_tune=None, fmp=None)
+    choice = defenses.auto_defend(
+        model,
+        defender,
+        tolerance=context.tolerance,
+        seed=context.seed,
+        evaluation=evaluation,
+        context=auto_context,
+    )
+    return choice.result, {
+        "requested": name,
+        "why": choice.why,
+        "candidates": choice.table,
+        "base_holdout_acc": choice.base_holdout_acc,
+    }
