@@ -12,6 +12,7 @@ import numpy as np
 from fineprune_tf import conversion, io, models
 from fineprune_tf.cleaning.errors import CleaningError
 from fineprune_tf.data.user import UserData
+from fineprune_tf.layer_choice import CONVOLUTIONS
 
 __all__ = ["check_model", "choose_layer", "load_masked", "split_clean_data"]
 
@@ -37,8 +38,9 @@ def load_masked(
 
 
 def check_model(model: keras.Model | io.SavedModelPredictor) -> tuple[tuple[int, ...], int]:
-    """``(input_shape [H, W, C], classes)`` of a model with one image input and one class
-    output; raises :class:`CleaningError` for any other."""
+    """``(input_shape, classes)`` of a model with one fixed-shape input (``[T, C]`` sequences,
+    ``[H, W, C]`` images or ``[D, H, W, C]`` volumes, channels last) and one class output;
+    raises :class:`CleaningError` for any other."""
     if isinstance(model, io.SavedModelPredictor):
         raise CleaningError(
             "this SavedModel has no Keras model inside (no model.keras): it can be evaluated "
@@ -50,8 +52,11 @@ def check_model(model: keras.Model | io.SavedModelPredictor) -> tuple[tuple[int,
             "outputs; one image input and one class output are supported"
         )
     input_shape = tuple(model.inputs[0].shape[1:])
-    if len(input_shape) != 3 or None in input_shape:
-        raise CleaningError(f"the model's input shape {input_shape} is not a fixed [H, W, C]")
+    if not 2 <= len(input_shape) <= 4 or None in input_shape:
+        raise CleaningError(
+            f"the model's input shape {input_shape} is not a fixed [T, C], [H, W, C] or "
+            "[D, H, W, C]"
+        )
     classes = model.outputs[0].shape[-1]
     if classes is None or len(model.outputs[0].shape) != 2 or classes < 2:
         raise CleaningError(
@@ -64,9 +69,12 @@ def check_model(model: keras.Model | io.SavedModelPredictor) -> tuple[tuple[int,
 def choose_layer(model: keras.Model, layer: str | None, progress: Callable[[str], None]) -> str:
     """The layer to prune in the converted ``model`` (nested models are flattened by then, so a
     backbone's layer is ``backbone.<name>``; ``backbone/<name>`` is accepted too)."""
-    convs = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Conv2D)]
+    convs = [lay.name for lay in model.layers if isinstance(lay, CONVOLUTIONS)]
     if not convs:
-        raise CleaningError("the model has no Conv2D layer: there are no channels to prune")
+        raise CleaningError(
+            "the model has no convolution layer (Conv1D/2D/3D, separable or depthwise): "
+            "there are no channels to prune"
+        )
     if layer is None:
         try:
             choice = models.default_layer(model)
