@@ -28,12 +28,12 @@ TINY = leaderboard.Settings(
 def _spy_defense(calls: list, leak: ReportOnly | None = None):
     """A registry defense that records what it saw, and tries to read ``leak``."""
 
-    def run(model, defender, *, seed=0, tolerance=2.0, evaluation=None):
+    def run(model, defender, context, evaluation):  # The registry's calling convention.
         seen = {
             "selecting": is_selecting(),
             "evaluation": evaluation,
             "defender_x": defender.x,
-            "seed": seed,
+            "seed": context.seed,
             "leak_error": None,
         }
         if leak is not None:
