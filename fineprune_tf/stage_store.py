@@ -10,14 +10,20 @@ import os
 import pathlib
 import shutil
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import keras
 
 from fineprune_tf import reporting
 
-if TYPE_CHECKING:  # The experiment driver imports this module; the config is a type only.
-    from fineprune_tf.experiment import ExperimentConfig
+
+class Fingerprinted(Protocol):
+    """What the store needs of a run's configuration (``experiment.ExperimentConfig``): the
+    hash of the settings that determine each stage's numbers.  A protocol, not an import: the
+    experiment driver imports this module."""
+
+    def fingerprint(self) -> str: ...
+
 
 __all__ = [
     "RESULT_FILES",
@@ -65,7 +71,7 @@ class StageStore:
     def __init__(
         self,
         directory: pathlib.Path,
-        config: ExperimentConfig,
+        config: Fingerprinted,
         resume: bool,
         progress: Callable[[str], None],
     ):
