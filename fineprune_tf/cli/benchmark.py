@@ -87,8 +87,9 @@ def _sections():
     checkout = pathlib.Path(fineprune_tf.__file__).resolve().parents[1]
     if (checkout / "scripts" / "benchmarks").is_dir() and str(checkout) not in sys.path:
         sys.path.append(str(checkout))
+    from fineprune_tf import machine
     from scripts import benchmarks
-    from scripts.benchmarks import machine, report
+    from scripts.benchmarks import report
 
     return benchmarks, machine, report
 

@@ -1,4 +1,7 @@
-"""The machine a benchmark ran on: cores, CPU model, library versions, load, date."""
+"""The machine a run was measured on: cores, CPU model, thread settings, library versions,
+load and date.  Every results file (benchmark, ``scripts.fine_prune``'s results.json, the
+leaderboard, the evaluation scripts) records :func:`describe`, so a reader knows which
+machine its numbers come from."""
 
 from __future__ import annotations
 
@@ -7,8 +10,11 @@ import os
 import pathlib
 import platform
 
+__all__ = ["cores", "cpu_model", "describe", "load", "summary"]
+
 
 def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -27,6 +33,7 @@ def cores() -> int:
 
 
 def load() -> str:
+    """The 1, 5 and 15-minute load averages, space-separated ("n/a" where unknown)."""
     try:
         return " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
@@ -34,6 +41,8 @@ def load() -> str:
 
 
 def describe() -> dict:
+    """Cores, CPU, TensorFlow's thread settings (0 = TensorFlow's own choice), Python,
+    TensorFlow, Keras and numpy versions, the op's backend, the platform and the UTC date."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -43,6 +52,8 @@ def describe() -> dict:
     return {
         "cores": cores(),
         "cpu": cpu_model(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
@@ -51,3 +62,12 @@ def describe() -> dict:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def summary(described: dict | None = None) -> str:
+    """One line for a report's header: ``"<cpu>, <cores> cores, TF <version>, <platform>"``."""
+    described = described or describe()
+    return (
+        f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, "
+        f"TF {described.get('tensorflow', '?')}, {described.get('platform', '?')}"
+    )
