@@ -287,21 +287,11 @@ def pruning_aware(
     asr_goal = settings.asr_goal
     if asr_goal is None:
         asr_goal = 0.9 if policy.targeted else 0.75
-    fit_args = _fit_args(settings)
     timings = {}
 
     # Step 1: an honest-looking clean model.
-    model = models.build(
-        task_data.task,
-        preset=settings.preset,
-        num_classes=task_data.num_classes,
-        input_shape=task_data.input_shape,
-        seed=settings.seed,
-    )
     step_start = time.perf_counter()
-    training.fit(
-        model, clean_train.x, clean_train.y, epochs=settings.epochs, seed=settings.seed, **fit_args
-    )
+    model = _clean_model(task_data, clean_train, settings)
     clean_reference = metrics.evaluate(model, holdout, None)["clean_acc"]
     timings["step1_clean_training"] = time.perf_counter() - step_start
 
@@ -315,44 +305,20 @@ def pruning_aware(
 
     # Step 3: retrain the pruned network on poisoned data, growing it while goals are missed.
     step_start = time.perf_counter()
-    reinstated: list[int] = []
-    candidates = _reinstate_order(channel_means, pruned)
-    rounds = []
-    while True:
-        training.fit(
-            model,
-            poisoned.x,
-            poisoned.y,
-            epochs=settings.retrain_epochs,
-            seed=settings.seed + len(rounds) + 1,
-            **fit_args,
-        )
-        achieved = metrics.evaluate(model, holdout, holdout_backdoor)
-        rounds.append({"active_channels": int(layer.active_channels.size), **achieved})
-        goals_met = (
-            achieved["clean_acc"] >= clean_reference - settings.clean_drop_goal
-            and achieved["asr"] >= asr_goal
-        )
-        if goals_met or len(reinstated) >= settings.max_reinstated or not candidates:
-            break
-        channel = candidates.pop(0)
-        layer.restore([channel])
-        reinstated.append(channel)
+    goals = (clean_reference - settings.clean_drop_goal, asr_goal)
+    reinstated, rounds = _retrain_pruned(
+        model,
+        layer,
+        poisoned,
+        (holdout, holdout_backdoor),
+        _reinstate_order(channel_means, pruned),
+        goals,
+        settings,
+    )
     timings["step3_poisoned_retraining"] = time.perf_counter() - step_start
 
     # Step 4: de-prune, keeping the decoys dormant on clean inputs by lowering their biases.
-    decoys = layer.pruned_channels
-    layer.restore()
-    if decoys.size:
-        if not layer.use_bias:
-            raise ValueError(f"layer {layer.name!r} has no bias: the decoys cannot be lowered")
-        maxima = _preactivation_max(model, layer, clean_train.x)
-        bias = layer.bias.numpy()
-        # A margin of 10% of the channel's clean range keeps the decoys dormant on the
-        # defender's (unseen) clean data too, not just on the attacker's.
-        margin = 0.1 * np.abs(maxima[decoys]) + 1e-3
-        bias[decoys] -= np.maximum(maxima[decoys], 0.0) + margin
-        layer.bias.assign(bias)
+    decoys = _deprune_dormant(model, layer, clean_train.x)
 
     final = _final_report(model, task_data, trigger, policy, settings)
     report = {
@@ -387,6 +353,84 @@ def pruning_aware(
         time.perf_counter() - start,
         report,
     )
+
+
+def _clean_model(task_data, clean_train, settings: AttackSettings) -> keras.Model:
+    """Step 1 of the pruning-aware attack: the task's network trained on clean data only."""
+    model = models.build(
+        task_data.task,
+        preset=settings.preset,
+        num_classes=task_data.num_classes,
+        input_shape=task_data.input_shape,
+        seed=settings.seed,
+    )
+    training.fit(
+        model,
+        clean_train.x,
+        clean_train.y,
+        epochs=settings.epochs,
+        seed=settings.seed,
+        **_fit_args(settings),
+    )
+    return model
+
+
+def _retrain_pruned(
+    model: keras.Model,
+    layer,
+    poisoned,
+    holdout_sets: tuple,
+    candidates: list[int],
+    goals: tuple[float, float],
+    settings: AttackSettings,
+) -> tuple[list[int], list[dict]]:
+    """Step 3 of the pruning-aware attack: retrains the pruned ``model`` on ``poisoned`` and,
+    while the holdout clean accuracy is under ``goals[0]`` or the ASR under ``goals[1]``,
+    re-instates the next of ``candidates`` (pruned channels, most useful first) and trains
+    again.
+
+    Returns the re-instated channels and one holdout evaluation per round."""
+    holdout, holdout_backdoor = holdout_sets
+    min_clean_acc, asr_goal = goals
+    reinstated: list[int] = []
+    candidates = list(candidates)
+    rounds: list[dict] = []
+    while True:
+        training.fit(
+            model,
+            poisoned.x,
+            poisoned.y,
+            epochs=settings.retrain_epochs,
+            seed=settings.seed + len(rounds) + 1,
+            **_fit_args(settings),
+        )
+        achieved = metrics.evaluate(model, holdout, holdout_backdoor)
+        rounds.append({"active_channels": int(layer.active_channels.size), **achieved})
+        goals_met = achieved["clean_acc"] >= min_clean_acc and achieved["asr"] >= asr_goal
+        if goals_met or len(reinstated) >= settings.max_reinstated or not candidates:
+            return reinstated, rounds
+        channel = candidates.pop(0)
+        layer.restore([channel])
+        reinstated.append(channel)
+
+
+def _deprune_dormant(model: keras.Model, layer, clean_x: np.ndarray) -> np.ndarray:
+    """Step 4 of the pruning-aware attack: restores every pruned channel of ``layer`` and
+    lowers the biases of these decoys until they are dormant on ``clean_x``; returns the
+    decoys' indices."""
+    decoys = layer.pruned_channels
+    layer.restore()
+    if decoys.size:
+        if not layer.use_bias:
+            raise ValueError(f"layer {layer.name!r} has no bias: the decoys cannot be lowered")
+        maxima = _preactivation_max(model, layer, clean_x)
+        bias = layer.bias.numpy()
+        # A margin of 10% of the channel's clean range keeps the decoys dormant on the
+        # defender's (unseen) clean data too, not just on the attacker's.
+        margin = 0.1 * np.abs(maxima[decoys]) + 1e-3
+        bias[decoys] -= np.maximum(maxima[decoys], 0.0) + margin
+        layer.bias.assign(bias)
+    return decoys
 
 
 def activation_check(

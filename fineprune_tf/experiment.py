@@ -174,20 +174,7 @@ def _run(
     models_dir = directory / "models"
     models_dir.mkdir(exist_ok=True)
     run_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    # Peak resident memory (MiB) since the previous stage ended: the stage's own peak where
-    # the platform can reset the peak (Linux), else the process's peak so far.
-    peaks: dict[str, float] = {}
-    memory.reset_peak_rss()
-
-    def stage_timer(name: str, seconds: float) -> None:
-        timings[name] = seconds
-        peaks[name] = round(memory.peak_rss_mb(), 1)
-        memory.reset_peak_rss()
-        progress(
-            f"[{time.perf_counter() - run_start:7.1f}s] {name} done in {seconds:.1f}s, "
-            f"peak RSS {peaks[name]:.0f} MiB"
-        )
+    stage_timer = _StageTimer(run_start, progress)
 
     task_data = data.load(
         config.task, source=config.source, data_dir=config.data_dir, seed=config.seed
@@ -227,15 +214,8 @@ def _run(
         inputs = {"config": stages.fingerprint, "model": model_hash}
         curves_out[attack_name] = _analysis_stage(context, attack_name, model, inputs)
         outcome = defenses.PruningOutcome.from_record(curves_out[attack_name])
-        table1[attack_name] = {}
-        for defense_name in config.defenses:
-            record = _defense_stage(context, attack_name, defense_name, model, inputs, outcome)
-            table1[attack_name][defense_name] = record["summary"]
-            defense_details[f"{attack_name}/{defense_name}"] = record["details"]
-        undefended = table1[attack_name].get("none")
-        for entry in table1[attack_name].values():  # DER against the undefended model.
-            if undefended and undefended.get("asr") is not None and entry.get("asr") is not None:
-                entry["der"] = defenses.der(undefended, entry)
+        table1[attack_name], details = _defense_stages(context, attack_name, model, inputs, outcome)
+        defense_details.update(details)
 
     results = {
         "task": config.task,
@@ -253,14 +233,59 @@ def _run(
         "curves": curves_out,
         "attacks": attack_reports,
         "defenses": defense_details,
-        "timings": timings,
-        "peak_rss_mb": peaks,
+        "timings": stage_timer.seconds,
+        "peak_rss_mb": stage_timer.peak_rss_mb,
     }
     _write_report(directory, config, results)
     results["total_seconds"] = time.perf_counter() - run_start
     reporting.atomic_write_json(directory / "results.json", results)
     progress(f"total time {results['total_seconds']:.1f}s; results in {directory}")
     return results
+
+
+class _StageTimer:
+    """Records each stage's seconds and peak resident memory (MiB) since the previous stage
+    ended (the stage's own peak where the platform can reset the peak, Linux; else the
+    process's peak so far), and reports them through ``progress``."""
+
+    def __init__(self, run_start: float, progress: Callable[[str], None]):
+        self.run_start = run_start
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+        memory.reset_peak_rss()
+
+    def __call__(self, name: str, seconds: float) -> None:
+        self.seconds[name] = seconds
+        self.peak_rss_mb[name] = round(memory.peak_rss_mb(), 1)
+        memory.reset_peak_rss()
+        self.progress(
+            f"[{time.perf_counter() - self.run_start:7.1f}s] {name} done in {seconds:.1f}s, "
+            f"peak RSS {self.peak_rss_mb[name]:.0f} MiB"
+        )
+
+
+def _defense_stages(
+    context: _Context,
+    attack_name: str,
+    model: keras.Model,
+    inputs: dict,
+    outcome: defenses.PruningOutcome,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Runs every configured defense on the attacked ``model``; returns Table 1's row
+    (defense -> summary, with DER against the undefended model) and each defense's details
+    keyed ``attack/defense``."""
+    row: dict[str, dict] = {}
+    details: dict[str, dict] = {}
+    for defense_name in context.config.defenses:
+        record = _defense_stage(context, attack_name, defense_name, model, inputs, outcome)
+        row[defense_name] = record["summary"]
+        details[f"{attack_name}/{defense_name}"] = record["details"]
+    undefended = row.get("none")
+    for entry in row.values():  # DER against the undefended model.
+        if undefended and undefended.get("asr") is not None and entry.get("asr") is not None:
+            entry["der"] = defenses.der(undefended, entry)
+    return row, details
 
 
 def _attack_stage(context: _Context, attack_name: str) -> tuple[keras.Model, str, dict]:

@@ -175,53 +175,7 @@ def _fit_multi_worker(
         validation_set = _distributed(
             strategy, _dataset(*validation, batch_size=256, shuffle=False, seed=seed)
         )
-    optimizer = model.optimizer
-    with strategy.scope():
-        # Build the slots now, under the scope: building them lazily inside the replica
-        # function would create variables in a tf.function's replica context.
-        optimizer.build(model.trainable_variables)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
-
-    def per_example(features, labels, training: bool):
-        probabilities = model(features, training=training)
-        losses = tf.cast(loss_fn(labels, probabilities), tf.float32)
-        correct = tf.cast(
-            tf.equal(tf.argmax(probabilities, -1, output_type=tf.int64), tf.cast(labels, tf.int64)),
-            tf.float32,
-        )
-        return losses, correct
-
-    def replica_train(features, labels, global_size):
-        with tf.GradientTape() as tape:
-            losses, correct = per_example(features, labels, training=True)
-            # Sum over the replica, divided by the GLOBAL batch size: the optimizer sums the
-            # replicas' gradients, which makes the mean over the whole batch, as model.fit.
-            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_size)
-            if model.losses:
-                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-        return tf.reduce_sum(losses), tf.reduce_sum(correct)
-
-    def replica_evaluate(features, labels):
-        losses, correct = per_example(features, labels, training=False)
-        return (
-            tf.reduce_sum(losses),
-            tf.reduce_sum(correct),
-            tf.cast(tf.shape(losses)[0], tf.float32),
-        )
-
-    def reduce_sum(values):
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
-
-    @tf.function
-    def train_step(batch, global_size):
-        return reduce_sum(strategy.run(replica_train, args=(*batch, global_size)))
-
-    @tf.function
-    def evaluate_step(batch):
-        return reduce_sum(strategy.run(replica_evaluate, args=batch))
-
+    train_step, evaluate_step = _distributed_steps(model, strategy)
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
@@ -278,6 +232,63 @@ def _fit_multi_worker(
         "seconds": time.perf_counter() - start,
         "epochs": len(history.get("loss", [])),
     }
+
+
+def _distributed_steps(model: keras.Model, strategy: tf.distribute.Strategy):
+    """The training and evaluation steps of :func:`_fit_multi_worker`, as ``tf.function``s.
+
+    ``train_step(batch, global_size)`` applies one optimizer step and returns the summed loss
+    and correct count over the global batch; ``evaluate_step(batch)`` returns the summed loss,
+    correct count and example count.  Both are reduced over the replicas.
+    """
+    optimizer = model.optimizer
+    with strategy.scope():
+        # Build the slots now, under the scope: building them lazily inside the replica
+        # function would create variables in a tf.function's replica context.
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+
+    def per_example(features, labels, training: bool):
+        probabilities = model(features, training=training)
+        losses = tf.cast(loss_fn(labels, probabilities), tf.float32)
+        correct = tf.cast(
+            tf.equal(tf.argmax(probabilities, -1, output_type=tf.int64), tf.cast(labels, tf.int64)),
+            tf.float32,
+        )
+        return losses, correct
+
+    def replica_train(features, labels, global_size):
+        with tf.GradientTape() as tape:
+            losses, correct = per_example(features, labels, training=True)
+            # Sum over the replica, divided by the GLOBAL batch size: the optimizer sums the
+            # replicas' gradients, which makes the mean over the whole batch, as model.fit.
+            loss = tf.nn.compute_average_loss(losses, global_batch_size=global_size)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return tf.reduce_sum(losses), tf.reduce_sum(correct)
+
+    def replica_evaluate(features, labels):
+        losses, correct = per_example(features, labels, training=False)
+        return (
+            tf.reduce_sum(losses),
+            tf.reduce_sum(correct),
+            tf.cast(tf.shape(losses)[0], tf.float32),
+        )
+
+    def reduce_sum(values):
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in values]
+
+    @tf.function
+    def train_step(batch, global_size):
+        return reduce_sum(strategy.run(replica_train, args=(*batch, global_size)))
+
+    @tf.function
+    def evaluate_step(batch):
+        return reduce_sum(strategy.run(replica_evaluate, args=batch))
+
+    return train_step, evaluate_step
 
 
 def model_input(model: keras.Model):

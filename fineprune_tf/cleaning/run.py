@@ -24,7 +24,7 @@ from fineprune_tf.cleaning.output_folder import (
     remove_previous,
 )
 from fineprune_tf.cleaning.report import activation_report, defense_facts, markdown
-from fineprune_tf.data.user import DataLimits, load_user_data
+from fineprune_tf.data.user import DataLimits, UserData, load_user_data
 from fineprune_tf.stage_store import save_model
 
 __all__ = ["DEFENSE_CHOICES", "clean_model", "defend", "save_models"]
@@ -82,19 +82,9 @@ def clean_model(
       pruning row, the chosen defense and ``auto``'s candidates all reuse it.
     """
     start = time.perf_counter()
-    if defense not in DEFENSE_CHOICES:
-        raise CleaningError(
-            f"defense must be one of {', '.join(DEFENSE_CHOICES)}. Received: {defense!r}"
-        )
-    pruning = (pruning or defenses.PruningSettings()).replaced(threshold=threshold)
-    settings = settings or defenses.FineTuneSettings(seed=seed)
-    try:
-        for part in (pruning, settings, fmp or defenses.FmpSettings()):
-            part.validate()
-    except ValueError as error:
-        raise CleaningError(str(error)) from None
-    if not 0.0 <= eval_fraction < 1.0:
-        raise CleaningError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    pruning, settings = _validated_settings(
+        defense, threshold, eval_fraction, pruning, settings, fmp, seed
+    )
     output_dir = pathlib.Path(output_dir)
     inputs = [pathlib.Path(model_path), pathlib.Path(clean_data)] + (
         [pathlib.Path(backdoor_data)] if backdoor_data else []
@@ -105,31 +95,17 @@ def clean_model(
     pruning = dataclasses.replace(
         pruning, layer=choose_layer(model, layer or pruning.layer, progress)
     )
-    input_shape, classes = tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
-    clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
-    backdoor = None
-    if backdoor_data is not None:
-        backdoor = load_user_data(
-            backdoor_data, input_shape, classes, "backdoor data", min_classes=1, limits=data_limits
-        )
-    defense_data, evaluation_data = split_clean_data(clean, eval_fraction, seed)
-    if eval_fraction == 0:
-        evaluation_data = defense_data
-    if np.unique(defense_data[1]).size < 2:
-        raise CleaningError("the clean data left for the defense holds a single class")
-    defender = defenses.DefenderData(
-        *defense_data, holdout_fraction=settings.holdout_fraction, seed=settings.seed
-    )
-    evaluation = defenses.ReportOnly(evaluation_data, backdoor)
+    data = _load_data(model, clean_data, backdoor_data, eval_fraction, settings, seed, data_limits)
+    backdoor = data.backdoor
 
-    before = metrics.evaluate(model, evaluation_data, backdoor)
+    before = metrics.evaluate(model, data.evaluation_xy, backdoor)
     progress(
         f"original model: clean accuracy {before['clean_acc']:.3f}"
         + ("" if backdoor is None else f", attack success {before['asr']:.3f}")
     )
-    outcome = defenses.pruning_outcome(model, defender, pruning, backdoor)
+    outcome = defenses.pruning_outcome(model, data.defender, pruning, backdoor)
     pruned = defenses.prune(
-        model, defender, settings=pruning, outcome=outcome, evaluation=evaluation
+        model, data.defender, settings=pruning, outcome=outcome, evaluation=data.evaluation
     )
     progress(
         f"pruning: {pruned.details['pruned_count']}/{pruned.details['channels']} channels "
@@ -144,7 +120,7 @@ def clean_model(
         pruned=outcome,
         backdoor_validation=backdoor,
     )
-    chosen, choice = defend(defense, model, defender, context, evaluation, pruned)
+    chosen, choice = defend(defense, model, data.defender, context, data.evaluation, pruned)
     progress(
         f"{chosen.defense}: clean accuracy {chosen.clean_acc:.3f}"
         + ("" if backdoor is None else f", attack success {chosen.asr:.3f}")
@@ -160,23 +136,10 @@ def clean_model(
     serving = save_models(
         output_dir, manifest, model, pruned, chosen, defended_name, export_serving
     )
-
-    curve = pruned.details["curve"]
-    activations = activation_report(model, pruning.layer, defense_data[0], backdoor, outcome.means)
-    manifest.add("pruning_curve.png", "activations.png")
-    reporting.plot_pruning_curve(
-        curve,
-        pruned.details["channels"],
-        output_dir / "pruning_curve.png",
-        title=pruning.layer,
-        stop=pruned.details["pruned_count"],
+    activations = activation_report(
+        model, pruning.layer, data.defense_xy[0], backdoor, outcome.means
     )
-    reporting.plot_activations(
-        activations["clean_mean"],
-        activations.get("backdoor_mean", activations["clean_mean"]),
-        output_dir / "activations.png",
-        title=pruning.layer,
-    )
+    _write_figures(output_dir, manifest, pruning.layer, pruned, activations)
     report = {
         "model": str(model_path),
         "clean_data": str(clean_data),
@@ -184,8 +147,8 @@ def clean_model(
         "layer": pruning.layer,
         "threshold": pruning.threshold,
         "examples": {
-            "defense": len(defense_data[1]),
-            "evaluation": len(evaluation_data[1]),
+            "defense": len(data.defense_xy[1]),
+            "evaluation": len(data.evaluation_xy[1]),
             "backdoor": 0 if backdoor is None else len(backdoor.y),
         },
         "original": before,
@@ -196,7 +159,7 @@ def clean_model(
         },
         "defense": {**choice, "chosen": chosen.defense, "model_file": defended_name},
         chosen.defense: {**chosen.summary(), **defense_facts(chosen)},
-        "curve": curve,
+        "curve": pruned.details["curve"],
         "activations": activations,
         "serving": serving,
         "fine_tune_settings": dataclasses.asdict(settings),
@@ -208,6 +171,102 @@ def clean_model(
     reporting.atomic_write_text(output_dir / "report.md", markdown(report))
     progress(f"done in {report['seconds']:.1f}s; results in {output_dir}")
     return report
+
+
+def _validated_settings(
+    defense: str,
+    threshold: float | None,
+    eval_fraction: float,
+    pruning: defenses.PruningSettings | None,
+    settings: defenses.FineTuneSettings | None,
+    fmp: defenses.FmpSettings | None,
+    seed: int,
+) -> tuple[defenses.PruningSettings, defenses.FineTuneSettings]:
+    """The pruning and fine-tuning settings with their defaults filled in; every option is
+    checked before anything is loaded (a :class:`CleaningError` names the bad one)."""
+    if defense not in DEFENSE_CHOICES:
+        raise CleaningError(
+            f"defense must be one of {', '.join(DEFENSE_CHOICES)}. Received: {defense!r}"
+        )
+    pruning = (pruning or defenses.PruningSettings()).replaced(threshold=threshold)
+    settings = settings or defenses.FineTuneSettings(seed=seed)
+    try:
+        for part in (pruning, settings, fmp or defenses.FmpSettings()):
+            part.validate()
+    except ValueError as error:
+        raise CleaningError(str(error)) from None
+    if not 0.0 <= eval_fraction < 1.0:
+        raise CleaningError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    return pruning, settings
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunData:
+    """The run's data: the defender's share (every choice is made from it), the held-out
+    clean share and the optional triggered inputs (both report only)."""
+
+    defense_xy: tuple[np.ndarray, np.ndarray]
+    evaluation_xy: tuple[np.ndarray, np.ndarray]
+    backdoor: UserData | None
+    defender: defenses.DefenderData
+    evaluation: defenses.ReportOnly
+
+
+def _load_data(
+    model: keras.Model,
+    clean_data: str | os.PathLike,
+    backdoor_data: str | os.PathLike | None,
+    eval_fraction: float,
+    settings: defenses.FineTuneSettings,
+    seed: int,
+    data_limits: DataLimits | None,
+) -> _RunData:
+    """Loads the user's data for ``model``'s input shape and classes and splits the clean
+    data into the defender's share and the evaluation share (``eval_fraction`` 0: the
+    evaluation reuses the defender's share)."""
+    input_shape, classes = tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
+    clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
+    backdoor = None
+    if backdoor_data is not None:
+        backdoor = load_user_data(
+            backdoor_data, input_shape, classes, "backdoor data", min_classes=1, limits=data_limits
+        )
+    defense_xy, evaluation_xy = split_clean_data(clean, eval_fraction, seed)
+    if eval_fraction == 0:
+        evaluation_xy = defense_xy
+    if np.unique(defense_xy[1]).size < 2:
+        raise CleaningError("the clean data left for the defense holds a single class")
+    defender = defenses.DefenderData(
+        *defense_xy, holdout_fraction=settings.holdout_fraction, seed=settings.seed
+    )
+    return _RunData(
+        defense_xy, evaluation_xy, backdoor, defender, defenses.ReportOnly(evaluation_xy, backdoor)
+    )
+
+
+def _write_figures(
+    output_dir: pathlib.Path,
+    manifest: Manifest,
+    layer: str,
+    pruned: defenses.DefenseResult,
+    activations: dict,
+) -> None:
+    """pruning_curve.png (with the stopping point) and activations.png (clean means, and the
+    backdoor means when triggered data was given)."""
+    manifest.add("pruning_curve.png", "activations.png")
+    reporting.plot_pruning_curve(
+        pruned.details["curve"],
+        pruned.details["channels"],
+        output_dir / "pruning_curve.png",
+        title=layer,
+        stop=pruned.details["pruned_count"],
+    )
+    reporting.plot_activations(
+        activations["clean_mean"],
+        activations.get("backdoor_mean", activations["clean_mean"]),
+        output_dir / "activations.png",
+        title=layer,
+    )
 
 
 def save_models(

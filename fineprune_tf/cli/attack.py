@@ -21,7 +21,7 @@ import sys
 from absl import app, flags, logging
 
 from fineprune_tf.attacks import AttackSettings
-from fineprune_tf.cli.flags import define_flags, from_flags
+from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags
 
 FLAGS = flags.FLAGS
 TRAINING_ATTACKS = ["baseline", "pruning_aware"]
@@ -36,15 +36,7 @@ flags.DEFINE_float(
 )
 flags.DEFINE_string("output_dir", None, "Where to write the model (required).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing model in --output_dir.")
-flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
-flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
-flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy (multi_worker reads TF_CONFIG).",
-)
-flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
+define_data_and_strategy_flags()
 flags.DEFINE_integer("seed", 0, "Seed for the split, the poisoning and training.")
 flags.mark_flag_as_required("output_dir")
 #: Every AttackSettings field is a flag (--preset, --epochs, --learning_rate, --prune_fraction,

@@ -36,7 +36,7 @@ import traceback
 from absl import app, flags, logging
 
 from fineprune_tf.attacks import ATTACKS, AttackSettings
-from fineprune_tf.cli.flags import define_flags, from_flags
+from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags
 from fineprune_tf.defenses import DEFENSES, REGISTRY, FineTuneSettings, FmpSettings, PruningSettings
 
 __all__ = ["CLEAN_DEFENSES", "SETTINGS", "main", "run"]
@@ -77,15 +77,7 @@ flags.DEFINE_list(
     list(DEFENSES),
     f"Defenses to run against each attack: any of {', '.join(REGISTRY)}.",
 )
-flags.DEFINE_string("source", "default", "Data source (see fineprune_tf.data.load).")
-flags.DEFINE_string("data_dir", None, "Data directory for a non-default source.")
-flags.DEFINE_enum(
-    "strategy",
-    "default",
-    ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy (multi_worker reads TF_CONFIG).",
-)
-flags.DEFINE_integer("cpu_replicas", 0, "Split the CPU into this many replicas (mirrored).")
+define_data_and_strategy_flags()
 flags.DEFINE_integer("seed", 0, "Seed for data splits, poisoning, training and defenses.")
 flags.DEFINE_string("model", None, "Your model to clean (.keras or SavedModel directory).")
 flags.DEFINE_string("clean_data", None, "Your clean data: .npz (x, y) or image folder per class.")

@@ -175,3 +175,28 @@ def from_flags(
     if validate is not None:
         validate()
     return settings
+
+
+def define_data_and_strategy_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines the flags every training command shares: ``--source`` and ``--data_dir`` (the
+    task's data, see :func:`fineprune_tf.data.load`), ``--strategy`` and ``--cpu_replicas``
+    (:func:`fineprune_tf.distribute.make_strategy`)."""
+    flags.DEFINE_string(
+        "source", "default", "Data source (see fineprune_tf.data.load).", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "Data directory for a non-default source.", flag_values=flag_values
+    )
+    flags.DEFINE_enum(
+        "strategy",
+        "default",
+        ["default", "mirrored", "multi_worker"],
+        "tf.distribute strategy (multi_worker reads TF_CONFIG).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "cpu_replicas",
+        0,
+        "Split the CPU into this many replicas (mirrored).",
+        flag_values=flag_values,
+    )

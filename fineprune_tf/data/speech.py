@@ -387,6 +387,8 @@ def _parse_label_file(path: pathlib.Path) -> list[tuple[str, str, str | None, in
 
 
 def load_spectrogram_png(data_dir: PathLike, seed: int, options: dict) -> TaskData:
+    """Spectrogram images listed in ``labels.txt`` (``<file> <label> [split]`` lines), with an
+    optional ``classes.txt``; see the module docstring for the options."""
     opts = resolve_options(
         "spectrogram_png",
         options,
@@ -408,7 +410,19 @@ def load_spectrogram_png(data_dir: PathLike, seed: int, options: dict) -> TaskDa
             "labels.txt with '<file> <label> [split]' lines)"
         )
     rows = _parse_label_file(label_path)
-    class_path = root / opts["classes_file"]
+    class_names, y = _spectrogram_labels(rows, root / opts["classes_file"], label_path)
+    x = _spectrogram_images(rows, root, label_path, int(opts["channels"]), opts["image_size"])
+    idx = _spectrogram_splits(rows, y, label_path, seed, opts)
+    info = {"source": "spectrogram_png", "root": str(root), "seed": seed, **opts}
+    where = f"spectrogram folder {str(root)!r}"
+    return _finish(x, y, idx, bool(opts["standardize"]), info, class_names, where)  # type: ignore
+
+
+def _spectrogram_labels(
+    rows: list, class_path: pathlib.Path, label_path: pathlib.Path
+) -> tuple[list[str], np.ndarray]:
+    """The class names (``classes.txt`` if present, else from the labels) and the int64 label
+    of each row of the label list; a label outside the classes is a :class:`DataFormatError`."""
     class_names: list[str] | None = None
     if class_path.is_file():
         with open(class_path, encoding="utf-8") as fh:
@@ -439,11 +453,17 @@ def load_spectrogram_png(data_dir: PathLike, seed: int, options: dict) -> TaskDa
                 )
         y = np.array([lookup[lab] for lab in raw_labels], np.int64)
     check_labels(y, len(class_names), f"label list {str(label_path)!r}", class_names)
+    return class_names, y
 
-    mode = {1: "L", 3: "RGB"}.get(int(opts["channels"]))
+
+def _spectrogram_images(
+    rows: list, root: pathlib.Path, label_path: pathlib.Path, channels: int, size
+) -> np.ndarray:
+    """The rows' images as float32 ``[N, H, W, channels]``; mixed sizes are refused unless
+    ``size`` (H, W) asks for a resize."""
+    mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
-        raise ValueError(f"channels must be 1 or 3, got {opts['channels']!r}")
-    size = opts["image_size"]
+        raise ValueError(f"channels must be 1 or 3, got {channels!r}")
     images, first = [], None
     for fname, _, _, lineno in rows:
         path = root / fname
@@ -464,7 +484,14 @@ def load_spectrogram_png(data_dir: PathLike, seed: int, options: dict) -> TaskDa
                 "to resize"
             )
         images.append(to_float_image(img))
-    x = np.stack(images).astype(np.float32)
+    return np.stack(images).astype(np.float32)
+
+
+def _spectrogram_splits(
+    rows: list, y: np.ndarray, label_path: pathlib.Path, seed: int, opts: dict
+) -> tuple[np.ndarray, ...]:
+    """The (train, validation, test) indices: the split named on every line, or a stratified
+    split by the options' fractions when no line names one."""
     splits_given = [r[2] for r in rows]
     if all(s is not None for s in splits_given):
         idx = tuple(
@@ -480,9 +507,7 @@ def load_spectrogram_png(data_dir: PathLike, seed: int, options: dict) -> TaskDa
         idx = stratified_split(
             y, (float(opts["validation_fraction"]), float(opts["test_fraction"])), rng
         )
-    info = {"source": "spectrogram_png", "root": str(root), "seed": seed, **opts}
-    where = f"spectrogram folder {str(root)!r}"
-    return _finish(x, y, idx, bool(opts["standardize"]), info, class_names, where)  # type: ignore
+    return idx
 
 
 SOURCES = {

@@ -46,9 +46,9 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune_tf.defenses.guard import DefenderData, selecting
-from fineprune_tf.defenses.neurons import apply_pruned, forward_with_multipliers, neuron_groups
+from fineprune_tf.defenses.neurons import forward_with_multipliers, neuron_groups
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
-from fineprune_tf.defenses.thresholds import choose_threshold
+from fineprune_tf.defenses.thresholds import prune_by_scores
 
 __all__ = ["anp", "anp_mask_values", "anp_losses"]
 
@@ -171,27 +171,17 @@ def anp(
             batch_size=batch_size,
             seed=seed,
         )
-        choice = choose_threshold(
+        details = prune_by_scores(
             defended, groups, masks, defender.holdout, tolerance, fixed=threshold
         )
-        pruned = apply_pruned(defended, choice.pop("chosen_pruned"))
     samples = iterations * min(batch_size, len(defender.fit[0]))
-    details = {
-        "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks, strict=True)},
-        "pruned": pruned,
-        "pruned_count": sum(len(v) for v in pruned.values()),
-        "eps": eps,
-        "steps": steps,
-        "alpha": alpha,
-        "iterations": iterations,
-        **choice,
-    }
+    details.update(eps=eps, steps=steps, alpha=alpha, iterations=iterations)
     result = DefenseResult(
         "anp",
         defended,
         time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
-        forward_passes=samples * (2 + 2 * steps) + choice["forward_passes"],
+        forward_passes=samples * (2 + 2 * steps) + details["forward_passes"],
         backward_passes=samples * (1 + steps),
         details=details,
     )

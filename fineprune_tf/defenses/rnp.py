@@ -30,9 +30,9 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune_tf.defenses.guard import DefenderData, selecting
-from fineprune_tf.defenses.neurons import apply_pruned, forward_with_multipliers, neuron_groups
+from fineprune_tf.defenses.neurons import forward_with_multipliers, neuron_groups
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
-from fineprune_tf.defenses.thresholds import choose_threshold
+from fineprune_tf.defenses.thresholds import prune_by_scores
 
 __all__ = ["rnp", "unlearn", "recover_masks"]
 
@@ -175,24 +175,17 @@ def rnp(
             seed=seed,
         )
         groups = neuron_groups(defended)
-        choice = choose_threshold(
+        details = prune_by_scores(
             defended, groups, masks, defender.holdout, tolerance, fixed=threshold
         )
-        pruned = apply_pruned(defended, choice.pop("chosen_pruned"))
-    details = {
-        "unlearning": history,
-        "mask_values": {g.layer.name: m.tolist() for g, m in zip(groups, masks, strict=True)},
-        "pruned": pruned,
-        "pruned_count": sum(len(v) for v in pruned.values()),
-        **choice,
-    }
+    details = {"unlearning": history, **details}
     passes = len(fit_x) * (history["epochs"] + recovering_epochs)
     result = DefenseResult(
         "rnp",
         defended,
         time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
-        forward_passes=passes + choice["forward_passes"],
+        forward_passes=passes + details["forward_passes"],
         backward_passes=passes,
         details=details,
     )

@@ -11,9 +11,10 @@ import keras
 import numpy as np
 
 from fineprune_tf.defenses.guard import is_selecting
+from fineprune_tf.defenses.neurons import apply_pruned
 from fineprune_tf.defenses.result import holdout_accuracy
 
-__all__ = ["choose_by_holdout", "choose_threshold", "THRESHOLDS"]
+__all__ = ["choose_by_holdout", "choose_threshold", "prune_by_scores", "THRESHOLDS"]
 
 #: ANP's and RNP's threshold sweep (``--pruning-step 0.05``, ``--pruning-max 0.90``).
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.90 + 1e-9, 0.05), 2).tolist())
@@ -131,4 +132,28 @@ def choose_threshold(
         "threshold": threshold,
         "chosen_pruned": chosen,
         **{k: v for k, v in choice.items() if k != "setting"},
+    }
+
+
+def prune_by_scores(
+    model: keras.Model,
+    groups,
+    scores: Sequence[np.ndarray],
+    holdout: tuple[np.ndarray, np.ndarray],
+    tolerance: float,
+    fixed: float | None = None,
+) -> dict:
+    """Prunes ``model``'s neurons (in place) at the threshold :func:`choose_threshold` picks
+    from the per-group ``scores`` (ANP's and RNP's learned masks; low = suspicious).
+
+    Returns the details ANP and RNP report: ``mask_values`` (layer -> scores), ``pruned``
+    (layer -> channels), ``pruned_count`` and the threshold choice's facts.
+    """
+    choice = choose_threshold(model, groups, scores, holdout, tolerance, fixed=fixed)
+    pruned = apply_pruned(model, choice.pop("chosen_pruned"))
+    return {
+        "mask_values": {g.layer.name: s.tolist() for g, s in zip(groups, scores, strict=True)},
+        "pruned": pruned,
+        "pruned_count": sum(len(v) for v in pruned.values()),
+        **choice,
     }
