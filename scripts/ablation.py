@@ -37,14 +37,14 @@ Writes ``ablation.json`` (every row and the summary) and ``ablation.md``; rows a
 from __future__ import annotations
 
 import itertools
-import json
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
+
+from scripts._rows import RowFile, machine_line, mean_sd
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["speech", "traffic", "mnist"], "Tasks.")
@@ -120,9 +120,14 @@ def run_cells(task: str, seed: int, cache_dir: pathlib.Path, done: set, sink, ce
         sink(row)
 
 
-def _mean_sd(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def _row_line(row: dict) -> str:
+    return (
+        f"{row['task']} s{row['seed']} {row['defense']} {row['rule']} "
+        f"lr={row['learning_rate']:g} ep={row['epochs']}: clean {row['clean_acc']:.3f} "
+        f"ASR {row['asr']:.3f} "
+        f"holdout drop {row['holdout_drop']:.1f} epochs {row['epochs_run']}/"
+        f"{row['chosen_epoch']} ({row['seconds']:.1f}s)"
+    )
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -144,7 +149,7 @@ def summarise(rows: list[dict]) -> dict:
         drops = []
         for task, task_rows in per_task.items():
             stats = {
-                k: _mean_sd([r[k] for r in task_rows])
+                k: mean_sd([r[k] for r in task_rows])
                 for k in (
                     "clean_acc",
                     "asr",
@@ -339,36 +344,18 @@ def main(argv: list[str]) -> int:
     seeds = [int(s) for s in FLAGS.seeds]
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = cache_dir / "ablation_rows.jsonl"
-    rows = (
-        [json.loads(line) for line in rows_path.read_text().splitlines()]
-        if rows_path.exists()
-        else []
-    )
-    done = {_key(r) for r in rows}
+    row_file = RowFile(cache_dir / "ablation_rows.jsonl", describe=_row_line)
+    done = {_key(r) for r in row_file.rows}
     start = time.perf_counter()
     cells = CELLS
     if FLAGS.cells:
         cells = [(r, float(lr), int(ep)) for r, lr, ep in (c.split(":") for c in FLAGS.cells)]
 
-    def sink(row):
-        rows.append(row)
-        with rows_path.open("a") as stream:
-            stream.write(json.dumps(row) + "\n")
-        print(
-            f"{row['task']} s{row['seed']} {row['defense']} {row['rule']} "
-            f"lr={row['learning_rate']:g} ep={row['epochs']}: clean {row['clean_acc']:.3f} "
-            f"ASR {row['asr']:.3f} "
-            f"holdout drop {row['holdout_drop']:.1f} epochs {row['epochs_run']}/"
-            f"{row['chosen_epoch']} ({row['seconds']:.1f}s)",
-            flush=True,
-        )
-
     for seed in seeds if not FLAGS.report_only else ():
         for task in tasks:
-            run_cells(task, seed, cache_dir, done, sink, cells)
+            run_cells(task, seed, cache_dir, done, row_file.add, cells)
     grid = set(CELLS)
-    rows = list({_key(r): r for r in rows}.values())  # Last measurement of a cell wins.
+    rows = row_file.latest(_key)  # Last measurement of a cell wins.
     rows = [
         r
         for r in rows
@@ -378,8 +365,7 @@ def main(argv: list[str]) -> int:
     ]
     summary = summarise(rows)
     meta = {
-        "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
-        "2 shared cores)",
+        "machine": machine_line(),
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
     }

@@ -28,14 +28,14 @@ trained into the cache on first use).
 
 from __future__ import annotations
 
-import json
 import pathlib
-import platform
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
+
+from scripts._rows import RowFile, defenses_error, machine_line, mean_sd
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the backdoored models.")
@@ -108,9 +108,12 @@ def run_model(task: str, kind: str, seed: int, names, cache_dir, done, sink) -> 
         )
 
 
-def _mean_sd(values) -> tuple[float, float]:
-    values = np.asarray(values, dtype=float)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def _row_line(row: dict) -> str:
+    return (
+        f"{row['task']}/{row['kind']} s{row['seed']} {row['defense']}: clean "
+        f"{row['clean_acc']:.3f} ASR {row['asr']:.3f} holdout {row['holdout_acc']:.3f} "
+        f"({row['seconds']:.1f}s)"
+    )
 
 
 def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
@@ -187,7 +190,7 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
                 "defense": name,
                 "seeds": len(cell_rows),
                 **{
-                    k: _mean_sd([r[k] for r in cell_rows])
+                    k: mean_sd([r[k] for r in cell_rows])
                     for k in (
                         "clean_acc",
                         "asr",
@@ -291,15 +294,11 @@ def markdown(summary: dict, meta: dict) -> str:
 
 def main(argv: list[str]) -> int:
     del argv
-    from fineprune_tf import defenses, reporting
+    from fineprune_tf import reporting
 
-    unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
-    if unknown or "none" not in FLAGS.defenses:
-        print(
-            f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
-            f"unknown: {unknown}",
-            file=sys.stderr,
-        )
+    error = defenses_error(FLAGS.defenses)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     try:
         pairs = [tuple(m.split("/")) for m in FLAGS.models]
@@ -310,26 +309,9 @@ def main(argv: list[str]) -> int:
         return 2
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = cache_dir / "defense_eval_rows.jsonl"
-    rows = (
-        [json.loads(line) for line in rows_path.read_text().splitlines()]
-        if rows_path.exists()
-        else []
-    )
-    rows = [r for r in rows if r.get("version") == ROW_VERSION]
-    done = {(r["task"], r["kind"], r["seed"], r["defense"]) for r in rows}
+    row_file = RowFile(cache_dir / "defense_eval_rows.jsonl", ROW_VERSION, _row_line)
+    done = {(r["task"], r["kind"], r["seed"], r["defense"]) for r in row_file.rows}
     start = time.perf_counter()
-
-    def sink(row):
-        rows.append(row)
-        with rows_path.open("a") as stream:
-            stream.write(json.dumps(row) + "\n")
-        print(
-            f"{row['task']}/{row['kind']} s{row['seed']} {row['defense']}: clean "
-            f"{row['clean_acc']:.3f} ASR {row['asr']:.3f} holdout {row['holdout_acc']:.3f} "
-            f"({row['seconds']:.1f}s)",
-            flush=True,
-        )
 
     seeds = [int(s) for s in FLAGS.seeds]
     clean_seeds = [int(s) for s in FLAGS.clean_seeds]
@@ -338,12 +320,11 @@ def main(argv: list[str]) -> int:
         (task, "clean", seed) for seed in clean_seeds for task in sorted({t for t, _ in pairs})
     ]
     for task, kind, seed in plan if not FLAGS.report_only else ():
-        run_model(task, kind, seed, FLAGS.defenses, cache_dir, done, sink)
+        run_model(task, kind, seed, FLAGS.defenses, cache_dir, done, row_file.add)
     wanted = set(plan)
-    unique = {(r["task"], r["kind"], r["seed"], r["defense"]): r for r in rows}  # Last wins.
     rows = [
         r
-        for r in unique.values()
+        for r in row_file.latest(lambda r: (r["task"], r["kind"], r["seed"], r["defense"]))
         if (r["task"], r["kind"], r["seed"]) in wanted and r["defense"] in FLAGS.defenses
     ]
     summary = evaluate_rows(rows, FLAGS.tolerance)
@@ -354,7 +335,7 @@ def main(argv: list[str]) -> int:
         if (task, kind, seed) not in measured
     ]
     meta = {
-        "machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+        "machine": machine_line(),
         "seeds": seeds,
         "clean_seeds": clean_seeds,
         "tolerance": FLAGS.tolerance,

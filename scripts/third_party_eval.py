@@ -18,13 +18,13 @@ Writes ``third_party.md`` and ``third_party.json``; rows go to
 
 from __future__ import annotations
 
-import json
 import pathlib
-import platform
 import sys
 
 import numpy as np
 from absl import app, flags
+
+from scripts._rows import RowFile, defenses_error, machine_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("archs", ["cnn", "mobilenetv2"], "Architectures of the third-party script.")
@@ -197,15 +197,11 @@ def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
 
 def main(argv: list[str]) -> int:
     del argv
-    from fineprune_tf import defenses, reporting
+    from fineprune_tf import reporting
 
-    unknown = [d for d in FLAGS.defenses if d not in defenses.REGISTRY]
-    if unknown or "none" not in FLAGS.defenses:
-        print(
-            f"error: defenses must include 'none' and be some of {list(defenses.REGISTRY)}; "
-            f"unknown: {unknown}",
-            file=sys.stderr,
-        )
+    error = defenses_error(FLAGS.defenses)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     bad_arch = [a for a in FLAGS.archs if a not in ("cnn", "mobilenetv2")]
     if bad_arch:
@@ -213,33 +209,21 @@ def main(argv: list[str]) -> int:
         return 2
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    rows_path = cache_dir / "third_party_rows.jsonl"
-    rows = (
-        [json.loads(line) for line in rows_path.read_text().splitlines()]
-        if rows_path.exists()
-        else []
-    )
-    rows = [r for r in rows if r.get("version") == ROW_VERSION]
-    done = {(r["arch"], r["seed"], r["defense"]) for r in rows}
-
-    def sink(row):
-        rows.append(row)
-        with rows_path.open("a") as stream:
-            stream.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+    row_file = RowFile(cache_dir / "third_party_rows.jsonl", ROW_VERSION)
+    done = {(r["arch"], r["seed"], r["defense"]) for r in row_file.rows}
 
     seeds = [int(s) for s in FLAGS.seeds]
     for arch in FLAGS.archs if not FLAGS.report_only else ():
         for seed in seeds:
-            run_model(arch, seed, cache_dir, done, sink)
+            run_model(arch, seed, cache_dir, done, row_file.add)
     rows = [
         r
-        for r in {(r["arch"], r["seed"], r["defense"]): r for r in rows}.values()
+        for r in row_file.latest(lambda r: (r["arch"], r["seed"], r["defense"]))
         if r["arch"] in FLAGS.archs and r["seed"] in seeds and r["defense"] in FLAGS.defenses
     ]
     summary = summarise(rows)
     meta = {
-        "machine": f"{platform.node()} ({platform.machine()}, 2 shared cores)",
+        "machine": machine_line(),
         "task": FLAGS.task,
         "seeds": seeds,
     }
