@@ -6,13 +6,14 @@ keeps ``python -m scripts.attack`` working from a checkout.
 
 from __future__ import annotations
 
+import sys
+
 from scripts import _quiet
 
 _quiet.quiet_tensorflow()  # before anything imports TensorFlow
 
-from absl import app  # noqa: E402
 
-from fineprune_tf.cli.attack import main  # noqa: E402  (defines the flags)
+from fineprune_tf.cli.attack import run  # noqa: E402  (defines the flags)
 
 if __name__ == "__main__":
-    app.run(main)
+    run(sys.argv)

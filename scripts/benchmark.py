@@ -6,9 +6,9 @@ module keeps ``python -m scripts.benchmark`` working from a checkout.
 
 from __future__ import annotations
 
-from absl import app
+import sys
 
-from fineprune_tf.cli.benchmark import main  # noqa: F401  (defines the flags)
+from fineprune_tf.cli.benchmark import run  # noqa: F401  (defines the flags)
 
 if __name__ == "__main__":
-    app.run(main)
+    run(sys.argv)

@@ -7,13 +7,14 @@ checkout.
 
 from __future__ import annotations
 
+import sys
+
 from scripts import _quiet
 
 _quiet.quiet_tensorflow()  # before anything imports TensorFlow
 
-from absl import app  # noqa: E402
 
-from fineprune_tf.cli.fine_prune import main  # noqa: E402  (defines the flags)
+from fineprune_tf.cli.fine_prune import run  # noqa: E402  (defines the flags)
 
 if __name__ == "__main__":
-    app.run(main)
+    run(sys.argv)

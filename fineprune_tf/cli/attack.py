@@ -18,10 +18,10 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fineprune_tf.attacks import AttackSettings
-from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags
+from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags, run_app
 
 FLAGS = flags.FLAGS
 TRAINING_ATTACKS = ["baseline", "pruning_aware"]
@@ -129,4 +129,4 @@ def main(argv: list[str]) -> int:
 
 def run(argv: list[str]) -> None:
     """Parses ``argv`` (``argv[0]`` is the program name) and runs; exits with the status."""
-    app.run(main, argv=argv)
+    run_app(main, argv, __name__)

@@ -34,7 +34,9 @@ import pathlib
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from fineprune_tf.cli.flags import run_app
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool(
@@ -160,4 +162,4 @@ def main(argv: list[str]) -> int:
 
 def run(argv: list[str]) -> None:
     """Parses ``argv`` (``argv[0]`` is the program name) and runs; exits with the status."""
-    app.run(main, argv=argv)
+    run_app(main, argv, __name__)

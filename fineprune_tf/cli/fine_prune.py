@@ -33,10 +33,10 @@ import sys
 import time
 import traceback
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from fineprune_tf.attacks import ATTACKS, AttackSettings
-from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags
+from fineprune_tf.cli.flags import define_data_and_strategy_flags, define_flags, from_flags, run_app
 from fineprune_tf.defenses import DEFENSES, REGISTRY, FineTuneSettings, FmpSettings, PruningSettings
 
 __all__ = ["CLEAN_DEFENSES", "SETTINGS", "main", "run"]
@@ -254,4 +254,4 @@ def main(argv: list[str]) -> int:
 
 def run(argv: list[str]) -> None:
     """Parses ``argv`` (``argv[0]`` is the program name) and runs; exits with the status."""
-    app.run(main, argv=argv)
+    run_app(main, argv, __name__)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from absl import flags
+from absl import app, flags
 
 __all__ = ["define_flags", "flag_names", "from_flags"]
 
@@ -200,3 +201,17 @@ def define_data_and_strategy_flags(flag_values: flags.FlagValues = flags.FLAGS) 
         "Split the CPU into this many replicas (mirrored).",
         flag_values=flag_values,
     )
+
+
+def run_app(main: Callable[[list[str]], int], argv: list[str], command_module: str) -> None:
+    """``app.run(main, argv=argv)``, with ``--help`` listing the command's flags.
+
+    absl's ``--help`` lists the key flags of the program's main module (``sys.argv[0]``); a
+    command's flags are defined in ``command_module`` and, generated from the settings
+    dataclasses, in this module, so they are registered as the main module's key flags too.
+    """
+    program = sys.argv[0]
+    for module in (command_module, __name__):
+        for flag in flags.FLAGS.get_key_flags_for_module(module):
+            flags.FLAGS.register_key_flag_for_module(program, flag)
+    app.run(main, argv=argv)
