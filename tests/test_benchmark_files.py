@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 
-from scripts import benchmarks
-from scripts.benchmarks import report
+from fineprune_tf import benchmarks
+from fineprune_tf.benchmarks import report
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

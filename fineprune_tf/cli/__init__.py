@@ -3,7 +3,7 @@
     fineprune fine-prune --task=speech          # = python -m scripts.fine_prune --task=speech
     fineprune clean --model=m.keras --clean_data=clean.npz --output_dir=out [--defense=auto]
     fineprune attack --task=mnist --attack=baseline --output_dir=runs/a
-    fineprune benchmark --quick                 # from a source checkout (scripts/benchmarks/)
+    fineprune benchmark --quick                 # the CI smoke run
 
 Each subcommand is an absl app in this package (``fine_prune``, ``attack``, ``benchmark``);
 ``scripts/`` holds thin ``python -m`` shims of the same modules for a checkout, and

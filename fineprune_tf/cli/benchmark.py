@@ -12,7 +12,7 @@
       inference time;
   (f) the peak resident memory of each stage of one face experiment (a child process).
 
-One module per section in ``scripts/benchmarks/``; ``scripts/benchmarks/report.py`` writes
+One module per section in ``fineprune_tf/benchmarks/``; ``fineprune_tf/benchmarks/report.py`` writes
 ``BENCHMARKS.md`` and ``benchmarks.json`` to ``--output_dir`` (default: the current directory).
 With ``--merge`` the sections run now replace theirs in the files already there, and the
 files record which run (machine, date, mode) each section came from.
@@ -21,9 +21,6 @@ files record which run (machine, date, mode) each section came from.
   fineprune benchmark --quick                       # CI smoke run
   fineprune benchmark --sections=b,e --merge
   python -m scripts.benchmark ...                   (from a checkout)
-
-The sections live in the checkout's ``scripts/benchmarks/`` (they import the tasks' models and
-data the same way as the tests); an installed copy without them says so in one line.
 """
 
 from __future__ import annotations
@@ -81,33 +78,12 @@ def _options(key: str, quick: bool) -> dict:
     return {}
 
 
-def _sections():
-    """``scripts.benchmarks`` and its ``machine`` and ``report`` modules: importable from the
-    checkout's root, which is also where an editable install's package lives."""
-    import fineprune_tf
-
-    checkout = pathlib.Path(fineprune_tf.__file__).resolve().parents[1]
-    if (checkout / "scripts" / "benchmarks").is_dir() and str(checkout) not in sys.path:
-        sys.path.append(str(checkout))
-    from fineprune_tf import machine
-    from scripts import benchmarks
-    from scripts.benchmarks import report
-
-    return benchmarks, machine, report
-
-
 def main(argv: list[str]) -> int:
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        benchmarks, machine, report = _sections()
-    except ImportError:
-        print(
-            "error: the benchmark sections (scripts/benchmarks/) are not importable: run "
-            "fineprune benchmark from a source checkout (pip install -e .)",
-            file=sys.stderr,
-        )
-        return 2
+    from fineprune_tf import benchmarks, machine
+    from fineprune_tf.benchmarks import report
+
     available = benchmarks.available()
     keys = [s.strip().lower() for s in FLAGS.sections] if FLAGS.sections else list(available)
     unknown = sorted(set(keys) - set(available))

@@ -17,7 +17,7 @@ import functools
 import importlib.util
 import os
 
-from scripts.benchmarks.timing import fmt, interleaved, median
+from fineprune_tf.benchmarks.timing import fmt, interleaved, median
 
 TITLE = "(b) Fused op vs plain TensorFlow"
 TARGETS = {
@@ -223,7 +223,7 @@ def _notes(result: dict) -> list[str]:
 def markdown(result: dict) -> str:
     lines = [
         f"Backend: `{result['backend']}`.  Baseline = a best-effort TF composite written in "
-        "`scripts/benchmarks/op.py` (one reshape, float32 counts, no assertion, no "
+        "`fineprune_tf/benchmarks/op.py` (one reshape, float32 counts, no assertion, no "
         "custom-gradient wrapper); fallback = `fineprune_tf.ops` forced to its TF path "
         "(`FINEPRUNE_FORCE_TF_OPS=1`), what users without a compiler run.  Forward = `y` and "
         "the three per-channel statistics; no stats = `y` only; backward = gradient of "

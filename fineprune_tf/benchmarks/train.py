@@ -3,7 +3,7 @@ Conv2D/Dense layers and the same weights (``fineprune_tf.export.to_plain``)."""
 
 from __future__ import annotations
 
-from scripts.benchmarks.timing import fmt, interleaved, median, op_profile, profile_diff
+from fineprune_tf.benchmarks.timing import fmt, interleaved, median, op_profile, profile_diff
 
 TITLE = "(c) Training step: masked layers vs plain Conv2D/Dense"
 TASKS = ("speech", "face")

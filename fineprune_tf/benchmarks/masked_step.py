@@ -12,8 +12,9 @@ same weights; half of each masked layer's channels are pruned, which changes no 
 ``train_on_batch`` (Adam); the two models are timed in interleaved rounds and the median step
 time is reported, so load from other processes hits both alike.
 
-A section of ``scripts.benchmark`` (``TITLE``, ``TARGETS``, ``measure``, ``markdown``; see
-:mod:`scripts.benchmarks`).  Run alone: ``python -m scripts.benchmarks.masked_step [--quick]``.
+A section of ``fineprune benchmark`` (``TITLE``, ``TARGETS``, ``measure``, ``markdown``; see
+:mod:`fineprune_tf.benchmarks`).  Run alone:
+``python -m fineprune_tf.benchmarks.masked_step [--quick]``.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def _run_setting(setting: str, quick: bool, rounds: int | None) -> dict:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
     code = (
-        f"import json; from scripts.benchmarks.masked_step import _child; "
+        f"import json; from fineprune_tf.benchmarks.masked_step import _child; "
         f"print('RESULT', json.dumps(_child({setting!r}, {quick!r}, {rounds!r})))"
     )
     done = subprocess.run(

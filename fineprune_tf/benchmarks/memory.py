@@ -1,6 +1,6 @@
 """(f) Peak resident memory of one experiment, per stage.
 
-Runs ``python -m scripts.fine_prune --task=face --quick --epochs=25`` in a child process (so
+Runs ``fineprune fine-prune --task=face --quick --epochs=25`` in a child process (so
 the other sections' allocations do not count) and reads the per-stage peaks the experiment
 records in ``results.json`` (``peak_rss_mb``: the peak since the previous stage ended, reset between
 stages through ``/proc/self/clear_refs``; see ``fineprune_tf.memory``).  The process's peak
@@ -23,6 +23,7 @@ TASK = "face"
 #: stays --quick.
 ATTACK_EPOCHS = 25
 TARGETS: dict = {}
+#: The folder holding the ``fineprune_tf`` package (a checkout, or site-packages).
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -36,14 +37,15 @@ def _child(output_dir: pathlib.Path, quick: bool) -> subprocess.CompletedProcess
     command = [
         sys.executable,
         "-m",
-        "scripts.fine_prune",
+        "fineprune_tf.cli",
+        "fine-prune",
         *task_flags,
         "--quick",
         f"--output_dir={output_dir}",
     ]
     return subprocess.run(
         command,
-        cwd=REPO,
+        cwd=output_dir.parent,  # a temporary folder: nothing is written next to the package
         capture_output=True,
         text=True,
         timeout=3600,
@@ -80,7 +82,7 @@ def measure(quick: bool, repeats: int) -> dict:
 def markdown(result: dict) -> str:
     data = result["data"]
     lines = [
-        f"`python -m scripts.fine_prune --task={result['task']} --quick "
+        f"`fineprune fine-prune --task={result['task']} --quick "
         + (f"--epochs={ATTACK_EPOCHS}" if result["task"] == TASK else "--attacks=baseline")
         + "` in a child process "
         f"({data['train']} train / {data['validation']} validation / {data['test']} test "

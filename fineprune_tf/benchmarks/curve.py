@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from scripts.benchmarks.timing import GEMM, fmt, gemm_fn, interleaved, median, timed
+from fineprune_tf.benchmarks.timing import GEMM, fmt, gemm_fn, interleaved, median, timed
 
 TITLE = "(a) Full per-channel pruning curve"
 TASKS = ("speech", "face")

@@ -1,4 +1,5 @@
-"""The benchmark sections of ``python -m scripts.benchmark``, one module each.
+"""The benchmark sections of ``fineprune benchmark`` (``python -m scripts.benchmark`` from a
+checkout), one module each.
 
 Every section module exposes ``TITLE``, ``TARGETS`` (summary key -> (comparison, threshold,
 description)), ``measure(quick: bool, repeats: int, ...) -> dict`` (its numbers, with a
@@ -12,7 +13,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
-#: Section key -> module name under ``scripts.benchmarks``, in report order.
+#: Section key -> module name under ``fineprune_tf.benchmarks``, in report order.
 SECTIONS: dict[str, str] = {
     "a": "curve",  # full per-channel pruning curve vs the naive loop
     "b": "op",  # fused op vs the best-effort TF composite and the TF fallback

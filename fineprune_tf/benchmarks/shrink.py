@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.benchmarks.timing import fmt, interleaved, median
+from fineprune_tf.benchmarks.timing import fmt, interleaved, median
 
 TITLE = "(e) Shrunk model (pruned channels removed for real)"
 TASKS = ("speech", "face")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scripts.benchmarks.timing import fmt, interleaved, median, op_profile, profile_diff
+from fineprune_tf.benchmarks.timing import fmt, interleaved, median, op_profile, profile_diff
 
 TITLE = "(d) Statistics pass vs inference"
 TARGETS = {

@@ -13,7 +13,7 @@ import json
 import pathlib
 from typing import Any
 
-from scripts import benchmarks
+from fineprune_tf import benchmarks
 
 JSON_NAME, MARKDOWN_NAME = "benchmarks.json", "BENCHMARKS.md"
 
