@@ -62,6 +62,22 @@ def _naive_compiled(model, layer, order, x_all, steps: int, naive_steps: int, ru
     return median(times), forward_fn, batches
 
 
+def _naive_loop(model, name: str, order, clean, backdoor, naive_steps: int) -> tuple[float, object]:
+    """The naive loop's seconds for the whole curve and its run: ``model.predict`` per step;
+    with --quick on a prefix of ``naive_steps`` channels of the order, scaled to every step
+    (each step costs the same two predict calls, so one run averages over the steps)."""
+    from fineprune_tf import curves
+
+    curves.naive_pruning_curve(model, name, order[:1], clean, backdoor)  # traces predict
+    runs: list = []
+    seconds = timed(
+        lambda: runs.append(
+            curves.naive_pruning_curve(model, name, order[:naive_steps], clean, backdoor)
+        )
+    )
+    return seconds * (len(order) + 1) / (naive_steps + 1), runs[0]
+
+
 def _task(task: str, repeats: int, quick: bool, epochs: int | None) -> dict:
     """One task's curve, naive loops, forward pass and lower bound (a flat dict of numbers)."""
     import numpy as np
@@ -95,23 +111,11 @@ def _task(task: str, repeats: int, quick: bool, epochs: int | None) -> dict:
         2 * repeats,
     )
     engine = runs[1:][int(np.argsort(times["engine"])[len(runs[1:]) // 2])]  # median run
-    # The naive loop: model.predict per step; with --quick on a prefix of the order, scaled
-    # (every step costs the same two predict calls, so one run averages over the steps).
-    curves.naive_pruning_curve(model, name, order[:1], clean, backdoor)  # traces predict
-    naive_runs: list = []
-    naive = (
-        timed(
-            lambda: naive_runs.append(
-                curves.naive_pruning_curve(model, name, order[:naive_steps], clean, backdoor)
-            )
-        )
-        * steps
-        / (naive_steps + 1)
-    )
+    naive, naive_run = _naive_loop(model, name, order, clean, backdoor, naive_steps)
     k = naive_steps + 1
     mismatches = int(
-        np.sum(engine.predictions_clean[:k] != naive_runs[0].predictions_clean)
-        + np.sum(engine.predictions_backdoor[:k] != naive_runs[0].predictions_backdoor)
+        np.sum(engine.predictions_clean[:k] != naive_run.predictions_clean)
+        + np.sum(engine.predictions_backdoor[:k] != naive_run.predictions_backdoor)
     )
     return {
         "task": task,
