@@ -5,7 +5,8 @@ included; SeparableConv1D/2D, whose pointwise outputs are masked; DepthwiseConv1
 
 A pruned channel is multiplied by 0 *after* bias and activation, so neither its bias nor its
 weights reach the output, and the gradient is ``dy * mask * act'(z)``: fine-tuning cannot
-revive it.
+revive it.  The mask is a non-trainable weight saved with the model, after Keras' own
+variables.
 
 A masked convolution may also carry the ``BatchNormalization`` that follows it (a tracked
 sub-layer, ``batch_normalization=``; :func:`fineprune_tf.convert` fuses conv -> BN (->
@@ -13,8 +14,7 @@ activation) chains this way).  It then computes ``act(BN(conv(x) + b)) * mask``:
 at the end of the chain, so a pruned channel is exactly 0 (not BN's shift) and the statistics
 see the post-BN, post-activation value.  ``activation`` is then the one *after* BN (the conv's
 own activation was linear).  The BN trains as usual (batch statistics in training, moving
-statistics updated, gamma / beta learned); the mask stays the channel's one source of truth.  The mask is a non-trainable weight saved with the model, after Keras' own
-variables.
+statistics updated, gamma / beta learned); the mask stays the channel's one source of truth.
 
 Backends: on TensorFlow the layers call :func:`fineprune_tf.ops.masked_activation` (the compiled
 op, or a composite XLA can fuse inside ``jit_compile``); on JAX and PyTorch the same composite
