@@ -240,9 +240,10 @@ class MaskedLayerMixin:
         self.supports_jit = True
 
 
-def _batch_normalization_layer(value: Any) -> keras.layers.BatchNormalization | None:
-    """The fused BN from a ``batch_normalization=`` argument: None, a layer or its serialized
-    config (what :meth:`get_config` writes)."""
+def _batch_normalization_layer(value: Any, dtype_policy: Any) -> Any:
+    """The fused BN from a ``batch_normalization=`` argument: None, an unbuilt layer or its
+    serialized config (what :meth:`get_config` writes).  It computes in the conv's dtype
+    policy (a BN of another policy is re-made from its config)."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -251,6 +252,15 @@ def _batch_normalization_layer(value: Any) -> keras.layers.BatchNormalization | 
         raise ValueError(
             "batch_normalization must be a keras.layers.BatchNormalization (or its config). "
             f"Received: batch_normalization={value!r}"
+        )
+    if value.dtype_policy.name != dtype_policy.name:
+        if value.built:
+            raise ValueError(
+                f"the fused BatchNormalization must use the layer's dtype policy "
+                f"{dtype_policy.name!r}. Received: {value.dtype_policy.name!r}"
+            )
+        value = keras.layers.BatchNormalization.from_config(
+            dict(value.get_config(), dtype=dtype_policy)
         )
     return value
 
@@ -271,7 +281,9 @@ class _MaskedConvMixin(MaskedLayerMixin):
                 f"data_format={self.data_format!r}"
             )
         self._check_supported()
-        self.batch_normalization = _batch_normalization_layer(batch_normalization)
+        self.batch_normalization = _batch_normalization_layer(
+            batch_normalization, self.dtype_policy
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
