@@ -369,9 +369,7 @@ def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> Non
             # are copied by the caller.
             fused = {id(w) for w in getattr(target.batch_normalization, "weights", [])}
             own = [
-                w
-                for w in target.weights
-                if w is not target.mask_variable and id(w) not in fused
+                w for w in target.weights if w is not target.mask_variable and id(w) not in fused
             ]
             if [tuple(w.shape) for w in own] != [tuple(w.shape) for w in source.weights]:
                 raise ConversionError(
