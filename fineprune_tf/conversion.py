@@ -8,12 +8,20 @@ The model usually comes from an untrusted party (it is the model the defense cle
 conversion only accepts graphs made of built-in Keras layers: a custom layer or a ``Lambda``
 would carry the supplier's code into the cleaned model, and is refused by name.
 
-Mask placement: ``MaskedConv2D`` multiplies the *conv layer's own* output by the mask, after
-its bias and activation.  A ``Conv2D(activation=None)`` followed by ``BatchNormalization`` and
-``ReLU`` stays exactly that way, so pruning channel ``c`` zeroes the conv's linear output and
-the following BN still adds its shift: the channel then carries the constant
-``relu(beta - gamma * mean / sqrt(var + eps))`` rather than 0.  :func:`fineprune_tf.export.shrink`
-accounts for that constant exactly.
+Mask placement (``fuse_batchnorm=True``, the default): a convolution with a linear activation
+followed by a ``BatchNormalization`` (and by ReLU, ReLU6 or a per-element ``Activation``) becomes
+*one* masked layer carrying that BN as a sub-layer (:func:`fineprune_tf.graph.batchnorm_chains`
+finds the chains): it computes ``act(BN(conv(x))) * mask``, so a pruned channel is exactly 0 at
+the end of the chain, physically removable by :func:`fineprune_tf.export.shrink`, and the
+statistics rank the post-BN, post-ReLU activation as the paper does.  The masked layer keeps
+the conv's name; its BN sub-layer keeps the BN's name (``layer.batch_normalization.name``); the
+activation layer is absorbed (its function is the masked layer's ``activation``).
+
+``fuse_batchnorm=False`` keeps the graph layer for layer (the former placement): the mask
+multiplies the conv's own output, and a pruned channel then carries BN's shift, the constant
+``act(beta - gamma * mean / sqrt(var + eps))``, which shrink keeps or folds exactly.  It is
+there for code that addresses the BN / ReLU layers by name, and to reproduce results obtained
+with that placement; ``.keras`` files written that way load and behave unchanged.
 
 The model's graph is read through :class:`fineprune_tf.graph.Graph` (``FunctionalGraph`` here is
 the same class under its former name).
@@ -35,12 +43,14 @@ from fineprune_tf.graph import (
     GraphNode,
     Role,
     activation_name,
+    batchnorm_chains,
     cross_channel_activation,
     flatten_nested,
     has_nested,
     node_role,
 )
 from fineprune_tf.graph.flatten import copy_layer_weights
+from fineprune_tf.graph.fusion import BatchNormChain
 
 # Layers built into Keras that run code or load artefacts chosen by the model's author.
 from fineprune_tf.io.op_allowlist import KERAS_CODE_CARRYING_LAYERS as _CODE_CARRYING
@@ -113,11 +123,14 @@ def clone_layer(
 ) -> keras.layers.Layer:
     """A fresh, unbuilt layer of class ``cls`` (default: the same class) from ``layer``'s config,
     with ``overrides`` applied.  When the class changes LoRA settings are dropped: the callers
-    then copy the *effective* kernel (LoRA folded in)."""
+    then copy the *effective* kernel (LoRA folded in); a plain class drops a fused
+    ``batch_normalization`` (the callers fold it into kernel and bias)."""
     config = layer.get_config()
     if cls is not None and cls is not type(layer):
         config.pop("lora_rank", None)
         config.pop("lora_alpha", None)
+    if cls is not None and not issubclass(cls, MaskedLayerMixin):
+        config.pop("batch_normalization", None)  # the caller folds a fused BN into the weights
     config.update(overrides)
     return (cls or type(layer)).from_config(config)
 
@@ -203,6 +216,7 @@ def convert(
     dense: bool = False,
     classifier: bool = False,
     layer_names: Sequence[str] | None = None,
+    fuse_batchnorm: bool = True,
 ) -> keras.Model:
     """Returns a copy of ``model`` in which every convolution is a masked one
     (``Conv2D`` -> ``MaskedConv2D``, ``Conv1D`` -> ``MaskedConv1D``, ... :data:`MASKED_TWIN`).
@@ -223,6 +237,8 @@ def convert(
         A layer whose channels cannot be pruned independently (a cross-channel activation such
         as ``softmax``: :func:`not_prunable_reason`) is never converted, so it can never be
         pruned; it is an error when named here, and left plain (and logged) otherwise.
+      fuse_batchnorm: fold each converted conv -> BatchNormalization (-> activation) chain
+        into one masked layer, masked at the end of the chain (module docstring).
 
     Nested Functional / Sequential models (a backbone used as a layer), at any depth, are first
     inlined by :func:`fineprune_tf.graph.flatten_nested`: their layers are then named
@@ -230,7 +246,8 @@ def convert(
 
     Returns:
       A new, uncompiled functional model (a Sequential input gives a functional output) with the
-      same name, layer names (nested ones prefixed as above), input names, topology (shared
+      same name, layer names (nested ones prefixed as above; fused BN / activation layers
+      live inside their conv), input names, topology (shared
       layers stay shared, multi-input layers keep their inputs) and weights; every mask is all
       ones, so its outputs equal the original's.  The original model is not modified and
       shares no variables with the result.
@@ -302,29 +319,58 @@ def convert(
             f"model {model.name!r} has no prunable layer: "
             + "; ".join(filter(None, map(not_prunable_reason, graph.layers())))
         )
+    chains = (
+        batchnorm_chains(graph, {i for i, cls in replace.items() if cls is not MaskedDense})
+        if fuse_batchnorm
+        else {}
+    )
+    absorbed = {c.batchnorm.index for c in chains.values()}
+    absorbed |= {c.activation.index for c in chains.values() if c.activation is not None}
     clones: dict[int, Any] = {}
 
     def call(gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
         layer = gnode.layer
+        if gnode.index in absorbed:
+            return args[0]  # runs inside the fused masked layer that produced args[0]
         if not isinstance(layer, keras.layers.Layer):
             return layer(*args, **kwargs)  # a stateless keras.ops operation: reuse it
         if id(layer) not in clones:  # shared layers stay shared
-            clones[id(layer)] = clone_layer(layer, replace.get(id(layer)))
+            clones[id(layer)] = clone_layer(
+                layer, replace.get(id(layer)), **_fused_overrides(chains.get(id(layer)))
+            )
         return clones[id(layer)](*args, **kwargs)
 
     converted = graph.rebuild(call)
     for layer in graph.layers():
         if id(layer) in clones:
             _copy_weights(layer, clones[id(layer)])
+            if id(layer) in chains:
+                source = chains[id(layer)].batchnorm.layer
+                copy_layer_weights(source, clones[id(layer)].batch_normalization)
     return converted
+
+
+def _fused_overrides(chain: BatchNormChain | None) -> dict[str, Any]:
+    """``clone_layer`` overrides making a conv carry its chain's BN and activation."""
+    if chain is None:
+        return {}
+    bn = chain.batchnorm.layer
+    return {
+        "batch_normalization": keras.layers.BatchNormalization.from_config(bn.get_config()),
+        "activation": chain.activation_config,
+    }
 
 
 def _copy_weights(source: keras.layers.Layer, target: keras.layers.Layer) -> None:
     if isinstance(target, MaskedLayerMixin) and not isinstance(source, MaskedLayerMixin):
         if not hasattr(source, "lora_rank"):
             # Separable / depthwise -> masked twin: the same variables in the same order (no
-            # LoRA on these classes); the mask, appended last, stays 1.
-            own = [w for w in target.weights if w is not target.mask_variable]
+            # LoRA on these classes); the mask, appended last, stays 1; a fused BN's variables
+            # are copied by the caller.
+            fused = {id(w) for w in getattr(target.batch_normalization, "weights", [])}
+            own = [
+                w for w in target.weights if w is not target.mask_variable and id(w) not in fused
+            ]
             if [tuple(w.shape) for w in own] != [tuple(w.shape) for w in source.weights]:
                 raise ConversionError(
                     f"internal error: {target.name!r} does not hold the "

@@ -8,6 +8,14 @@ weights reach the output, and the gradient is ``dy * mask * act'(z)``: fine-tuni
 revive it.  The mask is a non-trainable weight saved with the model, after Keras' own
 variables.
 
+A masked convolution may also carry the ``BatchNormalization`` that follows it (a tracked
+sub-layer, ``batch_normalization=``; :func:`fineprune_tf.convert` fuses conv -> BN (->
+activation) chains this way).  It then computes ``act(BN(conv(x) + b)) * mask``: the mask sits
+at the end of the chain, so a pruned channel is exactly 0 (not BN's shift) and the statistics
+see the post-BN, post-activation value.  ``activation`` is then the one *after* BN (the conv's
+own activation was linear).  The BN trains as usual (batch statistics in training, moving
+statistics updated, gamma / beta learned); the mask stays the channel's one source of truth.
+
 Backends: on TensorFlow the layers call :func:`fineprune_tf.ops.masked_activation` (the compiled
 op, or a composite XLA can fuse inside ``jit_compile``); on JAX and PyTorch the same composite
 is written in ``keras.ops``.  Everything else in fineprune_tf (defenses, curves, export,
@@ -18,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import keras
 import numpy as np
@@ -92,13 +100,18 @@ def _masked_activation(z, mask, activation: str, compute_stats: bool):
 class MaskedLayerMixin:
     """The pruning interface shared by every masked layer (convolutions, :class:`MaskedDense`)."""
 
+    #: The fused ``BatchNormalization`` sub-layer (masked convolutions only), or None.
+    batch_normalization: keras.layers.BatchNormalization | None = None
+
     def _build_mask(self, channels: int) -> None:
         self._mask = self.add_weight(
             name="mask", shape=(channels,), initializer="ones", trainable=False, dtype=self.dtype
         )
         self._stats_sink = None
 
-    def _masked_output(self, outputs):
+    def _masked_output(self, outputs, training=None):
+        if self.batch_normalization is not None:
+            outputs = self.batch_normalization(outputs, training=training)
         fused = _FUSED.get(self.activation)
         if fused is None:
             outputs, fused = self.activation(outputs), "linear"
@@ -227,14 +240,40 @@ class MaskedLayerMixin:
         self.supports_jit = True
 
 
+def _batch_normalization_layer(value: Any, dtype_policy: Any) -> Any:
+    """The fused BN from a ``batch_normalization=`` argument: None, an unbuilt layer or its
+    serialized config (what :meth:`get_config` writes).  It computes in the conv's dtype
+    policy (a BN of another policy is re-made from its config)."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        value = keras.saving.deserialize_keras_object(value)
+    if type(value) is not keras.layers.BatchNormalization:
+        raise ValueError(
+            "batch_normalization must be a keras.layers.BatchNormalization (or its config). "
+            f"Received: batch_normalization={value!r}"
+        )
+    if value.dtype_policy.name != dtype_policy.name:
+        if value.built:
+            raise ValueError(
+                f"the fused BatchNormalization must use the layer's dtype policy "
+                f"{dtype_policy.name!r}. Received: {value.dtype_policy.name!r}"
+            )
+        value = keras.layers.BatchNormalization.from_config(
+            dict(value.get_config(), dtype=dtype_policy)
+        )
+    return value
+
+
 class _MaskedConvMixin(MaskedLayerMixin):
     """build/call shared by the masked convolutions: the stock layer's linear part (``_linear``,
-    a public ``keras.ops`` convolution), its bias, then the mask (and fused activation).
+    a public ``keras.ops`` convolution), its bias, the fused BatchNormalization if any, then the
+    mask (and fused activation).
 
     channels_last only: the mask and the fused op act on the last axis.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, batch_normalization=None, **kwargs):
         super().__init__(*args, **kwargs)
         if self.data_format != "channels_last":
             raise ValueError(
@@ -242,10 +281,31 @@ class _MaskedConvMixin(MaskedLayerMixin):
                 f"data_format={self.data_format!r}"
             )
         self._check_supported()
+        self.batch_normalization = _batch_normalization_layer(
+            batch_normalization, self.dtype_policy
+        )
 
     def build(self, input_shape):
         super().build(input_shape)
         self._build_mask(self._output_channels(input_shape))
+        bn = self.batch_normalization
+        if bn is not None:
+            output_shape = self.compute_output_shape(input_shape)
+            if bn.axis not in (-1, len(output_shape) - 1):
+                raise ValueError(
+                    f"{self.name}: the fused BatchNormalization must normalise the channel "
+                    f"(last) axis. Received: axis={bn.axis}"
+                )
+            if not bn.built:
+                bn.build(output_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        bn = self.batch_normalization
+        config["batch_normalization"] = (
+            None if bn is None else keras.saving.serialize_keras_object(bn)
+        )
+        return config
 
     def _output_channels(self, input_shape) -> int:
         return self.filters
@@ -253,11 +313,11 @@ class _MaskedConvMixin(MaskedLayerMixin):
     def _linear(self, inputs):
         return self.convolution_op(inputs, self.kernel)
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         outputs = self._linear(inputs)
         if self.use_bias:
             outputs = ops.add(outputs, self.bias)  # [C] broadcasts over the last axis
-        return self._masked_output(outputs)
+        return self._masked_output(outputs, training=training)
 
 
 @keras.saving.register_keras_serializable(package="fineprune_tf")

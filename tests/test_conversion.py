@@ -74,26 +74,75 @@ def _max_diff(a, b, x):
 
 
 def test_resnet_with_bn_and_residual_add_converts_exactly():
+    """Default: conv -> BN (-> ReLU) chains become one masked layer, masked at the chain's end."""
     model = resnet_like()
     converted = convert(model)
     assert _max_diff(model, converted, _x(model)) <= 1e-5
+    absorbed = {"stem_bn", "stem_relu", "block_bn1", "block_relu1", "block_bn2"}
+    assert [layer.name for layer in converted.layers] == [
+        layer.name for layer in model.layers if layer.name not in absorbed
+    ]
+    stem, conv1, conv2 = (converted.get_layer(n) for n in ("stem", "block_conv1", "block_conv2"))
+    for layer, bn, activation in (
+        (stem, "stem_bn", "relu"),
+        (conv1, "block_bn1", "relu"),
+        (conv2, "block_bn2", "linear"),  # feeds the Add: the BN is fused, the Add stays
+    ):
+        assert type(layer) is fp.MaskedConv2D
+        assert layer.batch_normalization.name == bn
+        assert keras.activations.serialize(layer.activation) == activation
+    assert type(converted.get_layer("hidden")) is keras.layers.Dense  # dense=False
+    # A pruned channel is exactly 0 at the end of the chain, where the Add reads it.
+    probe = keras.Model(converted.inputs, converted.get_layer("block_add").input)
+    stem.prune([0, 1, 2])
+    conv2.prune([1])
+    a, b = (np.asarray(t) for t in probe(_x(model)))
+    assert np.all(a[..., :3] == 0) and np.all(b[..., 1] == 0)
+    assert np.abs(a[..., 3:]).max() > 0
+    # The original is untouched and shares no variables with the copy.
+    assert type(model.get_layer("stem")) is keras.layers.Conv2D
+    stem.batch_normalization.gamma.assign(np.zeros(8, "float32"))
+    assert float(np.abs(model.get_layer("stem_bn").gamma.numpy()).min()) > 0
+
+
+def test_fuse_batchnorm_false_keeps_the_former_placement():
+    model = resnet_like()
+    converted = convert(model, fuse_batchnorm=False)
+    assert _max_diff(model, converted, _x(model)) <= 1e-5
     assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
-    for name in ("stem", "block_conv1", "block_conv2"):
-        assert type(converted.get_layer(name)) is fp.MaskedConv2D
     # conv(linear) -> BN -> ReLU stays that way: the mask applies to the conv's linear output.
     stem = converted.get_layer("stem")
     assert stem.activation is keras.activations.linear and not stem.use_bias
+    assert stem.batch_normalization is None
     assert type(converted.get_layer("stem_bn")) is keras.layers.BatchNormalization
-    assert type(converted.get_layer("hidden")) is keras.layers.Dense  # dense=False
     assert (
         converted.get_layer("block_add").input[0].name
         == converted.get_layer("stem_relu").output.name
     )
-    # The original is untouched and shares no variables with the copy.
-    assert type(model.get_layer("stem")) is keras.layers.Conv2D
-    converted.get_layer("stem").prune([0, 1, 2])
-    converted.get_layer("stem_bn").gamma.assign(np.zeros(8, "float32"))
-    assert float(np.abs(model.get_layer("stem_bn").gamma.numpy()).min()) > 0
+
+
+def test_fused_batchnorm_keeps_training_and_pruned_channels_stay_zero():
+    """BN trains normally inside the fused layer (moving statistics, gamma / beta); a pruned
+    channel stays exactly 0 and its BN parameters get no gradient."""
+    model = resnet_like()
+    converted = convert(model)
+    stem = converted.get_layer("stem")
+    stem.prune([0, 5])
+    bn = stem.batch_normalization
+    before = [np.asarray(w) for w in bn.weights]
+    converted.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    x = _x(model, n=16)
+    converted.fit(x, np.arange(16) % 4, epochs=2, batch_size=8, verbose=0)
+    after = [np.asarray(w) for w in bn.weights]
+    gamma0, beta0, mean0, _ = before
+    gamma1, beta1, mean1, _ = after
+    assert not np.allclose(mean0, mean1)  # moving statistics updated
+    live = np.setdiff1d(np.arange(8), [0, 5])
+    assert not np.allclose(gamma0[live], gamma1[live])  # gamma learned
+    np.testing.assert_array_equal(gamma0[[0, 5]], gamma1[[0, 5]])  # no gradient when pruned
+    np.testing.assert_array_equal(beta0[[0, 5]], beta1[[0, 5]])
+    out = np.asarray(keras.Model(converted.inputs, stem.output)(x, training=True))
+    assert np.all(out[..., [0, 5]] == 0)
 
 
 def test_concat_depthwise_and_hidden_dense_conversion():
@@ -263,9 +312,11 @@ def test_backbone_as_a_layer_is_flattened_with_traceable_names():
     for model in (sequential, functional):
         converted = convert(model)
         names = [layer.name for layer in converted.layers]
-        assert "backbone.block_1_expand" in names and "backbone.bn" in names
+        assert "backbone.block_1_expand" in names
         assert len(set(names)) == len(names)
         assert isinstance(converted.get_layer("backbone.stem"), fp.MaskedConv2D)
+        # The BN is fused into its conv and keeps its traceable name there.
+        assert converted.get_layer("backbone.stem").batch_normalization.name == "backbone.bn"
         assert not any(isinstance(layer, keras.Model) for layer in converted.layers)
         np.testing.assert_allclose(np.asarray(converted(x)), np.asarray(model(x)), atol=1e-6)
         # training=True too: the frozen backbone's BN stays in inference mode, the other's not.

@@ -480,3 +480,68 @@ def test_softmax_conv_is_never_prunable():
     masked.set_mask([0, 1, 1, 1])
     with pytest.raises(ConversionError, match=r"cannot shrink/export.*'masked_soft'.*softmax"):
         export.shrink(direct)
+
+
+def _fused_chains_model():
+    """Every fusable chain kind: conv -> BN -> ReLU6, depthwise -> BN -> ReLU, separable -> BN
+    -> swish, and a conv -> BN feeding a residual Add."""
+    inputs = keras.Input((10, 10, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(6.0, name="stem_relu")(x)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    y = keras.layers.BatchNormalization(name="dw_bn")(y)
+    y = keras.layers.ReLU(name="dw_relu")(y)
+    y = keras.layers.Conv2D(8, 1, name="project")(y)
+    y = keras.layers.BatchNormalization(name="project_bn")(y)
+    x = keras.layers.Add(name="add")([x, y])
+    x = keras.layers.SeparableConv2D(6, 3, name="sep")(x)
+    x = keras.layers.BatchNormalization(name="sep_bn")(x)
+    x = keras.layers.Activation("swish", name="sep_act")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="logits")(x))
+    _randomize_bn(model, seed=5)
+    return model
+
+
+def test_fused_batchnorm_is_folded_into_the_conv_on_export(tmp_path):
+    """BN-aware masks: a pruned channel is exactly 0 after BN, so shrink removes it even
+    where BN shifts it; the fused BN is folded into the exported conv (no BatchNormalization
+    left) and the SavedModel equals the masked model to a relative 1e-5."""
+    stock = _fused_chains_model()
+    masked = convert(stock)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in masked.layers)
+    assert masked.get_layer("sep").batch_normalization.name == "sep_bn"
+    x = _x(masked, 4)
+    assert _max_diff(stock, masked, x) <= 1e-6
+    for name, channels in (("stem", [0, 3]), ("project", [0, 3]), ("dw", [1, 5]), ("sep", [2])):
+        masked.get_layer(name).prune(channels)
+    reference = np.asarray(masked(x, training=False))
+    scale = float(np.max(np.abs(reference)))
+    for plain in (export.shrink(masked), export.to_plain(masked)):
+        assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in plain.layers)
+        assert not any(isinstance(layer, fp.layers.MaskedLayerMixin) for layer in plain.layers)
+        assert _max_diff(masked, plain, x) <= 1e-5 * scale
+    small = export.shrink(masked)
+    # stem's and project's channels 0, 3 meet in the Add (a dependency group): both go; dw
+    # follows stem's 6 (its pruned outputs 1, 5 stay as zeros: stem's 1, 5 feed the Add too);
+    # sep drops channel 2.
+    assert small.get_layer("stem").filters == 6 and small.get_layer("project").filters == 6
+    assert small.get_layer("dw").kernel.shape[-2] == 6 and small.get_layer("sep").filters == 5
+    exported = export.export_saved_model(masked, tmp_path / "served")
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(tmp_path / "served")).signatures["serving_default"]
+    served = next(iter(serve(image=tf.constant(x)).values())).numpy()
+    assert np.max(np.abs(served - reference)) <= 1e-5 * scale
+    assert exported.count_params() < stock.count_params()
+
+
+def test_fuse_batchnorm_false_still_exports_exactly():
+    stock = _fused_chains_model()
+    masked = convert(stock, fuse_batchnorm=False)
+    assert isinstance(masked.get_layer("stem_bn"), keras.layers.BatchNormalization)
+    masked.get_layer("stem").prune([0, 3])
+    small = export.shrink(masked)
+    x = _x(masked, 4)
+    assert _max_diff(masked, small, x) <= 1e-5 * float(np.max(np.abs(masked(x))))

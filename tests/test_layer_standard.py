@@ -48,6 +48,28 @@ class MaskedLayerStandardTest(testing.TestCase):
                 supports_masking=False,
             )
 
+    def test_masked_conv_with_a_fused_batchnorm(self):
+        bn = keras.saving.serialize_keras_object(keras.layers.BatchNormalization(name="bn"))
+        for cls, kwargs, output_shape, trainable in [
+            (fp.MaskedConv2D, {"filters": 5, "kernel_size": 3, "activation": "relu"}, 5, 4),
+            (fp.MaskedConv2D, {"filters": 4, "kernel_size": 1, "use_bias": False}, 4, 3),
+            (fp.layers.MaskedDepthwiseConv2D, {"kernel_size": 3, "activation": "relu6"}, 3, 4),
+        ]:
+            self.run_layer_test(
+                cls,
+                init_kwargs={**kwargs, "batch_normalization": bn},
+                input_shape=(2, 8, 8, 3),
+                expected_output_shape=(2, 6, 6, output_shape)
+                if kwargs["kernel_size"] == 3
+                else (2, 8, 8, output_shape),
+                expected_num_trainable_weights=trainable,  # kernel[, bias], gamma, beta
+                expected_num_non_trainable_weights=3,  # the mask, moving mean and variance
+                expected_num_non_trainable_variables=3,
+                expected_num_seed_generators=0,
+                expected_num_losses=0,
+                supports_masking=False,
+            )
+
     def test_masked_dense(self):
         for kwargs, trainable in [
             ({"units": 6, "activation": "relu"}, 2),

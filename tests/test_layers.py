@@ -208,6 +208,48 @@ def test_keras_file_written_before_the_save_format_change_still_loads():
     np.testing.assert_allclose(to_numpy(model(recorded["x"])), recorded["y"], rtol=1e-5, atol=1e-6)
 
 
+def test_keras_file_with_a_fused_batchnorm_loads_with_keras_and_the_safe_loader():
+    # tests/data/masked_bn_v1.keras: make_masked_bn_v1.py (conv -> BN -> ReLU6, dw -> BN fused).
+    recorded = np.load(DATA / "masked_bn_v1_io.npz")
+    for model in (
+        keras.models.load_model(DATA / "masked_bn_v1.keras"),
+        fp.io.load_model(DATA / "masked_bn_v1.keras"),
+    ):
+        conv, dw = model.get_layer("conv"), model.get_layer("dw")
+        assert conv.batch_normalization.name == "conv_bn"
+        assert dw.batch_normalization.name == "dw_bn"
+        assert keras.activations.serialize(conv.activation) == "relu6"
+        np.testing.assert_array_equal(conv.mask, [1, 0, 1, 1])
+        np.testing.assert_array_equal(dw.mask, [1, 0, 0, 1])
+        assert float(np.abs(to_numpy(conv.batch_normalization.moving_mean)).min()) > 0
+        np.testing.assert_allclose(
+            to_numpy(model(recorded["x"])), recorded["y"], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_fused_batchnorm_masks_after_bn_and_activation_and_records_post_bn_stats():
+    """act(BN(conv(x))) * mask: a pruned channel is exactly 0 although BN shifts it, and the
+    statistics are those of the post-BN, post-ReLU value."""
+    bn = keras.layers.BatchNormalization(
+        beta_initializer="ones", moving_mean_initializer=keras.initializers.Constant(0.5)
+    )
+    layer = fp.MaskedConv2D(
+        3, 1, activation="relu", use_bias=False, kernel_initializer="ones", batch_normalization=bn
+    )
+    x = np.arange(2 * 2 * 2 * 1, dtype="float32").reshape(2, 2, 2, 1) - 3.0  # -3 .. 4
+    layer.build(x.shape)
+    layer.prune([2])
+    sink = fp.stats.BatchStats()
+    with layer.recording_stats(sink):
+        y = to_numpy(layer(x))
+    expected = np.maximum((x - 0.5) / np.sqrt(1.0 + 1e-3) + 1.0, 0.0)
+    np.testing.assert_allclose(y[..., :2], np.repeat(expected, 2, axis=-1), rtol=1e-6)
+    assert np.all(y[..., 2] == 0)
+    np.testing.assert_allclose(to_numpy(sink.totals()[0]), [expected.sum()] * 3, rtol=1e-6)
+    with pytest.raises(ValueError, match="BatchNormalization"):
+        fp.MaskedConv2D(2, 1, batch_normalization=keras.layers.LayerNormalization())
+
+
 def test_recording_stats_is_a_context_manager_that_feeds_a_sink():
     layer = fp.MaskedConv2D(3, 1, activation="relu", kernel_initializer="ones", use_bias=False)
     x = np.arange(2 * 2 * 2 * 1, dtype="float32").reshape(2, 2, 2, 1) - 3.0  # -3 .. 4

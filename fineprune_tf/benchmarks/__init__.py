@@ -21,6 +21,7 @@ SECTIONS: dict[str, str] = {
     "d": "stats_pass",  # statistics pass vs inference
     "e": "shrink",  # shrunk vs masked model
     "f": "memory",  # peak resident memory per experiment stage
+    "g": "zoo",  # keras.applications models, masked vs shrunk (issue 12's "(f)")
 }
 #: Sections other engineers add: included by name when their module exists.
 OPTIONAL_SECTIONS: dict[str, str] = {

@@ -7,7 +7,9 @@ scale, the neuron is the BN's output channel, as in the authors' code (ANP's
 ``NoisyBatchNorm2d``, RNP's ``MaskBatchNorm2d`` and CLP all act on the BN after a conv): the
 scale variable is BN's ``gamma`` and the shift ``beta``.  Otherwise the scale is the layer's
 kernel (last axis = channel) and the shift its bias.  The pairing is read from the functional
-graph (:func:`fineprune_tf.graph.batchnorm_after`), so no architecture needs its own code.
+graph (:func:`fineprune_tf.graph.batchnorm_after`), so no architecture needs its own code; a
+BN fused into its conv by :func:`fineprune_tf.convert` (``layer.batch_normalization``) is that
+BN too.
 
 Pruning is always applied through the masked layer's mask, so shrink, export and the curve
 engine see an ordinary masked model.

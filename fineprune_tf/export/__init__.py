@@ -3,7 +3,10 @@ TensorFlow artefacts that need neither ``fineprune_tf`` nor its custom op.
 
 * :func:`shrink` rewrites a (masked) model into a smaller **plain** Keras model — standard
   ``Conv2D`` / ``Dense`` / ``DepthwiseConv2D`` / ``BatchNormalization`` ... layers only — with
-  the same predictions.
+  the same predictions.  A masked layer carrying a fused BatchNormalization (the default of
+  :func:`fineprune_tf.convert`) becomes one plain convolution with the BN folded in, exact in
+  inference mode: ``kernel * s`` and ``beta + (bias - mean) * s`` with
+  ``s = gamma / sqrt(var + eps)`` per output channel, and the fused activation.
 * :func:`to_plain` does the same without removing anything (pruned channels become all-zero
   weights), for when the exact original shapes are wanted.
 * :func:`export_saved_model` writes a TF SavedModel with a stock ``serving_default`` signature,
@@ -15,10 +18,10 @@ How :func:`shrink` decides what can go
 --------------------------------------
 Every tensor of the graph gets, per channel (last axis), a *constant value* when the channel is
 the same number at every position for every input (``NaN`` = "live", input-dependent).  The
-sources are the pruned channels of masked layers (exactly 0: the mask multiplies *after* bias
-and activation).  Constants propagate through channel-wise layers (BatchNormalization, ReLU and
-other activations, pooling, Dropout, ...: computed by running the original layer on a constant
-tensor, so BN's shift ``beta - gamma*mean/sqrt(var+eps)`` is reproduced bit for bit),
+sources are the pruned channels of masked layers (exactly 0: the mask multiplies *after* bias,
+fused BN and activation).  Constants propagate through channel-wise layers (BatchNormalization,
+ReLU and other activations, pooling, Dropout, ...: computed by running the original layer on a
+constant tensor, so BN's shift ``beta - gamma*mean/sqrt(var+eps)`` is reproduced bit for bit),
 DepthwiseConv1D/2D, Flatten / Reshape, Concatenate (offsets) and element-wise merges (Add,
 Multiply, ..., broadcasting ones such as a squeeze-excitation gate included: constant only if
 constant on every input).  :func:`fineprune_tf.graph.channel_groups` lists the masked channels

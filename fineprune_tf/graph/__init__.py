@@ -8,6 +8,8 @@
 * :mod:`.cost`: parameters and multiply-adds, the one cost counter (unit stated there).
 * :func:`activation_tensor` (:mod:`.readout`): where a channel's activation is read;
   :func:`batchnorm_after`: each masked layer's BatchNormalization (CLP's conv->BN pairs).
+* :func:`batchnorm_chains` (:mod:`.fusion`): conv -> BN (-> activation) chains a masked
+  convolution absorbs (BN-aware masks).
 * :func:`channel_groups` (:mod:`.groups`): dependency groups, the masked layers' output
   channels tied by residual adds, SE gates, concatenations and depthwise layers (DepGraph).
 * :func:`flatten_nested` (:mod:`.flatten`): nested Functional / Sequential models inlined
@@ -19,6 +21,7 @@
 from fineprune_tf.graph import cost
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.flatten import flatten_nested, has_nested
+from fineprune_tf.graph.fusion import BatchNormChain, batchnorm_chains
 from fineprune_tf.graph.groups import ChannelGroup, channel_groups
 from fineprune_tf.graph.readout import activation_tensor, batchnorm_after
 from fineprune_tf.graph.registry import (
@@ -33,6 +36,7 @@ from fineprune_tf.graph.registry import (
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role, static_shape
 
 __all__ = [
+    "BatchNormChain",
     "CROSS_CHANNEL_ACTIVATIONS",
     "ChannelGroup",
     "ConversionError",
@@ -42,6 +46,7 @@ __all__ = [
     "activation_name",
     "activation_tensor",
     "batchnorm_after",
+    "batchnorm_chains",
     "channel_groups",
     "cost",
     "cross_channel_activation",

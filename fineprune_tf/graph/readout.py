@@ -51,7 +51,9 @@ def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> 
 
 
 def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
-    """Masked layer name -> the BatchNormalization that is its only consumer.
+    """Masked layer name -> its BatchNormalization: the fused one it carries
+    (``layer.batch_normalization``, :func:`fineprune_tf.convert`'s default), or the one that is
+    its only consumer.
 
     Read from the model's functional graph (:class:`Graph`): a layer qualifies when it is
     called once and its output tensor feeds exactly one node, a ``BatchNormalization`` over the
@@ -64,6 +66,9 @@ def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormaliza
     for gnode in graph.nodes:
         layer = gnode.layer
         if not isinstance(layer, MaskedLayerMixin) or graph.calls_per_layer[id(layer)] != 1:
+            continue
+        if layer.batch_normalization is not None:
+            pairs[layer.name] = layer.batch_normalization
             continue
         consumers = graph.consumers.get(id(gnode.outputs[0]), [])
         if len(consumers) != 1 or id(gnode.outputs[0]) in graph.output_ids:

@@ -22,6 +22,27 @@ def _mask_of(layer) -> np.ndarray | None:
     return layer.mask if isinstance(layer, MaskedLayerMixin) else None
 
 
+def _has_batchnorm(layer) -> bool:
+    return getattr(layer, "batch_normalization", None) is not None
+
+
+def _folded(layer, kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(kernel, bias)`` (float64, output channel on the kernel's last axis) with the masked
+    layer's fused BatchNormalization folded in, exact for inference-mode BN after a linear
+    conv: ``kernel * s`` and ``beta + (bias - mean) * s``, ``s = gamma / sqrt(var + eps)`` per
+    output channel.  Unchanged when the layer carries no BN."""
+    if not _has_batchnorm(layer):
+        return kernel, bias
+    bn = layer.batch_normalization
+    variance = np.asarray(to_numpy(bn.moving_variance), np.float64)
+    scale = 1.0 / np.sqrt(variance + float(bn.epsilon))
+    if bn.scale:
+        scale = scale * np.asarray(to_numpy(bn.gamma), np.float64)
+    shift = np.asarray(to_numpy(bn.beta), np.float64) if bn.center else 0.0
+    mean = np.asarray(to_numpy(bn.moving_mean), np.float64)
+    return kernel * scale, shift + (bias - mean) * scale
+
+
 def _act_zero_is_zero(activation) -> bool:
     value = to_numpy(activation(np.zeros(1, np.float32)))
     return bool(np.asarray(value).reshape(-1)[0] == 0.0)
@@ -104,6 +125,7 @@ class _Builder:
             if layer.use_bias
             else np.zeros(kernel.shape[-1])
         )
+        kernel, bias = _folded(layer, kernel, bias)
         in_t, out_t = gnode.inputs[0], gnode.outputs[0]
         # A grouped conv's kernel holds C_in / groups input rows; it keeps every input channel.
         a_in = (
@@ -126,7 +148,7 @@ class _Builder:
         bias = bias[a_out]
         self._zero_pruned(layer, a_out, kernel, bias)
         size = int(a_out.sum())
-        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        use_bias = bool(layer.use_bias or np.any(bias != 0) or _has_batchnorm(layer))
         plain = PLAIN_OF.get(type(layer), type(layer))
         clone = clone_layer(
             layer, plain, **{"filters" if is_conv else "units": size}, use_bias=use_bias
@@ -168,13 +190,14 @@ class _Builder:
         check_not_quantized(layer)
         depthwise = np.asarray(to_numpy(layer.depthwise_kernel), np.float64)
         pointwise = np.asarray(to_numpy(layer.pointwise_kernel), np.float64)
+        pointwise, bias = _folded(layer, pointwise, self._bias(layer, pointwise.shape[-1]))
         a_in = self._kept(kind, gnode.inputs[0], depthwise.shape[-2])
         a_out = self._kept(kind, gnode.outputs[0], pointwise.shape[-1])
         depthwise = depthwise[..., a_in, :]
         pointwise = pointwise[..., np.repeat(a_in, layer.depth_multiplier), :][..., a_out]
-        bias = self._bias(layer, a_out.size)[a_out]
+        bias = bias[a_out]
         self._zero_pruned(layer, a_out, pointwise, bias)
-        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        use_bias = bool(layer.use_bias or np.any(bias != 0) or _has_batchnorm(layer))
         clone = clone_layer(
             layer,
             PLAIN_OF.get(type(layer), type(layer)),
@@ -200,13 +223,17 @@ class _Builder:
         check_not_quantized(layer)
         m = layer.depth_multiplier
         kernel = np.asarray(to_numpy(layer.kernel), np.float64)  # [k..., C_in, m]
+        flat, bias = _folded(  # [k..., C_out]: output c * m + k
+            layer, kernel.reshape(*kernel.shape[:-2], -1), self._bias(layer, kernel.shape[-2] * m)
+        )
+        kernel = flat.reshape(kernel.shape)
         a_in = self._kept(kind, gnode.inputs[0], kernel.shape[-2])
         a_out = np.repeat(a_in, m)
         kernel = kernel[..., a_in, :]
-        flat = kernel.reshape(*kernel.shape[:-2], -1)  # [k..., C_out]: output c * m + k
-        bias = self._bias(layer, a_out.size)[a_out]
+        flat = kernel.reshape(*kernel.shape[:-2], -1)
+        bias = bias[a_out]
         self._zero_pruned(layer, a_out, flat, bias)
-        use_bias = bool(layer.use_bias or np.any(bias != 0))
+        use_bias = bool(layer.use_bias or np.any(bias != 0) or _has_batchnorm(layer))
         clone = clone_layer(layer, PLAIN_OF.get(type(layer), type(layer)), use_bias=use_bias)
         weights = [flat.reshape(kernel.shape)] + ([bias] if use_bias else [])
         self.clones[id(layer)] = clone
