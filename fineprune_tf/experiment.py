@@ -27,6 +27,7 @@ import keras
 from absl import logging
 
 from fineprune_tf import attacks, data, defenses, memory, poison, reporting, stats, triggers
+from fineprune_tf import machine as machine_info
 from fineprune_tf.attacks import AttackSettings
 from fineprune_tf.defenses import FineTuneSettings, FmpSettings, PruningSettings
 from fineprune_tf.determinism import deterministic
@@ -235,6 +236,7 @@ def _run(
         "defenses": defense_details,
         "timings": stage_timer.seconds,
         "peak_rss_mb": stage_timer.peak_rss_mb,
+        "machine": machine_info.describe(),
     }
     _write_report(directory, config, results)
     results["total_seconds"] = time.perf_counter() - run_start

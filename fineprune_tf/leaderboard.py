@@ -65,6 +65,9 @@ class Settings:
       test_limit: report on the first N test examples (None: all).
       tolerance: clean holdout points a defense's choices may cost (registry convention).
       retune_steps, retune_samples, retune_poisoned: the retuning attack (steps of 32).
+      profile: the defenses' cost profile, a ``leaderboard_profiles.PROFILES`` name
+        (``"budget"``: shorter iterative defenses so the default grid fits its time budget;
+        ``"full"``: every defense's defaults).
     """
 
     poison_rate: float = 0.1
@@ -75,13 +78,18 @@ class Settings:
     retune_steps: int = 30
     retune_samples: int = 200
     retune_poisoned: int = 10
+    profile: str = "budget"
+
+    def __post_init__(self) -> None:
+        from fineprune_tf import leaderboard_profiles
+
+        leaderboard_profiles.profile(self.profile)  # raises on an unknown name
 
     @classmethod
-    def default(cls) -> Settings:
-        # The tasks' default training (models.default_training), as in results/attacks:
-        # training is a tenth to a quarter of an attacked model's cost (scripts/leaderboard.py),
-        # so shortening it would weaken the attacks for little time.
-        return cls()
+    def default(cls, profile: str = "budget") -> Settings:
+        # The tasks' default training (models.default_training), as in results/attacks: the
+        # attacks must keep their ASR, and each attacked model is trained once (ModelCache).
+        return cls(profile=profile)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -95,15 +103,33 @@ class Settings:
             retune_poisoned=5,
         )
 
+    def defense_profile(self):
+        """The :class:`~fineprune_tf.leaderboard_profiles.DefenseProfile` named ``profile``."""
+        from fineprune_tf import leaderboard_profiles
+
+        return leaderboard_profiles.profile(self.profile)
+
     def to_dict(self) -> dict:
+        """JSON-ready, with the profile's knobs spelled out (``defense_costs``)."""
         values = dataclasses.asdict(self)
         values["epochs"] = dict(sorted(self.epochs.items()))
+        values["defense_costs"] = self.defense_profile().to_dict()
         return values
 
     def digest(self, *parts: Any) -> str:
-        """A short SHA-256 of these settings (and ``parts``): what a cached item depends on."""
-        text = json.dumps([FORMAT_VERSION, self.to_dict(), *parts], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """A short SHA-256 of these settings (and ``parts``): what a cell depends on."""
+        return _sha([FORMAT_VERSION, self.to_dict(), *parts])
+
+    def model_digest(self, *parts: Any) -> str:
+        """A short SHA-256 of the settings that shape an attacked model (and ``parts``): the
+        defense profile, report and retuning settings do not, so every profile reuses the
+        same cached models."""
+        shaping = {name: self.to_dict()[name] for name in ("poison_rate", "epochs", "train_limit")}
+        return _sha([FORMAT_VERSION, shaping, *parts])
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +235,7 @@ class ModelCache:
         self.directory = pathlib.Path(directory)
 
     def _paths(self, task: str, attack: str, seed: int, settings: Settings):
-        digest = settings.digest(task, attack, seed)
+        digest = settings.model_digest(task, attack, seed)
         stem = self.directory / f"{task}_{attack}_seed{seed}_{digest}"
         return stem.with_suffix(".keras"), stem.with_suffix(".json")
 
@@ -260,22 +286,20 @@ def run_cell(
     from fineprune_tf.defenses.guard import selecting
     from fineprune_tf.defenses.result import holdout_accuracy
 
+    cell_start = time.perf_counter()
     task_data = context.task_data
     defender = DefenderData(*context.validation, seed=cell.seed)
     backdoor = poison.backdoor_test_set(
         task_data.test, poisoning.trigger, poisoning.policy, seed=cell.seed
     )
     report = ReportOnly(context.test, backdoor)
+    defense_context = settings.defense_profile().context(cell.seed, settings.tolerance)
     with selecting():  # the whole defense: reading `report` here raises SelectionLeakError
         base_holdout = holdout_accuracy(model, defender.holdout)
         result = run_defense(
-            cell.defense,
-            model,
-            defender,
-            seed=cell.seed,
-            tolerance=settings.tolerance,
-            evaluation=None,
+            cell.defense, model, defender, evaluation=None, context=defense_context
         )
+    report_start = time.perf_counter()
     finish(result, report)
     if undefended is None:
         clean, backdoor_set = report.open()
@@ -298,7 +322,9 @@ def run_cell(
         "undefended": undefended,
         "undefended_holdout_acc": base_holdout,
         "retuned_asr": retuned["after"]["asr"],
+        "report_seconds": time.perf_counter() - report_start - retuned["seconds"],
         "retune_seconds": retuned["seconds"],
+        "cell_seconds": time.perf_counter() - cell_start,
         "details_why": str(result.details.get("why", ""))[:300],
     }
 

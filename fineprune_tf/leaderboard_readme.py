@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fineprune_tf import leaderboard_report
+from fineprune_tf.machine import summary_line
 
 __all__ = ["BEGIN", "END", "collect", "render", "readme_section"]
 
@@ -100,21 +101,12 @@ def _fmt(pair, digits: int = 3) -> str:
     return "n/a" if mean is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def _machine(machine: dict | None) -> str:
-    if not machine:
-        return "machine not recorded in the run's file"
-    return (
-        f"{machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
-        f"TensorFlow {machine.get('tensorflow', '?')}"
-    )
-
-
 def _render_fine_prune(task: dict) -> list[str]:
     run = "scripts.fine_prune --task=" + task["task"] + (" --quick" if task["quick"] else "")
     lines = [
         f"`python -m {run}`, seeds {task['seeds']}, wall time "
         f"{', '.join(f'{s:.0f} s' for s in task['wall_seconds'])} "
-        f"({_machine(task['machine'])}). Mean ± sd over the seeds.",
+        f"({summary_line(task['machine'])}). Mean ± sd over the seeds.",
         "",
         "| attack | defense | clean acc | ASR | DER | seconds |",
         "|---|---|---|---|---|---|",
@@ -138,7 +130,7 @@ def _render_board(board: dict) -> list[str]:
     lines = [
         f"`python -m scripts.leaderboard{' --quick' if board['quick'] else ''}` "
         f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
-        f"min ({_machine(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
+        f"min ({summary_line(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
         "the defense chosen from clean holdout accuracy only.",
         "",
         "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |",

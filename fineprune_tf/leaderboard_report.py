@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fineprune_tf import reporting
+from fineprune_tf.machine import summary_line
 
 __all__ = ["MEASURES", "PROTOCOL", "summarize", "markdown", "heatmap", "write_all"]
 
@@ -118,8 +119,7 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         "# Defense leaderboard (defender-realistic protocol)",
         "",
         f"Written by `python -m scripts.leaderboard{' --quick' if meta.get('quick') else ''}` "
-        f"on {machine.get('platform', '?')}, {machine.get('cpu_count', '?')} CPUs, "
-        f"TensorFlow {machine.get('tensorflow', '?')}, Keras {machine.get('keras', '?')}; "
+        f"on {summary_line(machine)}; "
         f"seeds {seeds}; wall time {meta.get('wall_seconds', 0.0) / 60:.1f} min (this "
         f"invocation; cells of a resumed run keep their own seconds).",
         "",

@@ -10,7 +10,7 @@ import os
 import pathlib
 import platform
 
-__all__ = ["cores", "cpu_model", "describe", "load", "summary"]
+__all__ = ["cores", "cpu_model", "describe", "load", "summary", "summary_line"]
 
 
 def cpu_model() -> str:
@@ -70,4 +70,23 @@ def summary(described: dict | None = None) -> str:
     return (
         f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, "
         f"TF {described.get('tensorflow', '?')}, {described.get('platform', '?')}"
+    )
+
+
+def summary_line(record: dict | None) -> str:
+    """One line for a results report from a stored :func:`describe` record: CPU, cores,
+    TensorFlow's intra-op threads, platform, TensorFlow and Keras.  Tolerates records written
+    before this module (``cpu_count`` instead of ``cores``, no CPU model) and none at all."""
+    if not record:
+        return "machine not recorded in the run's file"
+    cores_text = (
+        f"{record['cores']} cores" if "cores" in record else f"{record.get('cpu_count', '?')} CPUs"
+    )
+    threads = record.get("intra_op_threads")
+    return (
+        (f"{record['cpu']}, " if record.get("cpu") else "")
+        + cores_text
+        + ("" if threads is None else f", TF threads {threads or 'default'}")
+        + f", {record.get('platform', '?')}, TensorFlow {record.get('tensorflow', '?')}"
+        + (f", Keras {record['keras']}" if record.get("keras") else "")
     )

@@ -15,9 +15,7 @@ on the tasks where BadNets meets it. ``attacks.md`` says which attack meets it w
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -41,20 +39,6 @@ flags.DEFINE_bool("resume", False, "Keep the finished cells of an earlier run in
 
 TARGET_ASR = 0.9
 TARGET_COST_POINTS = 2.0
-
-
-def _machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-    }
 
 
 def _cells(seeds, tasks, attacks, rates, low_rates, low_rate_tasks):
@@ -152,11 +136,12 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def _markdown(summary: list[dict], meta: dict) -> str:
+    from fineprune_tf.machine import summary_line
+
     lines = [
         "# Attacks: clean accuracy, ASR and clean-accuracy cost",
         "",
-        f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu_count']} CPUs, "
-        f"TensorFlow {meta['machine']['tensorflow']}, Keras {meta['machine']['keras']}. "
+        f"Machine: {summary_line(meta['machine'])}. "
         f"Seeds run: {meta['seeds_run']} (asked: {meta['seeds_asked']}"
         + (f"; cut by the {meta['budget_minutes']:g}-minute budget" if meta["seeds_cut"] else "")
         + f"). Training and evaluation time {meta['cell_seconds_total'] / 60:.1f} "
@@ -200,7 +185,7 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"error: --seeds, --rates and --low_rates take numbers: {error}", file=sys.stderr)
         return 2
-    from fineprune_tf import attack_zoo, data
+    from fineprune_tf import attack_zoo, data, machine
 
     unknown = [t for t in FLAGS.tasks if t not in data.TASKS] + [
         a for a in FLAGS.attacks if a not in attack_zoo.NAMES
@@ -220,7 +205,7 @@ def main(argv: list[str]) -> int:
     done = {_key(r["seed"], r["task"], r["attack"], r["rate"]) for r in rows}
     cells = list(_cells(seeds, FLAGS.tasks, FLAGS.attacks, rates, low_rates, FLAGS.low_rate_tasks))
     meta = {
-        "machine": _machine(),
+        "machine": machine.describe(),
         "seeds_asked": seeds,
         "seeds_run": [],
         "seeds_cut": [],

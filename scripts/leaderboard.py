@@ -45,9 +45,7 @@ seed 0) took 5.9 minutes of wall time at that load (57 s of CPU); with
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -65,6 +63,13 @@ flags.DEFINE_list("seeds", None, "Seeds (default: 0,1,2).")
 flags.DEFINE_string("output_dir", "runs/leaderboard", "Where the leaderboard files go.")
 flags.DEFINE_string("cache_dir", None, "Attacked models (default: <output_dir>/models).")
 flags.DEFINE_bool("quick", False, "The CI smoke grid (under 3 minutes).")
+flags.DEFINE_enum(
+    "profile",
+    "budget",
+    ["budget", "full"],
+    "Defense cost profile (fineprune_tf.leaderboard_profiles): budget (shorter iterative "
+    "defenses, the default grid's time budget) or full (every defense's defaults).",
+)
 flags.DEFINE_bool("overwrite", False, "Discard an earlier leaderboard in --output_dir.")
 flags.DEFINE_bool("figures", True, "Write der_<task>.png.")
 flags.DEFINE_float(
@@ -73,21 +78,6 @@ flags.DEFINE_float(
     "Start no new cell after this many minutes (0: no "
     "limit); running the same command again continues.",
 )
-
-
-def _machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-    }
 
 
 def _grid():
@@ -107,7 +97,7 @@ def main(argv: list[str]) -> int:
     del argv
     from absl import logging
 
-    from fineprune_tf import leaderboard, leaderboard_report
+    from fineprune_tf import leaderboard, leaderboard_report, machine
 
     # Per-cell library logs would break the progress bar; --verbosity=1 brings them back.
     logging.set_verbosity(logging.INFO if FLAGS.verbosity >= 1 else logging.WARNING)
@@ -117,7 +107,8 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    settings = leaderboard.Settings.quick() if FLAGS.quick else leaderboard.Settings.default()
+    base = leaderboard.Settings.quick() if FLAGS.quick else leaderboard.Settings.default()
+    settings = dataclasses.replace(base, profile=FLAGS.profile)
     output_dir = pathlib.Path(FLAGS.output_dir)
     try:
         earlier = [] if FLAGS.overwrite else leaderboard.load_rows(output_dir, settings)
@@ -132,7 +123,7 @@ def main(argv: list[str]) -> int:
     tf.config.experimental.enable_op_determinism()
     start = time.perf_counter()
     meta = {
-        "machine": _machine(),
+        "machine": machine.describe(),
         "quick": FLAGS.quick,
         "wall_seconds": 0.0,
         "settings": settings.to_dict(),

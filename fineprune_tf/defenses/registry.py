@@ -48,6 +48,9 @@ class DefenseContext:
       pruned: a :class:`PruningOutcome` already computed for this model (reused by pruning and
         fine-pruning); backdoor_validation: triggered validation inputs, reported in the
         pruning curve only.
+      anp_iterations, rnp_epochs: cost knobs (None: the defense's own default): ANP's mask
+        optimisation steps; RNP's unlearning-epoch cap and recovering epochs (the
+        leaderboard's budget profile, ``fineprune_tf.leaderboard_profiles``).
     """
 
     seed: int = 0
@@ -57,6 +60,8 @@ class DefenseContext:
     fmp: FmpSettings | None = None
     pruned: PruningOutcome | None = None
     backdoor_validation: Any = None
+    anp_iterations: int | None = None
+    rnp_epochs: int | None = None
 
     def fine_tune_settings(self) -> FineTuneSettings:
         return self.fine_tune or FineTuneSettings(seed=self.seed)
@@ -161,15 +166,28 @@ def _fmp(model, defender, context, evaluation=None):
 
 @register("anp", "adversarial neuron pruning (NeurIPS 2021)")
 def _anp(model, defender, context, evaluation=None):
+    costs = {} if context.anp_iterations is None else {"iterations": context.anp_iterations}
     return anp(
-        model, defender, tolerance=context.tolerance, seed=context.seed, evaluation=evaluation
+        model,
+        defender,
+        tolerance=context.tolerance,
+        seed=context.seed,
+        evaluation=evaluation,
+        **costs,
     )
 
 
 @register("rnp", "reconstructive neuron pruning (ICML 2023)")
 def _rnp(model, defender, context, evaluation=None):
+    epochs = context.rnp_epochs
+    costs = {} if epochs is None else {"unlearning_epochs": epochs, "recovering_epochs": epochs}
     return rnp(
-        model, defender, tolerance=context.tolerance, seed=context.seed, evaluation=evaluation
+        model,
+        defender,
+        tolerance=context.tolerance,
+        seed=context.seed,
+        evaluation=evaluation,
+        **costs,
     )
 
 
