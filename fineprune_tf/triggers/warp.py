@@ -34,6 +34,16 @@ Differences from the authors' code:
 * Their displacement (and noise) is applied to normalised tensors after ``ToTensor``; ours
   to the task's float inputs directly (same geometry: the warp moves pixels, not values).
 
+What this costs the attack (measured on mnist, seed 0, 10 % poisoning, the authors' ``k = 4,
+s = 0.5, grid_rescale = 1, cross_ratio = 2``; ``python -m scripts.attack_sweep_mnist wanet``,
+results/attacks/sweep_mnist_seed0.jsonl): ASR 0.098 after the task's 5 training epochs
+(results/attacks/attacks.md), 0.551 after 15 and 0.705 after 30 (clean 0.965, 0.973). The
+authors train 1,000 epochs with crop and rotation augmentation; the warp displaces pixels by a
+quarter of a pixel on average and the noise-mode copies (true labels) teach the network to
+ignore warps close to it, so the backdoor is learnt slowly. The issue's ASR 0.9 is not reached
+at the task's training budget; ``attack_zoo`` keeps the default epochs (the leaderboard trains
+36 models) and records the shortfall rather than departing from the authors' ``s``.
+
 Speech: the 32x13 MFCC map warped smoothly moves energy along time (a local tempo change, a
 physical analogue: the field's time component) and across cepstral coefficients (a
 feature-space deformation without a physical counterpart).
