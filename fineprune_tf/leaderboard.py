@@ -251,12 +251,13 @@ class ModelCache:
         if model_path.exists() and info_path.exists():
             return keras.models.load_model(model_path), poisoning, json.loads(info_path.read_text())
         self.directory.mkdir(parents=True, exist_ok=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         attack_settings = attacks.AttackSettings(epochs=settings.epochs.get(task), seed=seed)
         result = attack_zoo.train(poisoning, context.task_data, seed=seed, settings=attack_settings)
         info = {
             "poisoning": poisoning.to_dict(),
             "train_seconds": time.perf_counter() - start,
+            "train_cpu_seconds": time.process_time() - cpu_start,
             "epochs": result.report["epochs"],
             "settings": settings.to_dict(),
         }
@@ -286,7 +287,7 @@ def run_cell(
     from fineprune_tf.defenses.guard import selecting
     from fineprune_tf.defenses.result import holdout_accuracy
 
-    cell_start = time.perf_counter()
+    cell_start, cell_cpu_start = time.perf_counter(), time.process_time()
     task_data = context.task_data
     defender = DefenderData(*context.validation, seed=cell.seed)
     backdoor = poison.backdoor_test_set(
@@ -325,6 +326,9 @@ def run_cell(
         "report_seconds": time.perf_counter() - report_start - retuned["seconds"],
         "retune_seconds": retuned["seconds"],
         "cell_seconds": time.perf_counter() - cell_start,
+        # CPU time of every thread of the process: what the cell costs on an idle machine
+        # (wall ~ CPU / cores used), independent of the other processes' load.
+        "cell_cpu_seconds": time.process_time() - cell_cpu_start,
         "details_why": str(result.details.get("why", ""))[:300],
     }
 
@@ -404,6 +408,7 @@ def run(
             row = run_cell(cell, model, poisoning, context, settings, undefended)
             attacked = (model, poisoning, info, row["undefended"])
             row["attack_train_seconds"] = info["train_seconds"]
+            row["attack_train_cpu_seconds"] = info.get("train_cpu_seconds")
             rows.append(row)
             done.add(row["key"])
             meta["cells_missing"] = sum(c.key(settings) not in done for c in cells)

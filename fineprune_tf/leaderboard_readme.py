@@ -19,7 +19,7 @@ import numpy as np
 from fineprune_tf import leaderboard_report
 from fineprune_tf.machine import summary_line
 
-__all__ = ["BEGIN", "END", "collect", "render", "readme_section"]
+__all__ = ["BEGIN", "END", "collect", "merge", "render", "readme_section"]
 
 BEGIN = "<!-- results:begin (python -m scripts.report; do not edit by hand) -->"
 END = "<!-- results:end -->"
@@ -94,6 +94,18 @@ def collect(run_dirs: Sequence[str | pathlib.Path]) -> dict:
         else:
             raise FileNotFoundError(f"{directory} holds neither results.json nor leaderboard.json")
     return {"format": FORMAT_VERSION, "fine_prune": _fine_prune(fine_prune), "leaderboards": boards}
+
+
+def merge(summary: dict, added: dict) -> dict:
+    """``summary`` with the entries of ``added`` (both from :func:`collect`): a fine-prune
+    task or a leaderboard (by directory name) already in ``summary`` is replaced, others are
+    appended, so a checked-in summary gains new runs without re-reading the old runs' files."""
+    merged = {"format": FORMAT_VERSION}
+    for part, key in (("fine_prune", "task"), ("leaderboards", "source")):
+        new = {entry[key]: entry for entry in added[part]}
+        kept = [new.pop(entry[key], entry) for entry in summary[part]]
+        merged[part] = kept + list(new.values())
+    return merged
 
 
 def _fmt(pair, digits: int = 3) -> str:

@@ -56,6 +56,30 @@ def test_report_gives_mean_sd_over_seeds_and_the_wall_time(tmp_path):
     assert json.loads(json.dumps(summary)) == summary  # the summary file round-trips
 
 
+def test_report_names_the_machine_and_merges_new_runs_into_a_summary(tmp_path):
+    directory = _results(tmp_path, "a", 0, 0.1, 10.0)
+    stored = json.loads((directory / "results.json").read_text())
+    stored["machine"] = {
+        "cpu_model": "Test CPU",
+        "cpu_count": 2,
+        "intra_op_threads": 0,
+        "platform": "Linux-x",
+        "tensorflow": "2.21.0",
+        "keras": "3.15.1",
+    }
+    (directory / "results.json").write_text(json.dumps(stored))
+    added = leaderboard_readme.collect([directory])
+    assert "(Test CPU, 2 CPUs, TF threads default, Linux-x, TensorFlow 2.21.0, Keras 3.15.1)" in (
+        leaderboard_readme.render(added)
+    )
+    old = json.loads((REPO / "results" / "readme_summary.json").read_text())
+    merged = leaderboard_readme.merge(old, added)
+    # speech is in the checked-in summary: the new run replaces it; the leaderboards stay.
+    assert [t["task"] for t in merged["fine_prune"]] == [t["task"] for t in old["fine_prune"]]
+    assert merged["fine_prune"][0]["machine"]["cpu_model"] == "Test CPU"
+    assert merged["leaderboards"] == old["leaderboards"]
+
+
 def test_report_refuses_a_directory_without_results(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither"):
         leaderboard_readme.collect([tmp_path])
