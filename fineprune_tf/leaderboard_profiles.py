@@ -92,6 +92,10 @@ class DefenseProfile:
         }
 
 
+#: The budget arithmetic (measured in scripts/leaderboard.py), repeated in leaderboard.md.
+BUDGET_NOTE = "Budget: PENDING MEASUREMENT."
+
+
 def _default(function, argument: str):
     return inspect.signature(function).parameters[argument].default
 

@@ -139,9 +139,11 @@ def _render_board(board: dict) -> list[str]:
         if board["cells_missing"]
         else ""
     )
+    profile = (board.get("settings") or {}).get("profile")
     lines = [
         f"`python -m scripts.leaderboard{' --quick' if board['quick'] else ''}` "
-        f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
+        + (f"(defense profile {profile}) " if profile else "")
+        + f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
         f"min ({summary_line(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
         "the defense chosen from clean holdout accuracy only.",
         "",
