@@ -125,6 +125,7 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         "",
         f"Settings: `{meta.get('settings')}`.",
         "",
+        *_profile_lines(meta.get("settings") or {}),
         *_completeness(meta),
         "Mean ± sd over seeds. Every choice a defense makes reads only the defender's clean "
         "validation split (DefenderData, inside guard.selecting()); the test split and its "
@@ -146,6 +147,31 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _profile_lines(settings: dict) -> list[str]:
+    """What the defense profile changed (nothing is weakened silently) and its time budget."""
+    from fineprune_tf import leaderboard_profiles
+
+    costs = settings.get("defense_costs")
+    if not costs:
+        return []
+    if costs["name"] == "full":
+        return ["Defense profile: **full** (every defense at its defaults).", ""]
+    full = leaderboard_profiles.profile("full").to_dict()
+    changed = ", ".join(
+        f"{knob} {full[knob]} -> {value}"
+        for knob, value in costs.items()
+        if knob != "name" and value != full[knob]
+    )
+    return [
+        f"Defense profile: **{costs['name']}** ({changed}; every threshold, learning rate and "
+        "stopping rule still chosen from the defender's clean data). `--profile=full` runs "
+        "every defense at its defaults.",
+        "",
+        leaderboard_profiles.BUDGET_NOTE,
+        "",
+    ]
 
 
 def _completeness(meta: dict) -> list[str]:
