@@ -107,7 +107,7 @@ def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
         assert row["seeds"] == [0] and row["rate"] == 0.1
         assert abs(row["cost_points"] - 100 * (clean - row["clean_acc"])) < 1e-9
         assert row["target_met"] == (row["asr"] >= 0.9 and row["cost_points"] <= 2.0)
-    assert report["meta"]["seeds_run"] == [0] and report["meta"]["machine"]["cpu_count"] > 0
+    assert report["meta"]["seeds_run"] == [0] and report["meta"]["machine"]["cores"] > 0
     markdown = (out / "attacks.md").read_text()
     assert "| mnist | blended | 0.1 (0.100) |" in markdown and "±" in markdown
     # --resume keeps finished cells: nothing is retrained.

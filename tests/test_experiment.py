@@ -124,8 +124,8 @@ def test_quick_run_writes_tables_figures_models_and_resumes(tmp_path, monkeypatc
     }
     assert all(peak > 0 for peak in saved["peak_rss_mb"].values())
     # The machine the numbers came from (fineprune_tf.machine), for reports to print.
-    assert saved["machine"]["cpu_count"] >= 1 and saved["machine"]["tensorflow"]
-    assert {"cpu_model", "intra_op_threads", "keras", "platform"} <= set(saved["machine"])
+    assert saved["machine"]["cores"] >= 1 and saved["machine"]["tensorflow"]
+    assert {"cpu", "intra_op_threads", "keras", "platform"} <= set(saved["machine"])
     assert "cl: " in (out / "table1.md").read_text()
 
     # Another run into the same directory is refused, and nothing is touched.

@@ -60,8 +60,8 @@ def test_report_names_the_machine_and_merges_new_runs_into_a_summary(tmp_path):
     directory = _results(tmp_path, "a", 0, 0.1, 10.0)
     stored = json.loads((directory / "results.json").read_text())
     stored["machine"] = {
-        "cpu_model": "Test CPU",
-        "cpu_count": 2,
+        "cpu": "Test CPU",
+        "cores": 2,
         "intra_op_threads": 0,
         "platform": "Linux-x",
         "tensorflow": "2.21.0",
@@ -69,14 +69,14 @@ def test_report_names_the_machine_and_merges_new_runs_into_a_summary(tmp_path):
     }
     (directory / "results.json").write_text(json.dumps(stored))
     added = leaderboard_readme.collect([directory])
-    assert "(Test CPU, 2 CPUs, TF threads default, Linux-x, TensorFlow 2.21.0, Keras 3.15.1)" in (
+    assert "(Test CPU, 2 cores, TF threads default, Linux-x, TensorFlow 2.21.0, Keras 3.15.1)" in (
         leaderboard_readme.render(added)
     )
     old = json.loads((REPO / "results" / "readme_summary.json").read_text())
     merged = leaderboard_readme.merge(old, added)
     # speech is in the checked-in summary: the new run replaces it; the leaderboards stay.
     assert [t["task"] for t in merged["fine_prune"]] == [t["task"] for t in old["fine_prune"]]
-    assert merged["fine_prune"][0]["machine"]["cpu_model"] == "Test CPU"
+    assert merged["fine_prune"][0]["machine"]["cpu"] == "Test CPU"
     assert merged["leaderboards"] == old["leaderboards"]
 
 
