@@ -93,7 +93,14 @@ class DefenseProfile:
 
 
 #: The budget arithmetic (measured in scripts/leaderboard.py), repeated in leaderboard.md.
-BUDGET_NOTE = "Budget: PENDING MEASUREMENT."
+BUDGET_NOTE = (
+    "Budget (measured with this profile, one BadNets model per task with its 8 defenses and "
+    "8 retuning attacks, shared 2-core AMD EPYC at load 6-8): mnist 292 s, traffic 524 s, "
+    "speech 517 s of wall per attacked model (~148, ~250, 222 s of CPU). The default grid is "
+    "12 models per task: ~7,400 CPU seconds, about 60-125 minutes on an idle 2-core machine "
+    "and ~4.8 hours at that load, so it does NOT fit the 45-minute target; "
+    "`--budget_minutes` cuts a run and the same command continues it (scripts/leaderboard.py)."
+)
 
 
 def _default(function, argument: str):

@@ -83,8 +83,9 @@ def summary_line(record: dict | None) -> str:
         f"{record['cores']} cores" if "cores" in record else f"{record.get('cpu_count', '?')} CPUs"
     )
     threads = record.get("intra_op_threads")
+    cpu = record.get("cpu") or record.get("cpu_model")  # cpu_model: this branch's first runs
     return (
-        (f"{record['cpu']}, " if record.get("cpu") else "")
+        (f"{cpu}, " if cpu else "")
         + cores_text
         + ("" if threads is None else f", TF threads {threads or 'default'}")
         + f", {record.get('platform', '?')}, TensorFlow {record.get('tensorflow', '?')}"

@@ -2,7 +2,8 @@
 
     python -m scripts.leaderboard [--tasks=speech,traffic,mnist] [--attacks=...]
         [--defenses=...] [--seeds=0,1,2] [--output_dir=runs/leaderboard] [--quick]
-        [--overwrite] [--no_figures] [--verbosity=1]
+        [--profile=budget|full] [--budget_minutes=45] [--overwrite] [--nofigures]
+        [--verbosity=1]
 
 Writes ``leaderboard.json`` (every cell, the summary, machine and settings),
 ``leaderboard.md`` and ``der_<task>.png`` into ``--output_dir``; attacked models are cached
@@ -14,32 +15,42 @@ Defaults: every task except face, every attack of ``attack_zoo``, every defense 
 ``defenses.REGISTRY``, seeds 0-2, 10 % poisoning.  ``--quick`` (CI): mnist, BadNets and
 Blended, defenses none / pruning / CLP, seed 0, 1,500 training images, 2 epochs.
 
-Budget of the default grid (issue 14 asks <= 45 minutes on 2 cores; it is NOT met).  The
-grid is 3 tasks x 4 attacks x 3 seeds = 36 attacked models, each defended by the 8 registry
-defenses (288 cells), each cell followed by the retuning attack.  Measured per attacked model
-(BadNets, seed 0, the task's default training, the full validation split as defender data) on
-the shared 2-core machine, with 3-5 other processes running, in seconds:
+Where the time goes, and the budget of the default grid (issue 14 asks <= 45 minutes on 2
+cores; it is NOT met).  The grid is 3 tasks x 4 attacks x 3 seeds = 36 attacked models, each
+defended by the 8 registry defenses (288 cells), each cell followed by the retuning attack.
+One attacked model per task, ``--profile=budget`` (``python -m scripts.leaderboard
+--tasks=<task> --attacks=badnets --seeds=0``, seed 0, the task's default training, the full
+validation split as defender data), on the shared 2-core AMD EPYC machine at a load average
+of 6-8 (other engineers' jobs), wall seconds per stage (defense / retuning attack):
 
-    task     train   none  prune  FT   FP   FMP   ANP   RNP   CLP  | defenses  retune x8  total
-    mnist     26 s    1     3    27   46    42    31    38     3  |   190 s   ~60 s     ~280 s
-    traffic  165 s    1    15    54   67   191   132    60    25  |   545 s   350 s    1060 s
-    speech   289 s    1    13   108  119   166    82    66     5  |   559 s   294 s    1142 s
+    task     train  none  prune  FT    FP    FMP   ANP   RNP   CLP  | total wall  CPU
+    mnist     34    0/10  2/11  31/8  31/7  37/6  24/46 16/9  2/11 |    292 s   ~148 s
+    traffic   66    0/16  4/20  79/21 63/13 94/14 44/10 33/15 3/18 |    524 s   ~250 s
+    speech    77    0/19  5/24  67/27 62/21 69/16 36/16 29/19 2/17 |    517 s    222 s
 
-(mnist from a script doing the same calls before the retuning attack was made cheaper;
-traffic and speech from ``--tasks=<task> --attacks=badnets --seeds=0``.)  36 models x the
-mean total (~830 s) = ~8.3 hours at that load.  The quick runs' CPU time (36-156 s of user
-time for 110-1108 s of wall time) says the process had 1/3 to 1/7 of the machine, so an idle
-2-core machine would need roughly 1.2-3 hours, still far over 45 minutes.  The defenses
-alone (ANP, FMP, fine-pruning: fixed costs set in ``defenses.registry``, which takes no cost
-argument) are half of it (the retuning attack a quarter to a third, training the rest), so
-no choice of training epochs or data sizes made here fits the grid in the budget without
-changing what the defenses are (shrinking the defender's data to 200 speech examples left
-ANP and RNP unable to prune anything within 2 holdout points).  Instead each invocation
-stops starting cells after ``--budget_minutes`` (default 45), records the cells still missing
-in leaderboard.json/.md, and the same command continues from there; cells run seed by seed,
-so a cut run has complete seeds first.  ``--quick`` (mnist, 2 attacks, 3 cheap defenses,
-seed 0) took 5.9 minutes of wall time at that load (57 s of CPU); with
-``--seeds=0,1,2``, 18.5 minutes (156 s of CPU).
+(the report of each cell, test accuracy and ASR, takes 1-2 s more.)  The process had 0.4-0.45
+of a core on average (CPU / wall; mnist's CPU from the 3-seed mnist run's seed-0 cells,
+traffic's from /proc while it ran).  The clean fine-tunings (FT, FP, FMP) are 35-45 % of a
+model's time, the eight retuning attacks 20-30 % (each compiles and traces a fresh fit, a
+fixed cost no step count removes), training 12-15 %.  What the budget profile buys, measured
+in CPU seconds on the cached mnist model in one process (``defenses.run_defense`` under each
+profile, ``full`` -> ``budget``): fine-tuning 34.8 -> 17.5 s, fine-pruning 35.9 -> 19.4 s,
+FMP 41.0 -> 18.8 s (the same holdout accuracy each time; ANP's and RNP's pairs were not
+measured: the run was stopped to free the machine), so ``budget`` saves about a quarter of an
+attacked model's cost.
+
+Extrapolation (stated, not run): the default grid is 12 models of each task, so
+12 x (~148 + ~250 + 222) = ~7,400 CPU seconds (~2 CPU-hours).  On an idle 2-core machine, where a
+process uses 1-2 cores, that is about 60-125 minutes; at this machine's load (0.43 of a core) it is
+about 4.8 hours.  The budget profile does not bring the default grid within 45 minutes; the next
+lever is structural (one compiled training step reused across a model's fine-tunings and
+retuning attacks instead of a fresh trace per ``fit``), not a smaller setting.  So each
+invocation stops starting cells after ``--budget_minutes`` (default 45), records the cells
+still missing in leaderboard.json/.md, and the same command continues from there; cells run
+seed by seed, so a cut run has complete seeds first.  With ``--profile=full`` (the previous
+measurement, 3-5 other processes): mnist ~280 s, traffic 1,060 s, speech 1,142 s of wall per
+attacked model.  ``--quick`` (mnist, 2 attacks, 3 cheap defenses, seed 0) took 5.9 minutes of
+wall time at that load (57 s of CPU).
 """
 
 from __future__ import annotations
