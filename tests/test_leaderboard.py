@@ -180,7 +180,7 @@ def test_files_have_the_documented_format(tmp_path):
     assert "seeds [0, 1]" in table and "wall time 1.0 min" in table
     # The profile is stated, with what it changed and the budget arithmetic.
     assert "Defense profile: **budget** (fine_tune_max_epochs 30 -> 10" in table
-    assert "`--profile=full`" in table and "Budget:" in table
+    assert "`--profile=full`" in table and "Budget (measured with this profile" in table
     png = (tmp_path / "der_speech.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
