@@ -10,7 +10,7 @@ import os
 import pathlib
 import platform
 
-__all__ = ["cores", "cpu_model", "describe", "load", "summary", "summary_line"]
+__all__ = ["cores", "cpu_model", "describe", "load", "summary_line"]
 
 
 def cpu_model() -> str:
@@ -62,15 +62,6 @@ def describe() -> dict:
         "platform": platform.platform(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-
-
-def summary(described: dict | None = None) -> str:
-    """One line for a report's header: ``"<cpu>, <cores> cores, TF <version>, <platform>"``."""
-    described = described or describe()
-    return (
-        f"{described.get('cpu', '?')}, {described.get('cores', '?')} cores, "
-        f"TF {described.get('tensorflow', '?')}, {described.get('platform', '?')}"
-    )
 
 
 def summary_line(record: dict | None) -> str:

@@ -68,4 +68,4 @@ def machine_line() -> str:
     """The machine, for a report's header (see :mod:`fineprune_tf.machine`)."""
     from fineprune_tf import machine
 
-    return machine.summary()
+    return machine.summary_line(machine.describe())
