@@ -170,7 +170,7 @@ def output_index(model: keras.Model, output: str | int | None = None) -> int:
         )
     raise ValueError(
         f"the model has {len(heads)} classification heads {[names[i] for i in heads]}: name "
-        "the one the defense reads (output=... in Python, --output in the CLI)"
+        "the one the defense reads (output=... in Python, --model_output in the CLI)"
     )
 
 
@@ -187,7 +187,7 @@ def select_labels(model: keras.Model, y: Any, output: str | int | None = None) -
         if len(y) != 1:
             raise ValueError(
                 f"labels are given for the outputs {sorted(y)}: name the one the defense reads "
-                "(output=... in Python, --output in the CLI)"
+                "(output=... in Python, --model_output in the CLI)"
             )
         output = next(iter(y))
     index = output_index(model, output)
