@@ -11,10 +11,10 @@ import numpy as np
 
 from fineprune_tf import conversion, io, model_io, models
 from fineprune_tf.cleaning.errors import CleaningError
-from fineprune_tf.data.user import UserData
+from fineprune_tf.data.user import UserData, label_outputs
 from fineprune_tf.layer_choice import CONVOLUTIONS
 
-__all__ = ["check_model", "choose_layer", "load_masked", "split_clean_data"]
+__all__ = ["check_model", "choose_layer", "choose_output", "load_masked", "split_clean_data"]
 
 
 def load_masked(
@@ -23,20 +23,49 @@ def load_masked(
     load_limits: io.LoadLimits | None,
     progress: Callable[[str], None],
     output: str | None = None,
+    clean_data: str | os.PathLike | None = None,
 ) -> keras.Model:
-    """The user's model loaded safely, checked (``output``: the output the defense reads, see
-    :func:`check_model`) and converted to masked layers."""
+    """The user's model loaded safely, checked and converted to masked layers.  ``output``
+    (``--model_output``) and the labels of ``clean_data`` tell which output the defense reads
+    (:func:`choose_output`)."""
     progress(
         f"loading {model_path} ("
         + ("allow_unsafe: refusals skipped, limits kept" if allow_unsafe else "safe mode")
         + ")"
     )
     loaded = io.load_model(model_path, allow_unsafe=allow_unsafe, limits=load_limits)
+    if not isinstance(loaded, io.SavedModelPredictor) and clean_data is not None:
+        output = choose_output(loaded, output, clean_data)
     check_model(loaded, output)
     try:
         return conversion.convert(loaded)  # Flattens nested models: backbone.<layer>.
     except conversion.ConversionError as error:
         raise CleaningError(str(error)) from None
+
+
+def choose_output(
+    model: keras.Model, requested: str | None, clean_data: str | os.PathLike
+) -> str | None:
+    """The name of the output the defense reads (None for a single-output model)."""
+    names = model_io.output_names(model)
+    if requested is not None:
+        if requested not in names:
+            raise CleaningError(f"--model_output {requested!r} is not an output; outputs: {names}")
+        return requested
+    if len(names) == 1:
+        return None
+    labelled = [name for name in label_outputs(clean_data) if name in names]
+    if len(labelled) > 1:
+        raise CleaningError(
+            f"the clean data labels the outputs {labelled}: name the one the defense reads "
+            "with --model_output"
+        )
+    if labelled:
+        return labelled[0]
+    try:
+        return names[model_io.output_index(model)]
+    except ValueError as error:
+        raise CleaningError(str(error).replace("output=... in Python, ", "")) from None
 
 
 def check_model(

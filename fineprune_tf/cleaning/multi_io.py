@@ -15,9 +15,8 @@ import os
 import keras
 
 from fineprune_tf import model_io
-from fineprune_tf.cleaning.errors import CleaningError
-from fineprune_tf.cleaning.inputs import check_model
-from fineprune_tf.data.user import UserData, label_outputs
+from fineprune_tf.cleaning.inputs import check_model, choose_output
+from fineprune_tf.data.user import UserData
 
 __all__ = ["ModelSignature", "model_signature"]
 
@@ -52,35 +51,11 @@ class ModelSignature:
         return defended if self.view is None else self.view.restore(defended)
 
 
-def choose_output(
-    model: keras.Model, requested: str | None, clean_data: str | os.PathLike
-) -> str | None:
-    """The name of the output the defense reads (None for a single-output model)."""
-    names = model_io.output_names(model)
-    if requested is not None:
-        if requested not in names:
-            raise CleaningError(f"--model_output {requested!r} is not an output; outputs: {names}")
-        return requested
-    if len(names) == 1:
-        return None
-    labelled = [name for name in label_outputs(clean_data) if name in names]
-    if len(labelled) > 1:
-        raise CleaningError(
-            f"the clean data labels the outputs {labelled}: name the one the defense reads "
-            "with --model_output"
-        )
-    if labelled:
-        return labelled[0]
-    try:
-        return names[model_io.output_index(model)]
-    except ValueError as error:
-        raise CleaningError(str(error).replace("output=... in Python, ", "")) from None
-
-
 def model_signature(
     model: keras.Model, requested: str | None, clean_data: str | os.PathLike
 ) -> ModelSignature:
-    """The signature of the converted ``model`` (see :class:`ModelSignature`)."""
+    """The signature of the converted ``model`` (see :class:`ModelSignature`); ``requested``:
+    the user's ``--model_output``."""
     output = choose_output(model, requested, clean_data)
     input_shape, classes = check_model(model, output)
     view = None if model_io.is_single_io(model) else model_io.PackedView(model, output)
