@@ -26,6 +26,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from fineprune_tf import _keras_compat as compat
+
 __all__ = [
     "PackedView",
     "arrange_inputs",
@@ -45,7 +47,7 @@ def input_names(model: keras.Model) -> list[str]:
 
 def output_names(model: keras.Model) -> list[str]:
     """Names of the model's outputs (their layers' names), in ``model.outputs`` order."""
-    return list(model.output_names)
+    return [compat.producing_operation(tensor).name for tensor in model.outputs]
 
 
 def is_single_io(model: keras.Model) -> bool:

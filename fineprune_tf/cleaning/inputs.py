@@ -105,8 +105,8 @@ def check_model(
     classes = tensor.shape[-1]
     if classes is None or len(tensor.shape) != 2 or classes < 2:
         raise CleaningError(
-            f"the model's output {model.output_names[index]!r} has shape {tuple(tensor.shape)}, "
-            "not [N, classes] with at least 2 classes"
+            f"the model's output {model_io.output_names(model)[index]!r} has shape "
+            f"{tuple(tensor.shape)}, not [N, classes] with at least 2 classes"
         )
     return input_shape, int(classes)
 
