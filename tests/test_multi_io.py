@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import fineprune_tf as fp
 from fineprune_tf import cleaning, model_io, stats
+from fineprune_tf.data.user import load_user_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIGGER_VALUE = 4.0
@@ -232,27 +233,37 @@ def test_clean_model_cleans_a_two_input_two_output_model(two_input_files, monkey
 
 
 @pytest.mark.parametrize(
-    "arrays, output, message",
+    "labels, output, message",
     [
-        ({"y": True}, None, r"2 classification heads \['aux', 'label'\]: name the one the defense"),
-        ({"y_label": True, "y_aux": True}, None, r"labels the outputs \['aux', 'label'\]"),
-        ({"y_label": True}, "probs", r"--model_output 'probs' is not an output"),
-        ({"y_label": True, "no_meta": True}, None, r"no \['x_meta'\] array"),
+        (["y"], None, r"2 classification heads \['aux', 'label'\]: name the one the defense"),
+        (["y_label", "y_aux"], None, r"labels the outputs \['aux', 'label'\]: name the one"),
+        (["y_label"], "probs", r"--model_output 'probs' is not an output"),
     ],
 )
-def test_ambiguous_or_incomplete_multi_io_inputs_are_refused(
-    two_input_files, arrays, output, message
-):
-    folder = two_input_files
-    x, y = clean_inputs(100, seed=0)
-    content = {"x_image": x["image"]} | ({} if "no_meta" in arrays else {"x_meta": x["meta"]})
-    content |= {key: y for key in ("y", "y_label", "y_aux") if key in arrays}
-    np.savez(folder / "bad.npz", **content)
-    with pytest.raises(ValueError, match=message):
-        cleaning.clean_model(
-            folder / "suspect.keras", folder / "bad.npz", folder / "never", output=output
-        )
-    assert not (folder / "never").exists()
+def test_an_ambiguous_output_is_refused_in_one_line(tmp_path, labels, output, message):
+    model = planted_two_input_model(two_outputs=True)
+    np.savez(tmp_path / "clean.npz", **{key: np.zeros(3, np.int64) for key in labels})
+    with pytest.raises(cleaning.CleaningError, match=message):
+        cleaning.choose_output(model, output, tmp_path / "clean.npz")
+    np.savez(tmp_path / "one.npz", y_label=np.zeros(3, np.int64))
+    assert cleaning.choose_output(model, None, tmp_path / "one.npz") == "label"
+
+
+def test_npz_needs_one_x_per_input_and_the_labels_of_the_output_read(tmp_path):
+    x, y = clean_inputs(20, seed=0)
+    shapes = {"image": (4, 4, 1), "meta": (3,)}
+    np.savez(tmp_path / "short.npz", x_image=x["image"], y_label=y)
+    with pytest.raises(ValueError, match=r"no \['x_meta'\] array\(s\); it needs one 'x_<input"):
+        load_user_data(tmp_path / "short.npz", shapes, 2, output="label")
+    np.savez(tmp_path / "wrong.npz", x_image=x["image"], x_meta=x["meta"][:, :2], y_label=y)
+    with pytest.raises(ValueError, match=r"x_meta: examples have shape \(2,\) but the model"):
+        load_user_data(tmp_path / "wrong.npz", shapes, 2, output="label")
+    np.savez(tmp_path / "good.npz", x_image=x["image"], x_meta=x["meta"], y_label=y)
+    with pytest.raises(ValueError, match=r"no \['y_aux'\] array"):
+        load_user_data(tmp_path / "good.npz", shapes, 3, output="aux")
+    data = load_user_data(tmp_path / "good.npz", shapes, 2, output="label")
+    assert sorted(data.x) == ["image", "meta"] and data.x["meta"].dtype == np.float32
+    np.testing.assert_array_equal(data.y, y)
 
 
 @pytest.mark.subprocess

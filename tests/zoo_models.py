@@ -88,7 +88,7 @@ def mobilenet_v2() -> keras.Model:
 def backbone_as_layer() -> keras.Model:
     """The transfer-learning pattern: a MobileNetV2 feature extractor used as one layer."""
     backbone = A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False)
-    backbone = keras.Model(backbone.inputs, backbone.outputs, name="backbone")
+    backbone = keras.Model(backbone.inputs, backbone.output, name="backbone")
     return keras.Sequential(
         [
             keras.Input((32, 32, 3)),
