@@ -266,6 +266,7 @@ def test_npz_needs_one_x_per_input_and_the_labels_of_the_output_read(tmp_path):
     np.testing.assert_array_equal(data.y, y)
 
 
+@pytest.mark.slow  # a child process: ~80 s on 2 loaded cores
 @pytest.mark.subprocess
 def test_command_line_cleans_a_two_input_model_with_model_output(two_input_files):
     folder = two_input_files

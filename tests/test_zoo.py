@@ -109,15 +109,18 @@ def test_stats_equal_a_probe_of_the_stock_model(name, tmp_path_factory):
     reference = stock if all("." not in layer.name for layer in layers) else masked
     names = [layer.name for layer in layers]
     probe = keras.Model(reference.inputs, [reference.get_layer(n).output for n in names])
-    values = probe(model_io.arrange_inputs(reference, x), training=False)
-    measured = fp.stats.collect(masked, x, batch_size=4)
+    # One batch, both traced: an eager pass and a traced one differ by float rounding that deep
+    # networks with calibrated BN amplify to ~1e-3 (EfficientNetB0's block6d_se_expand).
+    count = model_io.num_examples(x)
+    values = probe.predict(model_io.arrange_inputs(reference, x), batch_size=count, verbose=0)
+    values = values if len(names) > 1 else [values]
+    measured = fp.stats.collect(masked, x, batch_size=count)
     for layer_name, value in zip(names, values, strict=True):
         value = np.asarray(value, np.float64)
         want = value.reshape(-1, value.shape[-1]).mean(axis=0)
         got = measured[layer_name].mean
-        np.testing.assert_allclose(
-            got, want, rtol=1e-4, atol=1e-5 * max(1.0, np.abs(want).max()), err_msg=layer_name
-        )
+        scale = max(1.0, np.abs(value).max())
+        np.testing.assert_allclose(got, want, rtol=0, atol=RTOL * scale, err_msg=layer_name)
 
 
 @pytest.mark.parametrize("name", _CASES)
