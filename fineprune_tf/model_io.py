@@ -51,8 +51,12 @@ def output_names(model: keras.Model) -> list[str]:
 
 
 def is_single_io(model: keras.Model) -> bool:
-    """Whether the model has one input and one output (what the defenses run on directly)."""
-    return len(model.inputs) == 1 and len(model.outputs) == 1
+    """Whether the model has one input and one output (what the defenses run on directly); a
+    subclassed model without a functional graph counts as one (it is called as given)."""
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if inputs is None or outputs is None:
+        return True
+    return len(inputs) == 1 and len(outputs) == 1
 
 
 def _is_structure(data: Any) -> bool:

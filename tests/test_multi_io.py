@@ -291,3 +291,13 @@ def test_command_line_cleans_a_two_input_model_with_model_output(two_input_files
     assert "the defense reads output 'label'" in done.stdout
     report = json.loads((folder / "cli" / "report.json").read_text())
     assert report["pruning"]["pruned"][0] == 2
+
+
+def test_metrics_read_the_named_output_of_a_two_input_model():
+    model = planted_two_input_model(two_outputs=True)
+    x, y = clean_inputs(30, seed=4)
+    want = np.argmax(np.asarray(model(x)["label"]), axis=-1)
+    got = fp.metrics.predict_labels(model, [x["image"], x["meta"]], batch_size=7, output="label")
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"2 classification heads"):
+        fp.metrics.predict_labels(model, x)
