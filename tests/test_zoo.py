@@ -131,6 +131,7 @@ def test_half_of_every_group_pruned_shrinks_exactly_and_smaller(name, tmp_path_f
     assert sum(len(layer.pruned_channels) for layer in fp.layers.masked_layers(pruned)) > 0
     _close(_outputs(shrunk, x), _outputs(pruned, x), "shrink")
     report = export.shrink_report(pruned, shrunk)
+    print(f"{name}: {report}")  # the stated reductions (pytest -rP shows them)
     assert report.params_after < report.params_before, str(report)
     assert report.flops_after < report.flops_before, str(report)
 
