@@ -43,9 +43,17 @@ RTOL = 1e-5
 MEASURED: dict[str, tuple[float, float, float]] = {}
 
 
+#: The keras.applications part of the matrix takes ~5-15 min per model on 2 shared cores; the
+#: README's test command (CI's) runs slow tests too, so it runs only when asked for.
+_FULL = pytest.mark.skipif(
+    os.environ.get("FINEPRUNE_ZOO") != "all",
+    reason="the full model zoo (keras.applications, minutes per model) runs with FINEPRUNE_ZOO=all",
+)
+
+
 def _case_list():
     for name, (_, fast) in MODELS.items():
-        yield pytest.param(name, marks=() if fast else pytest.mark.slow, id=name)
+        yield pytest.param(name, marks=() if fast else (pytest.mark.slow, _FULL), id=name)
 
 
 _CASES = list(_case_list())
