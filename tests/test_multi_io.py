@@ -301,3 +301,25 @@ def test_metrics_read_the_named_output_of_a_two_input_model():
     np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"2 classification heads"):
         fp.metrics.predict_labels(model, x)
+
+
+def test_fmp_clp_and_the_registry_run_on_a_two_input_two_output_model():
+    # FMP perturbs the packed input and compares feature maps of another rank (it used the
+    # input's rank for both before).
+    model = fp.convert(planted_two_input_model(two_outputs=True))
+    x, y = clean_inputs(120, seed=0)
+    settings = fp.defenses.FineTuneSettings(learning_rate=1e-3, max_epochs=1)
+    results = {
+        "fmp": fp.defenses.fmp(model, (x, y), output="label", settings=settings, probe_samples=8),
+        "clp": fp.defenses.clp(model, (x, {"label": y})),
+        "pruning": fp.defenses.run_defense(
+            "pruning", model, fp.defenses.DefenderData(x, y), output="label"
+        ),
+    }
+    for name, result in results.items():
+        assert sorted(result.model(x)) == ["aux", "label"], name
+        assert 0.0 <= result.holdout_acc <= 1.0 or np.isnan(result.holdout_acc), name
+    sensitivity = results["fmp"].details["sensitivity"]["conv"]
+    assert len(sensitivity["score"]) == 4 and np.all(np.isfinite(sensitivity["score"]))
+    pruned = results["fmp"].model.get_layer("conv").pruned_channels
+    assert pruned.size == len(results["fmp"].details["pruned"]["conv"]) >= 1
