@@ -33,16 +33,19 @@ __all__ = [
     "arrange_inputs",
     "input_names",
     "is_single_io",
+    "matches_inputs",
     "num_examples",
     "output_index",
+    "output_names",
     "select_labels",
     "take",
 ]
 
 
 def input_names(model: keras.Model) -> list[str]:
-    """Names of the model's inputs, in ``model.inputs`` order."""
-    return [tensor.name for tensor in model.inputs]
+    """Names of the model's inputs (their input layers' names, as in a served signature), in
+    ``model.inputs`` order."""
+    return [compat.producing_operation(tensor).name for tensor in model.inputs]
 
 
 def output_names(model: keras.Model) -> list[str]:
@@ -57,10 +60,6 @@ def is_single_io(model: keras.Model) -> bool:
     if inputs is None or outputs is None:
         return True
     return len(inputs) == 1 and len(outputs) == 1
-
-
-def _is_structure(data: Any) -> bool:
-    return isinstance(data, (Mapping, list, tuple))
 
 
 def num_examples(x: Any) -> int:

@@ -183,7 +183,7 @@ def _served(name: str) -> dict:
         for waiting_name in waiting:
             case = _CACHE[waiting_name]
             x = case["x"]
-            arrays = x if isinstance(x, dict) else {case["pruned"].inputs[0].name: x}
+            arrays = x if isinstance(x, dict) else {model_io.input_names(case["pruned"])[0]: x}
             np.savez(case["folder"] / "x.npz", **arrays)
         runner = _CACHE[name]["folder"] / "runner.py"
         runner.write_text(_RUNNER)

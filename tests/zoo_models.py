@@ -145,7 +145,7 @@ def inputs_for(model: keras.Model, n: int, seed: int):
     """Seeded inputs in [0, 1] for ``model``: an array, or a dict by input name."""
     rng = np.random.default_rng(seed)
     arrays = {
-        tensor.name: rng.uniform(0.0, 1.0, (n, *tensor.shape[1:])).astype("float32")
-        for tensor in model.inputs
+        name: rng.uniform(0.0, 1.0, (n, *tensor.shape[1:])).astype("float32")
+        for name, tensor in zip(model_io.input_names(model), model.inputs, strict=True)
     }
     return next(iter(arrays.values())) if len(arrays) == 1 else arrays
