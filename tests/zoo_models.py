@@ -41,18 +41,18 @@ def _all_layers(model: keras.Model) -> list:
     return layers
 
 
-def conv1d_audio() -> keras.Model:
-    """A keyword-spotting CNN on ``[40 frames, 13 MFCCs]``: Conv1D + BN + ReLU blocks."""
-    inputs = keras.Input((40, 13), name="mfcc")
-    x = inputs
-    for index, width in enumerate((16, 24, 32)):
-        x = keras.layers.Conv1D(width, 3, padding="same", use_bias=False, name=f"conv{index}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{index}")(x)
-        x = keras.layers.ReLU(name=f"relu{index}")(x)
-        x = keras.layers.MaxPooling1D(2, name=f"pool{index}")(x)
+def speech_conv1d(classes: int = CLASSES) -> keras.Model:
+    """A keyword-spotting CNN on ``[32 frames, 9 MFCCs]``: a causal Conv1D, pooling, a Conv1D +
+    BN + ReLU block (also trained end to end in tests/test_conv_zoo.py)."""
+    inputs = keras.Input((32, 9), name="mfcc")
+    x = keras.layers.Conv1D(16, 5, padding="causal", activation="relu", name="conv1")(inputs)
+    x = keras.layers.MaxPooling1D(2, name="pool1")(x)
+    x = keras.layers.Conv1D(24, 3, use_bias=False, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    x = keras.layers.ReLU(name="relu2")(x)
     x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
-    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="probs")(x)
-    return keras.Model(inputs, outputs, name="conv1d_audio")
+    outputs = keras.layers.Dense(classes, activation="softmax", name="probs")(x)
+    return keras.Model(inputs, outputs, name="speech_conv1d")
 
 
 def grouped_conv() -> keras.Model:
@@ -85,16 +85,20 @@ def mobilenet_v2() -> keras.Model:
     return A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=CLASSES)
 
 
-def backbone_as_layer() -> keras.Model:
-    """The transfer-learning pattern: a MobileNetV2 feature extractor used as one layer."""
-    backbone = A.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False)
+def backbone_as_layer(backbone: keras.Model | None = None, classes: int = CLASSES) -> keras.Model:
+    """The transfer-learning pattern: a feature extractor used as one layer, named "backbone"
+    (default a MobileNetV2 0.35 without its top; tests/test_real_models.py passes its own)."""
+    if backbone is None:
+        backbone = A.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, include_top=False
+        )
     backbone = keras.Model(backbone.inputs, backbone.output, name="backbone")
     return keras.Sequential(
         [
             keras.Input((32, 32, 3)),
             backbone,
             keras.layers.GlobalAveragePooling2D(name="gap"),
-            keras.layers.Dense(CLASSES, activation="softmax", name="head"),
+            keras.layers.Dense(classes, activation="softmax", name="head"),
         ],
         name="transfer",
     )
@@ -103,7 +107,7 @@ def backbone_as_layer() -> keras.Model:
 #: name -> (builder, fast: runs in CI).  Input sizes are the smallest each network accepts
 #: (Xception 71, the others 32).
 MODELS: dict[str, tuple[Callable[[], keras.Model], bool]] = {
-    "conv1d_audio": (conv1d_audio, True),
+    "conv1d_audio": (speech_conv1d, True),
     "grouped_conv": (grouped_conv, True),
     "two_input": (two_input, True),
     "MobileNetV2": (mobilenet_v2, False),
