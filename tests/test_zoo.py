@@ -30,7 +30,24 @@ two_input          fast    all                2,386 -> 834          193,824 -> 6
 MobileNetV2 0.35   289 s   25 of 25           423,018 -> 124,186    1,196,592 -> 373,880
 backbone_as_layer  552 s   25 of 25           423,018 -> 124,186    1,196,592 -> 373,880
 MobileNetV3Small   410 s   27 of 37           1,540,218 -> 648,850  2,169,792 -> 1,001,280
+ResNet50           659 s   all                23,608,202 ->         78,712,832 ->
+                                              7,986,354             27,832,320
+EfficientNetB0     (a)     40 of 40           4,062,381 ->          8,474,848 -> 2,353,392
+                                              1,092,975
+ResNet50V2         (b)     37 of 37           23,585,290 ->         71,045,120 ->
+                                              7,967,080             24,311,040
+DenseNet121        (b)     120 of 120         7,047,754 ->          57,829,376 ->
+                                              2,597,460             22,668,192
+Xception           (b)     28 of 28           20,881,970 ->         551,147,304 ->
+                                              12,517,367            326,766,057
+ConvNeXtTiny       (b)     0 of 22            none (xfail, see ``NOTHING_REMOVABLE``)
 =================  ======  =================  ====================  =======================
+
+(a) 847 s; its convert, shrink and serve checks passed, the stats check failed with the first
+version of the probe (eager against traced) and has not been re-run with the traced probe.
+(b) Not run through the checks in this round (minutes each); the reductions come from the same
+builder, calibration, convert, group pruning and shrink, without the checks.  NASNetMobile:
+not measured.
 
 (MobileNetV3Small: 10 groups are blocked by its hard-sigmoid, bare ``keras.ops`` additions and
 multiplications by a constant, which the graph registry does not know.)
