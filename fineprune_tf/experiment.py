@@ -426,6 +426,7 @@ def _write_report(directory: pathlib.Path, config: ExperimentConfig, results: di
             directory / f"fig6_{attack_name}.png",
             title=f"{config.task}: {reporting.ATTACK_TITLES[attack_name]}",
             stop=pruning.get("pruned_count"),
+            threshold=pruning.get("threshold"),
         )
         reporting.plot_activations(
             analysis["clean_mean"],

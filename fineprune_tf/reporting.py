@@ -224,25 +224,31 @@ def _save_figure(figure, path) -> None:
 
 
 def plot_pruning_curve(
-    curve: Mapping, channels: int, path: str | os.PathLike, title: str = "", stop: int | None = None
+    curve: Mapping,
+    channels: int,
+    path: str | os.PathLike,
+    title: str = "",
+    stop: int | None = None,
+    threshold: float | None = None,
 ) -> None:
     """Fig. 6: clean accuracy and ASR (y, fraction) against the fraction of channels pruned.
 
     ``curve`` has ``clean_acc`` and ``asr`` lists indexed by the number of pruned channels
-    (offset by ``curve.get("already_pruned", 0)``).
+    (offset by ``curve.get("already_pruned", 0)``).  Only what was measured is drawn: no ASR
+    line without backdoor data, no stop line without ``stop``; the stop is labelled with
+    ``threshold`` (accuracy points) when given.
     """
     plt = _pyplot()
     clean = np.asarray(curve["clean_acc"], dtype=float)
-    asr = np.asarray([math.nan if v is None else v for v in curve.get("asr", [])], dtype=float)
+    asr = np.asarray([math.nan if v is None else v for v in curve.get("asr") or []], dtype=float)
     fraction = np.arange(len(clean)) / float(channels)
     figure, axis = plt.subplots(figsize=(5.0, 3.4))
     axis.plot(fraction, clean, label="Clean Classification Accuracy", color="tab:blue")
     if asr.size and not np.all(np.isnan(asr)):
         axis.plot(fraction, asr, label="Backdoor Attack Success", color="tab:red", linestyle="--")
     if stop is not None:
-        axis.axvline(
-            stop / float(channels), color="gray", linestyle=":", label="4% accuracy-drop stop"
-        )
+        label = "stop" if threshold is None else f"stop ({threshold:g}-point accuracy drop)"
+        axis.axvline(stop / float(channels), color="gray", linestyle=":", label=label)
     axis.set_xlabel("Fraction of Neurons Pruned")
     axis.set_ylabel("Rate")
     axis.set_ylim(-0.02, 1.02)
@@ -255,34 +261,34 @@ def plot_pruning_curve(
 
 def plot_activations(
     clean_mean: Sequence[float],
-    backdoor_mean: Sequence[float],
+    backdoor_mean: Sequence[float] | None,
     path: str | os.PathLike,
     title: str = "",
 ) -> None:
     """Fig. 4/8: mean activation of every channel of the last conv layer for clean and
-    backdoored inputs, as two heat-map strips sharing one colour scale."""
+    backdoored inputs, as heat-map strips sharing one colour scale; with ``backdoor_mean``
+    None (no backdoor data given) only the clean panel is drawn."""
     plt = _pyplot()
-    clean = np.asarray(clean_mean, dtype=float)
-    backdoor = np.asarray(backdoor_mean, dtype=float)
-    columns = int(math.ceil(math.sqrt(clean.size)))
-    rows = int(math.ceil(clean.size / columns))
+    panels = [("(a) Clean Activations", np.asarray(clean_mean, dtype=float))]
+    if backdoor_mean is not None:
+        panels.append(("(b) Backdoor Activations", np.asarray(backdoor_mean, dtype=float)))
+    size = panels[0][1].size
+    columns = int(math.ceil(math.sqrt(size)))
+    rows = int(math.ceil(size / columns))
 
     def grid(values):
         padded = np.full(rows * columns, np.nan)
         padded[: values.size] = values
         return padded.reshape(rows, columns)
 
-    top = max(float(np.nanmax(clean)), float(np.nanmax(backdoor)), 1e-12)
-    figure, axes = plt.subplots(1, 2, figsize=(7.5, 3.6))
-    for axis, values, name in (
-        (axes[0], clean, "(a) Clean Activations"),
-        (axes[1], backdoor, "(b) Backdoor Activations"),
-    ):
+    top = max(max(float(np.nanmax(values)) for _, values in panels), 1e-12)
+    figure, axes = plt.subplots(1, len(panels), figsize=(3.9 * len(panels), 3.6), squeeze=False)
+    for axis, (name, values) in zip(axes[0], panels, strict=True):
         image = axis.imshow(grid(values), cmap="viridis", vmin=0.0, vmax=top)
         axis.set_title(name, fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.colorbar(image, ax=list(axes), shrink=0.8, label="mean activation")
+    figure.colorbar(image, ax=list(axes[0]), shrink=0.8, label="mean activation")
     if title:
         figure.suptitle(title, fontsize=10)
     _save_figure(figure, path)

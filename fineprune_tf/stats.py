@@ -10,13 +10,14 @@ forward and accumulate them in float64 on the host.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from fineprune_tf import model_io
 from fineprune_tf.layers import MaskedLayerMixin, masked_layers
 
 __all__ = ["BatchStats", "ChannelStats", "StatsCollector", "StatsRecorder", "as_dataset", "collect"]
@@ -99,20 +100,53 @@ class ChannelStats:
     count: int
 
 
-def as_dataset(data, batch_size: int = 128) -> tf.data.Dataset:
-    """Wraps a ``tf.data.Dataset``, an array ``x`` or a tuple ``(x, y)`` as batches of inputs.
+def as_dataset(data, batch_size: int = 128, model: keras.Model | None = None) -> tf.data.Dataset:
+    """Wraps a ``tf.data.Dataset``, the inputs, or a tuple ``(x, y)`` as batches of inputs.
 
-    Datasets that yield ``(x, y)`` or ``(x, y, w)`` tuples are reduced to ``x``.
+    The inputs are an array, or for a model with several inputs a dict ``{input name: array}``
+    or a list / tuple of arrays in ``model.inputs`` order.  A list or tuple is read as the
+    inputs when ``model`` is given and its arrays fit the model's inputs, else as ``(x, y[,
+    w])`` whose ``x`` is kept; likewise datasets yielding ``(x, y)`` or ``(x, y, w)`` tuples
+    are reduced to ``x``.
     """
     if isinstance(data, tf.data.Dataset):
         spec = data.element_spec
-        return data.map(lambda *e: e[0]) if isinstance(spec, tuple) else data
-    if isinstance(data, (tuple, list)):
+        if not isinstance(spec, tuple) or (model is not None and _spec_matches(model, spec)):
+            return data
+        return data.map(lambda *e: e[0])
+    if not (model is not None and model_io.matches_inputs(model, data)) and isinstance(
+        data, (tuple, list)
+    ):
         data = data[0]
-    x = np.asarray(data)
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"expected a non-empty batch of inputs, got an array of shape {x.shape}")
-    return tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+    if model is not None:
+        data = model_io.arrange_inputs(model, data)
+    elif isinstance(data, Mapping):
+        data = {key: np.asarray(value) for key, value in data.items()}
+    else:
+        data = np.asarray(data)
+    leaves = keras.tree.flatten(data)
+    if any(leaf.ndim < 2 for leaf in leaves) or model_io.num_examples(leaves) == 0:
+        raise ValueError(
+            "expected a non-empty batch of inputs, got arrays of shape "
+            f"{[leaf.shape for leaf in leaves]}"
+        )
+    # tf.data reads a list as one tensor to stack: several inputs go in as a tuple.
+    data = tuple(data) if isinstance(data, list) else data
+    return tf.data.Dataset.from_tensor_slices(data).batch(batch_size)
+
+
+def _spec_matches(model: keras.Model, spec: tuple) -> bool:
+    """Whether a dataset's tuple of specs is a model's several inputs rather than ``(x, y)``."""
+    if len(model.inputs) < 2 or len(spec) != len(model.inputs):
+        return False
+    return all(
+        isinstance(s, tf.TensorSpec)
+        and len(s.shape) == len(t.shape)
+        and all(
+            a is None or b is None or a == b for a, b in zip(s.shape[1:], t.shape[1:], strict=True)
+        )
+        for s, t in zip(spec, model.inputs, strict=True)
+    )
 
 
 def _select(model: keras.Model, layer_names: Sequence[str] | None) -> list[MaskedLayerMixin]:
@@ -184,7 +218,7 @@ class StatsCollector:
 
         def replica_step(x):
             with _recording(self.layers, self._recorders):
-                self.model(x, training=False)
+                self.model(_call_structure(self.model, x), training=False)
 
         if self.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
@@ -222,7 +256,9 @@ class StatsCollector:
         def forward(trainable, non_trainable, x):
             sinks = {layer.name: BatchStats() for layer in layers}
             with _recording(layers, sinks):
-                model.stateless_call(trainable, non_trainable, x, training=False)
+                model.stateless_call(
+                    trainable, non_trainable, _call_structure(model, x), training=False
+                )
             return {name: sink.totals() for name, sink in sinks.items()}
 
         if self._backend == "jax":
@@ -238,11 +274,12 @@ class StatsCollector:
     def collect(self, data, batch_size: int = 128) -> dict[str, ChannelStats]:
         """Runs the model once over ``data`` and returns ``{layer name: ChannelStats}``.
 
-        ``data``: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), an array or
-        ``(x, y)``; ``batch_size`` applies to arrays.  Memory: one batch of activations per layer
-        at a time plus four ``[C]`` accumulators; ``data`` may stream.
+        ``data``: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), the inputs (an
+        array; a dict by input name or a list for several inputs) or ``(x, y)``; see
+        :func:`as_dataset`.  ``batch_size`` applies to arrays.  Memory: one batch of
+        activations per layer at a time plus four ``[C]`` accumulators; ``data`` may stream.
         """
-        dataset = as_dataset(data, batch_size)
+        dataset = as_dataset(data, batch_size, self.model)
         if self._backend == "tensorflow":
             totals = self._collect_tensorflow(dataset)
         else:
@@ -280,6 +317,12 @@ class StatsCollector:
         return totals
 
 
+def _call_structure(model: keras.Model, x):
+    """Several inputs arrive from tf.data as a tuple: given in the structure the model was
+    built on (a list, or a dict by input name)."""
+    return keras.tree.pack_sequence_as(model.input, list(x)) if isinstance(x, tuple) else x
+
+
 def _channel_stats(total, total_sq, positive, entries) -> ChannelStats:
     count = float(entries)
     if count == 0:
@@ -309,7 +352,8 @@ def collect(
 
     Args:
       model: a Keras model containing MaskedConv2D / MaskedDense layers.
-      data: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), an array or ``(x, y)``.
+      data: a ``tf.data.Dataset`` (of inputs or ``(x, y)`` batches), the inputs (an array; a
+        dict by input name or a list for several inputs) or ``(x, y)``.
       layer_names: layers to measure (default: every masked layer).
       batch_size: batch size when ``data`` is an array.
       jit_compile: see :class:`StatsCollector`.

@@ -11,6 +11,7 @@ import pytest
 
 import fineprune_tf as fp
 from fineprune_tf import curves, defenses, export, stats
+from tests.zoo_models import speech_conv1d
 
 CLASSES = 3
 
@@ -36,15 +37,7 @@ def _image_data(n, seed):
 
 
 def _speech_model():
-    inputs = keras.Input((32, 9), name="mfcc")
-    x = keras.layers.Conv1D(16, 5, padding="causal", activation="relu", name="conv1")(inputs)
-    x = keras.layers.MaxPooling1D(2, name="pool1")(x)
-    x = keras.layers.Conv1D(24, 3, use_bias=False, name="conv2")(x)
-    x = keras.layers.BatchNormalization(name="bn2")(x)
-    x = keras.layers.ReLU(name="relu2")(x)
-    x = keras.layers.GlobalAveragePooling1D(name="gap")(x)
-    outputs = keras.layers.Dense(CLASSES, activation="softmax", name="probs")(x)
-    return keras.Model(inputs, outputs, name="speech_conv1d")
+    return speech_conv1d(CLASSES)
 
 
 def _mobilenet_block():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fineprune_tf import convert, models
+from tests.zoo_models import backbone_as_layer
 
 A = keras.applications
 
@@ -100,15 +101,8 @@ def test_residual_model_picks_the_last_block_not_the_stem():
 
 def test_backbone_as_a_layer_mobilenetv2_converts_exactly_and_picks_its_last_conv(zoo):
     backbone = zoo["MobileNetV2"]
-    features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output, name="backbone")
-    transfer = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            features,
-            keras.layers.GlobalAveragePooling2D(name="gap"),
-            keras.layers.Dense(4, activation="softmax", name="head"),
-        ]
-    )
+    features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output)
+    transfer = backbone_as_layer(features, classes=4)
     choice = models.default_layer(transfer)
     assert choice.name == "backbone.Conv_1"
     converted = convert(transfer)

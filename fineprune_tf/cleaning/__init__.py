@@ -13,17 +13,20 @@ before it is written.
 """
 
 from fineprune_tf.cleaning.errors import CleaningError, one_line_error
+from fineprune_tf.cleaning.inputs import choose_output
 from fineprune_tf.cleaning.output_folder import MANIFEST, OUTPUT_FILES, defended_file
 from fineprune_tf.cleaning.run import DEFENSE_CHOICES, clean_model
 
 # The package's parts: ``inputs`` (load, check, choose the layer, split the clean data),
 # ``output_folder`` (the folder and manifest rules), ``run`` (``clean_model``), ``report``
-# (report.md and the activation facts), ``errors``.
+# (report.md and the activation facts), ``errors``, ``multi_io`` (models with several inputs or
+# outputs: the output read, the packed view).
 __all__ = [
     "CleaningError",
     "DEFENSE_CHOICES",
     "MANIFEST",
     "OUTPUT_FILES",
+    "choose_output",
     "clean_model",
     "defended_file",
     "one_line_error",

@@ -17,6 +17,7 @@ from absl import logging
 from fineprune_tf import defenses, export, io, metrics, reporting
 from fineprune_tf.cleaning.errors import CleaningError
 from fineprune_tf.cleaning.inputs import choose_layer, load_masked, split_clean_data
+from fineprune_tf.cleaning.multi_io import ModelSignature, model_signature
 from fineprune_tf.cleaning.output_folder import (
     Manifest,
     check_output_dir,
@@ -54,6 +55,7 @@ def clean_model(
     progress: Callable[[str], None] = logging.info,
     load_limits: io.LoadLimits | None = None,
     data_limits: DataLimits | None = None,
+    output: str | None = None,
 ) -> dict:
     """Defends the user's model with ``defense``; writes ``OUTPUT_FILES`` (and the defended
     model, :func:`defended_file`) to ``output_dir``.
@@ -76,6 +78,9 @@ def clean_model(
       tolerance: clean holdout accuracy (points) a defense's own choices, and ``auto``'s
         choice, may cost.
       load_limits, data_limits: size / time / memory limits for the model and the data.
+      output: the output the defense reads, for a model with several (default: the one the
+        clean ``.npz`` labels as ``y_<name>``, else the only classification head); a model with
+        several inputs or outputs is defended through its packed view (``cleaning.multi_io``).
 
     Returns:
       The report (also written as ``report.json``).  The pruning curve is computed once: the
@@ -91,11 +96,20 @@ def clean_model(
     )
     previous = check_output_dir(output_dir, inputs, overwrite)
 
-    model = load_masked(model_path, allow_unsafe, load_limits, progress)
+    whole = load_masked(model_path, allow_unsafe, load_limits, progress, output, clean_data)
+    signature = model_signature(whole, output, clean_data)
+    if signature.view is not None:
+        progress(
+            f"{len(whole.inputs)} input(s), {len(whole.outputs)} output(s): the defense reads "
+            f"output {signature.output!r}"
+        )
+    model = signature.model(whole)  # one input, one output (the packed view when several)
     pruning = dataclasses.replace(
         pruning, layer=choose_layer(model, layer or pruning.layer, progress)
     )
-    data = _load_data(model, clean_data, backdoor_data, eval_fraction, settings, seed, data_limits)
+    data = _load_data(
+        signature, clean_data, backdoor_data, eval_fraction, settings, seed, data_limits
+    )
     backdoor = data.backdoor
 
     before = metrics.evaluate(model, data.evaluation_xy, backdoor)
@@ -134,7 +148,13 @@ def clean_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(output_dir)
     serving = save_models(
-        output_dir, manifest, model, pruned, chosen, defended_name, export_serving
+        output_dir,
+        manifest,
+        whole,
+        dataclasses.replace(pruned, model=signature.restored(pruned.model)),
+        dataclasses.replace(chosen, model=signature.restored(chosen.model)),
+        defended_name,
+        export_serving,
     )
     activations = activation_report(
         model, pruning.layer, data.defense_xy[0], backdoor, outcome.means
@@ -213,7 +233,7 @@ class _RunData:
 
 
 def _load_data(
-    model: keras.Model,
+    signature: ModelSignature,
     clean_data: str | os.PathLike,
     backdoor_data: str | os.PathLike | None,
     eval_fraction: float,
@@ -221,15 +241,26 @@ def _load_data(
     seed: int,
     data_limits: DataLimits | None,
 ) -> _RunData:
-    """Loads the user's data for ``model``'s input shape and classes and splits the clean
-    data into the defender's share and the evaluation share (``eval_fraction`` 0: the
-    evaluation reuses the defender's share)."""
-    input_shape, classes = tuple(model.inputs[0].shape[1:]), int(model.outputs[0].shape[-1])
-    clean = load_user_data(clean_data, input_shape, classes, "clean data", limits=data_limits)
+    """Loads the user's data for the model's inputs and the classes of the output read, packs
+    it for the model's view (several inputs), and splits the clean data into the defender's
+    share and the evaluation share (``eval_fraction`` 0: the evaluation reuses the defender's
+    share)."""
+    shape, classes, output = signature.input_shape, signature.classes, signature.output
+    clean = signature.packed(
+        load_user_data(clean_data, shape, classes, "clean data", limits=data_limits, output=output)
+    )
     backdoor = None
     if backdoor_data is not None:
-        backdoor = load_user_data(
-            backdoor_data, input_shape, classes, "backdoor data", min_classes=1, limits=data_limits
+        backdoor = signature.packed(
+            load_user_data(
+                backdoor_data,
+                shape,
+                classes,
+                "backdoor data",
+                min_classes=1,
+                limits=data_limits,
+                output=output,
+            )
         )
     defense_xy, evaluation_xy = split_clean_data(clean, eval_fraction, seed)
     if eval_fraction == 0:
@@ -260,10 +291,11 @@ def _write_figures(
         output_dir / "pruning_curve.png",
         title=layer,
         stop=pruned.details["pruned_count"],
+        threshold=pruned.details["threshold"],
     )
     reporting.plot_activations(
         activations["clean_mean"],
-        activations.get("backdoor_mean", activations["clean_mean"]),
+        activations.get("backdoor_mean"),  # no backdoor data: the clean panel only
         output_dir / "activations.png",
         title=layer,
     )

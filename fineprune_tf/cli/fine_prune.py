@@ -80,7 +80,11 @@ flags.DEFINE_list(
 define_data_and_strategy_flags()
 flags.DEFINE_integer("seed", 0, "Seed for data splits, poisoning, training and defenses.")
 flags.DEFINE_string("model", None, "Your model to clean (.keras or SavedModel directory).")
-flags.DEFINE_string("clean_data", None, "Your clean data: .npz (x, y) or image folder per class.")
+flags.DEFINE_string(
+    "clean_data",
+    None,
+    "Your clean data: .npz (x, y; several inputs: x_<input name> each) or image folder per class.",
+)
 flags.DEFINE_string("backdoor_data", None, "Optional triggered inputs (.npz: x, y[, y_attacker]).")
 flags.DEFINE_string(
     "defense",
@@ -93,6 +97,12 @@ flags.DEFINE_float(
     2.0,
     "--model: clean holdout accuracy (points) a defense's own "
     "choices, and --defense=auto's choice, may cost.",
+)
+flags.DEFINE_string(
+    "model_output",
+    None,
+    "--model with several outputs: the one the defense reads (default: the one --clean_data "
+    "labels as y_<name>, else the only classification head).",
 )
 flags.DEFINE_float("eval_fraction", 0.2, "Share of --clean_data held out for the report.")
 flags.DEFINE_bool("allow_unsafe", False, "Load models with code-carrying layers (trusted only).")
@@ -150,6 +160,7 @@ def clean_own_model() -> int:
             progress=print,
             load_limits=load_limits,
             data_limits=DataLimits(max_bytes=FLAGS.max_data_mb << 20),
+            output=FLAGS.model_output,
         )
     except Exception as error:  # noqa: BLE001  (bad input: one line, not a traceback)
         return _report_error(error)

@@ -4,7 +4,9 @@ Two layouts:
 
 * an ``.npz`` file with ``x`` (``[N, H, W, C]`` float or uint8; uint8 is scaled to ``[0, 1]``)
   and ``y`` (``[N]`` int labels); a backdoor file may add ``y_attacker`` (the attacker's label
-  per input: targeted) — without it the backdoor is treated as untargeted;
+  per input: targeted) — without it the backdoor is treated as untargeted.  A model with several
+  inputs takes one ``x_<input name>`` array per input instead of ``x``; the labels of one output
+  of a model with several may be ``y_<output name>`` instead of ``y``;
 * a folder with one sub-folder per class (sorted names = class indices 0, 1, ...) of image
   files, each resized to the model's input size and scaled to ``[0, 1]``.
 
@@ -52,14 +54,14 @@ class UserData:
     """Arrays read from the user's files.
 
     Attributes:
-      x: float32 ``[N, H, W, C]``.
+      x: float32 ``[N, H, W, C]`` (``{input name: [N, ...]}`` for a model with several inputs).
       y: int64 ``[N]`` true labels.
       y_attacker: int64 ``[N]`` attacker's labels (targeted backdoor data) or None.
       class_names: names of the classes (folder layout) or None.
       source: the path the data came from.
     """
 
-    x: np.ndarray
+    x: np.ndarray | dict[str, np.ndarray]
     y: np.ndarray
     y_attacker: np.ndarray | None
     class_names: list[str] | None
@@ -111,7 +113,9 @@ def _npz_members(path: pathlib.Path, limits: DataLimits) -> None:
                 )
 
 
-def _from_npz(path: pathlib.Path, limits: DataLimits):
+def _from_npz(path: pathlib.Path, limits: DataLimits, inputs: list[str] | None, output: str | None):
+    """``(x, y, y_attacker)`` from an .npz: ``x`` an array, or ``{name: x_<name>}`` for the
+    input names ``inputs``; ``y`` or ``y_<output>``."""
     with open(path, "rb") as handle:
         head = handle.read(6)
     if not head:
@@ -126,13 +130,19 @@ def _from_npz(path: pathlib.Path, limits: DataLimits):
     try:
         _npz_members(path, limits)
         with np.load(path, allow_pickle=False) as archive:
-            missing = [key for key in ("x", "y") if key not in archive.files]
+            x_keys = ["x"] if inputs is None else [f"x_{name}" for name in inputs]
+            y_key = "y" if "y" in archive.files or output is None else f"y_{output}"
+            missing = [key for key in (*x_keys, y_key) if key not in archive.files]
             if missing:
-                raise DataFormatError(
-                    f"{path}: the .npz has no {missing} array(s); it needs 'x' [N, H, W, C] and "
-                    f"'y' [N] (found {archive.files})"
+                wanted = (
+                    "'x' [N, ...]" if inputs is None else f"one 'x_<input name>' per input {x_keys}"
                 )
-            x, y = archive["x"], archive["y"]
+                raise DataFormatError(
+                    f"{path}: the .npz has no {missing} array(s); it needs {wanted} and 'y' [N] "
+                    f"(or 'y_<output name>') (found {archive.files})"
+                )
+            x = {key[2:]: archive[key] for key in x_keys} if inputs is not None else archive["x"]
+            y = archive[y_key]
             y_attacker = archive["y_attacker"] if "y_attacker" in archive.files else None
     except DataFormatError:
         raise
@@ -150,9 +160,23 @@ def _from_npz(path: pathlib.Path, limits: DataLimits):
         raise DataFormatError(
             f"{path}: not a readable .npz file ({type(error).__name__}: {str(error)[:200]})"
         ) from None
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
+    scale = lambda a: a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a  # noqa: E731
+    x = {name: scale(a) for name, a in x.items()} if isinstance(x, dict) else scale(x)
     return x, y, y_attacker
+
+
+def label_outputs(path: str | os.PathLike) -> list[str]:
+    """Output names ``<name>`` of the ``y_<name>`` arrays of an .npz (``y_attacker`` excepted);
+    empty for a folder or an unreadable file (the loader reports those)."""
+    path = pathlib.Path(path)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [info.filename.removesuffix(".npy") for info in archive.infolist()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    return sorted(n[2:] for n in names if n.startswith("y_") and n != "y_attacker")
 
 
 def _inside(entry: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
@@ -231,72 +255,64 @@ def _from_folder(path: pathlib.Path, image_shape: tuple[int, int, int], limits: 
 
 def load_user_data(
     path: str | os.PathLike,
-    input_shape: tuple[int, ...],
+    input_shape: tuple[int, ...] | dict[str, tuple[int, ...]],
     num_classes: int,
     what: str = "clean data",
     min_classes: int = 2,
     limits: DataLimits | None = None,
+    output: str | None = None,
 ) -> UserData:
     """Reads and validates the user's data against the model it is meant for.
 
     Args:
       path: an ``.npz`` file or an image folder (see the module docstring).
-      input_shape: the model's input shape without the batch axis, ``(H, W, C)``.
-      num_classes: the model's number of output classes.
+      input_shape: the model's input shape without the batch axis, ``(H, W, C)``; for a model
+        with several inputs, ``{input name: shape}`` (an ``.npz`` with ``x_<name>`` each).
+      num_classes: the number of classes of the output the labels are for.
       what: how error messages name this data ("clean data", "backdoor data").
       min_classes: how many distinct labels the data must hold.
       limits: size limits checked before decoding (default :class:`DataLimits`).
+      output: the model output the labels are for: an ``.npz`` without ``y`` gives them as
+        ``y_<output>``.
 
     Raises:
       FileNotFoundError, DataFormatError (a ValueError) naming the problem.
     """
     path = pathlib.Path(path)
     limits = limits or DataLimits()
+    several = isinstance(input_shape, dict)
     if not path.exists():
         raise FileNotFoundError(f"{what}: {path} does not exist")
     class_names = None
     if path.is_dir():
+        if several:
+            raise DataFormatError(
+                f"{what}: the model has {len(input_shape)} inputs {sorted(input_shape)}; an image "
+                "folder gives one: use an .npz with one 'x_<input name>' array per input"
+            )
         x, y, class_names = _from_folder(path, tuple(input_shape), limits)
         y_attacker = None
     elif path.suffix.lower() == ".npz":
-        x, y, y_attacker = _from_npz(path, limits)
+        x, y, y_attacker = _from_npz(path, limits, list(input_shape) if several else None, output)
     else:
         raise DataFormatError(
             f"{what}: {path} is neither an .npz file nor a folder of class sub-folders"
         )
-    x = np.asarray(x)
-    y = np.asarray(y).reshape(-1)
-    if x.ndim == 3 and len(input_shape) == 3 and input_shape[-1] == 1:
-        x = x[..., None]
-    if len(x) == 0:
-        raise DataFormatError(f"{what}: {path} holds no examples")
-    if tuple(x.shape[1:]) != tuple(input_shape):
-        raise DataFormatError(
-            f"{what}: examples have shape {tuple(x.shape[1:])} but the model takes "
-            f"{tuple(input_shape)}"
-        )
-    if len(y) != len(x):
-        raise DataFormatError(f"{what}: {len(x)} examples but {len(y)} labels")
-    if np.iscomplexobj(x) or np.iscomplexobj(y):
-        raise DataFormatError(
-            f"{what}: complex-valued {'x' if np.iscomplexobj(x) else 'y'} "
-            "(dtype complex); expected real numbers"
-        )
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataFormatError(f"{what}: x has dtype {x.dtype}, expected numbers")
-    x = x.astype(np.float32)
-    if not np.all(np.isfinite(x)):
-        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
-        raise DataFormatError(f"{what}: {bad} example(s) contain NaN or Inf values")
-    if not np.issubdtype(y.dtype, np.integer):
-        if (
-            np.issubdtype(y.dtype, np.floating)
-            and np.all(np.isfinite(y))
-            and np.all(y == np.round(y))
-        ):
-            y = y.astype(np.int64)
-        else:
-            raise DataFormatError(f"{what}: labels must be integers, got dtype {y.dtype}")
+    if several:
+        x = {
+            name: _checked_inputs(x[name], input_shape[name], f"{what} x_{name}", path)
+            for name in x
+        }
+        lengths = {name: len(array) for name, array in x.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataFormatError(
+                f"{what}: the inputs hold different numbers of examples {lengths}"
+            )
+        count = next(iter(lengths.values()))
+    else:
+        x = _checked_inputs(x, input_shape, what, path)
+        count = len(x)
+    y = _checked_labels(np.asarray(y).reshape(-1), count, what)
     labels = [("y", y)] + (
         [("y_attacker", np.asarray(y_attacker).reshape(-1))] if y_attacker is not None else []
     )
@@ -322,3 +338,44 @@ def load_user_data(
         class_names,
         str(path),
     )
+
+
+def _checked_inputs(x, input_shape: tuple[int, ...], what: str, path: pathlib.Path) -> np.ndarray:
+    """float32 ``[N, *input_shape]`` (a missing trailing channel of 1 added), finite numbers."""
+    x = np.asarray(x)
+    if x.ndim == 3 and len(input_shape) == 3 and input_shape[-1] == 1:
+        x = x[..., None]
+    if len(x) == 0:
+        raise DataFormatError(f"{what}: {path} holds no examples")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise DataFormatError(
+            f"{what}: examples have shape {tuple(x.shape[1:])} but the model takes "
+            f"{tuple(input_shape)}"
+        )
+    if np.iscomplexobj(x):
+        raise DataFormatError(f"{what}: complex-valued x (dtype complex); expected real numbers")
+    if not np.issubdtype(x.dtype, np.number):
+        raise DataFormatError(f"{what}: x has dtype {x.dtype}, expected numbers")
+    x = x.astype(np.float32)
+    if not np.all(np.isfinite(x)):
+        bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+        raise DataFormatError(f"{what}: {bad} example(s) contain NaN or Inf values")
+    return x
+
+
+def _checked_labels(y: np.ndarray, count: int, what: str) -> np.ndarray:
+    """int ``[N]`` labels for ``count`` examples."""
+    if len(y) != count:
+        raise DataFormatError(f"{what}: {count} examples but {len(y)} labels")
+    if np.iscomplexobj(y):
+        raise DataFormatError(f"{what}: complex-valued y (dtype complex); expected real numbers")
+    if not np.issubdtype(y.dtype, np.integer):
+        if (
+            np.issubdtype(y.dtype, np.floating)
+            and np.all(np.isfinite(y))
+            and np.all(y == np.round(y))
+        ):
+            y = y.astype(np.int64)
+        else:
+            raise DataFormatError(f"{what}: labels must be integers, got dtype {y.dtype}")
+    return y

@@ -10,7 +10,8 @@ data (test set, triggered inputs) is read after the choices, never during them
 
 Modules: ``guard`` (DefenderData, ReportOnly), ``result``, ``pruning``, ``fine_tuning``,
 ``fmp``, ``neurons`` (neuron groups shared by ANP/RNP/CLP), ``anp``, ``rnp``, ``clp``,
-``thresholds`` (holdout choice of thresholds), ``registry``, ``protocol``.
+``thresholds`` (holdout choice of thresholds), ``registry``, ``protocol``, ``multi_io``
+(models with several inputs or outputs).
 """
 
 from fineprune_tf.defenses.anp import anp
@@ -25,6 +26,7 @@ from fineprune_tf.defenses.fine_tuning import (
 )
 from fineprune_tf.defenses.fmp import FmpSettings, fmp, fmp_sensitivity
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, SelectionLeakError
+from fineprune_tf.defenses.multi_io import accepts_multi_io
 from fineprune_tf.defenses.protocol import PRIORITY, Choice, auto_defend, choose
 from fineprune_tf.defenses.pruning import (
     PruningOutcome,
@@ -37,6 +39,14 @@ from fineprune_tf.defenses.pruning import (
 from fineprune_tf.defenses.registry import REGISTRY, DefenseContext, register, run_defense
 from fineprune_tf.defenses.result import DefenseResult, clone, der, finish
 from fineprune_tf.defenses.rnp import rnp
+
+# Models with several inputs or outputs: every public defense runs on a one-input, one-output
+# view of them (defenses.multi_io); the registry and the protocol call the plain functions.
+anp, clp, fine_prune, fine_tune, fmp, prune, pruning_outcome, rnp, auto_defend = (
+    accepts_multi_io(fn)
+    for fn in (anp, clp, fine_prune, fine_tune, fmp, prune, pruning_outcome, rnp, auto_defend)
+)
+run_defense = accepts_multi_io(run_defense, model_position=1)
 
 #: The defenses ``fineprune_tf.experiment`` runs by name (REGISTRY holds them all).
 DEFENSES = ("none", "pruning", "fine_tuning", "fine_pruning", "fmp")

@@ -135,14 +135,15 @@ def fmp_sensitivity(
     for layer in conv_layers:
         probe = keras.Model(training.model_input(model), [layer.output, model.outputs[0]])
         clean_features = probe(x, training=False)[0]
+        rank = len(clean_features.shape)  # the feature map's, not the input's (packed inputs)
         per_chunk = max(1, max_stack // len(x))
         out = {k: np.zeros(layer.channels) for k in ("score", "deviation", "accuracy")}
         for first in range(0, layer.channels, per_chunk):
             chunk = np.arange(first, min(layer.channels, first + per_chunk))
             tiled = tf.convert_to_tensor(np.tile(start_x, (len(chunk),) + (1,) * (x.ndim - 1)))
             selector = np.repeat(np.eye(layer.channels, dtype=x.dtype)[chunk], len(x), axis=0)
-            selector = selector.reshape((len(tiled),) + (1,) * (x.ndim - 2) + (-1,))
-            reference = tf.tile(clean_features, [len(chunk)] + [1] * (x.ndim - 1))
+            selector = selector.reshape((len(tiled),) + (1,) * (rank - 2) + (-1,))
+            reference = tf.tile(clean_features, [len(chunk)] + [1] * (rank - 1))
             with tf.GradientTape() as tape:
                 tape.watch(tiled)
                 features = probe(tiled, training=False)[0]
@@ -151,7 +152,7 @@ def fmp_sensitivity(
             adversarial = tf.clip_by_value(tiled + epsilon * span * tf.sign(gradient), low, high)
             features, probabilities = probe(adversarial, training=False)
             deviation = tf.reduce_sum(
-                tf.square(features - reference) * selector, axis=list(range(1, x.ndim))
+                tf.square(features - reference) * selector, axis=list(range(1, rank))
             )
             labels = np.tile(y, len(chunk))
             losses = loss_fn(labels, probabilities).numpy().reshape(len(chunk), len(x))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+
+from fineprune_tf import model_io
 
 __all__ = ["DefenderData", "ReportOnly", "SelectionLeakError", "selecting", "is_selecting"]
 
@@ -75,11 +77,17 @@ class ReportOnly:
         raise SelectionLeakError("ReportOnly data cannot be unpacked; use open()")
 
 
+def _is_inputs(x: Any) -> bool:
+    """Whether ``x`` is a dict of input arrays (a model with several inputs)."""
+    return isinstance(x, Mapping)
+
+
 class DefenderData:
     """The defender's clean data, split once into ``fit`` and ``holdout``.
 
     Args:
-      x: float32 ``[N, H, W, C]`` clean inputs; y: int ``[N]`` labels.
+      x: float32 ``[N, H, W, C]`` clean inputs (a dict ``{input name: [N, ...]}`` for a model
+        with several inputs); y: int ``[N]`` labels.
       holdout_fraction: share of the examples kept aside for choices (checkpoints,
         thresholds), in (0, 1).
       seed: seeds the split.
@@ -96,21 +104,28 @@ class DefenderData:
                     f"DefenderData {name} is report-only data; the defender's data must be clean "
                     "validation data"
                 )
-        x, y = np.asarray(x), np.asarray(y)
-        if len(x) != len(y):
-            raise ValueError(f"validation x has {len(x)} examples but y has {len(y)} labels")
-        if len(x) < 2:
+        y = np.asarray(y)
+        # A dict of arrays by input name (a model with several inputs) stays a dict.
+        x = {key: np.asarray(value) for key, value in x.items()} if _is_inputs(x) else np.asarray(x)
+        count = model_io.num_examples(x)
+        if count != len(y):
+            raise ValueError(f"validation x has {count} examples but y has {len(y)} labels")
+        if count < 2:
             raise ValueError("the defender's validation set needs at least 2 examples")
         if not 0.0 < holdout_fraction < 1.0:
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
         self.x, self.y = x, y.astype(np.int64)
         self.seed = int(seed)
         self.holdout_fraction = float(holdout_fraction)
-        order = np.random.default_rng(self.seed + 104729).permutation(len(x))
-        count = min(max(1, int(round(len(x) * holdout_fraction))), len(x) - 1)
-        self.fit = (x[order[count:]], self.y[order[count:]])
-        self.holdout = (x[order[:count]], self.y[order[:count]])
-        self.value_range = (float(np.min(x)), float(np.max(x)))
+        order = np.random.default_rng(self.seed + 104729).permutation(count)
+        held = min(max(1, int(round(count * holdout_fraction))), count - 1)
+        self.fit = (model_io.take(x, order[held:]), self.y[order[held:]])
+        self.holdout = (model_io.take(x, order[:held]), self.y[order[:held]])
+        leaves = list(x.values()) if isinstance(x, dict) else [x]
+        self.value_range = (
+            min(float(np.min(leaf)) for leaf in leaves),
+            max(float(np.max(leaf)) for leaf in leaves),
+        )
 
     @classmethod
     def coerce(cls, data: Any, *, holdout_fraction: float = 0.2, seed: int = 0) -> DefenderData:
