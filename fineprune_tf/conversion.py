@@ -264,56 +264,7 @@ def convert(
     check_layers(graph, "convert")
     wanted = None if layer_names is None else set(layer_names)
 
-    replace: dict[int, type] = {}
-    problems: list[str] = []
-    has_conv = False
-    for gnode in graph.nodes:
-        layer = gnode.layer
-        if isinstance(layer, keras.layers.Layer):
-            check_not_quantized(layer)
-        if isinstance(layer, MaskedLayerMixin) and not isinstance(layer, MaskedDense):
-            has_conv = True
-        elif type(layer) in MASKED_TWIN:
-            has_conv = True
-            if wanted is None or layer.name in wanted:
-                if _skip_not_prunable(layer, wanted, problems):
-                    continue
-                problems.extend(_conv_problems(layer))
-                replace[id(layer)] = MASKED_TWIN[type(layer)]
-        elif (
-            dense and type(layer) is keras.layers.Dense and (wanted is None or layer.name in wanted)
-        ):
-            if any(len(t.shape) != 2 for t in gnode.inputs):
-                if wanted is not None:
-                    problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
-                continue
-            if _skip_not_prunable(layer, wanted, problems):
-                continue
-            if not classifier and _is_classifier(graph, gnode):
-                continue
-            replace[id(layer)] = MaskedDense
-    if not has_conv:
-        raise ConversionError(
-            f"model {model.name!r} has no Conv2D layer to convert (nor any "
-            f"other convolution: {_CONV_KINDS})"
-        )
-    if wanted is not None:
-        found = {
-            layer.name
-            for layer in graph.layers()
-            if id(layer) in replace
-            or (type(layer) in (*MASKED_TWIN, keras.layers.Dense) and not_prunable_reason(layer))
-        }
-        missing = sorted(wanted - found)
-        if missing:
-            problems.append(
-                f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
-                + (" or Dense" if dense else "")
-                + " layers of the model"
-            )
-    if problems:
-        raise ConversionError(f"cannot convert model {model.name!r}: " + "; ".join(problems))
-
+    replace = _replacements(graph, model.name, dense, classifier, wanted)
     if not replace and not any(isinstance(x, MaskedLayerMixin) for x in graph.layers()):
         raise ConversionError(
             f"model {model.name!r} has no prunable layer: "
@@ -348,6 +299,69 @@ def convert(
                 source = chains[id(layer)].batchnorm.layer
                 copy_layer_weights(source, clones[id(layer)].batch_normalization)
     return converted
+
+
+def _replacements(
+    graph: Graph, model_name: str, dense: bool, classifier: bool, wanted: set[str] | None
+) -> dict[int, type]:
+    """``id(layer) -> masked class`` for every layer :func:`convert` turns into its masked
+    twin (the arguments are :func:`convert`'s).
+
+    Raises:
+      ConversionError: no convolution at all; a named layer missing, not convertible or not
+        prunable; a convolution the masked twin cannot represent.
+    """
+    replace: dict[int, type] = {}
+    problems: list[str] = []
+    has_conv = False
+    for gnode in graph.nodes:
+        layer = gnode.layer
+        if isinstance(layer, keras.layers.Layer):
+            check_not_quantized(layer)
+        if isinstance(layer, MaskedLayerMixin) and not isinstance(layer, MaskedDense):
+            has_conv = True
+        elif type(layer) in MASKED_TWIN:
+            has_conv = True
+            if wanted is None or layer.name in wanted:
+                if _skip_not_prunable(layer, wanted, problems):
+                    continue
+                problems.extend(_conv_problems(layer))
+                replace[id(layer)] = MASKED_TWIN[type(layer)]
+        elif (
+            dense and type(layer) is keras.layers.Dense and (wanted is None or layer.name in wanted)
+        ):
+            if any(len(t.shape) != 2 for t in gnode.inputs):
+                if wanted is not None:
+                    problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
+                continue
+            if _skip_not_prunable(layer, wanted, problems):
+                continue
+            if not classifier and _is_classifier(graph, gnode):
+                continue
+            replace[id(layer)] = MaskedDense
+    if not has_conv:
+        raise ConversionError(
+            f"model {model_name!r} has no Conv2D layer to convert (nor any "
+            f"other convolution: {_CONV_KINDS})"
+        )
+    if wanted is not None:
+        found = {
+            layer.name
+            for layer in graph.layers()
+            if id(layer) in replace
+            or (type(layer) in (*MASKED_TWIN, keras.layers.Dense) and not_prunable_reason(layer))
+        }
+        missing = sorted(wanted - found)
+        if missing:
+            problems.append(
+                f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
+                + (" or Dense" if dense else "")
+                + " layers of the model"
+            )
+    if problems:
+        raise ConversionError(f"cannot convert model {model_name!r}: " + "; ".join(problems))
+
+    return replace
 
 
 def _fused_overrides(chain: BatchNormChain | None) -> dict[str, Any]:

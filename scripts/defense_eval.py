@@ -178,6 +178,12 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
                 else bool(chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET),
             }
         )
+    table = _cell_table(rows)
+    return {"choices": choices, "table": table, "incomplete": incomplete}
+
+
+def _cell_table(rows: list[dict]) -> list[dict]:
+    """Per (task, kind, defense): the seeds measured and mean ± sd of every reported number."""
     cells: dict = {}
     for row in rows:
         cells.setdefault((row["task"], row["kind"], row["defense"]), []).append(row)
@@ -207,7 +213,7 @@ def evaluate_rows(rows: list[dict], tolerance: float) -> dict:
                 },
             }
         )
-    return {"choices": choices, "table": table, "incomplete": incomplete}
+    return table
 
 
 class _Holdout:

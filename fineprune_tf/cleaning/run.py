@@ -34,6 +34,8 @@ __all__ = ["DEFENSE_CHOICES", "clean_model", "defend", "save_models"]
 DEFENSE_CHOICES = tuple(name for name in defenses.REGISTRY if name != "none") + ("auto",)
 
 
+# clean_model is ~85 lines, 30 of them the report's dict literal: the run reads in order in one
+# place (validate, load, prune and defend, write), and the report names what each step gave.
 def clean_model(
     model_path: str | os.PathLike,
     clean_data: str | os.PathLike,
@@ -117,28 +119,8 @@ def clean_model(
         f"original model: clean accuracy {before['clean_acc']:.3f}"
         + ("" if backdoor is None else f", attack success {before['asr']:.3f}")
     )
-    outcome = defenses.pruning_outcome(model, data.defender, pruning, backdoor)
-    pruned = defenses.prune(
-        model, data.defender, settings=pruning, outcome=outcome, evaluation=data.evaluation
-    )
-    progress(
-        f"pruning: {pruned.details['pruned_count']}/{pruned.details['channels']} channels "
-        f"of {pruning.layer}, clean accuracy {pruned.clean_acc:.3f}"
-    )
-    context = defenses.DefenseContext(
-        seed=seed,
-        tolerance=tolerance,
-        pruning=pruning,
-        fine_tune=settings,
-        fmp=fmp,
-        pruned=outcome,
-        backdoor_validation=backdoor,
-    )
-    chosen, choice = defend(defense, model, data.defender, context, data.evaluation, pruned)
-    progress(
-        f"{chosen.defense}: clean accuracy {chosen.clean_acc:.3f}"
-        + ("" if backdoor is None else f", attack success {chosen.asr:.3f}")
-        + f" ({choice['why']})"
+    outcome, pruned, chosen, choice = _prune_and_defend(
+        model, data, defense, pruning, settings, fmp, seed, tolerance, progress
     )
 
     check_output_dir(output_dir, inputs, overwrite)  # nothing changed while we computed
@@ -191,6 +173,48 @@ def clean_model(
     reporting.atomic_write_text(output_dir / "report.md", markdown(report))
     progress(f"done in {report['seconds']:.1f}s; results in {output_dir}")
     return report
+
+
+def _prune_and_defend(
+    model: keras.Model,
+    data: _RunData,
+    defense: str,
+    pruning: defenses.PruningSettings,
+    settings: defenses.FineTuneSettings,
+    fmp: defenses.FmpSettings | None,
+    seed: int,
+    tolerance: float,
+    progress: Callable[[str], None],
+) -> tuple:
+    """Ranks and prunes ``pruning.layer`` once, then runs ``defense`` reusing that outcome.
+
+    Returns ``(outcome, pruned, chosen, choice)``: the pruning outcome (ranking and curve), the
+    pruning defense's result, the chosen defense's result and what was chosen and why.
+    """
+    outcome = defenses.pruning_outcome(model, data.defender, pruning, data.backdoor)
+    pruned = defenses.prune(
+        model, data.defender, settings=pruning, outcome=outcome, evaluation=data.evaluation
+    )
+    progress(
+        f"pruning: {pruned.details['pruned_count']}/{pruned.details['channels']} channels "
+        f"of {pruning.layer}, clean accuracy {pruned.clean_acc:.3f}"
+    )
+    context = defenses.DefenseContext(
+        seed=seed,
+        tolerance=tolerance,
+        pruning=pruning,
+        fine_tune=settings,
+        fmp=fmp,
+        pruned=outcome,
+        backdoor_validation=data.backdoor,
+    )
+    chosen, choice = defend(defense, model, data.defender, context, data.evaluation, pruned)
+    progress(
+        f"{chosen.defense}: clean accuracy {chosen.clean_acc:.3f}"
+        + ("" if data.backdoor is None else f", attack success {chosen.asr:.3f}")
+        + f" ({choice['why']})"
+    )
+    return outcome, pruned, chosen, choice
 
 
 def _validated_settings(
