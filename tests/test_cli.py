@@ -52,6 +52,22 @@ def test_python_dash_m_fineprune_cli_help():
         assert f"  {name} " in result.stdout
 
 
+@pytest.mark.slow  # one child process importing TensorFlow
+@pytest.mark.subprocess
+def test_subcommand_help_lists_its_own_and_its_generated_flags():
+    # absl's --help lists the main module's key flags only: run_app registers the command's.
+    result = subprocess.run(
+        [sys.executable, "-m", "fineprune_tf.cli", "attack", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]  # absl's --help exits 1
+    for flag in ("--attack:", "--strategy:", "--poison_rate:", "--prune_fraction:"):
+        assert flag in result.stdout, result.stdout[-3000:]
+
+
 @pytest.mark.parametrize("cls", [AttackSettings, PruningSettings, FineTuneSettings, FmpSettings])
 def test_generated_flags_cover_every_field_with_its_default(cls):
     values = flags.FlagValues()
