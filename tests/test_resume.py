@@ -56,9 +56,10 @@ def wait_for_stage(output_dir, stage, process, timeout=300):
 # ---------------------------------------------------------------------------------------------
 # File-by-file comparison of two output directories.
 
-#: Keys whose values are wall times (or depend on them) or memory peaks: legitimately differ
-#: between runs.
+#: Keys whose values are wall times (or depend on them), memory peaks or the machine record
+#: (it carries the date the run wrote it): legitimately differ between runs.
 TIMING_KEYS = {
+    "machine",
     "seconds",
     "timings",
     "peak_rss_mb",
