@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from fineprune_tf import _keras_compat, graph, models
+from fineprune_tf import _keras_compat, convert, graph, models, stats
 from fineprune_tf.graph import Graph, Role, cost, node_role, role_of
 from fineprune_tf.layers import MaskedConv2D, MaskedDense
 
@@ -148,6 +148,28 @@ def test_activation_tensor_follows_the_per_channel_chain():
     other = keras.Model(inputs, out)
     tensor = graph.activation_tensor(other, other.get_layer("c"))
     assert _keras_compat.producing_operation(tensor).name == "c"
+
+
+def test_a_fused_chain_is_read_after_its_activation_in_stock_and_converted_models():
+    # EfficientNet's stem: conv -> BN -> swish.  convert fuses all three, so the masked layer's
+    # statistics are post-swish; the stock model's read-out must be the same tensor (it stopped
+    # before the swish, and the zoo's stats check failed by a factor of ~2).
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(4, 3, use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.Activation("swish", name="stem_activation")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    stock = keras.Model(inputs, keras.layers.Dense(3)(x))
+    bn = stock.get_layer("stem_bn")
+    bn.moving_mean.assign(np.linspace(-0.5, 0.5, 4).astype("float32"))
+    bn.moving_variance.assign(np.linspace(0.5, 2.0, 4).astype("float32"))
+    tensor = graph.activation_tensor(stock, stock.get_layer("stem_conv"))
+    assert _keras_compat.producing_operation(tensor).name == "stem_activation"
+    x_in = np.random.default_rng(0).normal(size=(5, 6, 6, 2)).astype("float32")
+    want = np.asarray(keras.Model(inputs, tensor)(x_in)).reshape(-1, 4).mean(axis=0)
+    masked = convert(stock)
+    np.testing.assert_allclose(stats.collect(masked, x_in)["stem_conv"].mean, want, atol=1e-5)
 
 
 def test_keras_compat_accessors_work_on_the_installed_keras():

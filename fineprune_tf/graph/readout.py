@@ -7,6 +7,7 @@ from typing import Any
 import keras
 
 from fineprune_tf.graph.errors import ConversionError
+from fineprune_tf.graph.fusion import batchnorm_chains
 from fineprune_tf.graph.registry import Role
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role
 from fineprune_tf.layers import MaskedLayerMixin
@@ -30,7 +31,9 @@ def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> 
     """The symbolic tensor a channel's "activation" is read from (Fine-Pruning §2.1: the
     neuron's ReLU output).
 
-    A layer with a fused ReLU is its own answer.  A linear layer followed by a chain of
+    A layer with a fused ReLU is its own answer.  A conv -> BatchNormalization -> activation
+    chain that :func:`fineprune_tf.convert` fuses is read after its activation (any per-element
+    one: the fused layer's channel ends there).  A linear layer followed by a chain of
     per-channel layers (BatchNormalization, ReLU, ``Activation("relu"|"linear")``, and layers
     that are the identity at inference, such as Dropout) is read at the end of that chain, so
     the ranking sees what the next layer sees.  The chain follows single consumers only; it
@@ -47,7 +50,12 @@ def activation_tensor(model: keras.Model | Graph, layer: keras.layers.Layer) -> 
     calls = graph.nodes_of(layer)
     if not calls:
         raise ConversionError(f"layer {layer.name!r} is not called in model {graph.model.name!r}")
-    return graph.chain_end(calls[0].outputs[0], _reads_through)
+    # A conv -> BN -> activation chain that convert fuses is read where the fused layer's
+    # channel ends, whatever the activation (swish, gelu, ...): the masked layer's statistics
+    # are measured there, so the stock and the converted model rank the same values.
+    chain = batchnorm_chains(graph, {id(layer)}).get(id(layer))
+    start = calls[0] if chain is None else (chain.activation or chain.batchnorm)
+    return graph.chain_end(start.outputs[0], _reads_through)
 
 
 def batchnorm_after(model: keras.Model) -> dict[str, keras.layers.BatchNormalization]:
