@@ -137,3 +137,36 @@ def model_classes() -> tuple[type, ...]:
     from keras.src.models import sequential
 
     return (Functional, sequential.Sequential, keras.Model)
+
+
+def arithmetic_operations() -> dict[type, str]:
+    """The ``keras.ops`` classes Python arithmetic on symbolic tensors records (``x + 3.0`` is
+    an ``Add`` node, ``x * y`` a ``Multiply`` node), mapped to "add", "subtract", "multiply" or
+    "divide".  The classes live in the private ``keras.src.ops.numpy``: the public
+    ``keras.ops.add`` is a function, and a functional graph's node holds the class instance."""
+    from keras.src.ops import numpy as knp
+
+    return {
+        knp.Add: "add",
+        knp.Subtract: "subtract",
+        knp.Multiply: "multiply",
+        knp.Divide: "divide",
+        knp.TrueDivide: "divide",
+    }
+
+
+def applications_channel_layers() -> dict[str, type]:
+    """The per-channel helper layers of ``keras.applications`` ConvNeXt, by name:
+    ``LayerScale`` (``x * gamma``, ``gamma`` of shape ``[projection_dim]``) and
+    ``StochasticDepth`` (identity at inference; at training a per-sample scalar).  Defined in the
+    private ``keras.src.applications.convnext`` with no public export; an empty dict if a
+    Keras version moves them (they then stay unknown, i.e. barriers)."""
+    try:
+        from keras.src.applications import convnext
+    except ImportError:
+        return {}
+    return {
+        name: getattr(convnext, name)
+        for name in ("LayerScale", "StochasticDepth")
+        if isinstance(getattr(convnext, name, None), type)
+    }

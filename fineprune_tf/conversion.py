@@ -1,8 +1,9 @@
 """Turn a stock Keras model into a prunable one: every convolution (Conv1D/2D/3D, grouped ones
 included, SeparableConv1D/2D, DepthwiseConv1D/2D) becomes its masked twin
-(:data:`fineprune_tf.layers.PLAIN_OF`; e.g. :class:`~fineprune_tf.layers.MaskedConv2D`), and
-optionally every hidden ``Dense`` a :class:`~fineprune_tf.layers.MaskedDense`, with the same
-weights, names and graph.
+(:data:`fineprune_tf.layers.PLAIN_OF`; e.g. :class:`~fineprune_tf.layers.MaskedConv2D`), and so
+does every pointwise ``Dense`` (one on a rank-3+ input, a 1x1 convolution over the last axis);
+optionally every hidden ``Dense`` on ``[N, D]`` becomes a
+:class:`~fineprune_tf.layers.MaskedDense` too.  Same weights, names and graph.
 
 The model usually comes from an untrusted party (it is the model the defense cleans), so
 conversion only accepts graphs made of built-in Keras layers: a custom layer or a ``Lambda``
@@ -151,7 +152,7 @@ def _passes_to_output(gnode: GraphNode) -> bool:
     return (
         node_role(gnode) in (Role.ELEMENTWISE, Role.CROSS_CHANNEL)
         and len(gnode.inputs) == 1
-        and not gnode.layer.weights
+        and not getattr(gnode.layer, "weights", ())  # bare keras.ops calls have none
     )
 
 
@@ -228,7 +229,9 @@ def convert(
         Activation/ReLU, Reshape, ... and
         ``fineprune_tf`` masked layers, which are copied as they are, masks included).
       dense: also turn every *hidden* ``Dense`` with a rank-2 input ``[N, D]`` into a
-        ``MaskedDense`` (a Dense applied to a rank-3+ tensor stays a Dense).
+        ``MaskedDense``.  A Dense applied to a rank-3 to 5 tensor ``[N, ..., D]`` is a pointwise
+        (1x1) convolution over the last axis and is converted whatever ``dense`` says, as a
+        convolution is (ConvNeXt's ``pointwise_conv_1`` / ``_2``).
       classifier: with ``dense=True``, also convert the classifier(s): Dense layers whose output
         reaches a model output through parameter-free layers only (Activation, Softmax,
         Dropout).  Off by default: pruning a class logit is never what the defense wants.
@@ -301,6 +304,12 @@ def convert(
     return converted
 
 
+def _is_pointwise(gnode: GraphNode) -> bool:
+    """A Dense call on a rank-3 to 5 input ``[N, ..., D]``: a 1x1 convolution over the last
+    axis (ConvNeXt's ``pointwise_conv_1``), converted like a convolution."""
+    return all(3 <= len(t.shape) <= 5 for t in gnode.inputs)
+
+
 def _replacements(
     graph: Graph, model_name: str, dense: bool, classifier: bool, wanted: set[str] | None
 ) -> dict[int, type]:
@@ -318,7 +327,9 @@ def _replacements(
         layer = gnode.layer
         if isinstance(layer, keras.layers.Layer):
             check_not_quantized(layer)
-        if isinstance(layer, MaskedLayerMixin) and not isinstance(layer, MaskedDense):
+        if isinstance(layer, MaskedLayerMixin) and (
+            not isinstance(layer, MaskedDense) or _is_pointwise(gnode)
+        ):
             has_conv = True
         elif type(layer) in MASKED_TWIN:
             has_conv = True
@@ -327,22 +338,20 @@ def _replacements(
                     continue
                 problems.extend(_conv_problems(layer))
                 replace[id(layer)] = MASKED_TWIN[type(layer)]
-        elif (
-            dense and type(layer) is keras.layers.Dense and (wanted is None or layer.name in wanted)
-        ):
-            if any(len(t.shape) != 2 for t in gnode.inputs):
-                if wanted is not None:
-                    problems.append(f"{layer.name!r}: MaskedDense needs a rank-2 input [N, D]")
+        elif type(layer) is keras.layers.Dense:
+            pointwise = _is_pointwise(gnode)
+            has_conv |= pointwise
+            if not (pointwise or dense) or (wanted is not None and layer.name not in wanted):
                 continue
             if _skip_not_prunable(layer, wanted, problems):
                 continue
-            if not classifier and _is_classifier(graph, gnode):
+            if not pointwise and not classifier and _is_classifier(graph, gnode):
                 continue
             replace[id(layer)] = MaskedDense
     if not has_conv:
         raise ConversionError(
             f"model {model_name!r} has no Conv2D layer to convert (nor any "
-            f"other convolution: {_CONV_KINDS})"
+            f"other convolution: {_CONV_KINDS}, nor a Dense on a rank-3+ input)"
         )
     if wanted is not None:
         found = {
@@ -355,7 +364,7 @@ def _replacements(
         if missing:
             problems.append(
                 f"layers {missing} are not convertible convolution ({_CONV_KINDS})"
-                + (" or Dense" if dense else "")
+                + (" or Dense" if dense else " or pointwise Dense (on a rank-3+ input)")
                 + " layers of the model"
             )
     if problems:

@@ -1,7 +1,8 @@
 """Keras 3 layers whose output channels (or units) can be pruned and whose activations can be
 measured in the same pass: a masked twin of every convolution kind (Conv1D/2D/3D, grouped
 included; SeparableConv1D/2D, whose pointwise outputs are masked; DepthwiseConv1D/2D, whose
-``C_in * depth_multiplier`` outputs are masked) and of Dense.
+``C_in * depth_multiplier`` outputs are masked) and of Dense (on ``[N, D]``, or pointwise on the
+last axis of ``[N, ..., D]``).
 
 A pruned channel is multiplied by 0 *after* bias and activation, so neither its bias nor its
 weights reach the output, and the gradient is ``dy * mask * act'(z)``: fine-tuning cannot
@@ -418,16 +419,21 @@ class MaskedDepthwiseConv2D(_DepthwiseLinear, _MaskedConvMixin, keras.layers.Dep
 @keras.saving.register_keras_serializable(package="fineprune_tf")
 class MaskedDense(MaskedLayerMixin, keras.layers.Dense):
     """``keras.layers.Dense`` with prunable units (neurons); input ``[N, D]``, output
-    ``[N, units]``."""
+    ``[N, units]``.
+
+    On a rank-3 to 5 input ``[N, ..., D]`` it is a pointwise ("1x1") layer on the last axis, as
+    Keras' Dense is (ConvNeXt's ``pointwise_conv_1``): output ``[N, ..., units]``, unit ``u``
+    masked at every position, its statistics averaged over the batch and every position (the
+    fused op takes ranks 2 to 5)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._check_supported()
 
     def build(self, input_shape):
-        if len(input_shape) != 2:
+        if not 2 <= len(input_shape) <= 5:
             raise ValueError(
-                "MaskedDense expects a rank-2 input [N, D]. Received: "
+                "MaskedDense expects an input of rank 2 to 5, [N, D] or [N, ..., D]. Received: "
                 f"input_shape={tuple(input_shape)}"
             )
         super().build(input_shape)

@@ -32,6 +32,14 @@ KINDS = {
         (8, 8, 4),
         Role.GROUPED,
     ),
+    # groups == C_in: a depthwise convolution (ConvNeXt's), 2 outputs per input channel.
+    "conv2d_depthwise_groups": (
+        fl.MaskedConv2D,
+        keras.layers.Conv2D,
+        dict(filters=6, kernel_size=3, groups=3, padding="same", activation="relu"),
+        (6, 6, 3),
+        Role.SPATIAL,
+    ),
     "conv3d": (
         fl.MaskedConv3D,
         keras.layers.Conv3D,
@@ -197,7 +205,9 @@ def _with_consumer(kind):
     masked_cls, _, kwargs, shape, _ = KINDS[kind]
     conv = {2: keras.layers.Conv1D, 3: keras.layers.Conv2D, 4: keras.layers.Conv3D}[len(shape)]
     inputs = keras.Input(shape, name="x")
-    x = conv(shape[-1] * 2, 1, activation="relu", name="producer")(inputs)
+    # A groups == C_in convolution stays depthwise only on as many channels as it was made for.
+    width = shape[-1] if kwargs.get("groups") == shape[-1] else shape[-1] * 2
+    x = conv(width, 1, activation="relu", name="producer")(inputs)
     x = masked_cls(name="layer", **kwargs)(x)
     x = conv(5, 2, name="consumer")(x)
     x = keras.layers.Flatten(name="flat")(x)
@@ -209,10 +219,10 @@ def test_shrink_removes_pruned_channels_exactly(kind):
     model = _with_consumer(kind)
     layer, producer = model.get_layer("layer"), model.get_layer("producer")
     half = np.arange(0, layer.channels, 2)
-    if isinstance(layer, fl.MaskedDepthwiseConv2D | fl.MaskedDepthwiseConv1D):
+    if role_of(layer) is Role.SPATIAL:
         # Depthwise channels follow their input: every other input channel is pruned in the
-        # producer and, with its depth_multiplier outputs, in the depthwise layer.
-        m = layer.depth_multiplier
+        # producer and, with its m outputs (depth_multiplier, filters / groups), in the layer.
+        m = fp.graph.channel_multiplier(layer)
         inputs_of = np.arange(0, layer.channels // m, 2)
         half = np.sort(np.concatenate([inputs_of * m + k for k in range(m)]))
         producer.prune(inputs_of)

@@ -7,7 +7,8 @@ Checks, per model:
 * convert: the masked model computes the stock model's outputs (relative 1e-5);
 * stats: ``fp.stats.collect`` over every masked layer equals the mean, over the same inputs, of
   a probe sub-model of the *stock* model reading where that layer's channel ends
-  (``fp.graph.activation_tensor``: after a fused BN and ReLU; one probe for all layers);
+  (after a fused BN and activation, else ``fp.graph.activation_tensor``; one probe for all
+  layers);
 * prune: half of the coupled channels of every removable group of ``fp.graph.channel_groups``;
 * shrink: ``fp.export.shrink`` computes the masked model's outputs (relative 1e-5), with fewer
   parameters and multiply-adds than the masked model;
@@ -73,15 +74,6 @@ from tests.zoo_models import MODELS, calibrate_batchnorm, inputs_for
 
 RTOL = 1e-5
 
-#: Models whose every dependency group is blocked, and the missing features that block them.
-NOTHING_REMOVABLE = {
-    "ConvNeXtTiny": "ConvNeXt has no removable group: its pointwise Dense layers on feature maps "
-    "are not converted (no MaskedDense on rank-4 inputs), its depthwise convolutions are "
-    "Conv2D(groups=C) (grouped: every input channel needed), and every residual channel passes "
-    "a LayerNormalization over the channels (no LayerNorm-aware pruning)",
-}
-
-
 #: The keras.applications part of the matrix takes ~5-15 min per model on 2 shared cores; the
 #: README's test command (CI's) runs slow tests too, so it runs only when asked for.
 _FULL = pytest.mark.skipif(
@@ -146,6 +138,28 @@ def test_convert_computes_the_stock_outputs(name, tmp_path_factory):
     _close(_outputs(case["masked"], case["x"]), _outputs(case["stock"], case["x"]), "convert")
 
 
+def _channel_ends(model: keras.Model, names: list[str]) -> list:
+    """Where each named layer's channel ends in ``model``: for a conv that convert fuses with
+    its BatchNormalization (and activation), the end of that chain (the fused activation may
+    be any per-element one, MobileNetV3's hard-swish included); otherwise
+    ``fp.graph.activation_tensor``."""
+    graph = fp.graph.Graph(model)
+    convs = {
+        id(model.get_layer(n))
+        for n in names
+        if not isinstance(model.get_layer(n), keras.layers.Dense)
+    }
+    chains = fp.graph.batchnorm_chains(graph, convs)
+    ends = []
+    for n in names:
+        chain = chains.get(id(model.get_layer(n)))
+        if chain is None:
+            ends.append(fp.graph.activation_tensor(graph, model.get_layer(n)))
+        else:
+            ends.append((chain.activation or chain.batchnorm).outputs[0])
+    return ends
+
+
 @pytest.mark.parametrize("name", _CASES)
 def test_stats_equal_a_probe_of_the_stock_model(name, tmp_path_factory):
     case = _pipeline(name, tmp_path_factory)
@@ -156,7 +170,7 @@ def test_stats_equal_a_probe_of_the_stock_model(name, tmp_path_factory):
     # with every mask open (the masks multiply by one), the others in the stock model.
     reference = stock if all("." not in layer.name for layer in layers) else masked
     names = [layer.name for layer in layers]
-    ends = [fp.graph.activation_tensor(reference, reference.get_layer(n)) for n in names]
+    ends = _channel_ends(reference, names)
     probe = keras.Model(reference.inputs, ends)
     # One batch, both traced: an eager pass and a traced one differ by float rounding that deep
     # networks with calibrated BN amplify to ~1e-3 (EfficientNetB0's block6d_se_expand).
@@ -175,9 +189,6 @@ def test_stats_equal_a_probe_of_the_stock_model(name, tmp_path_factory):
 @pytest.mark.parametrize("name", _CASES)
 def test_half_of_every_group_pruned_shrinks_exactly_and_smaller(name, tmp_path_factory):
     case = _pipeline(name, tmp_path_factory)
-    if name in NOTHING_REMOVABLE:
-        assert not case["removable"]  # still true: update NOTHING_REMOVABLE when it is not
-        pytest.xfail(NOTHING_REMOVABLE[name])
     assert case["removable"], [group.blocked for group in case["groups"]]
     pruned, shrunk, x = case["pruned"], case["shrunk"], case["x"]
     assert sum(len(layer.pruned_channels) for layer in fp.layers.masked_layers(pruned)) > 0

@@ -9,7 +9,11 @@ Every channel of every tensor is a vertex; the graph registry's roles
   multi-input ones (``Add``, ``Multiply``, ... : residual streams, squeeze-excitation gates)
   tie channel ``c`` of every same-width input and of the output;
 * spatial layers (pooling, padding, global pooling) tie ``c`` to ``c``; depthwise convolutions
-  tie output ``c * depth_multiplier + k`` to input ``c``;
+  (and convolutions with ``groups`` equal to their input channels, ConvNeXt's) tie output
+  ``c * m + k`` to input ``c`` (``m``: :func:`~fineprune_tf.graph.registry.channel_multiplier`);
+* bare ``keras.ops`` arithmetic (``x + 3.0``, ``x * y``) is element-wise when
+  :func:`~fineprune_tf.graph.node_role` says so; a channel's constant through it (0 + 3) is
+  shrink's business, not the grouping's;
 * ``Concatenate`` ties input ``i``'s channel ``c`` to output ``offset_i + c``;
 * reshapes that keep the last axis tie ``c`` to ``c``; ``Flatten`` ties feature ``f`` to
   channel ``f mod C``;
@@ -37,7 +41,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from fineprune_tf.graph.registry import Role
+from fineprune_tf.graph.registry import Role, channel_multiplier
 from fineprune_tf.graph.walker import Graph, GraphNode, node_role
 from fineprune_tf.layers import MaskedLayerMixin
 
@@ -127,7 +131,7 @@ def _tie_node(gnode: GraphNode, channels: _Channels) -> str | None:
                 return f"{gnode.name} mixes inputs of different widths"
         return None
     if role is Role.SPATIAL and len(ins) == 1:
-        m = getattr(gnode.layer, "depth_multiplier", 1)
+        m = channel_multiplier(gnode.layer)
         if out.size != ins[0].size * m:
             return f"{gnode.name} changes the channel count"
         channels.tie(np.repeat(ins[0], m), out)

@@ -6,6 +6,7 @@ from typing import Any
 
 import keras
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph.errors import ConversionError
 from fineprune_tf.graph.fusion import batchnorm_chains
 from fineprune_tf.graph.registry import Role
@@ -14,12 +15,21 @@ from fineprune_tf.layers import MaskedLayerMixin
 
 __all__ = ["activation_tensor", "batchnorm_after"]
 
-# Element-wise layers that are not a ReLU-like read-out: the chain stops before them.
-_NOT_RELU_LIKE = (keras.layers.LeakyReLU, keras.layers.ELU, keras.layers.PReLU)
+# Element-wise layers that are not a ReLU-like read-out: the chain stops before them (ConvNeXt's
+# LayerScale multiplies each channel by a learned gamma, ~1e-6 at initialisation: a scale of the
+# residual branch, not the neuron's activation).
+_NOT_RELU_LIKE = (
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    *(cls for name, cls in compat.applications_channel_layers().items() if name == "LayerScale"),
+)
 
 
 def _reads_through(gnode: GraphNode) -> bool:
     layer = gnode.layer
+    if not isinstance(layer, keras.layers.Layer):
+        return False  # bare arithmetic (x + 3.0) is not an activation read-out
     if node_role(gnode) is not Role.ELEMENTWISE or isinstance(layer, _NOT_RELU_LIKE):
         return False
     if isinstance(layer, keras.layers.Activation):

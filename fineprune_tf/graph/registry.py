@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.activations import (
     CROSS_CHANNEL_ACTIVATIONS,
     activation_name,
@@ -37,6 +38,7 @@ __all__ = [
     "Role",
     "activation_name",
     "cross_channel_activation",
+    "channel_multiplier",
     "register",
     "registered",
     "role_of",
@@ -51,7 +53,8 @@ class Role(enum.Enum):
     ELEMENTWISE = "elementwise"
     #: Output channel ``c`` is a function of input channel ``c`` over a spatial window
     #: (pooling, padding, cropping, up-sampling, depthwise convolution: ``depth_multiplier``
-    #: output channels per input channel).
+    #: output channels per input channel, :func:`channel_multiplier`; a convolution with
+    #: ``groups`` equal to its input channels is one).
     SPATIAL = "spatial"
     #: Every output channel is a learned linear combination of all input channels (conv,
     #: dense): the output channels are the layer's own, and the ones pruning removes.
@@ -90,8 +93,30 @@ def _concat_role(layer: Any) -> Role:
     return Role.CONCAT
 
 
+def _is_grouped_depthwise(layer: Any) -> bool:
+    """A built convolution with ``groups > 1`` and one input channel per group
+    (``groups == C_in``, ConvNeXt's ``Conv2D(groups=C)``): output channel ``o`` reads input
+    channel ``o // (filters / groups)`` only, exactly a depthwise convolution with
+    ``depth_multiplier = filters / groups``.  The kernel ``[k..., C_in / groups, filters]``
+    says so (an unbuilt layer does not know ``C_in``: it stays GROUPED)."""
+    if getattr(layer, "groups", 1) <= 1 or not layer.built:
+        return False
+    return int(layer.kernel.shape[-2]) == 1
+
+
 def _convolution_role(layer: Any) -> Role:
-    return Role.GROUPED if getattr(layer, "groups", 1) > 1 else Role.MIXES
+    if getattr(layer, "groups", 1) <= 1:
+        return Role.MIXES
+    return Role.SPATIAL if _is_grouped_depthwise(layer) else Role.GROUPED
+
+
+def channel_multiplier(layer: Any) -> int:
+    """Output channels per input channel of a SPATIAL layer: ``depth_multiplier`` of a
+    depthwise convolution, ``filters / groups`` of a grouped one with ``groups == C_in``, 1 for
+    pooling, padding and the like (output ``c * m + k`` comes from input ``c``)."""
+    if _is_grouped_depthwise(layer):
+        return int(layer.filters) // int(layer.groups)
+    return int(getattr(layer, "depth_multiplier", 1))
 
 
 L = keras.layers
@@ -158,8 +183,14 @@ _MIXES = (
 # Their role depends on ``groups``.
 _CONVOLUTIONS = (L.Conv1D, L.Conv2D, L.Conv3D, MaskedConv1D, MaskedConv2D, MaskedConv3D)
 
+# keras.applications' ConvNeXt helpers, read in keras/src/applications/convnext.py (3.15):
+# LayerScale.call is ``x * self.gamma`` with gamma of shape [projection_dim] (channel c scaled
+# by gamma[c]: 0 stays 0, a constant stays constant); StochasticDepth.call is the identity at
+# inference and ``x / keep_prob * r`` with one r per sample in training.  Both act per channel.
+_APPLICATIONS_ELEMENTWISE = tuple(compat.applications_channel_layers().values())
+
 _REGISTRY: dict[type, Role | Callable[[Any], Role]] = {
-    **{cls: Role.ELEMENTWISE for cls in _ELEMENTWISE},
+    **{cls: Role.ELEMENTWISE for cls in _ELEMENTWISE + _APPLICATIONS_ELEMENTWISE},
     **{cls: Role.SPATIAL for cls in _SPATIAL},
     **{cls: Role.MIXES for cls in _MIXES},
     **{cls: _convolution_role for cls in _CONVOLUTIONS},

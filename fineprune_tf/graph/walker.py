@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
+import numpy as np
 
 from fineprune_tf import _keras_compat as compat
 from fineprune_tf.graph.errors import ConversionError
@@ -86,13 +87,60 @@ class GraphNode:
         return keras.tree.flatten(self.layer(*args, **kwargs))
 
 
+def _is_symbolic(value: Any) -> bool:
+    return isinstance(value, keras.KerasTensor)
+
+
+def _per_channel_constant(value: Any, tensor: Any) -> bool:
+    """A Python / numpy number, or a numpy array that broadcasts against ``tensor`` along the
+    channel axis only: shape ``()``, ``(1, ..., 1)`` or ``(1, ..., 1, C)``, rank at most the
+    tensor's (so it never widens the tensor)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number, np.ndarray)):
+        return False
+    shape = np.shape(value)
+    if len(shape) > len(tensor.shape) or any(d != 1 for d in shape[:-1]):
+        return False
+    return not shape or shape[-1] in (1, tensor.shape[-1])
+
+
+def _arithmetic_role(gnode: GraphNode) -> Role:
+    """The role of a bare ``keras.ops`` arithmetic call (``x + 3.0``, ``x * (1 / 6)``,
+    ``x * y``: what Python operators on symbolic tensors record, e.g. MobileNetV3's
+    hard-sigmoid).
+
+    ELEMENTWISE for add / subtract / multiply / divide of either two tensors (like the
+    ``Add`` / ``Multiply`` layers: channel ``c`` of the output is a function of channel ``c`` of
+    each) or one tensor and a per-channel constant (:func:`_per_channel_constant`) that does not
+    change its shape.  Whether a pruned channel stays exactly 0 through it (``x + 3`` maps 0 to
+    3, ``x * f(x)`` keeps 0) is not decided here: shrink carries each removed channel's
+    constant through the call and folds it into the consumer (:mod:`fineprune_tf.export`).
+    Division by a tensor is OPAQUE (a pruned divisor is a division by zero), as is any other
+    operation."""
+    kind = compat.arithmetic_operations().get(type(gnode.layer))
+    args, kwargs = gnode.arguments()
+    if kind is None or kwargs or len(args) != 2 or len(gnode.outputs) != 1:
+        return Role.OPAQUE
+    symbolic = [_is_symbolic(a) for a in args]
+    if kind == "divide" and symbolic[1]:
+        return Role.OPAQUE
+    if all(symbolic):
+        return Role.ELEMENTWISE
+    if not any(symbolic):
+        return Role.OPAQUE
+    tensor, constant = (args[0], args[1]) if symbolic[0] else (args[1], args[0])
+    if tuple(tensor.shape) != tuple(gnode.outputs[0].shape):
+        return Role.OPAQUE
+    return Role.ELEMENTWISE if _per_channel_constant(constant, tensor) else Role.OPAQUE
+
+
 def node_role(gnode: GraphNode) -> Role:
     """The registry's :func:`~fineprune_tf.graph.role_of` for this call, made OPAQUE when the
-    call does not act on the last axis (BatchNormalization / Concatenate on another axis) or
-    is not a Keras layer (a bare ``keras.ops`` operation)."""
+    call does not act on the last axis (BatchNormalization / Concatenate on another axis).  A
+    bare ``keras.ops`` call is ELEMENTWISE when it is per-channel arithmetic
+    (:func:`_arithmetic_role`), else OPAQUE."""
     layer = gnode.layer
     if not isinstance(layer, keras.layers.Layer):
-        return Role.OPAQUE
+        return _arithmetic_role(gnode)
     role = role_of(layer)
     axis = getattr(layer, "axis", None)
     if role in (Role.ELEMENTWISE, Role.CONCAT) and isinstance(axis, int):

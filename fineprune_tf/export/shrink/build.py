@@ -9,13 +9,20 @@ from typing import Any
 import keras
 import numpy as np
 
+from fineprune_tf import _keras_compat as compat
 from fineprune_tf.conversion import ConversionError, check_not_quantized, clone_layer, to_numpy
 from fineprune_tf.export.shrink.plan import _Plan
-from fineprune_tf.graph import GraphNode
+from fineprune_tf.graph import GraphNode, channel_multiplier
 from fineprune_tf.layers import PLAIN_OF, MaskedLayerMixin
 
 _SEPARABLE = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+#: Per-channel layers whose configuration states their width (rebuilt with the kept count).
+_WIDTH_ARGUMENTS = {
+    cls: "projection_dim"
+    for name, cls in compat.applications_channel_layers().items()
+    if name == "LayerScale"
+}
 
 
 def _mask_of(layer) -> np.ndarray | None:
@@ -71,9 +78,9 @@ class _Builder:
 
     def call(self, gnode: GraphNode, args: tuple, kwargs: dict) -> Any:
         layer = gnode.layer
-        if not isinstance(layer, keras.layers.Layer):
-            return layer(*args, **kwargs)
         kind = self.plan.kinds[gnode.index]
+        if not isinstance(layer, keras.layers.Layer):
+            return self._operation(gnode, kind, args, kwargs)
         masked_barrier = kind == "barrier" and isinstance(layer, MaskedLayerMixin)
         if kind == "separable" or (masked_barrier and isinstance(layer, _SEPARABLE)):
             return self._separable(gnode, kind, args, kwargs)
@@ -87,6 +94,10 @@ class _Builder:
                 kind == "flatten" and isinstance(layer, keras.layers.Reshape)
             ):
                 overrides = self._reshape_target(gnode)
+            width_argument = _WIDTH_ARGUMENTS.get(type(layer))
+            a_in = self.plan.keep[id(gnode.inputs[0])] if gnode.inputs else None
+            if kind == "channelwise" and width_argument and a_in is not None:
+                overrides = {width_argument: int(a_in.sum())}
             clone = clone_layer(layer, **overrides)
             self.clones[id(layer)] = clone
             weights = layer.get_weights()
@@ -98,6 +109,19 @@ class _Builder:
                     ]
             self.weights.append((clone, weights))
         return self.clones[id(layer)](*args, **kwargs)
+
+    def _operation(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
+        """A bare ``keras.ops`` call, reused: a per-channel constant operand (``x * gamma``,
+        ``gamma`` of shape ``[..., C]``) keeps the kept channels of its tensor operand."""
+        a_in = self.plan.keep[id(gnode.inputs[0])] if kind == "channelwise" else None
+        if a_in is not None:
+            args = tuple(
+                np.asarray(a)[..., a_in]
+                if not isinstance(a, keras.KerasTensor) and np.ndim(a) and np.shape(a)[-1] > 1
+                else a
+                for a in args
+            )
+        return gnode.layer(*args, **kwargs)
 
     def _reshape_target(self, gnode: GraphNode) -> dict:
         target = list(gnode.layer.target_shape)
@@ -215,14 +239,18 @@ class _Builder:
         return out if rescale is None else rescale(out)
 
     def _depthwise(self, gnode: GraphNode, kind: str, args: tuple, kwargs: dict) -> Any:
-        """DepthwiseConv1D/2D (masked or not): output channels follow the kept input channels
-        (``depth_multiplier`` per input channel); pruned-but-kept outputs are zeroed."""
+        """DepthwiseConv1D/2D (masked or not), or a convolution with ``groups == C_in``:
+        output channels follow the kept input channels (``m`` per input channel,
+        :func:`~fineprune_tf.graph.channel_multiplier`); pruned-but-kept outputs are zeroed."""
         layer = gnode.layer
         if id(layer) in self.clones:
             return self._apply(layer, args, kwargs)
         check_not_quantized(layer)
-        m = layer.depth_multiplier
-        kernel = np.asarray(to_numpy(layer.kernel), np.float64)  # [k..., C_in, m]
+        m = channel_multiplier(layer)
+        kernel = np.asarray(to_numpy(layer.kernel), np.float64)
+        grouped = not isinstance(layer, _DEPTHWISE)
+        if grouped:  # [k..., 1, C_in * m] -> the depthwise layout [k..., C_in, m]
+            kernel = kernel.reshape(*kernel.shape[:-2], -1, m)
         flat, bias = _folded(  # [k..., C_out]: output c * m + k
             layer, kernel.reshape(*kernel.shape[:-2], -1), self._bias(layer, kernel.shape[-2] * m)
         )
@@ -234,8 +262,14 @@ class _Builder:
         bias = bias[a_out]
         self._zero_pruned(layer, a_out, flat, bias)
         use_bias = bool(layer.use_bias or np.any(bias != 0) or _has_batchnorm(layer))
-        clone = clone_layer(layer, PLAIN_OF.get(type(layer), type(layer)), use_bias=use_bias)
-        weights = [flat.reshape(kernel.shape)] + ([bias] if use_bias else [])
+        sizes = {"filters": int(a_out.sum()), "groups": int(a_in.sum())} if grouped else {}
+        clone = clone_layer(
+            layer, PLAIN_OF.get(type(layer), type(layer)), use_bias=use_bias, **sizes
+        )
+        weights = [
+            flat.reshape(*kernel.shape[:-2], 1, -1) if grouped else flat.reshape(kernel.shape)
+        ]
+        weights += [bias] if use_bias else []
         self.clones[id(layer)] = clone
         self.weights.append((clone, [w.astype(np.float32) for w in weights]))
         return self._apply(layer, args, kwargs)

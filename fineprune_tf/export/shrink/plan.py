@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from fineprune_tf.conversion import ConversionError, to_numpy
-from fineprune_tf.graph import Graph, GraphNode, Role, node_role
+from fineprune_tf.graph import Graph, GraphNode, Role, channel_multiplier, node_role
 from fineprune_tf.layers import MaskedLayerMixin
 
 # Stand-in for unknown spatial sizes when a layer is evaluated on a constant input.
@@ -32,19 +32,25 @@ _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 def _kind(graph: Graph, gnode: GraphNode) -> str:
     """How channels flow through ``gnode`` (from the graph registry's role, narrowed to what
     the builder can rewrite): conv, dense, separable, depthwise, channelwise, flatten,
-    reshape_channel, concat, merge or barrier (keep everything).
+    reshape_channel, concat, merge or barrier (keep everything).  A convolution with ``groups``
+    equal to its input channels is "depthwise"; per-channel bare ``keras.ops`` arithmetic is
+    "channelwise" (one tensor and a constant) or "merge" (two tensors).
 
     A masked grouped convolution (:attr:`Role.GROUPED`) is "grouped": it needs every input
     channel, and drops pruned outputs as long as every group keeps as many (see
     :func:`_equal_per_group`); a plain one is a barrier."""
     layer = gnode.layer
-    if not isinstance(layer, keras.layers.Layer) or len(gnode.outputs) != 1:
+    if len(gnode.outputs) != 1 or any(_channels(t) is None for t in gnode.inputs + gnode.outputs):
         return "barrier"
-    if any(_channels(t) is None for t in gnode.inputs + gnode.outputs):
-        return "barrier"
+    role = node_role(gnode)
+    if not isinstance(layer, keras.layers.Layer):  # bare keras.ops arithmetic (x + 3.0)
+        if role is not Role.ELEMENTWISE:
+            return "barrier"
+        if len(gnode.inputs) == 1:
+            return "channelwise"
+        return "merge" if _broadcast_merge(gnode) else "barrier"
     if graph.calls_per_layer[id(layer)] > 1 and layer.weights:
         return "barrier"  # one set of weights cannot be sliced two ways
-    role = node_role(gnode)
     if role is Role.GROUPED:
         return "grouped" if isinstance(layer, MaskedLayerMixin) else "barrier"
     if role is Role.MIXES:
@@ -54,7 +60,7 @@ def _kind(graph: Graph, gnode: GraphNode) -> str:
             return "separable"
         return "dense" if isinstance(layer, keras.layers.Dense) else "barrier"
     if role is Role.SPATIAL:
-        if isinstance(layer, _DEPTHWISE):
+        if isinstance(layer, _DEPTHWISE + _CONVOLUTIONS):  # a conv here has groups == C_in
             return "depthwise"
         return "barrier" if hasattr(layer, "depth_multiplier") else "channelwise"
     if role is Role.ELEMENTWISE:
@@ -130,14 +136,15 @@ def _effective_padding(layer, input_shape) -> bool:
 def _evaluate_constant(
     gnode: GraphNode, in_consts: list[np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Runs ``gnode.layer`` (inference mode) on inputs whose channels hold their constants
-    (live channels 0).  Returns ``(value[C_out], uniform[C_out])`` of the output."""
-    arrays = []
+    """Runs ``gnode``'s call (inference mode, its other arguments as recorded: the ``3.0`` of
+    ``x + 3.0``) on inputs whose channels hold their constants (live channels 0).  Returns
+    ``(value[C_out], uniform[C_out])`` of the output."""
+    arrays = {}
     for t, const in zip(gnode.inputs, in_consts, strict=True):
         shape = [1] + [UNKNOWN_DIM if d is None else int(d) for d in t.shape[1:]]
         fill = np.where(np.isnan(const), 0.0, const).astype(np.float32)
-        arrays.append(np.ascontiguousarray(np.broadcast_to(fill, shape)))
-    result = gnode.layer(arrays if len(arrays) > 1 else arrays[0], training=False)
+        arrays[id(t)] = np.ascontiguousarray(np.broadcast_to(fill, shape))
+    (result,) = gnode.run(arrays)
     out = np.asarray(to_numpy(result), dtype=np.float64)
     flat = out.reshape(-1, out.shape[-1])
     lo, hi = flat.min(axis=0), flat.max(axis=0)
@@ -177,7 +184,7 @@ def _forward_constants(graph: Graph, kinds: dict[int, str]) -> dict:
             if kind == "merge":
                 source = np.all([~np.isnan(x) for x in ins], axis=0)
             elif kind == "depthwise":
-                source = np.repeat(~np.isnan(ins[0]), layer.depth_multiplier)
+                source = np.repeat(~np.isnan(ins[0]), channel_multiplier(layer))
             else:
                 source = ~np.isnan(ins[0])
             if source.any():
@@ -217,7 +224,7 @@ def _needs(
         # Only exactly-zero input channels are removed: a constant one would add a
         # position-dependent amount through the padded depthwise step.
         return [live | (in_const != 0)]
-    m = getattr(gnode.layer, "depth_multiplier", 1)
+    m = channel_multiplier(gnode.layer)
     if kind == "depthwise" and isinstance(gnode.layer, MaskedLayerMixin):
         # An input channel whose every output is pruned is not read (its outputs are 0).
         live = live & (gnode.layer.mask.reshape(-1, m) != 0).any(axis=1)
@@ -289,7 +296,7 @@ def _plan(graph: Graph, remove: bool) -> _Plan:
                         r_out | (gnode.layer.mask != 0), gnode.layer.groups
                     )
             elif kind == "depthwise":
-                keep[id(out)] = np.repeat(full[0], gnode.layer.depth_multiplier)
+                keep[id(out)] = np.repeat(full[0], channel_multiplier(gnode.layer))
             elif kind in ("channelwise", "reshape_channel"):
                 keep[id(out)] = a_in[0]
             elif kind == "flatten":
