@@ -17,6 +17,7 @@ TensorFlow's private members (``tf.distribute``'s ``_in_multi_worker_mode``, a C
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import keras
@@ -139,6 +140,7 @@ def model_classes() -> tuple[type, ...]:
     return (Functional, sequential.Sequential, keras.Model)
 
 
+@functools.cache
 def arithmetic_operations() -> dict[type, str]:
     """The ``keras.ops`` classes Python arithmetic on symbolic tensors records (``x + 3.0`` is
     an ``Add`` node, ``x * y`` a ``Multiply`` node), mapped to "add", "subtract", "multiply" or
@@ -155,6 +157,7 @@ def arithmetic_operations() -> dict[type, str]:
     }
 
 
+@functools.cache
 def applications_channel_layers() -> dict[str, type]:
     """The per-channel helper layers of ``keras.applications`` ConvNeXt, by name:
     ``LayerScale`` (``x * gamma``, ``gamma`` of shape ``[projection_dim]``) and

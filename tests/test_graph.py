@@ -193,6 +193,19 @@ def test_keras_compat_accessors_work_on_the_installed_keras():
     assert _keras_compat.mask_variable(conv).shape == (conv.channels,)
     sequential = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     assert _keras_compat.functional_of(sequential) is not None
+    inputs = keras.Input((4,))
+    recorded = [inputs + 1.0, inputs - 1.0, inputs * 2.0, inputs / 2.0, keras.ops.divide(inputs, 2)]
+    kinds = _keras_compat.arithmetic_operations()
+    assert [kinds[type(_keras_compat.producing_operation(t))] for t in recorded] == [
+        "add",
+        "subtract",
+        "multiply",
+        "divide",
+        "divide",
+    ]
+    convnext = _keras_compat.applications_channel_layers()
+    assert sorted(convnext) == ["LayerScale", "StochasticDepth"]
+    assert convnext["LayerScale"].__module__ == "keras.src.applications.convnext"
     assert _keras_compat.checked_version("3.15.1")
     assert not _keras_compat.checked_version("3.9.0")
     assert _keras_compat.checked_version(), (

@@ -22,10 +22,13 @@ sources are the pruned channels of masked layers (exactly 0: the mask multiplies
 fused BN and activation).  Constants propagate through channel-wise layers (BatchNormalization,
 ReLU and other activations, pooling, Dropout, ...: computed by running the original layer on a
 constant tensor, so BN's shift ``beta - gamma*mean/sqrt(var+eps)`` is reproduced bit for bit),
-DepthwiseConv1D/2D, Flatten / Reshape, Concatenate (offsets) and element-wise merges (Add,
-Multiply, ..., broadcasting ones such as a squeeze-excitation gate included: constant only if
-constant on every input).  :func:`fineprune_tf.graph.channel_groups` lists the masked channels
-that must be pruned together for a merge to drop them.
+DepthwiseConv1D/2D (and convolutions with ``groups`` equal to their input channels, ConvNeXt's
+depthwise ``Conv2D``), LayerScale, Flatten / Reshape, Concatenate (offsets), bare ``keras.ops``
+arithmetic by a constant (``x + 3.0`` turns a pruned 0 into the constant 3; MobileNetV3's
+hard-sigmoid) and element-wise merges (Add, Multiply, ``x * y``, ..., broadcasting ones such as
+a squeeze-excitation gate included: constant only if constant on every input).
+:func:`fineprune_tf.graph.channel_groups` lists the masked channels that must be pruned together
+for a merge to drop them.
 
 A constant channel is removed when every consumer can absorb it exactly:
 
@@ -39,17 +42,19 @@ A constant channel is removed when every consumer can absorb it exactly:
   positive BN shift feeding a 'same' conv): its producer then computes it with all-zero
   weights, which is exact.
 * ``SeparableConv1D/2D``: only when ``v == 0`` (sliced from both kernels).
-* channel-wise layers, DepthwiseConv1D/2D, Flatten, Concatenate: the channel simply disappears
-  from their inputs and outputs (BN / PReLU parameters sliced).  A masked depthwise layer does
-  not read an input channel whose ``depth_multiplier`` outputs are all pruned, so pruning the
-  producer's channel with them removes both.
+* channel-wise layers, DepthwiseConv1D/2D (and ``groups == C_in`` convolutions: ``filters`` and
+  ``groups`` shrink together), Flatten, Concatenate: the channel simply disappears from their
+  inputs and outputs (BN / PReLU / LayerScale parameters, a bare ``x * constant[C]``'s constant
+  sliced).  A masked depthwise layer does not read an input channel whose ``depth_multiplier``
+  outputs are all pruned, so pruning the producer's channel with them removes both.
 * Add and other merges: a channel is kept if *any* input keeps it, and then every input keeps
   it (the union is kept); a pruned branch channel that is kept contributes its exact value
   (0, or its BN constant).
 * model outputs and every other layer (a "barrier": Conv2DTranspose, grouped convolutions,
-  LayerNormalization, softmax, shared weighted layers, keras.ops calls, ...): all channels are
-  kept.  A masked grouped convolution keeps all its inputs and removes pruned outputs while
-  every group keeps as many (else the first pruned ones of the smaller groups are kept, zeroed).
+  LayerNormalization, softmax, shared weighted layers, other keras.ops calls such as a division
+  by a tensor, ...): all channels are kept.  A masked grouped convolution keeps all its inputs
+  and removes pruned outputs while every group keeps as many (else the first pruned ones of the
+  smaller groups are kept, zeroed).
 
 A kept pruned channel of a masked layer is computed by the plain layer with zero kernel slice
 and zero bias, which gives ``act(0)``: exact for ReLU / linear / tanh / ... (``act(0) == 0``);
