@@ -94,10 +94,12 @@ def test_convnext_block_half_pruned_shrinks_exactly_and_smaller():
     assert report.flops_after < report.flops_before, str(report)
 
 
-def test_pointwise_dense_is_masked_at_every_position_and_measured_per_unit():
-    inputs = keras.Input((5, 4), name="sequence")  # rank 3; the block above covers rank 4
+@pytest.mark.parametrize("shape", [(5, 4), (2, 3, 2, 4)], ids=["rank3", "rank5"])
+def test_pointwise_dense_is_masked_at_every_position_and_measured_per_unit(shape):
+    # Ranks 3 and 5 ([N, T, D], [N, D, H, W, C]); the ConvNeXt block above covers rank 4.
+    inputs = keras.Input(shape, name="features")
     hidden = keras.layers.Dense(6, activation="relu", name="pointwise")(inputs)
-    pooled = keras.layers.GlobalAveragePooling1D(name="gap")(hidden)
+    pooled = keras.layers.Flatten(name="flat")(hidden)
     stock = keras.Model(inputs, keras.layers.Dense(2, name="head")(pooled))
     model = fp.convert(stock)  # no Conv at all: a pointwise Dense is reason enough
     layer = model.get_layer("pointwise")
