@@ -52,8 +52,8 @@ ConvNeXtTiny       (c)     18 of 23           27,827,818 ->         90,921,216 -
 builder, calibration, convert, group pruning and shrink, without the checks.  NASNetMobile:
 not measured.
 
-(c) Every check passed, measured on 2 shared cores under a load average of 4-6:
-MobileNetV3Small 107 s (151 s at load 5-6), ConvNeXtTiny 159 s (249 s at load 6-10).
+(c) Every check passed; wall time on the 2 shared cores under a load average of 5-10
+(several runs): MobileNetV3Small 107-151 s, ConvNeXtTiny 152-249 s.
 MobileNetV3Small: its squeeze-excitation hard-sigmoid is bare ``keras.ops`` arithmetic
 (``ReLU(6.)(x + 3.0) * (1 / 6)``), element-wise for the graph, so each SE gate couples the
 block's expand conv, depthwise conv and ``squeeze_excite_conv_1`` into one group (37 groups
