@@ -72,6 +72,28 @@ def test_benign_keras_file_loads_and_is_not_written(task_model, tmp_path):
     assert isinstance(loaded.get_layer("conv2"), fp.MaskedConv2D)
 
 
+def test_keras_applications_arithmetic_and_helper_layers_load_and_nothing_else_of_ops(tmp_path):
+    # MobileNetV3's hard-swish is bare arithmetic on symbolic tensors (keras.ops Add / Multiply
+    # / Divide nodes), ConvNeXt has LayerScale and a Normalization preprocessing layer: all
+    # were refused, so the --model CLI could not take those networks.
+    layer_scale = fp._keras_compat.applications_channel_layers()["LayerScale"]
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Normalization(mean=0.5, variance=0.25)(inputs)
+    x = keras.layers.Conv2D(4, 3, name="conv")(x)
+    x = x * keras.layers.ReLU(6.0)(x + 3.0) / 6.0
+    x = layer_scale(1e-6, 4)(x) - x
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    model.save(tmp_path / "blocks.keras")
+    loaded = io.load_model(tmp_path / "blocks.keras")
+    x_in = _x((6, 6, 3))
+    np.testing.assert_allclose(loaded(x_in), model(x_in), atol=1e-6)
+    # Any other keras.ops node stays refused, numeric or not.
+    other = keras.Model(inputs, keras.ops.exp(keras.layers.Flatten()(inputs)))
+    other.save(tmp_path / "exp.keras")
+    with pytest.raises(UnsafeModelError, match="Exp"):
+        io.load_model(tmp_path / "exp.keras")
+
+
 def test_lambda_that_writes_a_file_is_refused_before_running(tmp_path):
     marker = tmp_path / "pwned.txt"
     inputs = keras.Input((4,), name="x")

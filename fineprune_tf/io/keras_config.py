@@ -99,6 +99,7 @@ _LAYERS = (
     "Embedding",
     "Identity",
     "Rescaling",
+    "Normalization",  # keras.applications' preprocessing (EfficientNet, ConvNeXt): mean / var
     "Resizing",
     "CenterCrop",
     "Masking",
@@ -159,6 +160,13 @@ def allowed_keras_objects() -> frozenset:
             elif functions and inspect.isfunction(value):
                 allowed.add(value)
     allowed.add(keras.DTypePolicy)
+    # What keras.applications networks record besides layers: Python arithmetic on symbolic
+    # tensors (``x + 3.0``, ``x * y``: MobileNetV3's hard-swish, EfficientNet's SE gates) is an
+    # Add / Subtract / Multiply / Divide node of ``keras.ops``, and ConvNeXt has two helper
+    # layers (LayerScale ``x * gamma``, StochasticDepth).  Each computes plain numerics from
+    # its inputs and weights; nothing else of ``keras.ops`` is allowed.
+    allowed.update(_keras_compat.arithmetic_operations())
+    allowed.update(_keras_compat.applications_channel_layers().values())
     return frozenset(allowed)
 
 
