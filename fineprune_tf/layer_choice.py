@@ -3,7 +3,8 @@
 :func:`default_layer` reads the model's graph (:class:`fineprune_tf.graph.Graph`) and picks the
 last prunable convolution before the classifier head: any masked convolution kind
 (:data:`fineprune_tf.layers.MASKED_CONVOLUTIONS`) or the stock Keras convolution it extends
-(Conv1D/2D/3D, SeparableConv1D/2D, DepthwiseConv1D/2D).  ``fineprune_tf.models`` re-exports
+(Conv1D/2D/3D, SeparableConv1D/2D, DepthwiseConv1D/2D), or a pointwise Dense (a Dense on a
+rank-3+ tensor, ConvNeXt's blocks).  ``fineprune_tf.models`` re-exports
 every public name here, so ``models.default_layer`` keeps working.
 """
 
@@ -21,7 +22,7 @@ from fineprune_tf.graph import (
     has_nested,
     node_role,
 )
-from fineprune_tf.layers import MASKED_CONVOLUTIONS, PLAIN_OF
+from fineprune_tf.layers import MASKED_CONVOLUTIONS, PLAIN_OF, MaskedDense
 
 __all__ = ["CONVOLUTIONS", "LayerChoice", "default_layer", "last_conv_layer"]
 
@@ -51,15 +52,29 @@ def _channels(layer: keras.layers.Layer) -> int:
     return int(filters) if filters is not None else int(layer.output.shape[-1])
 
 
+def _is_pointwise_dense(graph: Graph, layer: keras.layers.Layer) -> bool:
+    """A Dense (masked or not) applied to a rank-3+ tensor: a 1x1 convolution on the last axis
+    (ConvNeXt's ``pointwise_conv_1/2``), which :func:`fineprune_tf.convert` masks like a conv."""
+    if not isinstance(layer, (keras.layers.Dense, MaskedDense)):
+        return False
+    calls = graph.nodes_of(layer)
+    return len(calls) == 1 and len(calls[0].inputs[0].shape) >= 3
+
+
+def _is_convolution(graph: Graph, layer: keras.layers.Layer) -> bool:
+    return isinstance(layer, CONVOLUTIONS) or _is_pointwise_dense(graph, layer)
+
+
 def _candidate_convs(graph: Graph) -> list:
-    """Convolutions of any kind (:data:`CONVOLUTIONS`) whose channels can be pruned one by one:
-    called once, channels_last, not grouped, no cross-channel activation (softmax, ...)."""
+    """Convolutions of any kind (:data:`CONVOLUTIONS`, and pointwise Dense layers) whose
+    channels can be pruned one by one: called once, channels_last, not grouped, no
+    cross-channel activation (softmax, ...)."""
     found = []
     for layer in graph.layers():
         if (
-            isinstance(layer, CONVOLUTIONS)
+            _is_convolution(graph, layer)
             and graph.calls_per_layer[id(layer)] == 1
-            and layer.data_format == "channels_last"
+            and getattr(layer, "data_format", "channels_last") == "channels_last"
             and getattr(layer, "groups", 1) == 1  # depthwise and separable layers have none
             and not cross_channel_activation(layer)
         ):
@@ -94,7 +109,7 @@ def default_layer(model: keras.Model) -> LayerChoice:
     if has_nested(graph):  # names then refer to the flat model convert() makes
         graph = Graph(flatten_nested(model))
     convs = _candidate_convs(graph)
-    if not any(isinstance(layer, CONVOLUTIONS) for layer in graph.layers()):
+    if not any(_is_convolution(graph, layer) for layer in graph.layers()):
         raise ValueError(
             f"model {model.name!r} has no convolution layer (Conv1D/2D/3D, separable or depthwise)"
         )

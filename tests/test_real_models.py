@@ -99,6 +99,23 @@ def test_residual_model_picks_the_last_block_not_the_stem():
     assert "the last of 3 at that distance" in choice.reason
 
 
+def test_pointwise_dense_layers_are_candidates_and_a_flat_dense_is_not():
+    # ConvNeXt's blocks are Dense layers on feature maps (pointwise convs), which convert
+    # masks: the last block's, not the stem before them all, is the default.
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 2, strides=2, name="stem")(inputs)
+    for block in range(2):
+        y = keras.layers.LayerNormalization()(x)
+        y = keras.layers.Dense(16, activation="gelu", name=f"b{block}_pointwise_1")(y)
+        x = keras.layers.Add()([x, keras.layers.Dense(8, name=f"b{block}_pointwise_2")(y)])
+    x = keras.layers.Dense(12, name="flat_hidden")(keras.layers.GlobalAveragePooling2D()(x))
+    choice = models.default_layer(keras.Model(inputs, keras.layers.Dense(3)(x)))
+    assert choice.name == "b1_pointwise_2"  # 2 weighted layers away; flat_hidden is no conv
+    assert "2 weighted layers from the output" in choice.reason
+    converted = convert(keras.Model(inputs, keras.layers.Dense(3)(x)))
+    assert converted.get_layer(choice.name).channels == 8
+
+
 def test_backbone_as_a_layer_mobilenetv2_converts_exactly_and_picks_its_last_conv(zoo):
     backbone = zoo["MobileNetV2"]
     features = keras.Model(backbone.inputs, backbone.get_layer("out_relu").output)
