@@ -179,7 +179,7 @@ class StepCache:
     """Trainers by (model structure, compile structure, data shapes), least recently used
     first out beyond ``max_entries``."""
 
-    def __init__(self, max_entries: int = 8):
+    def __init__(self, max_entries: int = 32):
         self.max_entries = max_entries
         self._trainers: collections.OrderedDict[tuple, Trainer] = collections.OrderedDict()
         self.hits = self.misses = 0
@@ -219,9 +219,15 @@ def active() -> StepCache | None:
 
 
 @contextlib.contextmanager
-def reuse_compiled_steps(max_entries: int = 8) -> Iterator[StepCache]:
+def reuse_compiled_steps(max_entries: int = 32) -> Iterator[StepCache]:
     """Within the block, :func:`fit` (hence ``training.fit`` and the retuning attack) reuses
-    one compiled trainer per model structure."""
+    one compiled trainer per model structure.
+
+    ``max_entries``: trainers kept (least recently used dropped first).  The leaderboard visits
+    each task once per seed and keeps per task two fine-tuning trainers (two candidate rates),
+    one retuning trainer and one per attack's training: ~7, ~21 for its three tasks, so 32
+    keeps every task's trainers from one seed to the next (each is a small model clone with its
+    optimizer slots, a few MB for these tasks)."""
     cache = StepCache(max_entries)
     _ACTIVE.append(cache)
     try:
