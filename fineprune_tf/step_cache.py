@@ -129,19 +129,20 @@ class Trainer:
         optimizer = self.model.optimizer
         optimizer.build(self.model.trainable_variables)
         self._optimizer_start = [np.array(v.numpy()) for v in optimizer.variables]
-        # A fresh clone's seed states: what the retuning attack's copy would start from.
-        self._fresh_variables = [np.array(v.numpy()) for v in self.model.variables]
-        self._is_seed_state = _seed_states(self.model)
+        # A fresh clone's seed states (None for the weights): what the retuning attack's copy
+        # would start from.
+        self._fresh_seed_states = [
+            np.array(v.numpy()) if is_seed else None
+            for v, is_seed in zip(self.model.variables, _seed_states(self.model), strict=True)
+        ]
         self.fits = 0
 
     def _load(self, model: keras.Model, fresh_seed_states: bool) -> None:
         mine, theirs = self.model.variables, model.variables
         if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:
             raise ValueError(f"model {model.name} does not have this trainer's structure")
-        for target, source, fresh, seed_state in zip(
-            mine, theirs, self._fresh_variables, self._is_seed_state, strict=True
-        ):
-            target.assign(fresh if seed_state and fresh_seed_states else source.value)
+        for target, source, fresh in zip(mine, theirs, self._fresh_seed_states, strict=True):
+            target.assign(fresh if fresh is not None and fresh_seed_states else source.value)
         optimizer = self.model.optimizer
         for variable, start in zip(optimizer.variables, self._optimizer_start, strict=True):
             variable.assign(start)  # step count 0, zero moments, the initial rate

@@ -40,6 +40,10 @@ def _values(model: keras.Model) -> list[np.ndarray]:
     return [np.array(v.numpy()) for v in model.variables]
 
 
+def _seed_state(model: keras.Model) -> np.ndarray:
+    return next(v for v in model.variables if "seed_generator" in v.path).numpy()
+
+
 def _fits(models: list[keras.Model], train: Split, holdout: Split) -> list[dict]:
     """Fits each model in turn, as a cell's fine-tunings do: two rates on one model (its seed
     state carried over), then a pruned model of the same structure."""
@@ -125,6 +129,9 @@ def test_the_retuning_attack_gives_the_same_numbers_from_a_reused_step(task):
     trigger, policy = triggers.Pattern(), poison.AllToOne(0)
     purified, other = _model(5), _model(6)
     other.get_layer("conv").prune([0])
+    # Trained: its dropout seed state has moved on, and the attack's copy must start afresh.
+    training.fit(other, task.train.x, task.train.y, epochs=1, batch_size=64, learning_rate=1e-3)
+    assert _seed_state(other).tolist() != _seed_state(_model(6)).tolist()
     kwargs = dict(steps=6, samples=60, poisoned=6, seed=2)
     start = _values(purified)
     without = [
@@ -153,3 +160,18 @@ def test_a_fresh_copy_of_an_unseeded_random_layer_is_not_taken_from_the_cache(ta
     with step_cache.reuse_compiled_steps() as cache:
         retuning.retuning_attack(model, task, trigger, policy, steps=2, samples=40, poisoned=4)
         assert (cache.misses, cache.hits) == (0, 0)
+
+
+def test_a_fresh_copy_from_the_cache_starts_from_fresh_seeds_not_the_models(task):
+    model = _model(7)
+    training.fit(model, task.train.x, task.train.y, epochs=1, batch_size=64, learning_rate=1e-3)
+    spec = step_cache.CompileSpec("adam", 1e-3, metrics=(), jit_compile=False)
+    x, y = task.train.x[:96], task.train.y[:96]
+    kwargs = dict(shapes=(96, 32), fresh_copy=True, batch_size=32, epochs=2, verbose=0)
+    _, copy = step_cache.fit(model, spec, 3, x, y, **kwargs)
+    expected = _values(copy)
+    with step_cache.reuse_compiled_steps():
+        step_cache.fit(_model(8), spec, 3, x, y, **kwargs)  # the trainer's own state moves on
+        _, reused = step_cache.fit(model, spec, 3, x, y, **kwargs)
+        for a, b in zip(expected, _values(reused), strict=True):
+            np.testing.assert_array_equal(a, b)
