@@ -23,6 +23,7 @@ Summaries, the markdown table and the heat maps live in :mod:`fineprune_tf.leade
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -362,6 +363,7 @@ def run(
     on_cell: Callable[[int, int, Cell, bool], None] | None = None,
     write: Callable[[pathlib.Path, list[dict], dict], None] | None = None,
     meta: dict | None = None,
+    reuse_steps: bool = True,
 ) -> list[dict]:
     """Runs every cell of ``grid`` not already in ``output_dir/leaderboard.json``.
 
@@ -374,9 +376,22 @@ def run(
       write: ``(output_dir, rows, meta)`` called after each computed cell (default: the
         json only; the script also renders markdown and heat maps).
       meta: a dict updated in place with the settings, grid and cell counts.
+      reuse_steps: fit through ``step_cache.reuse_compiled_steps()``: one compiled training
+        step per model structure for every fine-tuning and retuning attack of the run, instead
+        of a fresh trace per fit (same numbers; False only to measure the difference).
     Returns the rows (earlier and new).
     """
+    from fineprune_tf import step_cache
+
     grid.validate()
+    with step_cache.reuse_compiled_steps() if reuse_steps else contextlib.nullcontext():
+        return _run(
+            grid, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell, write, meta
+        )
+
+
+def _run(grid, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell, write, meta):
+    """:func:`run`'s loop (its arguments, positionally)."""
     start = time.perf_counter()
     output_dir = pathlib.Path(output_dir)
     rows = [] if overwrite else load_rows(output_dir, settings)

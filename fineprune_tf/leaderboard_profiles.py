@@ -94,12 +94,15 @@ class DefenseProfile:
 
 #: The budget arithmetic (measured in scripts/leaderboard.py), repeated in leaderboard.md.
 BUDGET_NOTE = (
-    "Budget (measured with this profile, one BadNets model per task with its 8 defenses and "
-    "8 retuning attacks, shared 2-core AMD EPYC at load 6-8): mnist 292 s, traffic 524 s, "
-    "speech 517 s of wall per attacked model (~148, ~250, 222 s of CPU). The default grid is "
-    "12 models per task: ~7,400 CPU seconds, about 60-125 minutes on an idle 2-core machine "
-    "and ~4.8 hours at that load, so it does NOT fit the 45-minute target; "
-    "`--budget_minutes` cuts a run and the same command continues it (scripts/leaderboard.py)."
+    "Budget (measured with this profile by `python -m scripts.leaderboard_speed`, one BadNets "
+    "model per task with its 8 defenses and 8 retuning attacks, one compiled training step "
+    "reused per model structure (fineprune_tf.step_cache), shared 2-core AMD EPYC at load 5-7): "
+    "75 (mnist), 134 (traffic), 90 (speech) CPU seconds per attacked model, 116, 185, 150 with "
+    "a fresh trace per fit; attack training 16, 18, 41 s. The default grid is 12 models per "
+    "task: ~4,500 CPU seconds (75 CPU-minutes, ~6,300 before), 38 minutes on an idle 2-core "
+    "machine if the process keeps both cores busy, 75 on one, so the 45-minute target is met "
+    "only with both cores; `--budget_minutes` cuts a run and the same command continues it "
+    "(scripts/leaderboard.py)."
 )
 
 

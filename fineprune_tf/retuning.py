@@ -26,7 +26,7 @@ import time
 import keras
 import numpy as np
 
-from fineprune_tf import metrics, models, poison
+from fineprune_tf import metrics, poison, step_cache
 
 __all__ = ["retuning_attack", "retuning_set"]
 
@@ -53,12 +53,6 @@ def retuning_set(
     y = np.concatenate([np.asarray(subset.y, np.int64)[keep], copies.y])
     order = rng.permutation(len(y))
     return poison.Split(x[order], y[order])
-
-
-def _copy(model: keras.Model) -> keras.Model:
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())  # masks are weights: pruned channels stay pruned
-    return clone
 
 
 def retuning_attack(
@@ -104,17 +98,25 @@ def retuning_attack(
     backdoor = poison.backdoor_test_set(test, trigger, policy, seed=seed)
     if before is None:
         before = metrics.evaluate(model, (test.x, test.y), backdoor)
-    copy = _copy(model)
-    keras.utils.set_random_seed(seed)
-    # No XLA: one short fit does not repay its compilation (measured ~3x slower on 2 cores
-    # with Keras' jit_compile="auto" than without).
-    copy.compile(
-        optimizer=models.make_optimizer(optimizer, learning_rate),
-        loss="sparse_categorical_crossentropy",
-        jit_compile=False,
-    )
     x, y = _cycled_batches(retune, steps * batch_size, seed)
-    copy.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    # A fresh copy is re-tuned (masks are weights: pruned channels stay pruned).  No XLA: one
+    # short fit does not repay its compilation (measured ~3x slower on 2 cores with Keras'
+    # jit_compile="auto" than without).  Inside step_cache.reuse_compiled_steps() the copy is
+    # a trainer compiled once per model structure (same numbers, no new trace).
+    spec = step_cache.CompileSpec(optimizer, learning_rate, metrics=(), jit_compile=False)
+    _, copy = step_cache.fit(
+        model,
+        spec,
+        seed,
+        x,
+        y,
+        shapes=(len(y), batch_size),
+        fresh_copy=True,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+    )
     after = metrics.evaluate(copy, (test.x, test.y), backdoor)
     return {
         "before": before,

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fineprune_tf import models
+from fineprune_tf import step_cache
 
 __all__ = ["fit", "model_fit_orders", "model_input"]
 
@@ -23,11 +23,7 @@ def compile_for_training(
 ) -> None:
     """Compiles ``model`` for sparse-label classification with a fresh optimizer (a cosine
     learning-rate decay over ``decay_steps`` steps when given)."""
-    model.compile(
-        optimizer=models.make_optimizer(optimizer, learning_rate, decay_steps),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
+    step_cache.CompileSpec(optimizer, learning_rate, decay_steps).compile(model)
 
 
 def _dataset(
@@ -67,11 +63,12 @@ def fit(
         raise ValueError("cannot train on an empty data set")
     if schedule not in ("constant", "cosine"):
         raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    # Seeded before the datasets are made: their shuffle seeds pair the global seed with ours.
     keras.utils.set_random_seed(seed)
     decay_steps = epochs * math.ceil(len(x) / batch_size) if schedule == "cosine" else None
-    compile_for_training(model, learning_rate, optimizer, decay_steps)
     strategy = tf.distribute.get_strategy()
     if _in_multi_worker_mode(strategy):
+        compile_for_training(model, learning_rate, optimizer, decay_steps)
         # Keras 3's model.fit cannot run under MultiWorkerMirroredStrategy
         # (keras-team/keras#20585), so multi-worker runs use TensorFlow's own loop.
         return _fit_multi_worker(
@@ -90,8 +87,14 @@ def fit(
     if validation is not None:
         validation_data = _dataset(*validation, batch_size=256, shuffle=False, seed=seed)
     start = time.perf_counter()
-    history = model.fit(
+    # Seeds again, compiles and fits; inside step_cache.reuse_compiled_steps() the compiled
+    # step of an earlier fit of the same structure and batch shapes is reused (same numbers).
+    history, _ = step_cache.fit(
+        model,
+        step_cache.CompileSpec(optimizer, learning_rate, decay_steps),
+        seed,
         _dataset(x, y, batch_size, True, seed),
+        shapes=(len(x), batch_size, None if validation is None else len(validation[1])),
         epochs=epochs,
         validation_data=validation_data,
         callbacks=list(callbacks),

@@ -16,41 +16,45 @@ Defaults: every task except face, every attack of ``attack_zoo``, every defense 
 Blended, defenses none / pruning / CLP, seed 0, 1,500 training images, 2 epochs.
 
 Where the time goes, and the budget of the default grid (issue 14 asks <= 45 minutes on 2
-cores; it is NOT met).  The grid is 3 tasks x 4 attacks x 3 seeds = 36 attacked models, each
-defended by the 8 registry defenses (288 cells), each cell followed by the retuning attack.
-One attacked model per task, ``--profile=budget`` (``python -m scripts.leaderboard
---tasks=<task> --attacks=badnets --seeds=0``, seed 0, the task's default training, the full
-validation split as defender data), on the shared 2-core AMD EPYC machine at a load average
-of 6-8 (other engineers' jobs), wall seconds per stage (defense / retuning attack):
+cores; it is NOT met on one core, see below).  The grid is 3 tasks x 4 attacks x 3 seeds = 36
+attacked models, each defended by the 8 registry defenses (288 cells), each cell followed by
+the retuning attack.  ``python -m scripts.leaderboard_speed`` (results/leaderboard_speed.md)
+runs one BadNets model per task (seed 0, ``--profile=budget``, the full validation split as
+defender data) through all 8 cells three times in one process: ``fresh`` (every fit compiles
+and traces its own training step, as before ``fineprune_tf.step_cache``), ``cold`` (one
+compiled step per model structure, empty cache: a task's first model) and ``warm`` (cache
+filled: the task's other 11 models).  CPU seconds of the process per cell (defense +
+retuning attack + report), shared 2-core AMD EPYC at load average 5-7, fresh -> warm:
 
-    task     train  none  prune  FT    FP    FMP   ANP   RNP   CLP  | total wall  CPU
-    mnist     34    0/10  2/11  31/8  31/7  37/6  24/46 16/9  2/11 |    292 s   ~148 s
-    traffic   66    0/16  4/20  79/21 63/13 94/14 44/10 33/15 3/18 |    524 s   ~250 s
-    speech    77    0/19  5/24  67/27 62/21 69/16 36/16 29/19 2/17 |    517 s    222 s
+    task     train  none   prune  FT      FP      FMP     ANP     RNP     CLP   | model
+    mnist     16    5->3   6->3   21->13  22->13  22->15  21->15  15->9   5->3  | 116->75
+    traffic   18    9->4   9->5   34->16  31->17  48->37  25->28  23->21  8->6  | 185->134
+    speech    41    8->3   8->3   27->13  27->13  34->22  23->19  16->14  7->4  | 150->90
 
-(the report of each cell, test accuracy and ASR, takes 1-2 s more.)  The process had 0.4-0.45
-of a core on average (CPU / wall; mnist's CPU from the 3-seed mnist run's seed-0 cells,
-traffic's from /proc while it ran).  The clean fine-tunings (FT, FP, FMP) are 35-45 % of a
-model's time, the eight retuning attacks 20-30 % (each compiles and traces a fresh fit, a
-fixed cost no step count removes), training 12-15 %.  What the budget profile buys, measured
-in CPU seconds on the cached mnist model in one process (``defenses.run_defense`` under each
-profile, ``full`` -> ``budget``): fine-tuning 34.8 -> 17.5 s, fine-pruning 35.9 -> 19.4 s,
-FMP 41.0 -> 18.8 s (the same holdout accuracy each time; ANP's and RNP's pairs were not
-measured: the run was stopped to free the machine), so ``budget`` saves about a quarter of an
-attacked model's cost.
+The eight cells' numbers were identical in the three runs (every task). What the fresh traces
+cost: each retuning attack took 7-19 s of wall fresh and 2-11 s warm (mostly 3-6: about two
+thirds was tracing a new fit), a fine-tuning cell (two candidate rates, so two fits) 21-34 ->
+13-16 s of CPU; the rest is running: the fine-tunings' epochs (FT, FP, FMP), FMP's per-channel
+probe, ANP's and RNP's mask optimisation (their own ``tf.function`` steps, traced per call: not
+yet reused), and the reports (test accuracy and ASR, ~1 s per cell). At this load CPU per cell
+varies by +-20 % between repeats (traffic's warm ANP/RNP/FMP came out above their cold runs).
 
-Extrapolation (stated, not run): the default grid is 12 models of each task, so
-12 x (~148 + ~250 + 222) = ~7,400 CPU seconds (~2 CPU-hours).  On an idle 2-core machine, where a
-process uses 1-2 cores, that is about 60-125 minutes; at this machine's load (0.43 of a core) it is
-about 4.8 hours.  The budget profile does not bring the default grid within 45 minutes; the next
-lever is structural (one compiled training step reused across a model's fine-tunings and
-retuning attacks instead of a fresh trace per ``fit``), not a smaller setting.  So each
-invocation stops starting cells after ``--budget_minutes`` (default 45), records the cells
-still missing in leaderboard.json/.md, and the same command continues from there; cells run
-seed by seed, so a cut run has complete seeds first.  With ``--profile=full`` (the previous
-measurement, 3-5 other processes): mnist ~280 s, traffic 1,060 s, speech 1,142 s of wall per
-attacked model.  ``--quick`` (mnist, 2 attacks, 3 cheap defenses, seed 0) took 5.9 minutes of
-wall time at that load (57 s of CPU).
+Extrapolation (stated, not run): 12 models per task, every attack's training taken as BadNets':
+before, 12 x (train + fresh) = 6,316 CPU seconds (105 CPU-minutes); after, 12 x train + cold +
+11 x warm = 4,522 CPU seconds (75 CPU-minutes; the attack training, 900 of them, is 20 %, and
+its step is now also reused across a task's seeds: not counted). On an idle 2-core machine wall
+= CPU / cores the process keeps busy: 38 minutes if it uses both, 75 if one, so the default
+grid fits 45 minutes only when TensorFlow's two intra-op threads keep ~1.7 cores busy; on one
+core it is ~30 minutes over. The next lever is the second core made certain: run the grid's
+attacked models in two processes (one per core, cells of one model stay in one process so its
+trainers are reused; the two write separate row files the parent merges), which brings the wall
+to ~CPU / 2 whatever TensorFlow's threading does; then ANP's and RNP's steps through the same
+reuse (~2-5 s per cell). Until then each invocation stops starting cells after
+``--budget_minutes`` (default 45), records the cells still missing in leaderboard.json/.md, and
+the same command continues from there; cells run seed by seed, so a cut run has complete seeds
+first. Earlier measurements: with ``--profile=full`` (before the reuse, 3-5 other processes)
+mnist ~280 s, traffic 1,060 s, speech 1,142 s of wall per attacked model; ``--quick`` took 5.9
+minutes of wall at that load (57 s of CPU).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from fineprune_tf import leaderboard, leaderboard_report
+from fineprune_tf import leaderboard, leaderboard_report, step_cache
 from fineprune_tf.defenses import REGISTRY, DefenseResult, ReportOnly, SelectionLeakError
 from fineprune_tf.defenses import registry as registry_module
 from fineprune_tf.defenses.guard import is_selecting
@@ -35,6 +35,7 @@ def _spy_defense(calls: list, leak: ReportOnly | None = None):
             "defender_x": defender.x,
             "seed": context.seed,
             "leak_error": None,
+            "step_cache": step_cache.active(),
         }
         if leak is not None:
             try:
@@ -70,6 +71,21 @@ def test_guard_is_in_force_during_every_defense_and_only_validation_is_given(tmp
     # The report is filled after the defense, from the test split.
     assert rows[0]["clean_acc"] is not None and 0.0 <= rows[0]["asr"] <= 1.0
     assert rows[0]["retuned_asr"] is not None
+    # Every fit of the run goes through one cache of compiled steps.
+    assert isinstance(seen["step_cache"], step_cache.StepCache)
+
+
+_NUMBERS = ("clean_acc", "asr", "robust_acc", "holdout_acc", "retuned_asr", "undefended")
+
+
+@pytest.mark.slow
+def test_reused_training_steps_leave_every_number_of_the_leaderboard_unchanged(tmp_path):
+    grid = leaderboard.Grid(("mnist",), ("badnets",), ("none", "fine_pruning"), (0,))
+    cache = tmp_path / "models"
+    fresh = leaderboard.run(grid, TINY, tmp_path / "fresh", cache_dir=cache, reuse_steps=False)
+    reused = leaderboard.run(grid, TINY, tmp_path / "reused", cache_dir=cache)
+    assert [[r[k] for k in _NUMBERS] for r in fresh] == [[r[k] for k in _NUMBERS] for r in reused]
+    assert fresh[1]["holdout_acc"] is not None and fresh[1]["backward_passes"] > 0
 
 
 def test_resume_recomputes_nothing_finished_and_reuses_the_attacked_model(
