@@ -195,6 +195,20 @@ class Grid:
                     for defense in self.defenses:
                         yield Cell(task, attack, seed, defense)
 
+    def shard_cells(self, index: int, count: int) -> list[Cell]:
+        """The cells of shard ``index`` of ``count``: every ``count``-th attacked model (task,
+        attack, seed) in run order, with all of its defenses, so one process trains and
+        defends each model and its compiled steps are reused; the shards partition the grid."""
+        if not 0 <= index < count:
+            raise ValueError(f"shard must satisfy 0 <= index < count. Received: {index}/{count}")
+        order: dict[tuple, int] = {}
+        chosen = []
+        for cell in self.cells():
+            position = order.setdefault((cell.seed, cell.task, cell.attack), len(order))
+            if position % count == index:
+                chosen.append(cell)
+        return chosen
+
 
 @dataclasses.dataclass
 class TaskContext:
@@ -364,6 +378,7 @@ def run(
     write: Callable[[pathlib.Path, list[dict], dict], None] | None = None,
     meta: dict | None = None,
     reuse_steps: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[dict]:
     """Runs every cell of ``grid`` not already in ``output_dir/leaderboard.json``.
 
@@ -379,26 +394,31 @@ def run(
       reuse_steps: fit through ``step_cache.reuse_compiled_steps()``: one compiled training
         step per model structure for every fine-tuning and retuning attack of the run, instead
         of a fresh trace per fit (same numbers; False only to measure the difference).
+      shard: ``(index, count)``: run only :meth:`Grid.shard_cells` (one of ``count``
+        processes; :mod:`fineprune_tf.leaderboard_workers` runs and merges them).
     Returns the rows (earlier and new).
     """
     from fineprune_tf import step_cache
 
     grid.validate()
     with step_cache.reuse_compiled_steps() if reuse_steps else contextlib.nullcontext():
+        cells = grid.shard_cells(*shard)
         return _run(
-            grid, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell, write, meta
-        )
+            grid, cells, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell,
+            write, meta,
+        )  # fmt: skip
 
 
-def _run(grid, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell, write, meta):
-    """:func:`run`'s loop (its arguments, positionally)."""
+def _run(
+    grid, cells, settings, output_dir, cache_dir, overwrite, budget_seconds, on_cell, write, meta
+):
+    """:func:`run`'s loop (its arguments, positionally; ``cells``: the shard's)."""
     start = time.perf_counter()
     output_dir = pathlib.Path(output_dir)
     rows = [] if overwrite else load_rows(output_dir, settings)
     done = {row["key"] for row in rows}
     cache = ModelCache(cache_dir or output_dir / "models")
     meta = meta if meta is not None else {}
-    cells = list(grid.cells())
     meta.update(settings=settings.to_dict(), grid=dataclasses.asdict(grid), cells_total=len(cells))
     write = write or _write_json
     context_key, context, attacked_key, attacked = None, None, None, None

@@ -95,6 +95,57 @@ flags.DEFINE_float(
 )
 
 
+flags.DEFINE_integer(
+    "workers",
+    1,
+    "Processes to run the grid in (each a shard of the attacked models, merged at the end); "
+    "2 keeps both cores of a 2-core machine busy.",
+    lower_bound=1,
+)
+flags.DEFINE_string("shard", None, "i/n: run only shard i of n (set by --workers; internal).")
+
+
+def _shard() -> tuple[int, int]:
+    if not FLAGS.shard:
+        return (0, 1)
+    index, _, count = FLAGS.shard.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise ValueError(f"--shard must be i/n with 0 <= i < n. Received: {FLAGS.shard!r}")
+    return int(index), int(count)
+
+
+def _shard_command(grid) -> list[str]:
+    """This command for one shard: the grid and settings as flags (the runner adds the rest)."""
+    command = [sys.executable, "-m", "scripts.leaderboard"]
+    command += [f"--{name}={','.join(str(v) for v in values)}" for name, values in (
+        ("tasks", grid.tasks), ("attacks", grid.attacks), ("defenses", grid.defenses),
+        ("seeds", grid.seeds),
+    )]  # fmt: skip
+    command += [
+        f"--profile={FLAGS.profile}",
+        f"--budget_minutes={FLAGS.budget_minutes}",
+        f"--verbosity={FLAGS.verbosity}",
+        "--quick" if FLAGS.quick else "--noquick",
+        "--overwrite" if FLAGS.overwrite else "--nooverwrite",
+    ]
+    return command
+
+
+def _run_workers(grid, settings, output_dir, meta, progress, start) -> list[dict]:
+    """--workers > 1: the shards in parallel, merged into ``output_dir``."""
+    from fineprune_tf import leaderboard_workers
+
+    cache_dir = FLAGS.cache_dir or output_dir / "models"
+    leaderboard_workers.run_shards(
+        _shard_command(grid), FLAGS.workers, output_dir, cache_dir,
+        on_progress=lambda done: progress.update(min(done, progress.target)),
+    )  # fmt: skip
+    rows, totals = leaderboard_workers.merge_shards(output_dir, FLAGS.workers, grid, settings)
+    meta.update(totals)
+    meta["cells_total"] = sum(1 for _ in grid.cells())
+    return rows
+
+
 def _grid():
     from fineprune_tf import leaderboard
 
@@ -119,6 +170,7 @@ def main(argv: list[str]) -> int:
     try:
         grid = _grid()
         grid.validate()
+        shard = _shard()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -145,7 +197,7 @@ def main(argv: list[str]) -> int:
         "grid": dataclasses.asdict(grid),
     }
     done = {row["key"] for row in earlier}
-    to_compute = sum(cell.key(settings) not in done for cell in grid.cells())
+    to_compute = sum(cell.key(settings) not in done for cell in grid.shard_cells(*shard))
     # The bar counts the cells still to compute (its ETA is theirs); the line above it says
     # where in the whole grid the run is.
     progress = keras.utils.Progbar(max(1, to_compute), unit_name="cell")
@@ -167,20 +219,28 @@ def main(argv: list[str]) -> int:
             )
             progress.update(computed_so_far[0])
 
-    rows = leaderboard.run(
-        grid,
-        settings,
-        output_dir,
-        cache_dir=FLAGS.cache_dir,
-        overwrite=FLAGS.overwrite,
-        on_cell=on_cell,
-        write=write,
-        meta=meta,
-        budget_seconds=FLAGS.budget_minutes * 60 or None,
-    )
+    if FLAGS.workers > 1 and not FLAGS.shard:
+        try:
+            rows = _run_workers(grid, settings, output_dir, meta, progress, start)
+        except (RuntimeError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    else:
+        rows = leaderboard.run(
+            grid,
+            settings,
+            output_dir,
+            cache_dir=FLAGS.cache_dir,
+            overwrite=FLAGS.overwrite,
+            on_cell=on_cell,
+            write=write,
+            meta=meta,
+            budget_seconds=FLAGS.budget_minutes * 60 or None,
+            shard=shard,
+        )
+        meta["cpu_seconds"] = time.process_time() - cpu_start
     meta["budget_minutes"] = FLAGS.budget_minutes
     meta["wall_seconds"] = time.perf_counter() - start
-    meta["cpu_seconds"] = time.process_time() - cpu_start
     leaderboard_report.write_all(output_dir, rows, meta, figures=FLAGS.figures)
     print()
     print((output_dir / "leaderboard.md").read_text())
