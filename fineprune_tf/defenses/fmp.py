@@ -146,7 +146,9 @@ def fmp_sensitivity(
     scores = {}
     for layer in conv_layers:
         probe = keras.Model(training.model_input(model), [layer.output, model.outputs[0]])
-        clean_features = probe(x, training=False)[0]
+        # The FGSM gradient needs the layers up to this one only (a prefix of the network).
+        features_of = keras.Model(training.model_input(model), layer.output)
+        clean_features = features_of(x, training=False)
         rank = len(clean_features.shape)  # the feature map's, not the input's (packed inputs)
         per_chunk = max(1, max_stack // len(x))
         out = {k: np.zeros(layer.channels) for k in ("score", "deviation", "accuracy")}
@@ -158,7 +160,7 @@ def fmp_sensitivity(
             reference = tf.tile(clean_features, [len(chunk)] + [1] * (rank - 1))
             with tf.GradientTape() as tape:
                 tape.watch(tiled)
-                features = probe(tiled, training=False)[0]
+                features = features_of(tiled, training=False)
                 objective = tf.reduce_sum(tf.square(features - reference) * selector)
             gradient = tape.gradient(objective, tiled)
             adversarial = tf.clip_by_value(tiled + epsilon * span * tf.sign(gradient), low, high)
