@@ -78,6 +78,7 @@ def test_pruning_units_of_a_network_without_coupling_are_its_layers():
         np.testing.assert_array_equal(
             unit.members[name][:, 0], np.arange(model.get_layer(name).channels)
         )
+        assert defenses.pruning.coupled_group(model, name) is None  # pruned on its own
 
 
 def test_a_separable_channel_is_bounded_by_its_composed_kernel():
@@ -101,10 +102,10 @@ def test_a_separable_channel_is_bounded_by_its_composed_kernel():
     np.testing.assert_allclose(defenses.channel_lipschitz(model)[layer.name], expected, rtol=1e-6)
 
 
-def residual_model() -> keras.Model:
+def _residual_model() -> keras.Model:
     """A stem, a residual block added onto it, a depthwise conv (+BN) on the sum, a projection:
     dependency groups {stem, b, dw} (8 coupled channels, 2 depthwise outputs each), {a},
-    {project}.  Converted; labels are its own predictions."""
+    {project}.  Converted."""
     keras.utils.set_random_seed(4)
     inputs = keras.Input((10, 10, 3))
     stem = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="stem")(inputs)
@@ -121,9 +122,21 @@ def residual_model() -> keras.Model:
     return fp.convert(keras.Model(inputs, outputs))
 
 
-def residual_data(n: int = 96):
-    x = np.random.default_rng(5).uniform(0, 1, (n, 10, 10, 3)).astype(np.float32)
-    return x
+def _residual_data(n: int = 160, seed: int = 5):
+    """Inputs whose label is the brightest of the 3 input channels."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, 10, 10, 3)) * rng.uniform(0.2, 1.0, (n, 1, 1, 3))
+    return x.astype(np.float32), np.argmax(x.mean(axis=(1, 2)), axis=-1)
+
+
+@pytest.fixture(scope="module")
+def residual():
+    """The residual model trained briefly on its task, and the defender's clean data."""
+    model = _residual_model()
+    x, y = _residual_data()
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=15, batch_size=32, verbose=0)
+    return model, (x, y)
 
 
 def assert_group_consistent_and_shrinkable(model: keras.Model) -> int:
@@ -139,7 +152,9 @@ def assert_group_consistent_and_shrinkable(model: keras.Model) -> int:
         np.testing.assert_array_equal(any_zero.any(axis=0), whole, err_msg=str(group.members))
         pruned_rows += int(whole.sum())
         if group.removable:
-            widths.update({n: len(masks[n]) - int((masks[n] == 0).sum()) for n in masks})
+            # A layer with every channel pruned keeps one zero channel (shrink's plan: a
+            # zero-width tensor would break most layers).
+            widths.update({n: max(1, int((masks[n] != 0).sum())) for n in masks})
     shrunk = export.shrink(model)
     for name, width in widths.items():
         assert shrunk.get_layer(name).output.shape[-1] == width, name
@@ -148,9 +163,13 @@ def assert_group_consistent_and_shrinkable(model: keras.Model) -> int:
 
 RESIDUAL_DEFENSES = {
     "clp": lambda model, data: defenses.clp(model, u=0.5),
-    "anp": lambda model, data: defenses.anp(model, data, iterations=20, batch_size=32),
+    # A tolerance of 99 points lets the holdout rule prune up to half of the coupled channels:
+    # what is checked here is how they are pruned, not how many.
+    "anp": lambda model, data: defenses.anp(
+        model, data, iterations=20, batch_size=32, tolerance=99.0
+    ),
     "rnp": lambda model, data: defenses.rnp(
-        model, data, unlearning_epochs=2, recovering_epochs=3, batch_size=32, tolerance=10.0
+        model, data, unlearning_epochs=2, recovering_epochs=3, batch_size=32, tolerance=99.0
     ),
     "fmp": lambda model, data: defenses.fmp(
         model,
@@ -163,14 +182,14 @@ RESIDUAL_DEFENSES = {
 
 
 @pytest.mark.parametrize("name", list(RESIDUAL_DEFENSES))
-def test_each_defense_prunes_whole_groups_of_a_residual_model_and_shrink_removes_them(name):
-    model = residual_model()
+def test_each_defense_prunes_whole_groups_of_a_residual_model_and_shrink_removes_them(
+    name, residual
+):
+    model, data = residual
     groups = fp.graph.channel_groups(model)
     assert [sorted(g.members) for g in groups] == [["b", "dw", "stem"], ["a"], ["project"]]
     assert all(g.removable for g in groups)
-    x = residual_data()
-    y = np.argmax(model.predict(x, verbose=0), axis=-1)
-    result = RESIDUAL_DEFENSES[name](model, (x, y))
+    result = RESIDUAL_DEFENSES[name](model, data)
     scored = {"clp": "uclc", "anp": "mask_values", "rnp": "mask_values", "fmp": "sensitivity"}
     scored = scored[name]
     assert set(result.details[scored]) == {"stem", "a", "b", "dw", "project"}  # dw scored too
@@ -183,6 +202,25 @@ def test_each_defense_prunes_whole_groups_of_a_residual_model_and_shrink_removes
         result.model.get_layer("dw").pruned_channels,
         np.sort(np.concatenate([2 * stem_rows, 2 * stem_rows + 1])),
     )
+
+
+def test_the_pruning_defense_prunes_a_coupled_layer_with_its_group(residual):
+    model, (x, y) = residual
+    assert np.mean(np.argmax(model.predict(x, verbose=0), axis=-1) == y) > 0.6
+    result = defenses.prune(model, (x, y), layer_name="b", threshold=30.0)
+    details = result.details
+    assert details["coupled_layers"] == ["stem", "dw"] and details["pruned_count"] > 0
+    pruned = sorted(details["pruned"])
+    np.testing.assert_array_equal(result.model.get_layer("stem").pruned_channels, pruned)
+    assert assert_group_consistent_and_shrinkable(result.model) == len(pruned)
+    # The curve pruned whole coupled channels: replaying it on the model reproduces its end.
+    replay = defenses.clone(model)
+    defenses.pruning.prune_coupled(replay, "b", details["pruned"])
+    accuracy = float(np.mean(np.argmax(replay.predict(x, verbose=0), axis=-1) == y))
+    assert accuracy == pytest.approx(result.outcome.curve["clean_acc"][len(pruned)])
+    # Ranked by the members' mean activation (the group mean).
+    means = np.asarray(details["mean_activation"])
+    assert np.all(np.diff(means[details["order"]]) >= 0)
 
 
 def _lowest_masks_per_layer(mask_values: dict[str, list[float]], count: int) -> dict:
