@@ -193,33 +193,60 @@ def test_rnp_runs_end_to_end_and_chooses_on_the_holdout():
     assert set(result.details["mask_values"]) == {"conv1", "conv2"}
 
 
-@pytest.mark.slow
-def test_anp_rnp_clp_run_on_a_converted_keras_applications_model():
+@pytest.fixture(scope="module")
+def mobilenet_v2():
+    """Converted MobileNetV2 (alpha 0.35, 32x32, weights=None) with calibrated BN statistics,
+    40 inputs and its own predictions as labels."""
     import fineprune_tf as fp
+    from tests import zoo_models
 
     keras.utils.set_random_seed(0)
-    stock = keras.applications.MobileNetV2(
-        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=3
-    )
+    stock = zoo_models.mobilenet_v2()
+    x = zoo_models.inputs_for(stock, 40, seed=0)
+    zoo_models.calibrate_batchnorm(stock, x)
     model = fp.convert(stock)
+    return model, (x, np.argmax(model.predict(x, verbose=0), axis=-1))
+
+
+def _check_on_mobilenet(model, result, scored: str) -> None:
+    from fineprune_tf.layers import MASKED_CONVOLUTIONS
+    from tests.test_defenses_groups import assert_group_consistent_and_shrinkable
+
+    convs = {layer.name for layer in model.layers if isinstance(layer, MASKED_CONVOLUTIONS)}
+    depthwise = {name for name in convs if "depthwise" in name}
+    assert len(depthwise) == 17 and len(convs) == 52
+    # Every conv is scored and prunable, the 17 depthwise ones included.
+    assert set(result.details[scored]) == convs
+    assert set(result.details["pruned"]) == convs
+    assert any(result.details["pruned"][name] for name in depthwise)
+    for name, channels in result.details["pruned"].items():
+        assert sorted(result.model.get_layer(name).pruned_channels.tolist()) == sorted(channels)
+    assert assert_group_consistent_and_shrinkable(result.model) > 0
+
+
+@pytest.mark.slow
+def test_anp_rnp_clp_score_and_prune_every_group_of_a_converted_mobilenet_v2(mobilenet_v2):
+    model, data = mobilenet_v2
     pairs = neurons.batchnorm_after(model)
-    convs = [layer.name for layer in model.layers if isinstance(layer, MaskedConv2D)]
-    depthwise = [
-        layer.name for layer in model.layers if "depthwise" in type(layer).__name__.lower()
-    ]
-    # Every conv of MobileNetV2 feeds a BatchNormalization, the depthwise ones too; ANP, RNP and
-    # CLP act on the full convolutions' channels (a depthwise channel is its input's).
-    assert depthwise and set(pairs) == set(convs) | set(depthwise)
-    x = np.random.default_rng(0).uniform(0, 1, (20, 32, 32, 3)).astype(np.float32)
-    y = np.arange(20) % 3
-    clp_result = defenses.clp(model, u=3.0)
-    anp_result = defenses.anp(model, (x, y), iterations=1, batch_size=8, threshold=0.2)
-    rnp_result = defenses.rnp(
-        model, (x, y), unlearning_epochs=1, recovering_epochs=1, batch_size=16, threshold=0.2
-    )
-    for result in (clp_result, anp_result, rnp_result):
-        pruned = result.details["pruned"]
-        assert set(pruned) == set(convs)
-        for name, channels in pruned.items():
-            assert sorted(result.model.get_layer(name).pruned_channels.tolist()) == channels
-    assert clp_result.details["pruned_count"] > 0
+    # Every conv of MobileNetV2, depthwise ones included, carries its fused BN.
+    assert len(pairs) == 52
+    _check_on_mobilenet(model, defenses.clp(model, u=3.0), "uclc")
+    # One iteration each: tracing ANP's and RNP's steps costs more than running them eagerly.
+    tf.config.run_functions_eagerly(True)
+    try:
+        anp = defenses.anp(model, data, iterations=1, batch_size=8, threshold=0.9)
+        rnp = defenses.rnp(
+            model, data, unlearning_epochs=1, recovering_epochs=1, batch_size=20, threshold=0.9
+        )
+    finally:
+        tf.config.run_functions_eagerly(False)
+    _check_on_mobilenet(model, anp, "mask_values")
+    _check_on_mobilenet(model, rnp, "mask_values")
+
+
+@pytest.mark.slow
+def test_fmp_scores_and_prunes_every_group_of_a_converted_mobilenet_v2(mobilenet_v2):
+    model, data = mobilenet_v2
+    settings = defenses.FineTuneSettings(learning_rate=1e-3, max_epochs=1)
+    result = defenses.fmp(model, data, probe_samples=1, settings=settings)
+    _check_on_mobilenet(model, result, "sensitivity")

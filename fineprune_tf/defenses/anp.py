@@ -18,6 +18,13 @@ Then the neurons with the lowest ``m_k`` are pruned (ANP's ``--pruning-by number
 whole network, as many as the clean holdout allows; see
 :func:`fineprune_tf.defenses.thresholds.choose_threshold`).
 
+Neurons are the output channels of every masked convolution kind, depthwise included (the
+authors' ``NoisyBatchNorm2d`` replaces every BN, so a torch MobileNetV2's depthwise channels
+get masks too).  Pruning is by dependency group (:mod:`fineprune_tf.defenses.coupling`): a
+coupled channel (a residual stream's channel in every conv added into it; an expansion conv's
+channel and the depthwise channel it feeds) scores the mean of its members' masks and is
+pruned in every member, so shrink removes it; the authors prune each BN channel alone.
+
 Hyper-parameters (authors' defaults / ours):
 
 * ``eps = 0.4``, ``steps = 1``, ``alpha = 0.2``, mask lr 0.2 with momentum 0.9: the same.

@@ -23,8 +23,15 @@ What the official code does, and what we do:
   zero gradient (dead on these samples) scores exactly 0 and ranks after every channel with a
   positive score (a step can also lower the loss: negative scores rank last).
 * **How many.** ``dynamiccluster`` prunes ``argsort(acc)[:C // 64]`` per layer, i.e. 0 channels
-  in layers narrower than 64.  We prune ``ceil(prune_fraction * C)`` (default 1/64, so at least
-  one per layer); the protocol may choose a larger fraction from the clean holdout.
+  in layers narrower than 64.  We prune ``ceil(prune_fraction * K)`` (default 1/64, so at least
+  one per group); the protocol may choose a larger fraction from the clean holdout.
+* **Which layers.** Every masked convolution kind is scored, depthwise included (the official
+  code walks ``nn.Conv2d`` modules, which in torch include depthwise ones).  Pruning is by
+  dependency group (:mod:`fineprune_tf.defenses.coupling`): a group's ``K`` coupled channels
+  (a residual stream's channel in every conv added into it; an expansion conv's channel with
+  the depthwise channel it feeds) are ranked by their members' mean score, and a chosen one
+  is pruned in every member, so shrink removes it.  The official code prunes each layer on its
+  own.  On the task networks every group is one layer: the official per-layer rule.
 * **Pruning.** The official code zeroes the conv (and BN) weights of pruned maps, which
   fine-tuning can regrow; we hold them at 0 in the masks.
 * **Fine-tuning.** Official: SGD lr 0.01, momentum 0.9, cosine to 1e-4, ``args.epochs``.  We use
@@ -43,15 +50,17 @@ import numpy as np
 import tensorflow as tf
 
 from fineprune_tf import training
+from fineprune_tf.defenses.coupling import active_rows, pruning_units, unit_channels, unit_scores
 from fineprune_tf.defenses.fine_tuning import FineTuneSettings, fine_tune_in_place
 from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
-from fineprune_tf.layers import MaskedConv2D, masked_layers
+from fineprune_tf.layers import MASKED_CONVOLUTIONS, masked_layers
 
 __all__ = [
     "fmp",
     "fmp_sensitivity",
     "fmp_ranking",
+    "fmp_prune_sets",
     "EPSILON",
     "ALPHA",
     "PRUNE_FRACTION",
@@ -107,7 +116,8 @@ def fmp_sensitivity(
     max_stack: int = 4096,
     seed: int = 0,
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per conv channel: the loss increase one feature-targeted FGSM step causes.
+    """Per channel of every masked convolution (each kind, depthwise included): the loss
+    increase one feature-targeted FGSM step causes.
 
     Args:
       x, y: clean inputs ``[N, ...]`` and labels ``[N]``; the first ``probe_samples`` are used.
@@ -123,9 +133,11 @@ def fmp_sensitivity(
     x, y = np.asarray(x[:probe_samples]), np.asarray(y[:probe_samples])
     low, high = value_range or (float(x.min()), float(x.max()))
     span = max(high - low, 1e-12)
-    conv_layers = [layer for layer in masked_layers(model) if isinstance(layer, MaskedConv2D)]
+    conv_layers = [
+        layer for layer in masked_layers(model) if isinstance(layer, MASKED_CONVOLUTIONS)
+    ]
     if not conv_layers:
-        raise ValueError("FMP needs at least one MaskedConv2D layer")
+        raise ValueError("FMP needs at least one masked convolution: convert the model first")
     rng = np.random.default_rng(seed)
     start_x = np.clip(x + alpha * span * np.sign(rng.uniform(-1, 1, x.shape)), low, high)
     start_x = start_x.astype(x.dtype)
@@ -134,7 +146,9 @@ def fmp_sensitivity(
     scores = {}
     for layer in conv_layers:
         probe = keras.Model(training.model_input(model), [layer.output, model.outputs[0]])
-        clean_features = probe(x, training=False)[0]
+        # The FGSM gradient needs the layers up to this one only (a prefix of the network).
+        features_of = keras.Model(training.model_input(model), layer.output)
+        clean_features = features_of(x, training=False)
         rank = len(clean_features.shape)  # the feature map's, not the input's (packed inputs)
         per_chunk = max(1, max_stack // len(x))
         out = {k: np.zeros(layer.channels) for k in ("score", "deviation", "accuracy")}
@@ -146,7 +160,7 @@ def fmp_sensitivity(
             reference = tf.tile(clean_features, [len(chunk)] + [1] * (rank - 1))
             with tf.GradientTape() as tape:
                 tape.watch(tiled)
-                features = probe(tiled, training=False)[0]
+                features = features_of(tiled, training=False)
                 objective = tf.reduce_sum(tf.square(features - reference) * selector)
             gradient = tape.gradient(objective, tiled)
             adversarial = tf.clip_by_value(tiled + epsilon * span * tf.sign(gradient), low, high)
@@ -169,6 +183,27 @@ def fmp_ranking(score: np.ndarray, deviation: np.ndarray) -> np.ndarray:
     then index (a strict total order)."""
     index = np.arange(len(score))
     return np.lexsort((index, -np.asarray(deviation), -np.asarray(score))).astype(np.int64)
+
+
+def fmp_prune_sets(
+    model: keras.Model, scores: dict[str, dict[str, np.ndarray]], prune_fraction: float
+) -> dict[str, list[int]]:
+    """``{layer: channels}`` FMP prunes: in every dependency group
+    (:mod:`fineprune_tf.defenses.coupling`), the ``ceil(prune_fraction * K)`` coupled channels
+    still active that rank first by :func:`fmp_ranking` of the members' mean score and mean
+    deviation (Torch-Pruning's ``group_reduction="mean"``), pruned in every member.  A group
+    of one layer is the official per-layer rule.
+    """
+    units = pruning_units(model, list(scores))
+    mean_score = unit_scores(units, {k: v["score"] for k, v in scores.items()}, "mean")
+    mean_deviation = unit_scores(units, {k: v["deviation"] for k, v in scores.items()}, "mean")
+    rows = []
+    for unit, score, deviation in zip(units, mean_score, mean_deviation, strict=True):
+        count = int(math.ceil(prune_fraction * unit.size - 1e-9))
+        active = active_rows(model, unit)
+        ranked = fmp_ranking(score, deviation)
+        rows.append([int(r) for r in ranked if active[r]][:count])
+    return unit_channels(units, rows)
 
 
 def stack_for_budget(model: keras.Model, memory_budget_mb: float) -> int:
@@ -231,16 +266,10 @@ def fmp(
             seed=settings.seed,
         )
         probe_seconds = time.perf_counter() - start
-        pruned = {}
-        for name, layer_scores in scores.items():
-            layer = defended.get_layer(name)
-            count = int(math.ceil(prune_fraction * layer.channels - 1e-9))
-            active = set(layer.active_channels.tolist())
-            ranked = fmp_ranking(layer_scores["score"], layer_scores["deviation"])
-            candidates = [int(c) for c in ranked if c in active][:count]
-            if candidates:
-                layer.prune(candidates)
-            pruned[name] = candidates
+        pruned = fmp_prune_sets(defended, scores, prune_fraction)
+        for name, channels in pruned.items():
+            if channels:
+                defended.get_layer(name).prune(channels)
     tuned = fine_tune_in_place(defended, defender, settings)
     channels = sum(len(s["score"]) for s in scores.values())
     samples = min(probe_samples, len(fit_x))
@@ -252,8 +281,9 @@ def fmp(
         "alpha": alpha,
         "prune_fraction": prune_fraction,
         "fine_tuning": tuned,
-        "why": f"pruned ceil({prune_fraction:.4f} * C) channels per conv layer with the "
-        "largest clean-loss increase under a feature-targeted FGSM step",
+        "why": f"pruned ceil({prune_fraction:.4f} * K) coupled channels per dependency group "
+        "(a conv layer, or the layers tied to it) with the largest clean-loss increase under a "
+        "feature-targeted FGSM step",
     }
     result = DefenseResult(
         "fmp",

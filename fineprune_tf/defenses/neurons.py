@@ -2,11 +2,15 @@
 multipliers: the machinery ANP, RNP and CLP share.
 
 A *neuron group* is one masked layer's output channels together with the variables that scale
-them.  When a ``MaskedConv2D`` (or ``MaskedDense``) feeds only a ``BatchNormalization`` with a
-scale, the neuron is the BN's output channel, as in the authors' code (ANP's
+them.  Every masked convolution kind is one (Conv1D/2D/3D, grouped, SeparableConv1D/2D: the
+pointwise outputs, DepthwiseConv1D/2D: its ``C_in * depth_multiplier`` outputs), and
+``MaskedDense`` when asked.  When the layer feeds only a ``BatchNormalization`` with a scale
+(or carries it fused), the neuron is the BN's output channel, as in the authors' code (ANP's
 ``NoisyBatchNorm2d``, RNP's ``MaskBatchNorm2d`` and CLP all act on the BN after a conv): the
 scale variable is BN's ``gamma`` and the shift ``beta``.  Otherwise the scale is the layer's
-kernel (last axis = channel) and the shift its bias.  The pairing is read from the functional
+kernel (the pointwise kernel of a separable conv; last axis = channel, except a depthwise
+kernel ``[..., C_in, depth_multiplier]``, whose output channel ``c * m + k`` is entry
+``[..., c, k]``) and the shift its bias.  The pairing is read from the functional
 graph (:func:`fineprune_tf.graph.batchnorm_after`), so no architecture needs its own code; a
 BN fused into its conv by :func:`fineprune_tf.convert` (``layer.batch_normalization``) is that
 BN too.
@@ -24,9 +28,21 @@ import keras
 import tensorflow as tf
 
 from fineprune_tf.graph import batchnorm_after
-from fineprune_tf.layers import MaskedConv2D, MaskedDense, MaskedLayerMixin, masked_layers
+from fineprune_tf.layers import (
+    MASKED_CONVOLUTIONS,
+    MaskedDense,
+    MaskedDepthwiseConv1D,
+    MaskedDepthwiseConv2D,
+    MaskedLayerMixin,
+    MaskedSeparableConv1D,
+    MaskedSeparableConv2D,
+    masked_layers,
+)
 
 __all__ = ["NeuronGroup", "neuron_groups", "forward_with_multipliers"]
+
+_DEPTHWISE = (MaskedDepthwiseConv1D, MaskedDepthwiseConv2D)
+_SEPARABLE = (MaskedSeparableConv1D, MaskedSeparableConv2D)
 
 
 @dataclasses.dataclass(eq=False)
@@ -49,21 +65,32 @@ class NeuronGroup:
     def channels(self) -> int:
         return self.layer.channels
 
+    def scaled(self, value: tf.Tensor, multiplier: tf.Tensor) -> tf.Tensor:
+        """``value`` (the scale variable's value) with channel ``j`` multiplied by
+        ``multiplier[j]`` (``[C]``): a depthwise kernel ``[..., C_in, m]`` takes the multiplier
+        reshaped to ``[C_in, m]``; every other scale variable has the channel last."""
+        multiplier = tf.cast(multiplier, value.dtype)
+        if self.batchnorm is None and isinstance(self.layer, _DEPTHWISE):
+            multiplier = tf.reshape(multiplier, value.shape[-2:])
+        return value * multiplier
+
 
 def neuron_groups(model: keras.Model, *, dense: bool = False) -> list[NeuronGroup]:
-    """Every MaskedConv2D (and MaskedDense when ``dense``) of ``model`` as a neuron group."""
+    """Every masked convolution of ``model`` (each kind, depthwise included; and MaskedDense
+    when ``dense``) as a neuron group, in ``masked_layers`` order."""
     pairs = batchnorm_after(model)
     groups = []
     for layer in masked_layers(model):
         if isinstance(layer, MaskedDense) and not dense:
             continue
-        if not isinstance(layer, (MaskedConv2D, MaskedDense)):
+        if not isinstance(layer, (*MASKED_CONVOLUTIONS, MaskedDense)):
             continue
         bn = pairs.get(layer.name)
         if bn is not None and bn.scale:
             groups.append(NeuronGroup(layer, bn.gamma, bn.beta if bn.center else None, bn))
         else:
-            groups.append(NeuronGroup(layer, layer.kernel, layer.bias if layer.use_bias else None))
+            kernel = layer.pointwise_kernel if isinstance(layer, _SEPARABLE) else layer.kernel
+            groups.append(NeuronGroup(layer, kernel, layer.bias if layer.use_bias else None))
     if not groups:
         raise ValueError(
             f"model {model.name!r} has no masked conv layer: convert it first "
@@ -93,7 +120,7 @@ def forward_with_multipliers(
     values = [v.value for v in model.trainable_variables]
     for group, scale, shift in zip(groups, scale_multipliers, shift_multipliers, strict=True):
         position = index[id(group.scale)]
-        values[position] = values[position] * tf.cast(scale, values[position].dtype)
+        values[position] = group.scaled(values[position], scale)
         if shift is not None and group.shift is not None:
             position = index[id(group.shift)]
             values[position] = values[position] * tf.cast(shift, values[position].dtype)

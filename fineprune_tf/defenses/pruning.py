@@ -1,5 +1,13 @@
 """The pruning defense (§3.1): rank one layer's channels by mean clean activation, prune in that
-order while the clean accuracy stays within a threshold."""
+order while the clean accuracy stays within a threshold.
+
+When the layer's channels are coupled to other layers' (a dependency group,
+:func:`fineprune_tf.graph.channel_groups`: a conv added into a residual stream, an expansion
+conv feeding a depthwise conv), channel ``c`` is pruned with its whole coupled channel, in every
+member, so shrink removes it: the ranking is the members' mean activation (Torch-Pruning's
+``group_reduction="mean"``, see :mod:`fineprune_tf.defenses.coupling`) and the curve prunes the
+whole coupled channel at each step (one forward pass per step: the fast engine prunes one
+layer).  On the paper's networks every group is one layer and nothing changes."""
 
 from __future__ import annotations
 
@@ -13,6 +21,9 @@ from absl import logging
 
 from fineprune_tf import curves, models, stats, training
 from fineprune_tf import graph as fp_graph
+from fineprune_tf.curves.inputs import backdoor_data
+from fineprune_tf.curves.result import PruningCurve, make_curve
+from fineprune_tf.defenses.coupling import unit_scores
 from fineprune_tf.defenses.guard import DefenderData, selecting
 from fineprune_tf.defenses.result import DefenseResult, clone, finish
 from fineprune_tf.layers import MASKED_CONVOLUTIONS, MaskedLayerMixin
@@ -26,6 +37,8 @@ __all__ = [
     "rank_channels",
     "stopping_point",
     "pruned_layer",
+    "coupled_group",
+    "prune_coupled",
 ]
 
 ENGINES = ("fast", "naive")
@@ -141,18 +154,96 @@ def rank_channels(
     """Active channels of ``layer_name`` in increasing order of mean clean activation (§3.1).
 
     Returns ``(order, means)``: int64 ``[K]`` channel indices (already pruned channels left out)
-    and the float64 ``[C]`` mean activation of every channel.
+    and the float64 ``[C]`` mean activation of every channel (of a coupled channel: the mean
+    over the members of :func:`coupled_group`).
     """
     layer = model.get_layer(layer_name)
-    if layer.activation is keras.activations.relu:
-        means = stats.collect(model, x, layer_names=[layer_name], batch_size=batch_size)[
-            layer_name
-        ].mean
+    group = coupled_group(model, layer_name)
+    if group is None:
+        means = _layer_means(model, layer, x, batch_size)
     else:
-        means = _chain_means(model, layer, x, batch_size)
+        member_means = {
+            name: _layer_means(model, model.get_layer(name), x, batch_size)
+            for name in group.members
+        }
+        row_means = unit_scores([group], member_means, "mean")[0]
+        means = np.empty(layer.channels)
+        means[group.members[layer_name][:, 0]] = row_means
     order = np.argsort(means, kind="stable")
     active = set(layer.active_channels.tolist())
     return np.asarray([c for c in order if c in active], dtype=np.int64), means
+
+
+def coupled_group(model: keras.Model, layer_name: str) -> fp_graph.ChannelGroup | None:
+    """The dependency group whose channels ``layer_name``'s are coupled to, when it has other
+    members and each of the layer's channels is one coupled channel (None otherwise: the layer
+    is pruned on its own)."""
+    for group in fp_graph.channel_groups(model):
+        rows = group.members.get(layer_name)
+        if rows is not None:
+            return group if len(group.members) > 1 and rows.shape[1] == 1 else None
+    return None
+
+
+def prune_coupled(model: keras.Model, layer_name: str, channels) -> None:
+    """Prunes ``channels`` of ``layer_name`` together with their coupled channels in every
+    member of :func:`coupled_group` (just the layer's when it has none)."""
+    channels = np.asarray(channels, np.int64).reshape(-1)
+    group = coupled_group(model, layer_name)
+    if group is None:
+        model.get_layer(layer_name).prune(channels)
+    else:
+        group.prune(model, _rows_of(model, layer_name, group)[channels])
+
+
+def _rows_of(model: keras.Model, layer_name: str, group: fp_graph.ChannelGroup) -> np.ndarray:
+    """int64 ``[C]``: the group row of each of the layer's channels."""
+    rows = np.empty(model.get_layer(layer_name).channels, np.int64)
+    rows[group.members[layer_name][:, 0]] = np.arange(group.size)
+    return rows
+
+
+def _coupled_curve(
+    model: keras.Model, layer: MaskedLayerMixin, order: np.ndarray, clean, backdoor, batch_size
+) -> PruningCurve:
+    """The pruning curve when ``layer`` is coupled: step ``k`` prunes ``order[k-1]`` with its
+    coupled channels (:func:`prune_coupled`); one ``predict`` per step (the reference loop of
+    :func:`fineprune_tf.curves.naive_pruning_curve`, over every member's mask)."""
+    x, y = clean
+    bd = backdoor_data(backdoor)
+    group = coupled_group(model, layer.name)
+    rows = _rows_of(model, layer.name, group)
+    saved = {name: model.get_layer(name).mask for name in group.members}
+    steps = len(order) + 1
+    pred_clean = np.empty((steps, len(x)), np.int64)
+    pred_bd = np.empty((steps, len(bd.x)), np.int64) if bd is not None else None
+
+    def predict(inputs):
+        return np.argmax(model.predict(inputs, batch_size=batch_size, verbose=0), axis=-1)
+
+    try:
+        for k in range(steps):
+            if k:
+                group.prune(model, rows[order[k - 1 : k]])
+            pred_clean[k] = predict(x)
+            if bd is not None:
+                pred_bd[k] = predict(bd.x)
+    finally:
+        for name, mask in saved.items():
+            model.get_layer(name).set_mask(mask)
+    info = {"engine": "coupled", "members": list(group.members)}
+    return make_curve(layer, saved[layer.name], order, y, pred_clean, bd, pred_bd, True, info)
+
+
+def _layer_means(
+    model: keras.Model, layer: MaskedLayerMixin, x: np.ndarray, batch_size: int
+) -> np.ndarray:
+    """Mean clean activation of each of ``layer``'s channels, float64 ``[C]``."""
+    if layer.activation is keras.activations.relu:
+        return stats.collect(model, x, layer_names=[layer.name], batch_size=batch_size)[
+            layer.name
+        ].mean
+    return _chain_means(model, layer, x, batch_size)
 
 
 def _chain_means(
@@ -231,9 +322,19 @@ def pruning_outcome(
         layer = pruned_layer(model, settings.layer)
         order, means = rank_channels(model, layer.name, x, settings.batch_size)
         curve_fn = curves.pruning_curve if settings.engine == "fast" else curves.naive_pruning_curve
-        curve = curve_fn(
-            model, layer.name, order, (x, y), backdoor_validation, batch_size=settings.batch_size
-        )
+        if coupled_group(model, layer.name) is not None:
+            curve = _coupled_curve(
+                model, layer, order, (x, y), backdoor_validation, settings.batch_size
+            )
+        else:
+            curve = curve_fn(
+                model,
+                layer.name,
+                order,
+                (x, y),
+                backdoor_validation,
+                batch_size=settings.batch_size,
+            )
         count = stopping_point(curve.clean_acc, settings.threshold)
     return PruningOutcome(
         layer=layer.name,
@@ -306,7 +407,8 @@ def prune(
             layer,
             settings.threshold,
         )
-    layer.prune(outcome.order[:count])
+    prune_coupled(defended, layer.name, outcome.order[:count])
+    group = coupled_group(defended, layer.name)
     seconds = time.perf_counter() - start
     details = {
         "layer": layer.name,
@@ -316,6 +418,8 @@ def prune(
         "pruned": outcome.order[:count].tolist(),
         "pruned_count": count,
         "pruned_fraction": count / layer.channels,
+        # Layers whose coupled channels were pruned with these (a dependency group).
+        "coupled_layers": [] if group is None else [n for n in group.members if n != layer.name],
         "threshold": settings.threshold,
         "curve": outcome.curve,
         "why": f"pruned {count} least-active channels of {layer.name}: the clean validation "

@@ -13,6 +13,11 @@
 3. **Prune** the *original* model's neurons with the lowest ``m_k`` (RNP's ``--pruning-by``
    number or threshold).
 
+Neurons are the output channels of every masked convolution kind, depthwise included (the
+authors' ``MaskBatchNorm2d`` replaces every BN).  Pruning is by dependency group, as ANP's
+(:mod:`fineprune_tf.defenses.coupling`): a coupled channel scores the mean of its members'
+masks and is pruned in every member.
+
 Deviations: the authors sweep thresholds 0..0.9 against the test set (their README reports the
 row that prunes 32 neurons); ours prunes by number, as many of the lowest-mask neurons as the
 defender's clean holdout allows (:mod:`fineprune_tf.defenses.thresholds`).  Unlearning and

@@ -10,11 +10,16 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from fineprune_tf.defenses.coupling import pruning_units, unit_channels, unit_scores
 from fineprune_tf.defenses.guard import is_selecting
 from fineprune_tf.defenses.neurons import apply_pruned
 from fineprune_tf.defenses.result import holdout_accuracy
+from fineprune_tf.graph import ChannelGroup
 
-__all__ = ["choose_by_holdout", "choose_threshold", "prune_by_scores", "THRESHOLDS"]
+__all__ = ["GROUP_RULE", "choose_by_holdout", "choose_threshold", "prune_by_scores", "THRESHOLDS"]
+
+#: How ANP and RNP score a coupled channel (reported in their details).
+GROUP_RULE = "mean of the members' masks over the dependency group's row (Torch-Pruning mean)"
 
 #: ANP's and RNP's threshold sweep (``--pruning-step 0.05``, ``--pruning-max 0.90``).
 THRESHOLDS = tuple(np.round(np.arange(0.05, 0.90 + 1e-9, 0.05), 2).tolist())
@@ -71,7 +76,7 @@ def choose_by_holdout(
 
 def choose_threshold(
     model: keras.Model,
-    groups,
+    units: Sequence[ChannelGroup],
     scores: Sequence[np.ndarray],
     holdout: tuple[np.ndarray, np.ndarray],
     tolerance: float,
@@ -79,58 +84,62 @@ def choose_threshold(
     thresholds: Sequence[float] = THRESHOLDS,
     by: str = "number",
 ) -> dict:
-    """The mask threshold for ANP / RNP: neurons with ``score <= threshold`` are pruned.
+    """The mask threshold for ANP / RNP: coupled channels with ``score <= threshold`` are
+    pruned (``units``: dependency groups, :func:`~fineprune_tf.defenses.coupling.pruning_units`;
+    ``scores``: one ``[K]`` score per unit row).
 
-    ``by="number"`` (default; ANP's and RNP's ``--pruning-by number``) walks the neurons in
-    increasing score over the whole network, growing the pruned count by 1% of the neurons at a
-    time (at most half of them); the chosen threshold is the score of the last neuron pruned.
+    ``by="number"`` (default; ANP's and RNP's ``--pruning-by number``) walks the rows in
+    increasing score over the whole network, growing the pruned count by 1% of the rows at a
+    time (at most half of them); the chosen threshold is the score of the last row pruned.
     It degrades gracefully when many masks fall low together (networks without BN, where the
     multiplicative noise compounds over layers), where a fixed threshold grid jumps from
     nothing to too much.  ``by="threshold"`` walks ``thresholds``.  ``fixed`` skips the choice.
-    Returns ``{"threshold", "holdout_curve", "why", ...}`` (threshold -1 = prune nothing).
+    Returns ``{"threshold", "holdout_curve", "why", "chosen_pruned", "chosen_rows", ...}``
+    (threshold -1 = prune nothing; ``chosen_pruned`` is layer -> channels, every member of a
+    pruned row included).
     """
 
-    def pruned_at(threshold: float) -> dict:
-        return {
-            g.layer.name: [c for c in range(g.channels) if float(s[c]) <= threshold]
-            for g, s in zip(groups, scores, strict=True)
-        }
+    def rows_at(threshold: float) -> list[list[int]]:
+        return [np.flatnonzero(s <= threshold).tolist() for s in scores]
 
     if fixed is not None:
+        rows = rows_at(float(fixed))
         return {
             "threshold": float(fixed),
             "holdout_curve": [],
             "forward_passes": 0,
-            "chosen_pruned": pruned_at(fixed),
+            "chosen_rows": rows,
+            "chosen_pruned": unit_channels(units, rows),
             "why": f"fixed threshold {fixed}",
         }
     if by == "number":
         flat = sorted(
-            (float(s[c]), g_index, c)
-            for g_index, (g, s) in enumerate(zip(groups, scores, strict=True))
-            for c in range(g.channels)
+            (float(s[row]), u_index, row)
+            for u_index, s in enumerate(scores)
+            for row in range(len(s))
         )
         step = max(1, len(flat) // 100)
         counts = range(step, len(flat) // 2 + 1, step)
-        thresholds = [flat[count - 1][0] for count in counts]
-        candidates = []
-        for count, threshold in zip(counts, thresholds, strict=True):
-            pruned: dict = {g.layer.name: [] for g in groups}
-            for _, g_index, channel in flat[:count]:
-                pruned[groups[g_index].layer.name].append(channel)
-            candidates.append((threshold, pruned))
+        candidate_rows = []
+        for count in counts:
+            rows: list[list[int]] = [[] for _ in units]
+            for _, u_index, row in flat[:count]:
+                rows[u_index].append(row)
+            candidate_rows.append((flat[count - 1][0], rows))
     elif by == "threshold":
-        candidates = [(t, pruned_at(t)) for t in thresholds]
+        candidate_rows = [(t, rows_at(t)) for t in thresholds]
     else:
         raise ValueError(f"by must be 'number' or 'threshold', got {by!r}")
+    candidates = [(t, unit_channels(units, rows)) for t, rows in candidate_rows]
     choice = choose_by_holdout(model, candidates, holdout, tolerance)
     # Apply exactly the candidate the holdout accepted (ties at its score stay unpruned).
     index = choice.pop("index")
-    chosen = candidates[index][1] if index >= 0 else {g.layer.name: [] for g in groups}
+    rows = candidate_rows[index][1] if index >= 0 else [[] for _ in units]
     threshold = -1.0 if choice["setting"] is None else float(choice["setting"])
     return {
         "threshold": threshold,
-        "chosen_pruned": chosen,
+        "chosen_rows": rows,
+        "chosen_pruned": unit_channels(units, rows),
         **{k: v for k, v in choice.items() if k != "setting"},
     }
 
@@ -143,17 +152,30 @@ def prune_by_scores(
     tolerance: float,
     fixed: float | None = None,
 ) -> dict:
-    """Prunes ``model``'s neurons (in place) at the threshold :func:`choose_threshold` picks
-    from the per-group ``scores`` (ANP's and RNP's learned masks; low = suspicious).
+    """Prunes ``model``'s neurons (in place), whole dependency groups at a time, at the
+    threshold :func:`choose_threshold` picks from the per-neuron-group ``scores`` (ANP's and
+    RNP's learned masks; low = suspicious).
+
+    A coupled channel's score is the mean of its members' masks
+    (:mod:`fineprune_tf.defenses.coupling`, Torch-Pruning's ``group_reduction="mean"``); on a
+    network without coupled layers it is the neuron's own mask.
 
     Returns the details ANP and RNP report: ``mask_values`` (layer -> scores), ``pruned``
-    (layer -> channels), ``pruned_count`` and the threshold choice's facts.
+    (layer -> channels, every member of a pruned group row included), ``pruned_count``
+    (channels), ``pruned_groups`` (coupled channels) and the threshold choice's facts.
     """
-    choice = choose_threshold(model, groups, scores, holdout, tolerance, fixed=fixed)
+    per_layer = {g.layer.name: np.asarray(s) for g, s in zip(groups, scores, strict=True)}
+    units = pruning_units(model, list(per_layer))
+    choice = choose_threshold(
+        model, units, unit_scores(units, per_layer, "mean"), holdout, tolerance, fixed=fixed
+    )
+    rows = choice.pop("chosen_rows")
     pruned = apply_pruned(model, choice.pop("chosen_pruned"))
     return {
-        "mask_values": {g.layer.name: s.tolist() for g, s in zip(groups, scores, strict=True)},
+        "mask_values": {name: s.tolist() for name, s in per_layer.items()},
         "pruned": pruned,
         "pruned_count": sum(len(v) for v in pruned.values()),
+        "pruned_groups": sum(len(r) for r in rows),
+        "group_rule": GROUP_RULE,
         **choice,
     }
