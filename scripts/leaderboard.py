@@ -2,8 +2,8 @@
 
     python -m scripts.leaderboard [--tasks=speech,traffic,mnist] [--attacks=...]
         [--defenses=...] [--seeds=0,1,2] [--output_dir=runs/leaderboard] [--quick]
-        [--profile=budget|full] [--budget_minutes=45] [--overwrite] [--nofigures]
-        [--verbosity=1]
+        [--profile=budget|full] [--budget_minutes=45] [--workers=2] [--overwrite]
+        [--nofigures] [--verbosity=1]
 
 Writes ``leaderboard.json`` (every cell, the summary, machine and settings),
 ``leaderboard.md`` and ``der_<task>.png`` into ``--output_dir``; attacked models are cached
@@ -45,11 +45,14 @@ before, 12 x (train + fresh) = 6,316 CPU seconds (105 CPU-minutes); after, 12 x 
 its step is now also reused across a task's seeds: not counted). On an idle 2-core machine wall
 = CPU / cores the process keeps busy: 38 minutes if it uses both, 75 if one, so the default
 grid fits 45 minutes only when TensorFlow's two intra-op threads keep ~1.7 cores busy; on one
-core it is ~30 minutes over. The next lever is the second core made certain: run the grid's
-attacked models in two processes (one per core, cells of one model stay in one process so its
-trainers are reused; the two write separate row files the parent merges), which brings the wall
-to ~CPU / 2 whatever TensorFlow's threading does; then ANP's and RNP's steps through the same
-reuse (~2-5 s per cell). Until then each invocation stops starting cells after
+core it is ~30 minutes over. ``--workers=2`` makes the second core certain: the attacked
+models are split into two shards (every other model with all of its defenses, so its compiled
+steps are reused; ``fineprune_tf.leaderboard_workers``), run as two processes sharing the model
+cache, each resuming on its own, and merged in grid order: wall ~ CPU / 2 whatever TensorFlow's
+threading does, ~38 minutes for the default grid by the arithmetic above (not run: no idle
+machine). ``--quick --workers=2`` gave every number of ``--quick`` (compared cell by cell).
+The next lever is ANP's and RNP's own steps through the same reuse (~2-5 s per cell).
+Each invocation stops starting cells after
 ``--budget_minutes`` (default 45), records the cells still missing in leaderboard.json/.md, and
 the same command continues from there; cells run seed by seed, so a cut run has complete seeds
 first. Earlier measurements: with ``--profile=full`` (before the reuse, 3-5 other processes)
