@@ -99,10 +99,10 @@ BUDGET_NOTE = (
     "reused per model structure (fineprune_tf.step_cache), shared 2-core AMD EPYC at load 5-7): "
     "75 (mnist), 134 (traffic), 90 (speech) CPU seconds per attacked model, 116, 185, 150 with "
     "a fresh trace per fit; attack training 16, 18, 41 s. The default grid is 12 models per "
-    "task: ~4,500 CPU seconds (75 CPU-minutes, ~6,300 before), 38 minutes on an idle 2-core "
-    "machine if the process keeps both cores busy, 75 on one, so the 45-minute target is met "
-    "only with both cores; `--budget_minutes` cuts a run and the same command continues it "
-    "(scripts/leaderboard.py)."
+    "task: ~4,500 CPU seconds (75 CPU-minutes, ~6,300 before): ~38 minutes on an idle 2-core "
+    "machine with both cores busy (`--workers=2`, the default there: two processes, a shard "
+    "of the attacked models each), 75 on one; not yet run end to end on an idle machine. "
+    "`--budget_minutes` cuts a run and the same command continues it (scripts/leaderboard.py)."
 )
 
 

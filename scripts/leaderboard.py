@@ -63,6 +63,7 @@ minutes of wall at that load (57 s of CPU).
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import sys
 import time
@@ -100,9 +101,9 @@ flags.DEFINE_float(
 
 flags.DEFINE_integer(
     "workers",
-    1,
-    "Processes to run the grid in (each a shard of the attacked models, merged at the end); "
-    "2 keeps both cores of a 2-core machine busy.",
+    min(2, os.cpu_count() or 1),
+    "Processes to run the grid in (each a shard of the attacked models, merged at the end; "
+    "default: 2, or 1 on a 1-core machine): 2 keeps both cores of a 2-core machine busy.",
     lower_bound=1,
 )
 flags.DEFINE_string("shard", None, "i/n: run only shard i of n (set by --workers; internal).")
