@@ -85,6 +85,7 @@ def test_blocked_groups_say_why():
     assert reasons[("normed",)] == ("ln (LayerNormalization, cross_channel) needs every channel",)
     assert reasons[("before_grouped",)] == ("grouped (MaskedConv2D, grouped) needs every channel",)
     assert reasons[("grouped",)] == ("a model output",)
+    assert [tuple(g.members) for g in channel_groups(model) if g.reaches_output] == [("grouped",)]
 
 
 @pytest.mark.slow  # ~20 s on 2 cores: keras.applications MobileNetV2, convert, shrink

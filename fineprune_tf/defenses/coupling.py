@@ -43,9 +43,6 @@ __all__ = [
     "unit_scores",
 ]
 
-#: Reasons :func:`fineprune_tf.graph.channel_groups` gives for a group that is a model output.
-_OUTPUT_REASON = "a model output"
-
 REDUCTIONS = ("mean", "max")
 
 
@@ -61,7 +58,7 @@ def pruning_units(model: keras.Model, scored: Sequence[str]) -> list[ChannelGrou
     for group in fp_graph.channel_groups(model):
         names = [name for name in group.members if name in position]
         covered.update(group.members)
-        if names and _OUTPUT_REASON not in group.blocked:
+        if names and not group.reaches_output:
             units.append((min(position[n] for n in names), group))
     for name in scored:
         if name not in covered:

@@ -48,6 +48,10 @@ from fineprune_tf.layers import MaskedLayerMixin
 __all__ = ["ChannelGroup", "channel_groups"]
 
 
+#: The reason :class:`ChannelGroup.blocked` gives for channels that reach a model output.
+OUTPUT_REASON = "a model output"
+
+
 @dataclasses.dataclass(frozen=True)
 class ChannelGroup:
     """Output channels of masked layers that are removable only together.
@@ -71,6 +75,12 @@ class ChannelGroup:
     @property
     def removable(self) -> bool:
         return not self.blocked
+
+    @property
+    def reaches_output(self) -> bool:
+        """Whether these channels are (element-wise) a model output: pruning them changes
+        the output's width, so defenses leave them alone."""
+        return OUTPUT_REASON in self.blocked
 
     def prune(self, model: keras.Model, rows) -> None:
         """Prunes coupled channels ``rows`` (indices into ``[0, size)``) in every member."""
@@ -188,7 +198,7 @@ def channel_groups(model: keras.Model | Graph) -> list[ChannelGroup]:
     for t in graph.outputs:
         ids = channels.ids(t)
         for v in [] if ids is None else ids.tolist():
-            blocked[v].add("a model output")
+            blocked[v].add(OUTPUT_REASON)
     return _collect(channels, producers, blocked, order)
 
 
