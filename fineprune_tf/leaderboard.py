@@ -300,6 +300,7 @@ def run_cell(
     from fineprune_tf import metrics, retuning
     from fineprune_tf.defenses import DefenderData, ReportOnly, finish, run_defense
     from fineprune_tf.defenses.guard import selecting
+    from fineprune_tf.defenses.protocol import weight_change
     from fineprune_tf.defenses.result import holdout_accuracy
 
     cell_start, cell_cpu_start = time.perf_counter(), time.process_time()
@@ -315,6 +316,7 @@ def run_cell(
         result = run_defense(
             cell.defense, model, defender, evaluation=None, context=defense_context
         )
+    change = weight_change(model, result.model)  # reads no data: the protocol's preference
     report_start = time.perf_counter()
     finish(result, report)
     if undefended is None:
@@ -337,6 +339,8 @@ def run_cell(
         **result.summary(),
         "undefended": undefended,
         "undefended_holdout_acc": base_holdout,
+        "holdout_size": len(defender.holdout[1]),
+        "weight_change": change,
         "retuned_asr": retuned["after"]["asr"],
         "report_seconds": time.perf_counter() - report_start - retuned["seconds"],
         "retune_seconds": retuned["seconds"],

@@ -145,7 +145,8 @@ def _render_board(board: dict) -> list[str]:
         + (f"(defense profile {profile}) " if profile else "")
         + f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
         f"min ({summary_line(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
-        "the defense chosen from clean holdout accuracy only.",
+        "the defense chosen from the defender's clean data only (largest weight change within "
+        "the clean-holdout tolerance).",
         "",
         "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |",
         "|---|---|---|---|---|---|---|---|---|",

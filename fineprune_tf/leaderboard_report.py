@@ -4,8 +4,10 @@ the DER heat maps ``der_<task>.png``.
 Rows come from :func:`fineprune_tf.leaderboard.run`. DER is computed per seed against the
 same seed's undefended model (``defenses.der``: ``[max(0, dASR) - max(0, dACC) + 1] / 2``),
 then averaged. The ``protocol`` row is what a defender would deploy: per seed,
-``defenses.choose`` picks among the defenses run (``none`` excluded) from their clean
-*holdout* accuracies only, and the row reports the chosen defense's numbers.
+``defenses.choose`` picks among the defenses run (``none`` excluded) by the rule of
+``defenses.auto_defend``: within the tolerance on clean *holdout* accuracy, the largest weight
+change from the attacker's model (each cell records both); the row reports the chosen
+defense's numbers.
 """
 
 from __future__ import annotations
@@ -61,12 +63,19 @@ def protocol_rows(rows: Sequence[dict], defenses: Sequence[str] | None = None) -
     for members in groups.values():
         if set(members) != expected:  # a seed still running: its choice is not final
             continue
-        # choose() reads only .holdout_acc, inside guard.selecting().
+        # choose() reads only .holdout_acc and the weight changes, inside guard.selecting().
         results = {
             name: types.SimpleNamespace(holdout_acc=r["holdout_acc"]) for name, r in members.items()
         }
         base = next(iter(members.values()))["undefended_holdout_acc"]
-        name, why, _ = choose(results, base)
+        # The rule `auto` uses (largest weight change within the tolerance); rows written
+        # before cells recorded their weight change fall back to the priority order.
+        changes = (
+            {name: r["weight_change"] for name, r in members.items()}
+            if all("weight_change" in r for r in members.values())
+            else None
+        )
+        name, why, _ = choose(results, base, changes=changes)
         chosen_rows.append({**members[name], "defense": PROTOCOL, "chosen": name, "why": why})
     return chosen_rows
 
@@ -131,8 +140,9 @@ def markdown(summary: Sequence[dict], meta: dict) -> str:
         "validation split (DefenderData, inside guard.selecting()); the test split and its "
         "triggered copy only report. DER = [max(0, dASR) - max(0, dACC) + 1] / 2 against the "
         "same seed's undefended model. Retuned ASR: ASR after the retuning attack (Min et al. "
-        "2024) on the defended model. `protocol`: the defense `defenses.choose` picks from clean "
-        "holdout accuracy (times chosen in brackets). Seconds: the defense alone.",
+        "2024) on the defended model. `protocol`: the defense `defenses.choose` picks from the "
+        "defender's clean data: within the tolerance on clean holdout accuracy, the largest "
+        "weight change (times chosen in brackets). Seconds: the defense alone.",
         "",
         "| task | attack | defense | clean acc | ASR | robust acc | DER | retuned ASR | seconds |",
         "|---|---|---|---|---|---|---|---|---|",

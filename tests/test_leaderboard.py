@@ -167,6 +167,23 @@ def test_summary_gives_mean_sd_der_and_the_protocol_choice_from_holdout_only():
     assert summary["protocol"]["asr"] == pytest.approx(0.3)
 
 
+def test_protocol_row_uses_auto_defends_rule_when_cells_record_weight_change():
+    """Cells that record their weight change are chosen as `auto` chooses: the largest
+    change among the defenses within the holdout tolerance, not the first in PRIORITY."""
+    rows = [_row("mnist", "sig", "none", 0, 0.9, 1.0, 0.9)]
+    for defense, holdout, change in [
+        ("fine_pruning", 0.89, 0.10),  # first in PRIORITY, within tolerance
+        ("fmp", 0.885, 0.30),  # within tolerance, moved furthest: chosen
+        ("anp", 0.80, 0.90),  # moved most but lost 10 holdout points: excluded
+    ]:
+        rows.append({**_row("mnist", "sig", defense, 0, 0.88, 0.1, holdout), "weight_change": change})
+    (chosen,) = leaderboard_report.protocol_rows(rows)
+    assert chosen["chosen"] == "fmp"
+    # An older leaderboard without weight changes keeps the priority order.
+    legacy = [{k: v for k, v in r.items() if k != "weight_change"} for r in rows]
+    assert leaderboard_report.protocol_rows(legacy)[0]["chosen"] == "fine_pruning"
+
+
 def test_files_have_the_documented_format(tmp_path):
     rows = [
         _row("speech", a, d, s, 0.9, 0.1 * s, 0.9)
