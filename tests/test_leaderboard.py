@@ -176,7 +176,9 @@ def test_protocol_row_uses_auto_defends_rule_when_cells_record_weight_change():
         ("fmp", 0.885, 0.30),  # within tolerance, moved furthest: chosen
         ("anp", 0.80, 0.90),  # moved most but lost 10 holdout points: excluded
     ]:
-        rows.append({**_row("mnist", "sig", defense, 0, 0.88, 0.1, holdout), "weight_change": change})
+        rows.append(
+            {**_row("mnist", "sig", defense, 0, 0.88, 0.1, holdout), "weight_change": change}
+        )
     (chosen,) = leaderboard_report.protocol_rows(rows)
     assert chosen["chosen"] == "fmp"
     # An older leaderboard without weight changes keeps the priority order.
