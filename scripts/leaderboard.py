@@ -16,7 +16,8 @@ Defaults: every task except face, every attack of ``attack_zoo``, every defense 
 Blended, defenses none / pruning / CLP, seed 0, 1,500 training images, 2 epochs.
 
 Where the time goes, and the budget of the default grid (issue 14 asks <= 45 minutes on 2
-cores; it is NOT met on one core, see below).  The grid is 3 tasks x 4 attacks x 3 seeds = 36
+cores: measured 38.9 minutes with ``--workers=2``, see the end; NOT met on one core).  The
+grid is 3 tasks x 4 attacks x 3 seeds = 36
 attacked models, each defended by the 8 registry defenses (288 cells), each cell followed by
 the retuning attack.  ``python -m scripts.leaderboard_speed`` (results/leaderboard_speed.md)
 runs one BadNets model per task (seed 0, ``--profile=budget``, the full validation split as
@@ -51,13 +52,18 @@ steps are reused; ``fineprune_tf.leaderboard_workers``), run as two processes sh
 cache, each resuming on its own, and merged in grid order: wall ~ CPU / 2 whatever TensorFlow's
 threading does, ~38 minutes for the default grid by the arithmetic above (not run: no idle
 machine). ``--quick --workers=2`` gave every number of ``--quick`` (compared cell by cell).
-The next lever is ANP's and RNP's own steps through the same reuse (~2-5 s per cell).
-Each invocation stops starting cells after
-``--budget_minutes`` (default 45), records the cells still missing in leaderboard.json/.md, and
-the same command continues from there; cells run seed by seed, so a cut run has complete seeds
-first. Earlier measurements: with ``--profile=full`` (before the reuse, 3-5 other processes)
-mnist ~280 s, traffic 1,060 s, speech 1,142 s of wall per attacked model; ``--quick`` took 5.9
-minutes of wall at that load (57 s of CPU).
+
+Measured end to end (2026-11-29, commit 622736f, the default command with no flags, otherwise
+idle 2-core AMD EPYC, results/leaderboard/): 288 cells in **38.9 minutes of wall**, 69.9
+CPU-minutes (the extrapolation above said 75); the two shards took 38.5 and 38.5 minutes
+(34.6 and 35.3 CPU-minutes: the partition by attacked model is balanced).  The next lever
+is ANP's and RNP's own steps through the same reuse (~2-5 s per cell).
+
+Each invocation stops starting cells after ``--budget_minutes`` (default 45), records the cells
+still missing in leaderboard.json/.md, and the same command continues from there; cells run seed by
+seed, so a cut run has complete seeds first. Earlier measurements: with ``--profile=full`` (before
+the reuse, 3-5 other processes) mnist ~280 s, traffic 1,060 s, speech 1,142 s of wall per attacked
+model; ``--quick`` took 5.9 minutes of wall at that load (57 s of CPU).
 """
 
 from __future__ import annotations

@@ -165,6 +165,8 @@ def test_summary_gives_mean_sd_der_and_the_protocol_choice_from_holdout_only():
     assert summary["none"]["der"] == pytest.approx(0.5)
     assert summary["protocol"]["chosen"] == {"fine_pruning": 2}
     assert summary["protocol"]["asr"] == pytest.approx(0.3)
+    # Its cost is every candidate's: seconds 1 + seed for each of the two defenses.
+    assert summary["protocol"]["seconds"] == pytest.approx(2 * 1.5)
 
 
 def test_protocol_row_uses_auto_defends_rule_when_cells_record_weight_change():
@@ -215,7 +217,7 @@ def test_files_have_the_documented_format(tmp_path):
     assert "seeds [0, 1]" in table and "wall time 1.0 min" in table
     # The profile is stated, with what it changed and the budget arithmetic.
     assert "Defense profile: **budget** (fine_tune_max_epochs 30 -> 10" in table
-    assert "`--profile=full`" in table and "Budget (measured with this profile" in table
+    assert "`--profile=full`" in table and "Budget, measured: the default grid" in table
     png = (tmp_path / "der_speech.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
