@@ -28,6 +28,13 @@ so one trainer per rate keeps the numbers identical.  The defenses use two rates
 schedule length per task, so a task still traces two fine-tuning steps instead of six per
 attacked model.
 
+The statistics pass (``stats.collect``: the mean activations the pruning defense orders
+channels by) is reused the same way (:class:`StatsPass`, :func:`collect_stats`): one clone per
+structure with its traced :class:`~fineprune_tf.stats.StatsCollector`, the caller's variables
+assigned in before each pass.  Building a collector per defended model traced a new
+``tf.function`` each time, and TensorFlow warned about frequent retracing in every leaderboard
+run.
+
 Outside :func:`reuse_compiled_steps` nothing is cached (each fit compiles its model as
 before).  A model that cannot be cloned from its config (a subclassed model), one fitted under
 a ``tf.distribute`` strategy, and a *fresh copy* (the retuning attack's) of a model with an
@@ -47,9 +54,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fineprune_tf import recipes
+from fineprune_tf import recipes, stats
 
-__all__ = ["CompileSpec", "StepCache", "Trainer", "active", "fit", "reuse_compiled_steps"]
+__all__ = [
+    "CompileSpec",
+    "StatsPass",
+    "StepCache",
+    "Trainer",
+    "active",
+    "collect_stats",
+    "fit",
+    "reuse_compiled_steps",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,14 +192,69 @@ class Trainer:
                 self._store(model)
 
 
+def _load_variables(target: keras.Model, source: keras.Model) -> None:
+    mine, theirs = target.variables, source.variables
+    if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:
+        raise ValueError(f"model {source.name} does not have this clone's structure")
+    for into, value in zip(mine, theirs, strict=True):
+        into.assign(value.value)
+
+
+class StatsPass:
+    """A clone of one model structure with its statistics pass traced once.
+
+    Args:
+      model: any model of the structure (its config is cloned; its values are not read).
+      layer_names: the masked layers to measure (None: every one).
+      jit_compile: as :class:`~fineprune_tf.stats.StatsCollector`'s, resolved from the
+        caller's model (the clone is never compiled).
+    """
+
+    def __init__(self, model: keras.Model, layer_names: tuple[str, ...] | None, jit_compile: bool):
+        self.model = keras.models.clone_model(model)
+        self.collector = stats.StatsCollector(self.model, layer_names, jit_compile=jit_compile)
+        self.passes = 0
+
+    def collect(self, model: keras.Model, data, batch_size: int) -> dict[str, stats.ChannelStats]:
+        """``stats.collect(model, data, ...)``, run on the clone holding ``model``'s values
+        (weights, masks, BN statistics); ``model`` is not modified."""
+        _load_variables(self.model, model)
+        self.passes += 1
+        return self.collector.collect(data, batch_size)
+
+
 class StepCache:
-    """Trainers by (model structure, compile structure, data shapes), least recently used
-    first out beyond ``max_entries``."""
+    """Trainers by (model structure, compile structure, data shapes) and statistics passes by
+    (model structure, layers), least recently used first out beyond ``max_entries`` each."""
 
     def __init__(self, max_entries: int = 32):
         self.max_entries = max_entries
         self._trainers: collections.OrderedDict[tuple, Trainer] = collections.OrderedDict()
+        self._stats_passes: collections.OrderedDict[tuple, StatsPass] = collections.OrderedDict()
         self.hits = self.misses = 0
+
+    def stats_pass(
+        self, model: keras.Model, layer_names: tuple[str, ...] | None, jit_compile: bool
+    ) -> StatsPass | None:
+        """The statistics pass for ``model``'s structure (built on a miss), or None when the
+        model cannot be cloned from its config."""
+        config = _config_key(model)
+        if config is None:
+            return None
+        key = (config, layer_names, jit_compile)
+        if key in self._stats_passes:
+            self.hits += 1
+            self._stats_passes.move_to_end(key)
+            return self._stats_passes[key]
+        try:
+            built = StatsPass(model, layer_names, jit_compile)
+        except (TypeError, NotImplementedError):
+            return None
+        self.misses += 1
+        self._stats_passes[key] = built
+        while len(self._stats_passes) > self.max_entries:
+            self._stats_passes.popitem(last=False)
+        return built
 
     def trainer(self, model: keras.Model, spec: CompileSpec, shapes: tuple = ()) -> Trainer | None:
         """The trainer for ``model``'s structure (built on a miss), or None when the model
@@ -209,6 +280,7 @@ class StepCache:
 
     def clear(self) -> None:
         self._trainers.clear()
+        self._stats_passes.clear()
 
 
 _ACTIVE: list[StepCache] = []
@@ -276,3 +348,23 @@ def fit(
         model, seed, *args, copy_back=not fresh_copy, fresh_seed_states=fresh_copy, **kwargs
     )
     return history, trainer.model if fresh_copy else model
+
+
+def collect_stats(
+    model: keras.Model,
+    data,
+    layer_names: list[str] | tuple[str, ...] | None = None,
+    batch_size: int = 128,
+) -> dict[str, stats.ChannelStats]:
+    """:func:`fineprune_tf.stats.collect`, through the active cache's :class:`StatsPass` for
+    ``model``'s structure when there is one (same numbers: the same graph on the same values).
+    Without a cache, under a ``tf.distribute`` strategy, or for a model that cannot be cloned
+    from its config, a one-shot collector as before."""
+    cache = active()
+    if cache is not None and not tf.distribute.has_strategy():
+        jit_compile = bool(getattr(model, "compiled", False) and model.jit_compile)
+        names = None if layer_names is None else tuple(layer_names)
+        stats_pass = cache.stats_pass(model, names, jit_compile)
+        if stats_pass is not None:
+            return stats_pass.collect(model, data, batch_size)
+    return stats.collect(model, data, layer_names=layer_names, batch_size=batch_size)

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 from absl import logging
 
-from fineprune_tf import curves, models, stats, training
+from fineprune_tf import curves, models, step_cache, training
 from fineprune_tf import graph as fp_graph
 from fineprune_tf.curves.inputs import backdoor_data
 from fineprune_tf.curves.result import PruningCurve, make_curve
@@ -240,7 +240,8 @@ def _layer_means(
 ) -> np.ndarray:
     """Mean clean activation of each of ``layer``'s channels, float64 ``[C]``."""
     if layer.activation is keras.activations.relu:
-        return stats.collect(model, x, layer_names=[layer.name], batch_size=batch_size)[
+        # Through the step cache: one traced statistics pass per model structure in a run.
+        return step_cache.collect_stats(model, x, layer_names=[layer.name], batch_size=batch_size)[
             layer.name
         ].mean
     return _chain_means(model, layer, x, batch_size)
