@@ -241,20 +241,11 @@ class StepCache:
         config = _config_key(model)
         if config is None:
             return None
-        key = (config, layer_names, jit_compile)
-        if key in self._stats_passes:
-            self.hits += 1
-            self._stats_passes.move_to_end(key)
-            return self._stats_passes[key]
-        try:
-            built = StatsPass(model, layer_names, jit_compile)
-        except (TypeError, NotImplementedError):
-            return None
-        self.misses += 1
-        self._stats_passes[key] = built
-        while len(self._stats_passes) > self.max_entries:
-            self._stats_passes.popitem(last=False)
-        return built
+        return self._get(
+            self._stats_passes,
+            (config, layer_names, jit_compile),
+            lambda: StatsPass(model, layer_names, jit_compile),
+        )
 
     def trainer(self, model: keras.Model, spec: CompileSpec, shapes: tuple = ()) -> Trainer | None:
         """The trainer for ``model``'s structure (built on a miss), or None when the model
@@ -263,20 +254,26 @@ class StepCache:
         config = _config_key(model)
         if config is None:
             return None
-        key = (config, spec.key(), tuple(shapes))
-        if key in self._trainers:
+        return self._get(
+            self._trainers, (config, spec.key(), tuple(shapes)), lambda: Trainer(model, spec)
+        )
+
+    def _get(self, store: collections.OrderedDict, key: tuple, build):
+        """``store[key]``, built on a miss (None when the clone cannot be built), least
+        recently used dropped beyond ``max_entries``."""
+        if key in store:
             self.hits += 1
-            self._trainers.move_to_end(key)
-            return self._trainers[key]
+            store.move_to_end(key)
+            return store[key]
         try:
-            trainer = Trainer(model, spec)
+            built = build()
         except (ValueError, TypeError, NotImplementedError):
             return None
         self.misses += 1
-        self._trainers[key] = trainer
-        while len(self._trainers) > self.max_entries:
-            self._trainers.popitem(last=False)
-        return trainer
+        store[key] = built
+        while len(store) > self.max_entries:
+            store.popitem(last=False)
+        return built
 
     def clear(self) -> None:
         self._trainers.clear()
