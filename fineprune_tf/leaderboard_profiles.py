@@ -31,6 +31,7 @@ import inspect
 from fineprune_tf.defenses.anp import anp
 from fineprune_tf.defenses.fine_tuning import FineTuneSettings
 from fineprune_tf.defenses.fmp import FmpSettings
+from fineprune_tf.defenses.fst import FstSettings
 from fineprune_tf.defenses.registry import DefenseContext
 from fineprune_tf.defenses.rnp import rnp
 
@@ -44,7 +45,7 @@ class DefenseProfile:
     Attributes:
       name: the profile's name (``PROFILES`` key).
       fine_tune_max_epochs: epoch cap of every clean fine-tuning (fine-tuning, fine-pruning,
-        FMP); ``FineTuneSettings.max_epochs``.
+        FMP, FST); ``FineTuneSettings.max_epochs``.
       anp_iterations: ANP's mask-optimisation steps.
       rnp_epochs: RNP's unlearning-epoch cap and recovering epochs.
       fmp_probe_samples: clean examples FMP scores each channel on.
@@ -66,9 +67,10 @@ class DefenseProfile:
 
     def context(self, seed: int, tolerance: float) -> DefenseContext:
         """The ``DefenseContext`` that runs a defense under this profile."""
-        fine_tune = None
+        fine_tune = fst = None
         if self.fine_tune_max_epochs is not None:
             fine_tune = FineTuneSettings(seed=seed, max_epochs=self.fine_tune_max_epochs)
+            fst = FstSettings(max_epochs=self.fine_tune_max_epochs)
         fmp = None
         if self.fmp_probe_samples is not None:
             fmp = FmpSettings(probe_samples=self.fmp_probe_samples)
@@ -77,6 +79,7 @@ class DefenseProfile:
             tolerance=tolerance,
             fine_tune=fine_tune,
             fmp=fmp,
+            fst=fst,
             anp_iterations=self.anp_iterations,
             rnp_epochs=self.rnp_epochs,
         )

@@ -37,7 +37,8 @@ run.
 
 Outside :func:`reuse_compiled_steps` nothing is cached (each fit compiles its model as
 before).  A model that cannot be cloned from its config (a subclassed model), one fitted under
-a ``tf.distribute`` strategy, and a *fresh copy* (the retuning attack's) of a model with an
+a ``tf.distribute`` strategy, one with a regularizer or constraint set on a variable (not in
+its config: FST's), and a *fresh copy* (the retuning attack's) of a model with an
 unseeded random layer (whose fresh seed cannot be reproduced) are fitted the old way.
 """
 
@@ -121,6 +122,14 @@ def _unseeded_random_layer(model: keras.Model) -> bool:
     return any(
         "seed" in (config := layer.get_config()) and config["seed"] is None
         for layer in _layers(model)
+    )
+
+
+def _variable_terms(model: keras.Model) -> bool:
+    """A trainable variable carries a regularizer or constraint (FST sets them on a kernel for
+    one fit): a clone from the config would not carry it, so such a fit is not cached."""
+    return any(
+        v.regularizer is not None or v.constraint is not None for v in model.trainable_variables
     )
 
 
@@ -331,6 +340,7 @@ def fit(
         cache is not None
         and not tf.distribute.has_strategy()
         and not (fresh_copy and _unseeded_random_layer(model))
+        and not _variable_terms(model)
     ):
         trainer = cache.trainer(model, spec, shapes)
     if trainer is None:

@@ -42,7 +42,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the backdoored models.")
 flags.DEFINE_list("clean_seeds", ["0"], "Seeds of the never-backdoored models.")
 flags.DEFINE_list(
     "defenses",
-    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp", "rnp", "clp"],
+    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "fst", "anp", "rnp", "clp"],
     "Defenses (REGISTRY names).",
 )
 flags.DEFINE_list(

@@ -32,7 +32,7 @@ flags.DEFINE_list("seeds", ["0"], "Seeds.")
 flags.DEFINE_string("task", "traffic", "Embedded task whose data the attacker trains on.")
 flags.DEFINE_list(
     "defenses",
-    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "anp", "rnp", "clp"],
+    ["none", "pruning", "fine_tuning", "fine_pruning", "fmp", "fst", "anp", "rnp", "clp"],
     "Defenses (REGISTRY names, with none).",
 )
 flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")

@@ -1,5 +1,5 @@
-"""Defenses against backdoors: pruning (§3.1), fine-tuning and fine-pruning (§3.3), FMP, ANP,
-RNP and CLP, a registry that runs each by name, and the protocol that picks one from the
+"""Defenses against backdoors: pruning (§3.1), fine-tuning and fine-pruning (§3.3), FMP, FST,
+ANP, RNP and CLP, a registry that runs each by name, and the protocol that picks one from the
 defender's clean data only.
 
 Every defense works on a copy of the model it is given (the user's model is never modified),
@@ -9,7 +9,8 @@ data (test set, triggered inputs) is read after the choices, never during them
 (:mod:`fineprune_tf.defenses.guard`).
 
 Modules: ``guard`` (DefenderData, ReportOnly), ``result``, ``pruning``, ``fine_tuning``,
-``fmp``, ``neurons`` (neuron groups shared by ANP/RNP/CLP), ``anp``, ``rnp``, ``clp``,
+``fmp``, ``fst`` (feature shift tuning), ``neurons`` (neuron groups shared by ANP/RNP/CLP),
+``anp``, ``rnp``, ``clp``,
 ``thresholds`` (holdout choice of thresholds), ``registry``, ``protocol``, ``multi_io``
 (models with several inputs or outputs).
 """
@@ -25,6 +26,7 @@ from fineprune_tf.defenses.fine_tuning import (
     fine_tune,
 )
 from fineprune_tf.defenses.fmp import FmpSettings, fmp, fmp_sensitivity
+from fineprune_tf.defenses.fst import FstSettings, fst
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, SelectionLeakError
 from fineprune_tf.defenses.multi_io import accepts_multi_io
 from fineprune_tf.defenses.protocol import PRIORITY, Choice, auto_defend, choose
@@ -42,9 +44,9 @@ from fineprune_tf.defenses.rnp import rnp
 
 # Models with several inputs or outputs: every public defense runs on a one-input, one-output
 # view of them (defenses.multi_io); the registry and the protocol call the plain functions.
-anp, clp, fine_prune, fine_tune, fmp, prune, pruning_outcome, rnp, auto_defend = (
+anp, clp, fine_prune, fine_tune, fmp, fst, prune, pruning_outcome, rnp, auto_defend = (
     accepts_multi_io(fn)
-    for fn in (anp, clp, fine_prune, fine_tune, fmp, prune, pruning_outcome, rnp, auto_defend)
+    for fn in (anp, clp, fine_prune, fine_tune, fmp, fst, prune, pruning_outcome, rnp, auto_defend)
 )
 run_defense = accepts_multi_io(run_defense, model_position=1)
 
@@ -62,6 +64,7 @@ __all__ = [
     "DefenseResult",
     "FineTuneSettings",
     "FmpSettings",
+    "FstSettings",
     "PruningOutcome",
     "PruningSettings",
     "pruning_outcome",
@@ -82,6 +85,7 @@ __all__ = [
     "finish",
     "fmp",
     "fmp_sensitivity",
+    "fst",
     "prune",
     "rank_channels",
     "rnp",

@@ -31,6 +31,8 @@ the other seeds and the third-party models (scripts.third_party_eval) are.
 
 ``PRIORITY`` was fixed before any measurement (fine-pruning first, the paper's defense, then
 BackdoorBench's leaderboard by mean DER: ANP > CLP > fine-tuning, with RNP and FMP after ANP).
+FST (feature shift tuning, a fine-tuning variant not on that leaderboard) was added later, after
+fine-tuning; order only breaks ties of the weight change within ``CHANGE_TIE``.
 
 :func:`choose` reads only clean holdout accuracies and clean-input output changes, and runs
 inside ``guard.selecting()``, so any attempt to read report-only data while choosing raises.
@@ -51,7 +53,7 @@ from fineprune_tf.layers import MaskedLayerMixin
 
 __all__ = ["PRIORITY", "Choice", "choose", "auto_defend", "output_change", "weight_change"]
 
-PRIORITY = ("fine_pruning", "anp", "rnp", "fmp", "clp", "fine_tuning", "pruning")
+PRIORITY = ("fine_pruning", "anp", "rnp", "fmp", "clp", "fine_tuning", "fst", "pruning")
 CHANGE_TIE = 1e-3
 
 

@@ -27,6 +27,7 @@ from fineprune_tf.defenses.anp import anp
 from fineprune_tf.defenses.clp import clp
 from fineprune_tf.defenses.fine_tuning import FineTuneSettings, fine_prune, fine_tune
 from fineprune_tf.defenses.fmp import FmpSettings, fmp
+from fineprune_tf.defenses.fst import FstSettings, fst
 from fineprune_tf.defenses.guard import DefenderData
 from fineprune_tf.defenses.pruning import PruningOutcome, PruningSettings, prune
 from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
@@ -42,7 +43,7 @@ class DefenseContext:
     Attributes:
       seed: seeds the defense's randomness.
       tolerance: clean holdout accuracy (points) a defense's own choice may cost.
-      pruning, fine_tune, fmp: settings fixed by the caller; None lets the defense use its
+      pruning, fine_tune, fmp, fst: settings fixed by the caller; None lets the defense use its
         default (pruning alone then stops at ``tolerance``; fine-pruning at the paper's
         threshold).
       pruned: a :class:`PruningOutcome` already computed for this model (reused by pruning and
@@ -58,6 +59,7 @@ class DefenseContext:
     pruning: PruningSettings | None = None
     fine_tune: FineTuneSettings | None = None
     fmp: FmpSettings | None = None
+    fst: FstSettings | None = None
     pruned: PruningOutcome | None = None
     backdoor_validation: Any = None
     anp_iterations: int | None = None
@@ -162,6 +164,11 @@ def _fmp(model, defender, context, evaluation=None):
         settings=context.fine_tune_settings(),
         evaluation=evaluation,
     )
+
+
+@register("fst", "feature shift tuning, classifier pushed off the attacker's (NeurIPS 2023)")
+def _fst(model, defender, context, evaluation=None):
+    return fst(model, defender, settings=context.fst, seed=context.seed, evaluation=evaluation)
 
 
 @register("anp", "adversarial neuron pruning (NeurIPS 2021)")
