@@ -84,15 +84,17 @@ def markdown(report: dict) -> str:
     if candidates:
         lines += [
             "",
-            "Candidates of `auto` (clean holdout only; the first qualifying in the "
-            "protocol's priority is chosen):",
+            "Candidates of `auto` (clean holdout only; among those within the tolerance, the "
+            "one that moved the weights furthest is chosen):",
             "",
-            "| defense | holdout accuracy | drop (points) | qualifies |",
-            "|---|---|---|---|",
+            "| defense | holdout accuracy | drop (points) | weight change | qualifies |",
+            "|---|---|---|---|---|",
         ]
         lines += [
-            f"| {name} | {fmt(row['holdout_acc'])} | {row['holdout_drop_points']:.1f} | "
-            f"{'yes' if row['qualifies'] else 'no'} |"
+            f"| {name} | not applicable: {row['not_applicable']} | | | no |"
+            if "not_applicable" in row
+            else f"| {name} | {fmt(row['holdout_acc'])} | {row['holdout_drop_points']:.1f} | "
+            f"{fmt(row.get('change'))} | {'yes' if row['qualifies'] else 'no'} |"
             for name, row in candidates.items()
         ]
     if report["serving"]:

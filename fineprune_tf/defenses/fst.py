@@ -42,7 +42,13 @@ import numpy as np
 from fineprune_tf import _keras_compat
 from fineprune_tf.defenses.fine_tuning import FineTuneSettings, fine_tune_in_place
 from fineprune_tf.defenses.guard import DefenderData
-from fineprune_tf.defenses.result import DefenseResult, clone, finish, holdout_accuracy
+from fineprune_tf.defenses.result import (
+    DefenseResult,
+    NotApplicable,
+    clone,
+    finish,
+    holdout_accuracy,
+)
 
 __all__ = ["FstSettings", "fst", "classifier_layer"]
 
@@ -108,17 +114,18 @@ def classifier_layer(model: keras.Model) -> keras.layers.Dense:
     output through activation, softmax or dropout layers only.
 
     Raises:
-      ValueError: the model has several outputs, or its output is not produced that way.
+      NotApplicable (a ValueError): the model has several outputs, or its output is not
+        produced that way.
     """
     if len(model.outputs) != 1:
-        raise ValueError(
+        raise NotApplicable(
             f"FST re-initialises one linear classifier; the model has {len(model.outputs)} outputs"
         )
     layer = _keras_compat.producing_operation(model.outputs[0])
     while isinstance(layer, _PASS_THROUGH):
         layer = _keras_compat.producing_operation(layer.input)
     if not isinstance(layer, keras.layers.Dense) or len(layer.kernel.shape) != 2:
-        raise ValueError(
+        raise NotApplicable(
             "FST needs a Dense classifier at the model's output (through activation or "
             f"dropout layers). Received: {type(layer).__name__} {layer.name!r}"
         )

@@ -48,7 +48,7 @@ import numpy as np
 
 from fineprune_tf.defenses.guard import DefenderData, ReportOnly, selecting
 from fineprune_tf.defenses.registry import REGISTRY, DefenseContext, run_defense
-from fineprune_tf.defenses.result import DefenseResult, finish, holdout_accuracy
+from fineprune_tf.defenses.result import DefenseResult, NotApplicable, finish, holdout_accuracy
 from fineprune_tf.layers import MaskedLayerMixin
 
 __all__ = ["PRIORITY", "Choice", "choose", "auto_defend", "output_change", "weight_change"]
@@ -205,6 +205,9 @@ def auto_defend(
     then reports the chosen model on ``evaluation`` (report-only).  ``context`` (seed and
     tolerance taken from the arguments) passes work already done, e.g. a pruning outcome.
 
+    A candidate that does not apply to the model (:class:`NotApplicable`, e.g. FST without a
+    final Dense classifier) is skipped; its table entry says why.
+
     Raises:
       TypeError: ``defender`` is not a DefenderData (raw arrays could be the test set).
     """
@@ -219,10 +222,19 @@ def auto_defend(
     with selecting():
         base = holdout_accuracy(model, defender.holdout)
         context = dataclasses.replace(context or DefenseContext(), seed=seed, tolerance=tolerance)
-        results = {name: run_defense(name, model, defender, context=context) for name in candidates}
+        results, skipped = {}, {}
+        for name in candidates:
+            try:
+                results[name] = run_defense(name, model, defender, context=context)
+            except NotApplicable as error:
+                skipped[name] = str(error)
+        if not results:
+            raise NotApplicable(f"no candidate defense applies to this model: {skipped}")
         changes = {name: weight_change(model, result.model) for name, result in results.items()}
     name, why, table = choose(
         results, base, priority=priority, tolerance=tolerance, changes=changes
     )
+    for skipped_name, reason in skipped.items():
+        table[skipped_name] = {"qualifies": False, "not_applicable": reason}
     chosen = finish(results[name], evaluation)
     return Choice(name, chosen, why, base, table)

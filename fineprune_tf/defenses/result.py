@@ -12,7 +12,12 @@ import numpy as np
 from fineprune_tf import metrics
 from fineprune_tf.defenses.guard import ReportOnly
 
-__all__ = ["DefenseResult", "clone", "finish", "holdout_accuracy", "der"]
+__all__ = ["DefenseResult", "NotApplicable", "clone", "finish", "holdout_accuracy", "der"]
+
+
+class NotApplicable(ValueError):
+    """The model lacks what a defense needs (e.g. FST's final Dense classifier); the protocol
+    skips such a candidate and says why."""
 
 
 @dataclasses.dataclass
