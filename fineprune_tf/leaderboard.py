@@ -44,6 +44,7 @@ __all__ = [
     "TaskContext",
     "run",
     "run_cell",
+    "earlier_runs",
     "load_rows",
     "SettingsMismatchError",
 ]
@@ -350,6 +351,26 @@ def run_cell(
         "cell_cpu_seconds": time.process_time() - cell_cpu_start,
         "details_why": str(result.details.get("why", ""))[:300],
     }
+
+
+def earlier_runs(output_dir: str | pathlib.Path) -> list[dict]:
+    """The invocations that wrote ``output_dir``'s leaderboard so far: ``[{"cells",
+    "wall_seconds", "date"}]`` (a file from before this record counts as one run with its
+    rows and wall time).  A resumed run appends itself, so the wall time a reader sees is
+    the sum over every invocation, not only the last one's."""
+    path = pathlib.Path(output_dir) / "leaderboard.json"
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    if "runs" in stored:
+        return list(stored["runs"])
+    return [
+        {
+            "cells": len(stored.get("rows", [])),
+            "wall_seconds": float(stored.get("wall_seconds") or 0.0),
+            "date": (stored.get("machine") or {}).get("date"),
+        }
+    ]
 
 
 def load_rows(output_dir: str | pathlib.Path, settings: Settings) -> list[dict]:

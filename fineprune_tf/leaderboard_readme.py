@@ -82,6 +82,7 @@ def collect(run_dirs: Sequence[str | pathlib.Path]) -> dict:
                     "machine": stored.get("machine"),
                     "quick": stored.get("quick", False),
                     "wall_seconds": round(stored.get("wall_seconds", 0.0), 1),
+                    "runs": stored.get("runs", []),
                     "cells_missing": stored.get("cells_missing", 0),
                     "settings": stored.get("settings"),
                     "summary": leaderboard_report.summarize(
@@ -143,8 +144,9 @@ def _render_board(board: dict) -> list[str]:
     lines = [
         f"`python -m scripts.leaderboard{' --quick' if board['quick'] else ''}` "
         + (f"(defense profile {profile}) " if profile else "")
-        + f"({board['source']}), seeds {seeds}, wall time {board['wall_seconds'] / 60:.1f} "
-        f"min ({summary_line(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
+        + f"({board['source']}), seeds {seeds}, "
+        f"{leaderboard_report.wall_time_text(board)} "
+        f"({summary_line(board['machine'])}).{note} Mean ± sd over seeds; `protocol` = "
         "the defense chosen from the defender's clean data only (largest weight change within "
         "the clean-holdout tolerance).",
         "",

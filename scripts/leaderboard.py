@@ -189,6 +189,7 @@ def main(argv: list[str]) -> int:
     output_dir = pathlib.Path(FLAGS.output_dir)
     try:
         earlier = [] if FLAGS.overwrite else leaderboard.load_rows(output_dir, settings)
+        runs = [] if FLAGS.overwrite or FLAGS.shard else leaderboard.earlier_runs(output_dir)
     except ValueError as error:  # SettingsMismatchError or an unreadable file
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -251,6 +252,13 @@ def main(argv: list[str]) -> int:
         meta["cpu_seconds"] = time.process_time() - cpu_start
     meta["budget_minutes"] = FLAGS.budget_minutes
     meta["wall_seconds"] = time.perf_counter() - start
+    if not FLAGS.shard:
+        this_run = {
+            "cells": len(rows) - len(earlier),
+            "wall_seconds": meta["wall_seconds"],
+            "date": meta["machine"].get("date"),
+        }
+        meta["runs"] = [*runs, this_run]
     leaderboard_report.write_all(output_dir, rows, meta, figures=FLAGS.figures)
     print()
     print((output_dir / "leaderboard.md").read_text())

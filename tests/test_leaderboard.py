@@ -269,3 +269,20 @@ def test_quiet_import_hides_start_up_lines_but_replays_them_when_the_import_fail
         os.write(2, b"why the import failed\n")
         raise ImportError("broken")
     assert "why the import failed" in capfd.readouterr().err
+
+
+def test_a_resumed_leaderboard_reports_the_wall_time_of_every_run(tmp_path):
+    # A file from before the run record counts as one run; a resumed run is appended, and the
+    # markdown sums them instead of showing only the last invocation's minutes.
+    (tmp_path / "leaderboard.json").write_text(
+        json.dumps({"rows": [{}] * 288, "wall_seconds": 2334.0, "machine": {"date": "d0"}})
+    )
+    runs = leaderboard.earlier_runs(tmp_path)
+    assert runs == [{"cells": 288, "wall_seconds": 2334.0, "date": "d0"}]
+    meta = {"wall_seconds": 564.0, "runs": [*runs, {"cells": 36, "wall_seconds": 564.0}]}
+    text = leaderboard_report.wall_time_text(meta)
+    assert (
+        text == "wall time 48.3 min summed over 2 runs: 288 cells in 38.9 min, 36 cells in 9.4 min"
+    )
+    assert leaderboard_report.wall_time_text({"wall_seconds": 60.0}) == "wall time 1.0 min"
+    assert leaderboard.earlier_runs(tmp_path / "none") == []
