@@ -173,6 +173,12 @@ def _recording(layers: list[MaskedLayerMixin], sinks: dict):
         yield
 
 
+def default_jit_compile(model) -> bool:
+    """The statistics pass's XLA choice for ``model``: its own ``compile(jit_compile=...)``,
+    False when it is not compiled."""
+    return bool(getattr(model, "compiled", False) and model.jit_compile)
+
+
 class StatsCollector:
     """Collects channel statistics of some masked layers of one model, as often as asked.
 
@@ -194,9 +200,7 @@ class StatsCollector:
     ):
         self.model = model
         self.layers = _select(model, layer_names)
-        if jit_compile is None:
-            jit_compile = bool(getattr(model, "compiled", False) and model.jit_compile)
-        self.jit_compile = jit_compile
+        self.jit_compile = default_jit_compile(model) if jit_compile is None else jit_compile
         self._backend = keras.backend.backend()
         if self._backend == "tensorflow":
             self._strategy = tf.distribute.get_strategy()

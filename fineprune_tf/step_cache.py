@@ -163,11 +163,7 @@ class Trainer:
         self.fits = 0
 
     def _load(self, model: keras.Model, fresh_seed_states: bool) -> None:
-        mine, theirs = self.model.variables, model.variables
-        if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:
-            raise ValueError(f"model {model.name} does not have this trainer's structure")
-        for target, source, fresh in zip(mine, theirs, self._fresh_seed_states, strict=True):
-            target.assign(fresh if fresh is not None and fresh_seed_states else source.value)
+        _load_variables(self.model, model, self._fresh_seed_states if fresh_seed_states else None)
         optimizer = self.model.optimizer
         for variable, start in zip(optimizer.variables, self._optimizer_start, strict=True):
             variable.assign(start)  # step count 0, zero moments, the initial rate
@@ -201,12 +197,17 @@ class Trainer:
                 self._store(model)
 
 
-def _load_variables(target: keras.Model, source: keras.Model) -> None:
+def _load_variables(
+    target: keras.Model, source: keras.Model, replacements: list | None = None
+) -> None:
+    """Assigns every variable of ``source`` into ``target`` (same structure), except where
+    ``replacements`` (one entry per variable, None: keep the source's) gives another value."""
     mine, theirs = target.variables, source.variables
     if [tuple(v.shape) for v in mine] != [tuple(v.shape) for v in theirs]:
         raise ValueError(f"model {source.name} does not have this clone's structure")
-    for into, value in zip(mine, theirs, strict=True):
-        into.assign(value.value)
+    replacements = replacements or [None] * len(mine)
+    for into, value, other in zip(mine, theirs, replacements, strict=True):
+        into.assign(value.value if other is None else other)
 
 
 class StatsPass:
@@ -369,9 +370,8 @@ def collect_stats(
     from its config, a one-shot collector as before."""
     cache = active()
     if cache is not None and not tf.distribute.has_strategy():
-        jit_compile = bool(getattr(model, "compiled", False) and model.jit_compile)
         names = None if layer_names is None else tuple(layer_names)
-        stats_pass = cache.stats_pass(model, names, jit_compile)
+        stats_pass = cache.stats_pass(model, names, stats.default_jit_compile(model))
         if stats_pass is not None:
             return stats_pass.collect(model, data, batch_size)
     return stats.collect(model, data, layer_names=layer_names, batch_size=batch_size)
