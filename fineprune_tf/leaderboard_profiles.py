@@ -97,10 +97,12 @@ class DefenseProfile:
 
 #: The budget, measured (scripts/leaderboard.py), repeated in leaderboard.md.
 BUDGET_NOTE = (
-    "Budget, measured: the default grid (3 tasks x 4 attacks x 3 seeds = 36 attacked models, "
-    "288 cells, each followed by the retuning attack) ran end to end in 38.9 minutes of wall "
-    "and 69.9 CPU-minutes with this profile and `--workers=2` (two shard processes) on an "
-    "otherwise idle 2-core AMD EPYC (results/leaderboard/). Per attacked model, "
+    "Budget, measured: the default grid of 8 defenses (3 tasks x 4 attacks x 3 seeds = 36 "
+    "attacked models, 288 cells, each followed by the retuning attack) ran end to end in 38.9 "
+    "minutes of wall and 69.9 CPU-minutes with this profile and `--workers=2` (two shard "
+    "processes) on an otherwise idle 2-core AMD EPYC (results/leaderboard/); FST's 36 cells, "
+    "added by resuming, took 8.7 minutes with other processes running: 47.6 minutes summed, "
+    "over the 45-minute budget. Per attacked model, "
     "`python -m scripts.leaderboard_speed` measured 75 (mnist), 134 (traffic), 90 (speech) CPU "
     "seconds with one compiled training step reused per model structure "
     "(fineprune_tf.step_cache), 116, 185, 150 with a fresh trace per fit; one worker would "
