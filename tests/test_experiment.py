@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
+from script_runs import run_script_several_times
 
 from fineprune_tf import attacks, data, defenses, experiment, metrics, poison, triggers
 
@@ -167,48 +166,12 @@ def test_bad_configurations_are_refused(tmp_path, overrides, message):
     assert not (tmp_path / "never").exists()
 
 
-#: Runs ``python -m scripts.fine_prune`` (its ``__main__``) once per argument list in
-#: ``sys.argv[1]`` (JSON), in this one process: each run parses its own flags, and prints
-#: [exit status, stderr] per run as JSON (one TensorFlow import instead of one per refusal).
-_RUN_SCRIPT_SEVERAL_TIMES = """
-import contextlib, io, json, runpy, sys
-from absl import flags
-outcomes = []
-for args in json.loads(sys.argv[1]):
-    flags.FLAGS.unparse_flags()
-    sys.argv = ["fine_prune.py", *args]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            runpy.run_module("scripts.fine_prune", run_name="__main__")
-            status = 0
-        except SystemExit as exit:
-            status = exit.code
-    outcomes.append([status, err.getvalue()])
-print(json.dumps(outcomes))
-"""
-
-
-def run_script_several_times(*runs, cwd):
-    """[(exit status, stderr)] of ``python -m scripts.fine_prune *args`` per ``args`` in
-    ``runs``, run one after the other in one child process."""
-    result = subprocess.run(
-        [sys.executable, "-c", _RUN_SCRIPT_SEVERAL_TIMES, json.dumps([list(r) for r in runs])],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return [tuple(o) for o in json.loads(result.stdout.strip().splitlines()[-1])]
-
-
 def test_script_refuses_bad_flags_and_existing_results(tmp_path):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "results.json").write_text('{"mine": true}')
     outcomes = run_script_several_times(
+        "scripts.fine_prune",
         ["--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}"],
         ["--task=speech", "--defenses=pruning,voodoo", f"--output_dir={tmp_path / 'a'}"],
         ["--task=nosuchtask"],
@@ -217,6 +180,6 @@ def test_script_refuses_bad_flags_and_existing_results(tmp_path):
     )
     expected = ["threshold must be in (0, 100)", "unknown defense", "nosuchtask", "already holds"]
     assert len(outcomes) == len(expected)
-    for (status, stderr), message in zip(outcomes, expected, strict=True):
+    for (status, _, stderr), message in zip(outcomes, expected, strict=True):
         assert status not in (0, None) and message in stderr, (message, status, stderr)
     assert (occupied / "results.json").read_text() == '{"mine": true}'
