@@ -1,7 +1,7 @@
 """Streams a generated data set through statistics and the pruning-curve engine and prints
 the process's peak resident memory before and after, as JSON (for tests/test_streaming.py).
 
-    python tests/streaming_worker.py SAMPLES BUDGET_MB
+    python tests/streaming_worker.py SAMPLES BUDGET_MB STEPS
 """
 
 import json
@@ -19,7 +19,7 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def main(samples: int, budget_mb: int) -> None:
+def main(samples: int, budget_mb: int, steps: int) -> None:
     import numpy as np
     import tensorflow as tf
 
@@ -41,12 +41,12 @@ def main(samples: int, budget_mb: int) -> None:
     # Warm up on a small slice so library and graph memory is in the baseline.
     stats.collect(model, dataset.take(2))
     curves.pruning_curve(
-        model, "conv2", list(range(32)), dataset.take(2), memory_budget_mb=budget_mb
+        model, "conv2", list(range(steps)), dataset.take(2), memory_budget_mb=budget_mb
     )
     before = peak_rss_mb()
     collected = stats.collect(model, dataset)
     curve = curves.pruning_curve(
-        model, "conv2", list(range(32)), dataset, memory_budget_mb=budget_mb
+        model, "conv2", list(range(steps)), dataset, memory_budget_mb=budget_mb
     )
     print(
         json.dumps(
@@ -63,4 +63,4 @@ def main(samples: int, budget_mb: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 from PIL import Image
+from script_runs import run_script_several_times
 
 from fineprune_tf import cleaning
 from fineprune_tf.data.user import load_user_data
@@ -255,32 +256,14 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
     assert saved["defense"]["chosen"] == chosen
 
 
-@pytest.mark.slow  # two child processes; auto runs every candidate defense
+@pytest.mark.slow  # two command lines (one child process); auto runs every candidate defense
 @pytest.mark.subprocess
 def test_command_line_auto_defense_and_a_bad_defense(user_files):
     folder, model_path = user_files
-    common = [
-        sys.executable,
-        "-m",
+    common = [f"--model={model_path}", f"--clean_data={folder / 'clean.npz'}"]
+    (status, _, stderr), (auto_status, stdout, auto_stderr) = run_script_several_times(
         "scripts.fine_prune",
-        f"--model={model_path}",
-        f"--clean_data={folder / 'clean.npz'}",
-    ]
-    result = subprocess.run(
         [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    # TensorFlow's C++ start-up lines may precede it (logged before absl is initialised).
-    assert [line for line in result.stderr.splitlines() if "magic" in line] == [
-        f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: 'magic'"
-    ]
-    assert not (folder / "bad").exists()
-    result = subprocess.run(
         [
             *common,
             "--defense=auto",
@@ -289,12 +272,13 @@ def test_command_line_auto_defense_and_a_bad_defense(user_files):
             "--fine_tune_epochs=2",
         ],
         cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO},
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Candidates of `auto`" in result.stdout and "Defense: **" in result.stdout
+    assert status == 2 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if "magic" in line] == [
+        f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: 'magic'"
+    ]
+    assert not (folder / "bad").exists()
+    assert auto_status == 0, auto_stderr[-2000:]
+    assert "Candidates of `auto`" in stdout and "Defense: **" in stdout
     report = json.loads((folder / "auto" / "report.json").read_text())
     assert report["defense"]["requested"] == "auto" and report["defense"]["candidates"]

@@ -2,12 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
+from script_runs import run_script_several_times
 
 from fineprune_tf import attacks, data, defenses, experiment, metrics, poison, triggers
 
@@ -167,31 +166,20 @@ def test_bad_configurations_are_refused(tmp_path, overrides, message):
     assert not (tmp_path / "never").exists()
 
 
-def run_script(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "scripts.fine_prune", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-
-
 def test_script_refuses_bad_flags_and_existing_results(tmp_path):
-    result = run_script(
-        "--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}", cwd=tmp_path
-    )
-    assert result.returncode != 0 and "threshold must be in (0, 100)" in result.stderr
-    result = run_script(
-        "--task=speech", "--defenses=pruning,voodoo", f"--output_dir={tmp_path / 'a'}", cwd=tmp_path
-    )
-    assert result.returncode != 0 and "unknown defense" in result.stderr
-    result = run_script("--task=nosuchtask", cwd=tmp_path)
-    assert result.returncode != 0 and "nosuchtask" in result.stderr
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "results.json").write_text('{"mine": true}')
-    result = run_script("--task=speech", f"--output_dir={occupied}", cwd=tmp_path)
-    assert result.returncode != 0 and "already holds" in result.stderr
+    outcomes = run_script_several_times(
+        "scripts.fine_prune",
+        ["--task=speech", "--threshold=150", f"--output_dir={tmp_path / 'a'}"],
+        ["--task=speech", "--defenses=pruning,voodoo", f"--output_dir={tmp_path / 'a'}"],
+        ["--task=nosuchtask"],
+        ["--task=speech", f"--output_dir={occupied}"],
+        cwd=tmp_path,
+    )
+    expected = ["threshold must be in (0, 100)", "unknown defense", "nosuchtask", "already holds"]
+    assert len(outcomes) == len(expected)
+    for (status, _, stderr), message in zip(outcomes, expected, strict=True):
+        assert status not in (0, None) and message in stderr, (message, status, stderr)
     assert (occupied / "results.json").read_text() == '{"mine": true}'

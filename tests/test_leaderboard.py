@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from fineprune_tf import leaderboard, leaderboard_report, step_cache
+from fineprune_tf import leaderboard, leaderboard_profiles, leaderboard_report, step_cache
 from fineprune_tf.defenses import REGISTRY, DefenseResult, ReportOnly, SelectionLeakError
 from fineprune_tf.defenses import registry as registry_module
 from fineprune_tf.defenses.guard import is_selecting
@@ -79,11 +79,22 @@ _NUMBERS = ("clean_acc", "asr", "robust_acc", "holdout_acc", "retuned_asr", "und
 
 
 @pytest.mark.slow
-def test_reused_training_steps_leave_every_number_of_the_leaderboard_unchanged(tmp_path):
+def test_reused_training_steps_leave_every_number_of_the_leaderboard_unchanged(
+    tmp_path, monkeypatch
+):
+    # Fine-pruning's fine-tuning capped at 2 epochs (the budget profile's is 10): every fit still
+    # goes through the one reused step (both candidate rates, the retuning attack), and its
+    # state is still reset between fits.
+    monkeypatch.setitem(
+        leaderboard_profiles.PROFILES,
+        "short",
+        leaderboard_profiles.DefenseProfile("short", fine_tune_max_epochs=2),
+    )
+    settings = dataclasses.replace(TINY, profile="short")
     grid = leaderboard.Grid(("mnist",), ("badnets",), ("none", "fine_pruning"), (0,))
     cache = tmp_path / "models"
-    fresh = leaderboard.run(grid, TINY, tmp_path / "fresh", cache_dir=cache, reuse_steps=False)
-    reused = leaderboard.run(grid, TINY, tmp_path / "reused", cache_dir=cache)
+    fresh = leaderboard.run(grid, settings, tmp_path / "fresh", cache_dir=cache, reuse_steps=False)
+    reused = leaderboard.run(grid, settings, tmp_path / "reused", cache_dir=cache)
     assert [[r[k] for k in _NUMBERS] for r in fresh] == [[r[k] for k in _NUMBERS] for r in reused]
     assert fresh[1]["holdout_acc"] is not None and fresh[1]["backward_passes"] > 0
 

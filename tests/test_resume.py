@@ -256,10 +256,21 @@ def test_a_redone_attack_invalidates_its_analysis_and_defenses(tmp_path, monkeyp
     )
     assert not any("training" in m or "analysis/baseline" in m for m in messages), messages
 
-    # An unreadable manifest means starting over, with a warning.
+    # An unreadable manifest means starting over, with a warning: the attack is trained again
+    # although its checkpoint is intact (the run is stopped there; the rest is as above).
     (out / "stages.json").write_text("{ truncated")
     messages.clear()
-    experiment.run(config, out, resume=True, progress=messages.append)
+
+    class Retraining(Exception):
+        pass
+
+    def stop_when_retraining(message):
+        messages.append(message)
+        if message.startswith("attack/baseline: training"):
+            raise Retraining
+
+    with pytest.raises(Retraining):
+        experiment.run(config, out, resume=True, progress=stop_when_retraining)
     assert any("stages.json is unreadable" in m for m in messages), messages
 
 
