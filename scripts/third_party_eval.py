@@ -3,6 +3,8 @@
 
     python -m scripts.third_party_eval [--archs=cnn,mobilenetv2] [--seeds=0] [--task=traffic]
         [--output_dir=results] [--cache_dir=runs/defense_cache] [--report_only]
+    python -m scripts.third_party_eval --archs=cnn --seeds=1 --cli_inputs=DIR   # then the
+        printed `fineprune clean --defense=auto` command: the --model CLI on the same model
 
 Per (architecture, seed): ``scripts.third_party_badnets`` (numpy + Keras only, no fineprune_tf)
 trains a BadNets model on the task's training split (4x4 white square, target class 0, 10%
@@ -39,6 +41,12 @@ flags.DEFINE_float("tolerance", 2.0, "Clean holdout points a choice may cost.")
 flags.DEFINE_string("output_dir", "results", "Where third_party.md/json go.")
 flags.DEFINE_string("cache_dir", "runs/defense_cache", "Model cache and resumable rows.")
 flags.DEFINE_bool("report_only", False, "Only summarise the rows already measured.")
+flags.DEFINE_string(
+    "cli_inputs",
+    None,
+    "Instead of evaluating: write each model's suspect.keras, clean.npz and triggered.npz "
+    "under DIR/<arch>_<seed>/ and print the `fineprune clean --defense=auto` command for it.",
+)
 
 ASR_TARGET, DROP_TARGET = 0.10, 2.0
 ROW_VERSION = 2  # 2: weight_change recorded (the protocol's measure) and the model saved.
@@ -58,25 +66,54 @@ def backdoored_model(task_data, arch: str, seed: int, cache_dir: pathlib.Path):
     return keras.models.load_model(path)
 
 
-def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) -> None:
-    import fineprune_tf as fp
-    from fineprune_tf import data, defenses, poison
-    from fineprune_tf.defenses.guard import selecting
-    from fineprune_tf.defenses.protocol import output_change, weight_change
+def stamped_test(task_data):
+    """The test split's non-target images with the third-party trigger (report only)."""
+    from fineprune_tf import poison
     from scripts import third_party_badnets
 
-    task_data = data.load(FLAGS.task, seed=seed)
-    model = fp.convert(backdoored_model(task_data, arch, seed, cache_dir))
-    defender = defenses.DefenderData(task_data.validation.x, task_data.validation.y, seed=seed)
     keep = np.flatnonzero(task_data.test.y != third_party_badnets.TARGET)
-    stamped = poison.BackdoorSet(
+    return poison.BackdoorSet(
         third_party_badnets.stamp(task_data.test.x[keep]),
         task_data.test.y[keep].astype(np.int64),
         np.full(len(keep), third_party_badnets.TARGET, np.int64),
         False,
         keep,
     )
-    report = defenses.ReportOnly((task_data.test.x, task_data.test.y), stamped)
+
+
+def write_cli_inputs(arch: str, seed: int, cache_dir: pathlib.Path, folder: pathlib.Path) -> str:
+    """What a user of ``fineprune clean`` holds, for one cached model: ``suspect.keras``,
+    ``clean.npz`` (validation and test splits: the command keeps ``--eval_fraction`` of it for
+    its report) and ``triggered.npz`` (stamped non-target test images); returns the command."""
+    from fineprune_tf import data
+
+    task_data = data.load(FLAGS.task, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    backdoored_model(task_data, arch, seed, cache_dir).save(folder / "suspect.keras")
+    np.savez(
+        folder / "clean.npz",
+        x=np.concatenate([task_data.validation.x, task_data.test.x]),
+        y=np.concatenate([task_data.validation.y, task_data.test.y]),
+    )
+    stamped = stamped_test(task_data)
+    np.savez(folder / "triggered.npz", x=stamped.x, y=stamped.y_true, y_attacker=stamped.y_attacker)
+    return (
+        f"fineprune clean --model={folder}/suspect.keras --clean_data={folder}/clean.npz "
+        f"--backdoor_data={folder}/triggered.npz --defense=auto --eval_fraction=0.5 "
+        f"--seed={seed} --output_dir={folder}/cleaned"
+    )
+
+
+def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) -> None:
+    import fineprune_tf as fp
+    from fineprune_tf import data, defenses
+    from fineprune_tf.defenses.guard import selecting
+    from fineprune_tf.defenses.protocol import output_change, weight_change
+
+    task_data = data.load(FLAGS.task, seed=seed)
+    model = fp.convert(backdoored_model(task_data, arch, seed, cache_dir))
+    defender = defenses.DefenderData(task_data.validation.x, task_data.validation.y, seed=seed)
+    report = defenses.ReportOnly((task_data.test.x, task_data.test.y), stamped_test(task_data))
     clean_x = np.concatenate([defender.fit[0], defender.holdout[0]])
     defended_dir = cache_dir / "defended"
     defended_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +246,12 @@ def main(argv: list[str]) -> int:
         return 2
     cache_dir = pathlib.Path(FLAGS.cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    if FLAGS.cli_inputs:
+        for arch in FLAGS.archs:
+            for seed in (int(s) for s in FLAGS.seeds):
+                folder = pathlib.Path(FLAGS.cli_inputs) / f"{arch}_{seed}"
+                print(write_cli_inputs(arch, seed, cache_dir, folder))
+        return 0
     row_file = RowFile(cache_dir / "third_party_rows.jsonl", ROW_VERSION)
     done = {(r["arch"], r["seed"], r["defense"]) for r in row_file.rows}
 
