@@ -34,3 +34,47 @@ def test_badnets_poisons_the_stated_fraction_with_the_corner_square():
     assert np.all(square == 1.0)
     np.testing.assert_array_equal(px[changed][:, :6], x[changed][:, :6])  # Only the corner.
     assert x.max() <= 0.5  # The input was copied, not stamped in place.
+
+
+def test_cli_inputs_write_what_a_user_holds_and_the_command_to_run(tmp_path):
+    # The published --model CLI figure comes from these files: the cached model, the clean
+    # validation + test splits, and the stamped non-target test images.
+    import subprocess
+    import sys
+
+    import keras
+
+    from fineprune_tf import data
+
+    inputs = keras.Input((32, 32, 3))
+    flat = keras.layers.Flatten()(inputs)
+    keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(flat)).save(
+        tmp_path / "third_party_traffic_cnn_0.keras"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.third_party_eval",
+            "--archs=cnn",
+            "--seeds=0",
+            f"--cache_dir={tmp_path}",
+            f"--cli_inputs={tmp_path / 'cli'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tmp_path / "cli" / "cnn_0"
+    assert f"fineprune clean --model={folder}/suspect.keras" in result.stdout
+    assert "--defense=auto" in result.stdout
+    task = data.load("traffic", seed=0)
+    clean, triggered = np.load(folder / "clean.npz"), np.load(folder / "triggered.npz")
+    assert len(clean["y"]) == len(task.validation.y) + len(task.test.y)
+    assert np.all(triggered["y_attacker"] == badnets.TARGET)
+    assert np.all(triggered["y"] != badnets.TARGET)
+    patch = triggered["x"][:, -badnets.PATCH - 1 : -1, -badnets.PATCH - 1 : -1, :]
+    assert patch.min() == 1.0
+    assert keras.models.load_model(folder / "suspect.keras").count_params() == 3 * 32 * 32 * 3 + 3
