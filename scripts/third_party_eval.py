@@ -147,6 +147,11 @@ def run_model(arch: str, seed: int, cache_dir: pathlib.Path, done: set, sink) ->
         )
 
 
+def _number(value, spec: str) -> str:
+    """A measured number, or n/a (e.g. a DER without the undefended row to compare with)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def summarise(rows: list[dict]) -> dict:
     from fineprune_tf import defenses
 
@@ -157,15 +162,18 @@ def summarise(rows: list[dict]) -> dict:
     groups: dict = {}
     for row in rows:
         groups.setdefault((row["arch"], row["seed"]), {})[row["defense"]] = row
-    choices = []
+    choices, incomplete = [], []
     for (arch, seed), by_name in sorted(groups.items()):
         base = by_name.get("none")
         ran = {n: r for n, r in by_name.items() if n != "none" and "error" not in r}
-        if base is None or set(by_name) != set(FLAGS.defenses):
-            continue
-        for row in ran.values():
+        measured = [r for r in by_name.values() if "error" not in r]
+        for row in measured if base is not None else ():
             row["clean_drop"] = (base["clean_acc"] - row["clean_acc"]) * 100.0
             row["der"] = defenses.der(base, row)
+        if base is None or set(by_name) != set(FLAGS.defenses):
+            missing = sorted(set(FLAGS.defenses) - set(by_name))
+            incomplete.append(f"{arch} seed {seed}: no protocol choice, missing {missing}")
+            continue
         name, why, _ = defenses.choose(
             {n: Holdout(r["holdout_acc"]) for n, r in ran.items()},
             base["holdout_acc"],
@@ -185,7 +193,7 @@ def summarise(rows: list[dict]) -> dict:
                 "met": bool(chosen["asr"] <= ASR_TARGET and chosen["clean_drop"] <= DROP_TARGET),
             }
         )
-    return {"choices": choices}
+    return {"choices": choices, "incomplete": incomplete}
 
 
 def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
@@ -211,8 +219,8 @@ def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
             continue
         lines.append(
             f"| {r['arch']} | {r['seed']} | {r['defense']} | {r['clean_acc']:.3f} | "
-            f"{r['asr']:.3f} | {r.get('clean_drop', 0.0):.1f} | "
-            f"{r.get('der', 0.5):.3f} | {r['weight_change']:.3f} | "
+            f"{r['asr']:.3f} | {_number(r.get('clean_drop'), '.1f')} | "
+            f"{_number(r.get('der'), '.3f')} | {r['weight_change']:.3f} | "
             f"{r['output_change']:.3f} | "
             f"{r['pruned_count']} | {r['seconds']:.1f} |"
         )
@@ -229,6 +237,8 @@ def markdown(rows: list[dict], summary: dict, meta: dict) -> str:
             f"{c['asr']:.3f} | {c['clean_drop']:.1f} | "
             f"{'yes' if c['met'] else 'NO'} | {c['why']} |"
         )
+    if summary.get("incomplete"):
+        lines += ["", "Not chosen (defenses still to run): " + "; ".join(summary["incomplete"])]
     return "\n".join(lines) + "\n"
 
 
