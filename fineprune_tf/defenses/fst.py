@@ -141,7 +141,7 @@ def classifier_layer(model: keras.Model) -> keras.layers.Dense:
 
 def fst(
     model: keras.Model,
-    defender: DefenderData,
+    defender: DefenderData | tuple,
     *,
     settings: FstSettings | None = None,
     seed: int = 0,
@@ -149,11 +149,15 @@ def fst(
 ) -> DefenseResult:
     """Feature Shift Tuning on the defender's clean data (module docstring); masks are held.
 
+    ``defender``: a DefenderData, or an ``(x, y)`` pair of clean data (split 80/20 into fit and
+    holdout, as the other defenses do).
+
     Returns a DefenseResult named ``"fst"``; ``details`` holds the classifier's name, the
     penalty, and the fine-tuning run (epochs, chosen epoch, why).
     """
     settings = settings or FstSettings()
     settings.validate()
+    defender = DefenderData.coerce(defender, seed=seed)
     start = time.perf_counter()
     defended = clone(model)
     head = classifier_layer(defended)
