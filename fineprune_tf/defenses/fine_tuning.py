@@ -313,14 +313,29 @@ def fine_tune(
     defender = _defender(validation, settings)
     start = time.perf_counter()
     defended = clone(model)
-    details = fine_tune_in_place(defended, defender, settings)
+    tuned = fine_tune_in_place(defended, defender, settings)
+    return tuned_result("fine_tuning", defended, start, defender, tuned, tuned, evaluation)
+
+
+def tuned_result(
+    name: str,
+    defended: keras.Model,
+    start: float,
+    defender: DefenderData,
+    tuned: dict,
+    details: dict,
+    evaluation=None,
+) -> DefenseResult:
+    """The DefenseResult of a defense whose work is one :func:`fine_tune_in_place` run
+    (``tuned``, its passes counted): seconds since ``start`` (``time.perf_counter()``), the
+    clean holdout accuracy, then the report-only ``evaluation``."""
     result = DefenseResult(
-        "fine_tuning",
+        name,
         defended,
         time.perf_counter() - start,
         holdout_acc=holdout_accuracy(defended, defender.holdout),
-        forward_passes=details["forward_passes"],
-        backward_passes=details["backward_passes"],
+        forward_passes=tuned["forward_passes"],
+        backward_passes=tuned["backward_passes"],
         details=details,
     )
     return finish(result, evaluation)

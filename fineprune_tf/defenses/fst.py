@@ -47,14 +47,12 @@ import keras
 import numpy as np
 
 from fineprune_tf import _keras_compat
-from fineprune_tf.defenses.fine_tuning import FineTuneSettings, fine_tune_in_place
+from fineprune_tf.defenses.fine_tuning import FineTuneSettings, fine_tune_in_place, tuned_result
 from fineprune_tf.defenses.guard import DefenderData
 from fineprune_tf.defenses.result import (
     DefenseResult,
     NotApplicable,
     clone,
-    finish,
-    holdout_accuracy,
 )
 
 __all__ = ["FstSettings", "fst", "classifier_layer"]
@@ -180,13 +178,4 @@ def fst(
         "fine_tuning": tuned,
         "why": tuned["why"],
     }
-    result = DefenseResult(
-        "fst",
-        defended,
-        time.perf_counter() - start,
-        holdout_acc=holdout_accuracy(defended, defender.holdout),
-        forward_passes=tuned["forward_passes"],
-        backward_passes=tuned["backward_passes"],
-        details=details,
-    )
-    return finish(result, evaluation)
+    return tuned_result("fst", defended, start, defender, tuned, details, evaluation)
