@@ -4,29 +4,11 @@ TensorFlow start-up shared by the scripts."""
 from __future__ import annotations
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
+from script_runs import run_script_several_times
 
 from scripts import _quiet
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(args, cwd, timeout=600):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the scripts choose it themselves
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
 
 
 @pytest.mark.parametrize(
@@ -49,55 +31,47 @@ def test_requested_verbosity_reads_absl_flag_before_absl_parses(argv, expected):
 @pytest.mark.slow
 def test_attack_script_trains_a_field_attack_at_a_poison_rate(tmp_path):
     out = tmp_path / "wanet"
-    result = _run(
+    (status, _, stderr), (bad_status, _, bad_stderr) = runs = run_script_several_times(
+        "scripts.attack",
         [
-            "scripts.attack",
             "--task=mnist",
             "--attack=wanet",
             "--poison_rate=0.05",
             "--epochs=1",
             f"--output_dir={out}",
         ],
-        tmp_path,
+        ["--task=mnist", "--attack=sig", "--poison_rate=1.5", f"--output_dir={tmp_path / 'bad'}"],
+        cwd=tmp_path,
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert status == 0, stderr[-2000:]
     report = json.loads((out / "attack.json").read_text())
     assert report["poisoning"]["name"] == "wanet" and report["poison_rate"] == 0.05
     assert report["poisoning"]["count"] == round(0.05 * 3500)
     assert json.loads((out / "trigger.json").read_text())["class"] == "WaNet"
     # Quiet start-up: none of TensorFlow's C++ banner lines (CPU features, cuInit).
-    assert "cpu_feature_guard" not in result.stderr and "cuInit" not in result.stderr
-    bad = _run(
-        [
-            "scripts.attack",
-            "--task=mnist",
-            "--attack=sig",
-            "--poison_rate=1.5",
-            f"--output_dir={tmp_path / 'bad'}",
-        ],
-        tmp_path,
-    )
-    assert bad.returncode == 2 and "poison_rate" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert "cpu_feature_guard" not in runs.process_stderr
+    assert "cuInit" not in runs.process_stderr
+    assert bad_status == 2 and "poison_rate" in bad_stderr
+    assert "Traceback" not in bad_stderr
 
 
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
     out = tmp_path / "suite"
-    result = _run(
-        [
-            "scripts.attack_suite",
-            "--tasks=mnist",
-            "--attacks=blended,sig",
-            "--seeds=0",
-            "--low_rates=",
-            "--epochs=1",
-            f"--output_dir={out}",
-        ],
-        tmp_path,
+    suite = [
+        "--tasks=mnist",
+        "--attacks=blended,sig",
+        "--seeds=0",
+        "--low_rates=",
+        "--epochs=1",
+        f"--output_dir={out}",
+    ]
+    # The second run resumes the first (its files are read after both; see below).
+    (status, _, stderr), (again_status, _, again_stderr) = run_script_several_times(
+        "scripts.attack_suite", suite, [*suite, "--resume"], cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert status == 0, stderr[-2000:]
     report = json.loads((out / "attacks.json").read_text())
     assert [r["attack"] for r in report["rows"]] == ["clean", "blended", "sig"]
     summary = {s["attack"]: s for s in report["summary"]}
@@ -110,19 +84,7 @@ def test_attack_suite_writes_mean_sd_cost_and_target(tmp_path):
     assert report["meta"]["seeds_run"] == [0] and report["meta"]["machine"]["cores"] > 0
     markdown = (out / "attacks.md").read_text()
     assert "| mnist | blended | 0.1 (0.100) |" in markdown and "±" in markdown
-    # --resume keeps finished cells: nothing is retrained.
-    again = _run(
-        [
-            "scripts.attack_suite",
-            "--tasks=mnist",
-            "--attacks=blended,sig",
-            "--seeds=0",
-            "--low_rates=",
-            "--epochs=1",
-            "--resume",
-            f"--output_dir={out}",
-        ],
-        tmp_path,
-    )
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((out / "attacks.json").read_text())["rows"] == report["rows"]
+    # What is on disk is the --resume run's: it kept the three finished cells (not appended
+    # again) and trained nothing, its own wall time a sliver of the cells' training time.
+    assert again_status == 0, again_stderr[-2000:]
+    assert report["meta"]["seconds"] < 0.1 * report["meta"]["cell_seconds_total"], report["meta"]

@@ -1,9 +1,6 @@
 """Cleaning a user's own model from files: the library call and the command line."""
 
 import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -14,7 +11,6 @@ from script_runs import run_script_several_times
 from fineprune_tf import cleaning
 from fineprune_tf.data.user import load_user_data
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIGGER_VALUE = 4.0
 
 
@@ -162,47 +158,6 @@ def test_bad_models_and_layers_are_refused(user_files):
     assert digest(victim) == digest(model_path)
 
 
-def test_command_line_cleans_a_model(user_files):
-    folder, model_path = user_files
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.fine_prune",
-            f"--model={model_path}",
-            f"--clean_data={folder / 'clean.npz'}",
-            f"--backdoor_data={folder / 'backdoor.npz'}",
-            f"--output_dir={folder / 'cli'}",
-            "--fine_tune_epochs=2",
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Cleaning report" in result.stdout
-    assert (folder / "cli" / "saved_model" / "saved_model.pb").exists()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.fine_prune",
-            f"--model={model_path}",
-            f"--clean_data={folder / 'missing.npz'}",
-            f"--output_dir={folder / 'cli2'}",
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "PYTHONPATH": REPO},
-    )
-    assert result.returncode == 2 and "missing.npz does not exist" in result.stderr
-    assert not (folder / "cli2").exists()
-
-
 def count_curves(monkeypatch) -> list:
     """Records every pruning-curve computation as (model name, layer name)."""
     from fineprune_tf import curves
@@ -256,29 +211,40 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
     assert saved["defense"]["chosen"] == chosen
 
 
-@pytest.mark.slow  # two command lines (one child process); auto runs every candidate defense
+@pytest.mark.slow  # three command lines (one child process); auto runs every candidate defense
 @pytest.mark.subprocess
-def test_command_line_auto_defense_and_a_bad_defense(user_files):
+def test_command_line_cleans_with_auto_and_refuses_a_bad_defense_and_missing_data(user_files):
     folder, model_path = user_files
     common = [f"--model={model_path}", f"--clean_data={folder / 'clean.npz'}"]
-    (status, _, stderr), (auto_status, stdout, auto_stderr) = run_script_several_times(
-        "scripts.fine_prune",
-        [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"],
-        [
-            *common,
-            "--defense=auto",
-            f"--backdoor_data={folder / 'backdoor.npz'}",
-            f"--output_dir={folder / 'auto'}",
-            "--fine_tune_epochs=2",
-        ],
-        cwd=folder,
+    (status, _, stderr), (missing_status, _, missing_stderr), (auto_status, stdout, auto_stderr) = (
+        run_script_several_times(
+            "scripts.fine_prune",
+            [*common, "--defense=magic", f"--output_dir={folder / 'bad'}"],
+            [
+                f"--model={model_path}",
+                f"--clean_data={folder / 'missing.npz'}",
+                f"--output_dir={folder / 'cli2'}",
+            ],
+            [
+                *common,
+                "--defense=auto",
+                f"--backdoor_data={folder / 'backdoor.npz'}",
+                f"--output_dir={folder / 'auto'}",
+                "--fine_tune_epochs=2",
+            ],
+            cwd=folder,
+        )
     )
     assert status == 2 and "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if "magic" in line] == [
         f"error: --defense must be one of {', '.join(cleaning.DEFENSE_CHOICES)}. Received: 'magic'"
     ]
     assert not (folder / "bad").exists()
+    assert missing_status == 2 and "missing.npz does not exist" in missing_stderr
+    assert not (folder / "cli2").exists()
     assert auto_status == 0, auto_stderr[-2000:]
+    assert "Cleaning report" in stdout
     assert "Candidates of `auto`" in stdout and "Defense: **" in stdout
+    assert (folder / "auto" / "saved_model" / "saved_model.pb").exists()
     report = json.loads((folder / "auto" / "report.json").read_text())
     assert report["defense"]["requested"] == "auto" and report["defense"]["candidates"]

@@ -6,8 +6,9 @@ import json
 import hostile
 import numpy as np
 import pytest
-from conftest import CHILD_MEMORY, CHILD_SECONDS, error_lines, run_cli
+from conftest import CHILD_MEMORY, CHILD_SECONDS, Watched, error_lines, run_cli
 from PIL import Image
+from script_runs import run_script_several_times
 
 from fineprune_tf import cleaning, defenses
 from fineprune_tf.io import LoadLimits
@@ -24,44 +25,53 @@ def clean_npz(watched):
     return watched.root / "clean.npz"
 
 
-def refused_by_cli(watched, model, data, words, *extra):
-    watched.freeze()
-    out = watched.root / "results"
-    result, _ = run_cli(
-        [f"--model={model}", f"--clean_data={data}", f"--output_dir={out}", *LIMIT_FLAGS, *extra],
-        cwd=watched.root,
-    )
-    lines = error_lines(result.stderr)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert len(lines) == 1 and words in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
-    watched.assert_unchanged()
-    return lines[0]
+def with_clean_data(build):
+    """A case whose model is hostile: ``build(folder)`` writes it; the clean data is fine."""
+
+    def make(folder):
+        x, y = hostile.clean_arrays()
+        np.savez(folder / "clean.npz", x=x, y=y)
+        return build(folder), folder / "clean.npz"
+
+    return make
 
 
-HOSTILE_MODELS = [
+def with_bad_data(name, write):
+    """A case whose clean data is hostile (``write(path)``); the model is benign (its
+    uppercase extension is accepted)."""
+
+    def make(folder):
+        write(folder / name)
+        return hostile.benign_keras(folder, "m.KERAS"), folder / name
+
+    return make
+
+
+REFUSALS = [
     pytest.param(
-        lambda root: hostile.lambda_spelled_as_api_path(root, root / "w.png"),
+        with_clean_data(lambda root: hostile.lambda_spelled_as_api_path(root, root / "w.png")),
         "Lambda",
         (),
         id="spelled-lambda",
     ),
     pytest.param(
-        lambda root: hostile.tf1_saved_model(root, root / "pwned"),
+        with_clean_data(lambda root: hostile.tf1_saved_model(root, root / "pwned")),
         "TF1 SavedModel",
         (),
         id="tf1-restore-writes",
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        lambda root: hostile.weights_bomb(root, 96 << 20),
+        with_clean_data(lambda root: hostile.weights_bomb(root, 96 << 20)),
         "declares",
         ("--max_weights_mb=64",),
         id="weights-bomb",
     ),
     pytest.param(
-        lambda root: hostile.saved_model_with_initializer(
-            root, "sm", hostile.embedded_graph_writer(root / "pwned")
+        with_clean_data(
+            lambda root: hostile.saved_model_with_initializer(
+                root, "sm", hostile.embedded_graph_writer(root / "pwned")
+            )
         ),
         "DatasetFromGraph",
         (),
@@ -69,65 +79,105 @@ HOSTILE_MODELS = [
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        lambda root: hostile.saved_model_with_initializer(root, "sm", hostile.abort_silently()),
+        with_clean_data(
+            lambda root: hostile.saved_model_with_initializer(root, "sm", hostile.abort_silently())
+        ),
         "without finishing",
         ("--allow_unsafe",),
         id="abort-allowed-unsafe",
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        lambda root: hostile.candidate_sampler(root, root / "vocab"),
+        with_clean_data(lambda root: hostile.candidate_sampler(root, root / "vocab")),
         "FixedUnigramCandidateSampler",
         (),
         id="sampler",
         marks=pytest.mark.slow,
     ),
     pytest.param(
-        lambda root: hostile.config_bomb(root, 65 << 20),
+        with_clean_data(lambda root: hostile.config_bomb(root, 65 << 20)),
         "config.json",
         (),
         id="config-bomb",
         marks=pytest.mark.slow,
     ),
-    pytest.param(hostile.huge_dense, "memory", (), id="dense-1e9", marks=pytest.mark.slow),
     pytest.param(
-        lambda root: hostile.h5_with_bad_config(root, "{not json"),
+        with_clean_data(hostile.huge_dense), "memory", (), id="dense-1e9", marks=pytest.mark.slow
+    ),
+    pytest.param(
+        with_clean_data(lambda root: hostile.h5_with_bad_config(root, "{not json")),
         "model_config",
         (),
         id="h5-not-json",
         marks=pytest.mark.slow,
     ),
+    pytest.param(
+        with_bad_data("empty.npz", lambda p: p.write_bytes(b"")), "empty file", (), id="empty.npz"
+    ),
+    pytest.param(
+        with_bad_data(
+            "complex.npz",
+            lambda p: np.savez(p, x=hostile.clean_arrays()[0] + 1j, y=hostile.clean_arrays()[1]),
+        ),
+        "complex-valued",
+        (),
+        id="complex.npz",
+        marks=pytest.mark.slow,
+    ),
+    pytest.param(
+        with_bad_data("bomb.npz", lambda p: hostile.npz_declaring(p, (10**6, 10**4))),
+        "need more than",
+        (),
+        id="bomb.npz",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
-@pytest.mark.parametrize("build, words, extra", HOSTILE_MODELS)
-def test_cli_refuses_hostile_models(watched, clean_npz, build, words, extra):
-    line = refused_by_cli(watched, build(watched.root), clean_npz, words, *extra)
-    assert line.startswith("error: ")
+@pytest.fixture(scope="module")
+def refusals(request, tmp_path_factory) -> dict:
+    """Every selected case of ``REFUSALS`` through the command line, each in its own watched
+    folder, one after the other in one child process (one TensorFlow start-up for all of
+    them, not one per case; every load of a hostile file still happens in its own sandboxed
+    loader process).  ``{case id: (Watched, exit status, stderr)}``."""
+    selected = {
+        item.callspec.id
+        for item in request.session.items
+        if getattr(item, "originalname", None) == "test_cli_refuses_hostile_input"
+    }
+    root = tmp_path_factory.mktemp("refusals")
+    cases, runs = [], []
+    for case in REFUSALS:
+        if case.id not in selected:
+            continue
+        make, _, extra = case.values
+        folder = root / case.id
+        folder.mkdir()
+        model, data = make(folder)
+        watched = Watched(folder)
+        watched.freeze()
+        cases.append((case.id, watched))
+        out = folder / "results"
+        runs.append([f"--model={model}", f"--clean_data={data}", f"--output_dir={out}"])
+        runs[-1] += [*LIMIT_FLAGS, *extra]
+    outcomes = run_script_several_times("scripts.fine_prune", *runs, cwd=root, timeout=1800)
+    return {
+        case_id: (watched, status, stderr)
+        for (case_id, watched), (status, _, stderr) in zip(cases, outcomes, strict=True)
+    }
 
 
-@pytest.mark.parametrize(
-    "name, make, words",
-    [
-        ("empty.npz", lambda p: p.write_bytes(b""), "empty file"),
-        pytest.param(
-            "complex.npz",
-            lambda p: np.savez(p, x=hostile.clean_arrays()[0] + 1j, y=hostile.clean_arrays()[1]),
-            "complex-valued",
-            marks=pytest.mark.slow,
-        ),
-        pytest.param(
-            "bomb.npz",
-            lambda p: hostile.npz_declaring(p, (10**6, 10**4)),
-            "need more than",
-            marks=pytest.mark.slow,
-        ),
-    ],
-)
-def test_cli_refuses_bad_data(watched, name, make, words):
-    model = hostile.benign_keras(watched.root, "m.KERAS")  # uppercase extension accepted
-    make(watched.root / name)
-    refused_by_cli(watched, model, watched.root / name, words)
+@pytest.mark.parametrize("make, words, extra", REFUSALS)
+def test_cli_refuses_hostile_input(refusals, request, make, words, extra):
+    """A hostile model or hostile clean data: one ``error:`` line naming the problem, exit
+    status 2, no traceback, and nothing written or changed in the user's folder."""
+    del make, extra  # Used by the ``refusals`` fixture.
+    watched, status, stderr = refusals[request.node.callspec.id]
+    lines = error_lines(stderr)
+    assert status == 2, stderr[-2000:]
+    assert len(lines) == 1 and words in lines[0], stderr[-2000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in stderr
+    watched.assert_unchanged()
 
 
 def foreign_folder(watched):
