@@ -33,3 +33,20 @@ def no_network(monkeypatch):
     for name in ("create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex"):
         monkeypatch.setattr(socket, name, refuse)
     return NetworkAccessError
+
+
+@pytest.fixture
+def trusted_loads(monkeypatch):
+    """``fineprune_tf.io.load_model`` without its trial load in a bounded child process
+    (``isolate=False``), for tests of what comes *after* loading that load a stock-layer file
+    the test wrote itself: each trial load starts a TensorFlow process (seconds per call).
+    Every check of the file still runs in-process; the child and its limits are tested in
+    tests/security and by the end-to-end cleaning tests, which keep it."""
+    from fineprune_tf import io
+
+    original = io.load_model
+
+    def load_in_process(path, *args, **kwargs):
+        return original(path, *args, **{**kwargs, "isolate": False})
+
+    monkeypatch.setattr(io, "load_model", load_in_process)

@@ -14,7 +14,7 @@ def _rows(x: np.ndarray) -> list[bytes]:
 
 
 def test_the_default_holdout_is_a_fifth_of_the_clean_data_and_the_defenses_never_see_it(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, trusted_loads
 ):
     rng = np.random.default_rng(0)
     x = rng.random((60, 12, 12, 1), dtype=np.float32)  # Every example distinct.
@@ -87,7 +87,7 @@ def test_the_default_holdout_is_a_fifth_of_the_clean_data_and_the_defenses_never
     )
 
 
-def test_a_conv1d_model_is_cleaned_without_naming_a_layer(tmp_path):
+def test_a_conv1d_model_is_cleaned_without_naming_a_layer(tmp_path, trusted_loads):
     """Your own Conv1D model (speech-like): the default layer is its last Conv1D."""
     rng = np.random.default_rng(1)
     y = np.arange(60) % 3

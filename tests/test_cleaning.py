@@ -124,7 +124,7 @@ def bad_npz(tmp_path, name, **arrays):
         (dict(images=np.zeros((3, 4, 4, 1))), r"no \['x', 'y'\] array"),
     ],
 )
-def test_bad_clean_data_is_refused_and_nothing_written(user_files, arrays, message):
+def test_bad_clean_data_is_refused_and_nothing_written(user_files, trusted_loads, arrays, message):
     folder, model_path = user_files
     path = bad_npz(folder, "bad.npz", **arrays)
     with pytest.raises(ValueError, match=message):
@@ -132,7 +132,7 @@ def test_bad_clean_data_is_refused_and_nothing_written(user_files, arrays, messa
     assert not (folder / "never").exists()
 
 
-def test_bad_models_and_layers_are_refused(user_files):
+def test_bad_models_and_layers_are_refused(user_files, trusted_loads):
     folder, model_path = user_files
     with pytest.raises(cleaning.CleaningError, match="'out' is a Dense, not a conv layer"):
         cleaning.clean_model(model_path, folder / "clean.npz", folder / "never", layer="out")
@@ -175,10 +175,12 @@ def count_curves(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("defense", cleaning.DEFENSE_CHOICES)
-def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, monkeypatch, defense):
+def test_every_defense_cleans_through_the_registry_with_one_curve(
+    user_files, trusted_loads, monkeypatch, defense
+):
     """``--defense`` for every value: the chosen defense's model is written and reported with
     what was chosen and why, and the pruning curve is computed once per run."""
-    from fineprune_tf import defenses, io
+    from fineprune_tf import defenses
 
     folder, model_path = user_files
     calls = count_curves(monkeypatch)
@@ -191,8 +193,7 @@ def test_every_defense_cleans_through_the_registry_with_one_curve(user_files, mo
         settings=defenses.FineTuneSettings(max_epochs=2),
         export_serving=False,
         progress=lambda line: None,
-        load_limits=io.LoadLimits(seconds=900),
-    )  # the trial load is slow on a loaded machine
+    )
     assert len(calls) == 1 and calls[0][1] == "conv", calls
     chosen = report["defense"]["chosen"]
     assert report["defense"]["requested"] == defense and report["defense"]["why"]

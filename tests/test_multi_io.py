@@ -192,7 +192,9 @@ def two_input_files(tmp_path):
     return tmp_path
 
 
-def test_clean_model_cleans_a_two_input_two_output_model(two_input_files, monkeypatch):
+def test_clean_model_cleans_a_two_input_two_output_model(
+    two_input_files, monkeypatch, trusted_loads
+):
     folder = two_input_files
     figures = {}
     monkeypatch.setattr(

@@ -28,9 +28,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _child(output_dir: pathlib.Path, quick: bool) -> subprocess.CompletedProcess:
-    # --quick (CI): a smoke run of the same code on mnist's baseline attack only.
+    # --quick (CI): a smoke run of the same code on mnist's baseline attack, with one defense
+    # of each kind (a pruning and a fine-tuning stage).
     task_flags = (
-        ["--task=mnist", "--attacks=baseline"]
+        ["--task=mnist", "--attacks=baseline", "--defenses=none,pruning,fine_pruning"]
         if quick
         else [f"--task={TASK}", f"--epochs={ATTACK_EPOCHS}"]
     )

@@ -80,8 +80,8 @@ def test_endless_loop_is_stopped_by_the_time_limit(watched):
     refused(
         path,
         LoadLimitError,
-        match="did not finish within 30 s",
-        limits=LoadLimits(seconds=30, memory_bytes=CHILD_MEMORY),
+        match="did not finish within 15 s",
+        limits=LoadLimits(seconds=15, memory_bytes=CHILD_MEMORY),
     )
     watched.assert_unchanged()
 
